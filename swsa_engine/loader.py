@@ -1,0 +1,92 @@
+"""The one place where the engine reads a store: it turns tables into padded index arrays.
+
+Tasks of one dataset share their real validation images, so arrays are built per dataset
+(:class:`TaskGroup`); every array is indexed ``[task, ...]`` with ``-1`` padding where tasks
+have fewer members than the longest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from swsa_store.tasks import ROLE_HELDOUT, ROLE_REAL_ANOMALY, ROLE_REAL_NORMAL, ROLE_SEED
+
+
+def pad_rows(rows: list[np.ndarray], fill: int = -1) -> np.ndarray:
+    """Stack 1-D integer arrays of different lengths into ``(len(rows), max_len)`` padded with ``fill``."""
+    width = max((len(r) for r in rows), default=0)
+    out = np.full((len(rows), width), fill, dtype=np.int64)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
+
+
+@dataclass
+class TaskGroup:
+    """Index arrays for the scoreable tasks of one dataset.
+
+    Attributes (T tasks, all image ids are catalog ids, ``-1`` = padding)
+    ----------
+    task_ids : (T,)
+    support : (T, S) the kNN bank (seed ∪ held-out images)
+    heldout : (T, H) held-out normals (label 0 of the synthetic validation set; in the bank)
+    synthetic : source name → (T, A) synthetic anomaly ids (label 1)
+    real_ids : (Q,) union of the real validation images of these tasks
+    real_label : (T, Q) int8: -1 not in the task, 0 normal, 1 anomaly
+    real_group : (T, Q) int: index into ``group_names`` of an anomaly's class, -1 otherwise
+    group_names : (G,) the classes anomalies can come from
+    """
+
+    dataset: str
+    task_ids: np.ndarray
+    support: np.ndarray
+    heldout: np.ndarray
+    synthetic: dict[str, np.ndarray]
+    real_ids: np.ndarray
+    real_label: np.ndarray
+    real_group: np.ndarray
+    group_names: np.ndarray
+    n_members: dict = field(default_factory=dict)
+
+
+def build_task_groups(images: pd.DataFrame, tasks: pd.DataFrame, members: pd.DataFrame) -> list[TaskGroup]:
+    """One :class:`TaskGroup` per dataset, over the tasks whose status is ``"ok"``."""
+    groups = []
+    ok_tasks = tasks[tasks["status"] == "ok"].sort_values("task_id")
+    synthetic_images = images[(images["kind"] != "real") & (images["status"] == "ok")]
+    sources = sorted(synthetic_images["kind"].unique())
+    class_of = images["class_name"].to_numpy()
+    for dataset, dataset_tasks in ok_tasks.groupby("dataset", sort=True):
+        task_ids = dataset_tasks["task_id"].to_numpy()
+        mine = members[members["task_id"].isin(task_ids)]
+        by_role = {role: mine[mine["role"] == role].groupby("task_id")["image_id"].apply(np.sort) for role in
+                   (ROLE_SEED, ROLE_HELDOUT, ROLE_REAL_NORMAL, ROLE_REAL_ANOMALY)}
+        empty = np.empty(0, dtype=np.int64)
+
+        def rows(role):
+            return [by_role[role].get(t, empty) for t in task_ids]
+
+        support = pad_rows([np.union1d(s, h) for s, h in zip(rows(ROLE_SEED), rows(ROLE_HELDOUT))])
+        heldout = pad_rows(rows(ROLE_HELDOUT))
+        synthetic = {}
+        for source in sources:
+            of_source = synthetic_images[synthetic_images["kind"] == source].groupby("task_id")["image_id"].apply(np.sort)
+            if any(t in of_source.index for t in task_ids):
+                synthetic[source] = pad_rows([of_source.get(t, empty) for t in task_ids])
+        normals, anomalies = rows(ROLE_REAL_NORMAL), rows(ROLE_REAL_ANOMALY)
+        real_ids = np.unique(np.concatenate(normals + anomalies)) if task_ids.size else empty
+        group_names = np.unique(class_of[real_ids]) if real_ids.size else np.empty(0, dtype=object)
+        real_label = np.full((len(task_ids), len(real_ids)), -1, dtype=np.int8)
+        real_group = np.full((len(task_ids), len(real_ids)), -1, dtype=np.int64)
+        group_of_real = np.searchsorted(group_names, class_of[real_ids]) if real_ids.size else empty
+        for i, (normal, anomaly) in enumerate(zip(normals, anomalies)):
+            real_label[i, np.searchsorted(real_ids, normal)] = 0
+            positions = np.searchsorted(real_ids, anomaly)
+            real_label[i, positions] = 1
+            real_group[i, positions] = group_of_real[positions]
+        groups.append(TaskGroup(str(dataset), task_ids, support, heldout, synthetic, real_ids,
+                                real_label, real_group, group_names))
+    return groups

@@ -1,0 +1,203 @@
+"""The report: Markdown, CSV and JSON tables in the shape of the paper's Tables 1 and 2, per-task
+picks, recorded skips, and the Figure-3 scatter of real vs synthetic AUROC per candidate."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .selection import per_task_picks, ranking_table, selection_table
+from .sweep import SETTINGS, AurocCube
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if isinstance(value, (float, np.floating)):
+        return "–" if np.isnan(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(frame: pd.DataFrame, formats: dict[str, str] | None = None) -> str:
+    """A GitHub-flavoured Markdown table (no extra dependency)."""
+    formats = formats or {}
+    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "| " + " | ".join("---" for _ in frame.columns) + " |"
+    lines = [header, rule]
+    for row in frame.itertuples(index=False):
+        cells = []
+        for column, value in zip(frame.columns, row):
+            spec = formats.get(column)
+            if spec and isinstance(value, (float, np.floating)) and not np.isnan(value):
+                cells.append(format(value, spec))
+            else:
+                cells.append(_fmt(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def table1_display(table1: pd.DataFrame) -> pd.DataFrame:
+    """Table 1 with "picks / tasks" strings, as printed in the paper."""
+    shown = table1.copy()
+    shown["pick rate"] = [
+        "–" if s.startswith("Best model") else (f"{p:.0f} / {n}" if float(p).is_integer() else f"{p:.1f} / {n}")
+        for s, p, n in zip(shown["strategy"], shown["picks"], shown["tasks"])
+    ]
+    return shown[["dataset", "setting", "strategy", "pick rate", "auroc", "best"]].rename(
+        columns={"auroc": "AUROC of pick", "best": "best possible"}
+    )
+
+
+def figure3(cube: AurocCube, path: str | os.PathLike) -> Path:
+    """Real vs synthetic AUROC (averaged over tasks) per candidate: one panel per setting ×
+    base source, one marker colour per dataset, candidates labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = cube.config.get("base_sources", [s for s in cube.sources if "@" not in s]) or cube.sources[:1]
+    datasets = sorted(cube.tasks["dataset"].unique())
+    fig, axes = plt.subplots(len(SETTINGS), max(1, len(base)), figsize=(5.2 * max(1, len(base)), 4.6 * len(SETTINGS)),
+                             squeeze=False)
+    colours = plt.get_cmap("tab10")
+    for s, setting in enumerate(SETTINGS):
+        for b, source in enumerate(base):
+            ax = axes[s, b]
+            v = cube.sources.index(source)
+            for d, dataset in enumerate(datasets):
+                rows = cube.tasks["dataset"].to_numpy() == dataset
+                with np.errstate(all="ignore"):
+                    x = np.nanmean(cube.synthetic[rows, :, v], axis=0)
+                    y = np.nanmean(cube.real[rows, :, s], axis=0)
+                ax.scatter(x, y, color=colours(d % 10), label=dataset, s=36, edgecolor="black", linewidth=0.4)
+                for name, xi, yi in zip(cube.candidate_names, x, y):
+                    if np.isfinite(xi) and np.isfinite(yi):
+                        ax.annotate(name, (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            finite = np.concatenate([ax.collections[i].get_offsets().data.ravel() for i in range(len(ax.collections))])
+            finite = finite[np.isfinite(finite)]
+            if finite.size:
+                lo, hi = float(finite.min()), float(finite.max())
+                pad = max(0.02, 0.05 * (hi - lo))
+                ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="grey", linewidth=0.8, linestyle="--")
+            ax.set_title(f"{setting} · {source}", fontsize=10)
+            ax.set_xlabel("synthetic validation AUROC")
+            ax.set_ylabel("real validation AUROC")
+            ax.grid(alpha=0.3)
+            if len(datasets) > 1 or (s == 0 and b == 0):
+                ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle("Real vs synthetic AUROC per candidate (mean over tasks)", fontsize=11)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(
+    cube: AurocCube,
+    out_dir: str | os.PathLike,
+    *,
+    store_skips: pd.DataFrame | None = None,
+    title: str = "SWSA report",
+    notes: list[str] | None = None,
+) -> dict[str, Path]:
+    """Write ``report.md``, ``table1.csv/.md``, ``table2.csv/.md``, ``tasks.csv``, ``summary.json``
+    and ``figure3.png`` into ``out_dir``; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table1 = selection_table(cube)
+    table2 = ranking_table(cube)
+    picks = per_task_picks(cube)
+    paths = {
+        "table1_csv": out / "table1.csv", "table2_csv": out / "table2.csv", "tasks_csv": out / "tasks.csv",
+        "figure3": out / "figure3.png", "summary": out / "summary.json", "report": out / "report.md",
+        "skips_csv": out / "skips.csv",
+    }
+    table1.to_csv(paths["table1_csv"], index=False)
+    table2.to_csv(paths["table2_csv"], index=False)
+    picks.to_csv(paths["tasks_csv"], index=False)
+    figure3(cube, paths["figure3"])
+    skips = _all_skips(cube, store_skips)
+    skips.to_csv(paths["skips_csv"], index=False)
+    random_candidates = cube.candidates.loc[cube.candidates["weights_kind"] == "random", "name"].tolist()
+    lines = [f"# {title}", ""]
+    if random_candidates:
+        lines += [
+            f"> **Randomly initialised candidates:** {', '.join(random_candidates)}. No pretrained weights were "
+            "found for them, so their AUROCs describe random networks, not the pretrained models.", "",
+        ]
+    for note in notes or []:
+        lines += [note, ""]
+    n_tasks = len(cube.tasks)
+    lines += [
+        f"{n_tasks} tasks over {cube.tasks['dataset'].nunique()} dataset(s); {len(cube.candidates)} candidates: "
+        f"{', '.join(cube.candidate_names)}; synthetic validation sources: {', '.join(cube.sources)}. "
+        f"kNN score with k = {cube.config.get('k')}.",
+        "",
+        "## Table 1 — model selection",
+        "",
+        "Pick rate = tasks where the strategy picks a candidate with the best real AUROC (ties count), "
+        "AUROC of pick = mean real AUROC of the picked candidate, best possible = mean of the best real AUROC.",
+        "",
+        markdown_table(table1_display(table1)),
+        "",
+        "## Table 2 — ranking agreement (Kendall's tau)",
+        "",
+        "Kendall's tau-b between the candidates' synthetic and real AUROCs (each averaged over the tasks), "
+        f"with p-values; **significant** after Bonferroni correction (p < {table2['bonferroni_threshold'].iloc[0]:.3g}, "
+        f"{int(table2['p_value'].notna().sum())} tests). `mean_task_tau` averages the per-task taus.",
+        "",
+        markdown_table(table2.assign(significant=table2["significant"].map({True: "**yes**", False: "no"})),
+                       {"p_value": ".3g", "bonferroni_threshold": ".3g"}),
+        "",
+        "## Figure 3 — real vs synthetic AUROC per candidate",
+        "",
+        "![figure 3](figure3.png)",
+        "",
+        "## Per-task picks",
+        "",
+        f"See `tasks.csv` ({len(picks)} rows: SWSA's pick, the oracle's pick and their real AUROCs per task and setting).",
+        "",
+        "## Recorded skips",
+        "",
+    ]
+    if len(skips):
+        lines += [f"{len(skips)} skips (all in `skips.csv`):", "", markdown_table(skips.head(50))]
+        if len(skips) > 50:
+            lines.append(f"\n… and {len(skips) - 50} more in skips.csv")
+    else:
+        lines.append("None: every image was read and every task was scored.")
+    paths["report"].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    summary = {
+        "tasks": n_tasks, "candidates": cube.candidate_names, "sources": cube.sources, "config": cube.config,
+        "random_candidates": random_candidates, "skips": int(len(skips)),
+        "table1": table1.to_dict(orient="records"), "table2": table2.to_dict(orient="records"),
+    }
+    paths["summary"].write_text(json.dumps(summary, indent=2, default=_json_default), encoding="utf-8")
+    (out / "table1.md").write_text(markdown_table(table1_display(table1)) + "\n", encoding="utf-8")
+    (out / "table2.md").write_text(markdown_table(table2, {"p_value": ".3g", "bonferroni_threshold": ".3g"}) + "\n", encoding="utf-8")
+    return paths
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return None if np.isnan(value) else float(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return str(value)
+
+
+def _all_skips(cube: AurocCube, store_skips: pd.DataFrame | None) -> pd.DataFrame:
+    parts = []
+    if store_skips is not None and len(store_skips):
+        parts.append(store_skips.assign(candidate=store_skips["backbone"])[["stage", "image_id", "task_id", "candidate", "reason"]])
+    if len(cube.skips):
+        parts.append(cube.skips.assign(stage="score", image_id=-1)[["stage", "image_id", "task_id", "candidate", "reason"]])
+    if not parts:
+        return pd.DataFrame(columns=["stage", "image_id", "task_id", "candidate", "reason"])
+    return pd.concat(parts, ignore_index=True)

@@ -1,0 +1,280 @@
+"""Selection strategies and their evaluation over an AUROC cube.
+
+A strategy is one small function: it gets a :class:`SelectionContext` (the synthetic AUROCs of
+every task and candidate, the candidates' metadata) and returns, per task, either the index of
+the candidate it picks ``(T,)`` or a probability distribution over candidates ``(T, C)`` (a
+random strategy is its expectation, so results are exact and need no seed). Register one with
+``@register_strategy("name")``; the factory takes the strategy's settings as keywords::
+
+    @register_strategy("median_synthetic")
+    def median_synthetic(**_):
+        return lambda ctx: np.nanmedian(ctx.synthetic_base, axis=2).argmax(axis=1)
+
+Only strategies marked ``uses_labels`` (the oracle) may read ``ctx.real``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from swsa_store.registry import Registry
+
+from .metrics import kendall_tau
+from .sweep import SETTINGS, AurocCube
+
+STRATEGIES: Registry = Registry("selection strategy")
+
+
+@dataclass(frozen=True)
+class SelectionContext:
+    """What a strategy may look at, for T tasks and C candidates.
+
+    synthetic : (T, C, V) synthetic AUROC per source (``sources`` names the V columns)
+    base_sources : the sources that are not "hardest N" variants
+    candidates : DataFrame with ``name, n_params, feature_dim, weights_kind, family``
+    real : (T, C) real AUROC of the setting being evaluated — for label-using strategies only
+    """
+
+    synthetic: np.ndarray
+    sources: tuple[str, ...]
+    base_sources: tuple[str, ...]
+    candidates: pd.DataFrame
+    real: np.ndarray
+
+    def source(self, name: str) -> np.ndarray:
+        """(T, C) synthetic AUROC of one source."""
+        if name not in self.sources:
+            raise ValueError(f"unknown validation source {name!r}; available: {', '.join(self.sources)}")
+        return self.synthetic[:, :, self.sources.index(name)]
+
+    @property
+    def synthetic_base(self) -> np.ndarray:
+        """(T, C, V0) synthetic AUROC of the base sources only."""
+        return np.stack([self.source(s) for s in self.base_sources], axis=2)
+
+
+def register_strategy(name: str, *, uses_labels: bool = False):
+    """Decorator registering a strategy factory ``factory(**settings) -> (ctx -> picks)``."""
+
+    def decorate(factory):
+        factory.uses_labels = uses_labels
+        return STRATEGIES.register(name)(factory)
+
+    return decorate
+
+
+def create_strategy(name: str, /, **settings) -> Callable[[SelectionContext], np.ndarray]:
+    """Build the registered strategy ``name`` with ``settings``."""
+    return STRATEGIES.create(name, **settings)
+
+
+def list_strategies() -> list[str]:
+    return STRATEGIES.names()
+
+
+def argmax_weights(values: np.ndarray) -> np.ndarray:
+    """(T, C) → (T, C) uniform weights over each row's maxima (ties share); NaN rows → NaN."""
+    values = np.asarray(values, dtype=np.float64)
+    all_nan = np.isnan(values).all(axis=1)
+    filled = np.where(np.isnan(values), -np.inf, values)
+    best = filled.max(axis=1, keepdims=True)
+    weights = (filled == best).astype(np.float64)
+    weights /= weights.sum(axis=1, keepdims=True)
+    weights[all_nan] = np.nan
+    return weights
+
+
+@register_strategy("swsa")
+def swsa(source: str, **_):
+    """SWSA: the candidate with the best synthetic AUROC on ``source``."""
+    return lambda ctx: argmax_weights(ctx.source(source))
+
+
+@register_strategy("largest")
+def largest_model(**_):
+    """The candidate with the most parameters (the paper's "largest model" baseline)."""
+
+    def pick(ctx):
+        sizes = ctx.candidates["n_params"].to_numpy(dtype=np.float64)
+        return np.broadcast_to(argmax_weights(sizes[None, :]), ctx.real.shape).copy()
+
+    return pick
+
+
+@register_strategy("random")
+def random_pick(**_):
+    """A uniformly random candidate, as its expectation (uniform weights)."""
+    return lambda ctx: np.full(ctx.real.shape, 1.0 / ctx.real.shape[1])
+
+
+@register_strategy("oracle", uses_labels=True)
+def oracle(**_):
+    """The best candidate on the real validation set: the upper bound ("best possible")."""
+    return lambda ctx: argmax_weights(ctx.real)
+
+
+@register_strategy("swsa_mean")
+def swsa_mean(**_):
+    """The best mean synthetic AUROC over all base sources (generators)."""
+
+    def pick(ctx):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return argmax_weights(np.nanmean(ctx.synthetic_base, axis=2))
+
+    return pick
+
+
+@register_strategy("swsa_rank")
+def swsa_rank(**_):
+    """Rank aggregation: the best mean rank of the synthetic AUROC across base sources."""
+
+    def pick(ctx):
+        base = ctx.synthetic_base
+        ranks = np.argsort(np.argsort(np.where(np.isnan(base), -np.inf, base), axis=1), axis=1).astype(float)
+        ranks[np.isnan(base)] = np.nan
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return argmax_weights(np.nanmean(ranks, axis=2))
+
+    return pick
+
+
+def as_weights(picks: np.ndarray, n_candidates: int) -> np.ndarray:
+    """A strategy's output, ``(T,)`` indices or ``(T, C)`` weights, as ``(T, C)`` weights."""
+    picks = np.asarray(picks)
+    if picks.ndim == 1:
+        weights = np.zeros((len(picks), n_candidates))
+        weights[np.arange(len(picks)), picks.astype(np.int64)] = 1.0
+        return weights
+    if picks.ndim != 2 or picks.shape[1] != n_candidates:
+        raise ValueError(f"a strategy must return (T,) indices or (T, {n_candidates}) weights, got shape {picks.shape}")
+    return picks.astype(np.float64)
+
+
+def evaluate_weights(weights: np.ndarray, real: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-task outcome of a selection. ``weights``, ``real``: (T, C).
+
+    Returns ``hit`` (T,) probability that the pick is a best candidate (ties with the best count
+    as hits), ``auroc`` (T,) expected real AUROC of the pick, ``best`` (T,) the best real AUROC.
+    Tasks with a NaN anywhere in their real row or in the weights are NaN.
+    """
+    undefined = np.isnan(real).any(axis=1) | np.isnan(weights).any(axis=1)
+    safe_real = np.where(np.isnan(real), 0.0, real)
+    best = safe_real.max(axis=1)
+    hit = (weights * (safe_real == best[:, None])).sum(axis=1)
+    chosen = (weights * safe_real).sum(axis=1)
+    for values in (hit, chosen, best):
+        values[undefined] = np.nan
+    return {"hit": hit, "auroc": chosen, "best": best}
+
+
+def default_strategies(cube: AurocCube) -> list[tuple[str, str, dict]]:
+    """Table 1's rows: (label, strategy name, settings)."""
+    rows = [("Largest model", "largest", {}), ("Random (expected)", "random", {})]
+    base = cube.config.get("base_sources", [s for s in cube.sources if "@" not in s])
+    rows += [(f"SWSA ({source})", "swsa", {"source": source}) for source in base]
+    if len(base) > 1:
+        rows += [("SWSA (mean of sources)", "swsa_mean", {}), ("SWSA (rank aggregation)", "swsa_rank", {})]
+    rows.append(("Best model (oracle)", "oracle", {}))
+    return rows
+
+
+def _context(cube: AurocCube, rows: np.ndarray, setting_index: int) -> SelectionContext:
+    base = tuple(cube.config.get("base_sources", [s for s in cube.sources if "@" not in s]))
+    return SelectionContext(
+        synthetic=cube.synthetic[rows], sources=tuple(cube.sources), base_sources=base,
+        candidates=cube.candidates, real=cube.real[rows, :, setting_index],
+    )
+
+
+def selection_table(cube: AurocCube, strategies: list[tuple[str, str, dict]] | None = None) -> pd.DataFrame:
+    """The paper's Table 1 over every dataset × setting × strategy.
+
+    Columns: dataset, setting, strategy, picks (expected number of tasks where the pick is a
+    best candidate), tasks (tasks evaluated), pick_rate, auroc (mean real AUROC of the pick),
+    best (mean best possible real AUROC).
+    """
+    strategies = strategies or default_strategies(cube)
+    records = []
+    for dataset in sorted(cube.tasks["dataset"].unique()):
+        rows = np.flatnonzero(cube.tasks["dataset"].to_numpy() == dataset)
+        for s, setting in enumerate(SETTINGS):
+            ctx = _context(cube, rows, s)
+            for label, name, settings in strategies:
+                weights = as_weights(create_strategy(name, **settings)(ctx), len(cube.candidates))
+                outcome = evaluate_weights(weights, ctx.real)
+                defined = ~np.isnan(outcome["hit"])
+                n = int(defined.sum())
+                records.append({
+                    "dataset": dataset, "setting": setting, "strategy": label,
+                    "picks": float(np.sum(outcome["hit"][defined])), "tasks": n,
+                    "pick_rate": float(np.mean(outcome["hit"][defined])) if n else np.nan,
+                    "auroc": float(np.mean(outcome["auroc"][defined])) if n else np.nan,
+                    "best": float(np.mean(outcome["best"][defined])) if n else np.nan,
+                })
+    return pd.DataFrame(records)
+
+
+def per_task_picks(cube: AurocCube, source: str | None = None) -> pd.DataFrame:
+    """One row per task and setting: SWSA's pick on ``source``, the oracle's pick and their real AUROCs."""
+    base = cube.config.get("base_sources", [s for s in cube.sources if "@" not in s])
+    source = source or (base[0] if base else None)
+    names = np.array(cube.candidate_names)
+    closest = cube.closest_class()
+    records = []
+    for s, setting in enumerate(SETTINGS):
+        real = cube.real[:, :, s]
+        synth = cube.synthetic[:, :, cube.sources.index(source)] if source else np.full(real.shape, np.nan)
+        safe = lambda a: np.where(np.isnan(a), -np.inf, a)
+        pick = safe(synth).argmax(axis=1)
+        best = safe(real).argmax(axis=1)
+        for t in range(len(cube.tasks)):
+            records.append({
+                "task_id": int(cube.tasks["task_id"].iloc[t]), "dataset": cube.tasks["dataset"].iloc[t],
+                "normal_class": cube.tasks["normal_class"].iloc[t], "setting": setting, "source": source,
+                "swsa_pick": names[pick[t]], "swsa_pick_synthetic_auroc": synth[t, pick[t]],
+                "swsa_pick_real_auroc": real[t, pick[t]], "oracle_pick": names[best[t]],
+                "oracle_real_auroc": real[t, best[t]], "hit": bool(real[t, pick[t]] == real[t, best[t]]),
+                "closest_class_of_pick": closest[t, pick[t]] if setting == "one-vs-closest" else "",
+            })
+    return pd.DataFrame(records)
+
+
+def ranking_table(cube: AurocCube, alpha: float = 0.05) -> pd.DataFrame:
+    """The paper's Table 2: Kendall's tau between synthetic and real rankings of the candidates.
+
+    Per dataset × setting × source: x = the candidates' synthetic AUROC averaged over tasks,
+    y = their real AUROC averaged over tasks (n = number of candidates), tau-b and its p-value;
+    also the mean of the per-task taus. ``significant`` uses the Bonferroni threshold
+    ``alpha / (number of tests in the table)``.
+    """
+    records = []
+    for dataset in sorted(cube.tasks["dataset"].unique()):
+        rows = np.flatnonzero(cube.tasks["dataset"].to_numpy() == dataset)
+        for s, setting in enumerate(SETTINGS):
+            real = cube.real[rows, :, s]
+            for v, source in enumerate(cube.sources):
+                synth = cube.synthetic[rows, :, v]
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    x, y = np.nanmean(synth, axis=0), np.nanmean(real, axis=0)
+                    tau, p = kendall_tau(np.nan_to_num(x), np.nan_to_num(y), mask=np.isfinite(x) & np.isfinite(y))
+                    both = np.isfinite(synth) & np.isfinite(real)
+                    task_tau, _ = kendall_tau(np.nan_to_num(synth), np.nan_to_num(real), mask=both)
+                    mean_task_tau = np.nanmean(task_tau) if np.isfinite(task_tau).any() else np.nan
+                records.append({
+                    "dataset": dataset, "setting": setting, "source": source, "n_candidates": int(np.isfinite(x).sum()),
+                    "tau": float(tau), "p_value": float(p), "mean_task_tau": float(mean_task_tau),
+                })
+    table = pd.DataFrame(records)
+    n_tests = int(table["p_value"].notna().sum()) if len(table) else 0
+    threshold = alpha / n_tests if n_tests else np.nan
+    table["bonferroni_threshold"] = threshold
+    table["significant"] = table["p_value"] < threshold
+    return table

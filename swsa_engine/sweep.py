@@ -1,0 +1,379 @@
+"""The sweep: every task × candidate × validation source AUROC, computed with batched arrays.
+
+For each candidate backbone (streamed one at a time) and each dataset's tasks at once:
+
+* real validation: kNN scores of the shared real validation images against every task's
+  bank (:func:`swsa_engine.knn.knn_score_gathered`), AUROC one-vs-rest (all out-classes
+  together) and per out-class (:func:`grouped_auroc`), whose minimum is one-vs-closest;
+* synthetic validation per source: held-out normals (scored leave-one-out) against the
+  source's anomalies (:func:`swsa_engine.knn.knn_score_batched`), AUROC over all anomalies and
+  over the ``N`` hardest (the ``N`` with the lowest anomaly score, per candidate).
+
+The result is an :class:`AurocCube`, saved in the store's ``/results/cube``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .knn import knn_score_batched, knn_score_gathered
+from .loader import TaskGroup, build_task_groups
+from .metrics import UndefinedMetricWarning, auroc
+
+log = logging.getLogger(__name__)
+
+SETTINGS = ("one-vs-rest", "one-vs-closest")
+CUBE_RESULT = "cube"
+
+
+def hard_source_name(source: str, n: int) -> str:
+    """Name of the validation source that keeps the ``n`` hardest anomalies of ``source``."""
+    return f"{source}@hard{n}"
+
+
+def grouped_auroc(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
+    """AUROC of the normals against each group of anomalies separately, all rows at once.
+
+    Parameters
+    ----------
+    scores : (T, Q) float, higher = more anomalous; NaN where ``labels == -1``.
+    labels : (T, Q) int8: -1 excluded, 0 normal, 1 anomaly.
+    groups : (T, Q) int in ``[0, n_groups)`` for anomalies, ignored elsewhere.
+
+    Returns
+    -------
+    (T, n_groups) float64: AUROC of normals vs the anomalies of group g (ties count one half,
+    as in ``sklearn.metrics.roc_auc_score``); NaN where the row has no normal or no anomaly of g.
+
+    Each anomaly's count of normals below it (+ half the ties) comes from two batched
+    ``searchsorted`` calls over the row's sorted normal scores; per-group sums of those counts
+    divided by ``n_normal * n_group`` are the Mann–Whitney AUROCs.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels)
+    n_tasks, _ = scores.shape
+    normal = labels == 0
+    anomaly = labels == 1
+    normal_sorted = np.where(normal, scores, np.inf)
+    normal_sorted.sort(axis=1)
+    n_normal = normal.sum(axis=1)
+    sorted_t = torch.from_numpy(normal_sorted)
+    query_t = torch.from_numpy(np.where(anomaly, scores, 0.0))
+    below = torch.searchsorted(sorted_t, query_t, right=False).numpy()
+    below_or_equal = torch.searchsorted(sorted_t, query_t, right=True).numpy()
+    below_or_equal = np.minimum(below_or_equal, n_normal[:, None])  # padding (+inf) never counts
+    wins = below + 0.5 * (below_or_equal - below)
+    flat_group = np.where(anomaly, np.arange(n_tasks)[:, None] * n_groups + groups, -1)
+    chosen = flat_group >= 0
+    win_sums = np.bincount(flat_group[chosen], weights=wins[chosen], minlength=n_tasks * n_groups)
+    counts = np.bincount(flat_group[chosen], minlength=n_tasks * n_groups)
+    win_sums = win_sums.reshape(n_tasks, n_groups)
+    counts = counts.reshape(n_tasks, n_groups)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        result = win_sums / (counts * n_normal[:, None])
+    result[(counts == 0) | (n_normal[:, None] == 0)] = np.nan
+    return result
+
+
+@dataclass
+class AurocCube:
+    """All AUROCs of a sweep. ``T`` tasks, ``C`` candidates, ``V`` synthetic sources, ``G`` classes.
+
+    Attributes
+    ----------
+    tasks : DataFrame (task_id, dataset, normal_class), T rows
+    candidates : DataFrame (name, n_params, feature_dim, weights_kind, family), C rows
+    sources : V synthetic validation source names (e.g. "cutpaste", "cutpaste@hard10")
+    real : (T, C, 2) real-validation AUROC for :data:`SETTINGS`
+    synthetic : (T, C, V) synthetic-validation AUROC
+    per_class : (T, C, G) real AUROC against each out-class alone (NaN padded)
+    class_names : (T, G) the out-class of each ``per_class`` column ("" padded)
+    skips : DataFrame (task_id, candidate, reason) of (task, candidate) cells left NaN
+    config : settings of the sweep (k, hardest counts, ...)
+    """
+
+    tasks: pd.DataFrame
+    candidates: pd.DataFrame
+    sources: list[str]
+    real: np.ndarray
+    synthetic: np.ndarray
+    per_class: np.ndarray
+    class_names: np.ndarray
+    skips: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["task_id", "candidate", "reason"]))
+    config: dict = field(default_factory=dict)
+
+    @property
+    def candidate_names(self) -> list[str]:
+        return list(self.candidates["name"])
+
+    def closest_class(self) -> np.ndarray:
+        """(T, C) the out-class giving each one-vs-closest AUROC ("" where undefined)."""
+        filled = np.where(np.isnan(self.per_class), np.inf, self.per_class)
+        index = filled.argmin(axis=2)
+        names = np.take_along_axis(np.broadcast_to(self.class_names[:, None, :], self.per_class.shape), index[..., None], 2)[..., 0]
+        return np.where(np.isnan(self.per_class).all(axis=2), "", names)
+
+    # ---- persistence
+    def to_arrays(self) -> tuple[dict, dict]:
+        arrays = {
+            "real": self.real, "synthetic": self.synthetic, "per_class": self.per_class,
+            "class_names": self.class_names.astype(object),
+            "task_id": self.tasks["task_id"].to_numpy(), "dataset": self.tasks["dataset"].to_numpy().astype(object),
+            "normal_class": self.tasks["normal_class"].to_numpy().astype(object),
+        }
+        attrs = {
+            "sources": list(self.sources), "settings": list(SETTINGS),
+            "candidates": self.candidates.to_dict(orient="list"),
+            "skips": self.skips.to_dict(orient="list"), "config": self.config,
+            "description": "AUROC cube: real (task, candidate, setting), synthetic (task, candidate, source)",
+        }
+        return arrays, attrs
+
+    def save(self, store_path: str | os.PathLike, name: str = CUBE_RESULT) -> None:
+        from swsa_store import edit_store
+
+        arrays, attrs = self.to_arrays()
+        with edit_store(store_path) as store:
+            store.write_result(name, arrays, attrs)
+
+    @classmethod
+    def load(cls, store_path: str | os.PathLike, name: str = CUBE_RESULT) -> "AurocCube":
+        from swsa_store import open_store
+
+        with open_store(store_path) as store:
+            group = store.result_group(name)
+            attrs = {k: json.loads(v) if isinstance(v, str) and v[:1] in "[{" else v for k, v in group.attrs.items()}
+            tasks = pd.DataFrame({
+                "task_id": group["task_id"][...],
+                "dataset": group["dataset"].asstr()[...].astype(object),
+                "normal_class": group["normal_class"].asstr()[...].astype(object),
+            })
+            return cls(
+                tasks=tasks, candidates=pd.DataFrame(attrs["candidates"]), sources=list(attrs["sources"]),
+                real=group["real"][...], synthetic=group["synthetic"][...], per_class=group["per_class"][...],
+                class_names=group["class_names"].asstr()[...].astype(object),
+                skips=pd.DataFrame(attrs["skips"]) if attrs["skips"] else pd.DataFrame(columns=["task_id", "candidate", "reason"]),
+                config=attrs["config"],
+            )
+
+
+def _features_for(features: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Gather rows ``features[ids]`` with -1 padding → zero rows (masked downstream)."""
+    return features[np.where(ids >= 0, ids, 0)]
+
+
+def score_group(
+    features: np.ndarray,
+    usable: np.ndarray,
+    group: TaskGroup,
+    sources: list[str],
+    *,
+    k: int = 3,
+    hardest: tuple[int, ...] = (10, 5),
+    device: str = "cpu",
+    chunk_bytes: int = 256 << 20,
+) -> dict:
+    """AUROCs of one candidate for the tasks of one dataset.
+
+    Parameters
+    ----------
+    features : (N, D) the candidate's embeddings for every catalogued image.
+    usable : (N,) bool, rows that hold a finite embedding.
+    sources : synthetic sources to evaluate (missing ones give NaN).
+
+    Returns a dict: ``real`` (T, 2), ``synthetic`` (T, V) over ``sources`` then their hardest
+    variants, ``per_class`` (T, G), ``skips`` [(task_id, reason)].
+    """
+    def keep(ids: np.ndarray) -> np.ndarray:
+        return np.where((ids >= 0) & usable[np.maximum(ids, 0)], ids, -1)
+
+    support = keep(group.support)
+    heldout = keep(group.heldout)
+    n_bank = (support >= 0).sum(axis=1)
+    has_heldout = (heldout >= 0).any(axis=1)
+    needed = k + has_heldout.astype(int)  # leave-one-out removes one bank row for held-out queries
+    scoreable = n_bank >= needed
+    skips = [
+        (int(t), f"k={k} needs at least {need} usable support images, the task has {n}")
+        for t, n, need in zip(group.task_ids[~scoreable], n_bank[~scoreable], needed[~scoreable])
+    ]
+    n_tasks = len(group.task_ids)
+    n_hard = len(hardest) * len(sources)
+    out = {
+        "real": np.full((n_tasks, 2), np.nan),
+        "synthetic": np.full((n_tasks, len(sources) + n_hard), np.nan),
+        "per_class": np.full((n_tasks, len(group.group_names)), np.nan),
+        "skips": skips,
+    }
+    rows = np.flatnonzero(scoreable)
+    if rows.size == 0:
+        return out
+    support = support[rows]
+    # ---- real validation: shared queries against each task's bank
+    real_ok = usable[group.real_ids]
+    real_label = np.where(real_ok[None, :], group.real_label[rows], -1).astype(np.int8)
+    union = np.unique(support[support >= 0])
+    bank_index = np.where(support >= 0, np.searchsorted(union, np.maximum(support, 0)), -1)
+    real_scores = knn_score_gathered(features[group.real_ids[real_ok]], features[union], bank_index, k=k, device=device)
+    scores = np.full((len(rows), len(group.real_ids)), np.nan)
+    scores[:, real_ok] = real_scores
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)  # one-class tasks are reported as skips
+        out["real"][rows, 0] = auroc(np.nan_to_num(scores), real_label == 1, mask=real_label >= 0)
+    per_class = grouped_auroc(np.nan_to_num(scores), real_label, group.real_group[rows], len(group.group_names))
+    out["per_class"][rows] = per_class
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out["real"][rows, 1] = np.nanmin(per_class, axis=1) if per_class.shape[1] else np.nan
+    # ---- synthetic validation: per-task queries (held-out normals + each source's anomalies)
+    heldout = heldout[rows]
+    parts = [heldout] + [keep(group.synthetic[s][rows]) if s in group.synthetic else np.full((len(rows), 0), -1) for s in sources]
+    widths = [p.shape[1] for p in parts]
+    queries = np.concatenate(parts, axis=1)
+    # the held-out normal's own bank row is left out (leave-one-out)
+    exclude = np.full(queries.shape, -1, dtype=np.int64)
+    match = (heldout[:, :, None] == support[:, None, :]) & (heldout[:, :, None] >= 0)
+    exclude[:, : widths[0]] = np.where(match.any(axis=2), match.argmax(axis=2), -1)
+    dim = features.shape[1]
+    per_task_bytes = max(1, (queries.shape[1] + support.shape[1]) * dim * 4 * 3)
+    chunk = max(1, chunk_bytes // per_task_bytes)
+    synth_scores = np.full(queries.shape, np.nan)
+    for lo in range(0, len(rows), chunk):
+        hi = min(lo + chunk, len(rows))
+        q_ids, b_ids = queries[lo:hi], support[lo:hi]
+        if q_ids.shape[1] == 0:
+            continue
+        synth_scores[lo:hi] = knn_score_batched(
+            _features_for(features, q_ids), _features_for(features, b_ids), k=k,
+            query_mask=q_ids >= 0, bank_mask=b_ids >= 0, exclude=exclude[lo:hi], device=device,
+        )
+    offsets = np.cumsum([0] + widths)
+    normal_scores = synth_scores[:, offsets[0] : offsets[1]]
+    normal_mask = heldout >= 0
+    columns = []
+    hard_columns = []
+    for index, _ in enumerate(sources):
+        anomaly_scores = synth_scores[:, offsets[index + 1] : offsets[index + 2]]
+        anomaly_mask = queries[:, offsets[index + 1] : offsets[index + 2]] >= 0
+        columns.append(_two_part_auroc(normal_scores, normal_mask, anomaly_scores, anomaly_mask))
+        ordered = np.sort(np.where(anomaly_mask, anomaly_scores, np.inf), axis=1)
+        for n in hardest:
+            hard = ordered[:, :n]
+            hard_columns.append(_two_part_auroc(normal_scores, normal_mask, np.where(np.isfinite(hard), hard, 0.0), np.isfinite(hard)))
+    if columns:
+        out["synthetic"][rows] = np.stack(columns + hard_columns, axis=1)
+    return out
+
+
+def _two_part_auroc(normal_scores, normal_mask, anomaly_scores, anomaly_mask) -> np.ndarray:
+    scores = np.concatenate([np.where(normal_mask, normal_scores, 0.0), np.where(anomaly_mask, anomaly_scores, 0.0)], axis=1)
+    labels = np.concatenate([np.zeros(normal_scores.shape, bool), np.ones(anomaly_scores.shape, bool)], axis=1)
+    mask = np.concatenate([normal_mask, anomaly_mask], axis=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)  # a source absent for a task: NaN
+        return auroc(scores, labels, mask=mask)
+
+
+def candidate_info(store, names: list[str]) -> pd.DataFrame:
+    rows = []
+    for name in names:
+        attrs = store.embedding_attrs(name)
+        config = attrs.get("config", {})
+        rows.append({
+            "name": name,
+            "n_params": int(config.get("n_params", 0) or 0),
+            "feature_dim": int(config.get("feature_dim", 0) or 0),
+            "weights_kind": str(config.get("weights_kind", "unknown")),
+            "family": str(config.get("family", "")),
+        })
+    return pd.DataFrame(rows, columns=["name", "n_params", "feature_dim", "weights_kind", "family"])
+
+
+def run_sweep(
+    store_path: str | os.PathLike,
+    *,
+    backbones: list[str] | None = None,
+    k: int = 3,
+    hardest: tuple[int, ...] = (10, 5),
+    device: str = "cpu",
+    progress: bool = True,
+    save: bool = True,
+) -> AurocCube:
+    """Score every task with every candidate backbone of the store and return the AUROC cube.
+
+    Embeddings are read one backbone at a time. A (task, candidate) cell that cannot be
+    scored (k larger than the usable support, an image whose embedding failed) is NaN and
+    listed in ``cube.skips``. Rows not yet embedded are an error: finish ``swsa embed`` first.
+    """
+    from swsa_store import StoreError, open_store
+    from swsa_store.store import DONE_TODO, DONE_WRITTEN
+
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    started = time.perf_counter()
+    with open_store(store_path) as store:
+        images, tasks, members = store.images(), store.tasks(), store.task_members()
+        held = store.backbones()
+        names = backbones or held
+        if not names:
+            raise StoreError(f"store {store_path} holds no embeddings; run `swsa embed --store {store_path} --backbone NAME`")
+        unknown = [n for n in names if n not in held]
+        if unknown:
+            raise StoreError(f"store {store_path} has no embeddings {unknown}; held: {held}")
+        info = candidate_info(store, names)
+    groups = build_task_groups(images, tasks, members)
+    if not groups:
+        raise ValueError(f"store {store_path} has no scoreable tasks; see `swsa info --store {store_path}`")
+    base_sources = sorted({s for g in groups for s in g.synthetic})
+    sources = base_sources + [hard_source_name(s, n) for s in base_sources for n in hardest]
+    ordered_tasks = pd.concat([tasks.set_index("task_id").loc[g.task_ids, ["dataset", "normal_class"]] for g in groups]).reset_index()
+    n_tasks, n_cand = len(ordered_tasks), len(names)
+    max_groups = max(len(g.group_names) for g in groups)
+    real = np.full((n_tasks, n_cand, 2), np.nan)
+    synthetic = np.full((n_tasks, n_cand, len(sources)), np.nan)
+    per_class = np.full((n_tasks, n_cand, max_groups), np.nan)
+    class_names = np.full((n_tasks, max_groups), "", dtype=object)
+    skips = []
+    offsets = np.cumsum([0] + [len(g.task_ids) for g in groups])
+    for g, group in enumerate(groups):
+        class_names[offsets[g] : offsets[g + 1], : len(group.group_names)] = group.group_names
+    usable_images = (images["status"] == "ok").to_numpy()
+    for c, name in enumerate(tqdm(names, desc="score", unit="backbone", disable=not progress)):
+        with open_store(store_path) as store:
+            done = store.done_mask(name)
+            features = store.embeddings(name)
+        pending = np.flatnonzero(usable_images & (done == DONE_TODO))
+        if pending.size:
+            raise StoreError(
+                f"embeddings {name!r} are incomplete: {pending.size} images still to embed; "
+                f"run `swsa embed --store {store_path} --backbone {name}` to finish"
+            )
+        usable = usable_images & (done == DONE_WRITTEN) & np.isfinite(features).all(axis=1)
+        for g, group in enumerate(groups):
+            result = score_group(features, usable, group, base_sources, k=k, hardest=hardest, device=device)
+            span = slice(offsets[g], offsets[g + 1])
+            real[span, c] = result["real"]
+            synthetic[span, c] = result["synthetic"]
+            per_class[span, c, : len(group.group_names)] = result["per_class"]
+            skips += [(t, name, reason) for t, reason in result["skips"]]
+        del features
+    cube = AurocCube(
+        tasks=ordered_tasks[["task_id", "dataset", "normal_class"]], candidates=info, sources=sources,
+        real=real, synthetic=synthetic, per_class=per_class, class_names=class_names,
+        skips=pd.DataFrame(skips, columns=["task_id", "candidate", "reason"]),
+        config={"k": k, "hardest": list(hardest), "base_sources": base_sources, "device": device,
+                "seconds": round(time.perf_counter() - started, 3)},
+    )
+    if save:
+        cube.save(store_path)
+    return cube

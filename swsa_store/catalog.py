@@ -1,0 +1,168 @@
+"""The catalog: every image, real or synthetic, gets a stable integer id and one row.
+
+Image ids are assigned in order of appearance and never change: the id of an image is its row
+number in ``/images`` and in every ``/embeddings/<name>/features`` matrix. Columns
+(:data:`IMAGE_COLUMNS`):
+
+============== ==========================================================================
+image_id       int, the stable id (= row number)
+dataset        the dataset the image belongs to (synthetic images: their task's dataset)
+class_name     its class (synthetic images: the task's normal class)
+split          "train" / "test" for real images, "synthetic" for generated ones
+kind           "real", or the name of the generator that made it (e.g. "cutpaste")
+path           absolute path of the image file
+sha256         hex digest of the file's bytes ("" when unreadable)
+status         "ok" or "skipped" (then never embedded nor used by a task)
+skip_reason    why it was skipped ("" when ok)
+width, height  pixels (0 when skipped)
+task_id        the task a synthetic image was made for (-1 for real images)
+parent_ids     JSON list of the image ids it was made from ("[]" for real images)
+params         JSON of the generator's parameters for this image ("{}" for real images)
+seed           base seed of the generator run (-1 for real images)
+source_index   index of the sample in its original dataset, or its running number
+============== ==========================================================================
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .store import create_store, edit_store, open_store
+from .tasks import VALIDATION_RULE, build_tasks
+
+log = logging.getLogger(__name__)
+
+IMAGE_COLUMNS = (
+    "image_id", "dataset", "class_name", "split", "kind", "path", "sha256", "status",
+    "skip_reason", "width", "height", "task_id", "parent_ids", "params", "seed", "source_index",
+)
+_INT_COLUMNS = ("image_id", "width", "height", "task_id", "seed", "source_index")
+
+
+def empty_images_table() -> pd.DataFrame:
+    return pd.DataFrame(
+        {c: pd.Series([], dtype=np.int64 if c in _INT_COLUMNS else object) for c in IMAGE_COLUMNS}
+    )
+
+
+def _normalise(rows: pd.DataFrame, first_id: int) -> pd.DataFrame:
+    rows = rows.reset_index(drop=True).copy()
+    rows["image_id"] = np.arange(first_id, first_id + len(rows), dtype=np.int64)
+    defaults = {"kind": "real", "task_id": -1, "parent_ids": "[]", "params": "{}", "seed": -1,
+                "sha256": "", "status": "ok", "skip_reason": "", "width": 0, "height": 0,
+                "source_index": -1}
+    for column, value in defaults.items():
+        if column not in rows:
+            rows[column] = value
+    missing = [c for c in IMAGE_COLUMNS if c not in rows]
+    if missing:
+        raise ValueError(f"image rows lack columns {missing}; expected {list(IMAGE_COLUMNS)}")
+    rows = rows[list(IMAGE_COLUMNS)]
+    for column in IMAGE_COLUMNS:
+        rows[column] = rows[column].astype(np.int64 if column in _INT_COLUMNS else object)
+    return rows
+
+
+def catalog_dataset(
+    store_path: str | os.PathLike,
+    dataset_name: str,
+    *,
+    n_seed: int = 20,
+    split_seed: int = 0,
+    **dataset_kwargs,
+) -> dict:
+    """Catalog a registered dataset into the store and build its tasks.
+
+    Idempotent: cataloguing the same dataset again with the same files changes nothing. A
+    dataset of the same name with other files is an error (catalog it under another name).
+    Returns a summary dict (images, skipped images, tasks, skipped tasks, skipped classes).
+    """
+    from .datasets import create_dataset
+
+    dataset = create_dataset(dataset_name, **dataset_kwargs)
+    samples = dataset.samples()
+    name = str(samples["dataset"].iloc[0]) if len(samples) else getattr(dataset, "name", dataset_name)
+    create_store(store_path)
+    with open_store(store_path) as store:
+        images = store.images()
+    existing = images[(images["dataset"] == name) & (images["kind"] == "real")]
+    if len(existing):
+        same = len(existing) == len(samples) and list(existing["sha256"]) == list(samples["sha256"].astype(str))
+        if same:
+            log.info("dataset %s is already catalogued in %s; nothing to do", name, store_path)
+            return _summary(store_path, name, already=True)
+        raise ValueError(
+            f"store {store_path} already holds a different dataset named {name!r} "
+            f"({len(existing)} images, now {len(samples)}); catalog it under another name "
+            "(e.g. --name) or into a new store"
+        )
+    rows = _normalise(samples, first_id=len(images))
+    catalog = pd.concat([images, rows], ignore_index=True) if len(images) else rows
+    skipped_classes = list(getattr(dataset, "skipped_classes", []))
+    with edit_store(store_path) as store:
+        tasks_before, members_before = store.tasks(), store.task_members()
+        first_task = int(tasks_before["task_id"].max()) + 1 if len(tasks_before) else 0
+        tasks, members = build_tasks(catalog, name, n_seed=n_seed, seed=split_seed, first_task_id=first_task)
+        store.replace_table("images", catalog)
+        store.replace_table("tasks", pd.concat([tasks_before, tasks], ignore_index=True) if len(tasks_before) else tasks,
+                            attrs={"validation_rule": VALIDATION_RULE})
+        store.replace_table("task_members", pd.concat([members_before, members], ignore_index=True) if len(members_before) else members)
+        skips = [
+            {"stage": "catalog", "image_id": int(r.image_id), "task_id": -1, "backbone": "", "reason": r.skip_reason}
+            for r in rows[rows["status"] != "ok"].itertuples()
+        ]
+        skips += [
+            {"stage": "catalog", "image_id": -1, "task_id": -1, "backbone": "", "reason": f"class {c!r}: {reason}"}
+            for c, reason in skipped_classes
+        ]
+        skips += [
+            {"stage": "tasks", "image_id": -1, "task_id": int(r.task_id), "backbone": "", "reason": r.skip_reason}
+            for r in tasks[tasks["status"] != "ok"].itertuples()
+        ]
+        if skips:
+            store.append_skips(pd.DataFrame(skips))
+        store.grow_embeddings(len(catalog))
+    return _summary(store_path, name, already=False)
+
+
+def add_images(store_path: str | os.PathLike, rows: pd.DataFrame) -> np.ndarray:
+    """Append image rows (e.g. synthetic images) to the catalog; returns their new ids."""
+    with edit_store(store_path, compact=True) as store:
+        images = store.images()
+        new_rows = _normalise(rows, first_id=len(images))
+        store.replace_table("images", pd.concat([images, new_rows], ignore_index=True) if len(images) else new_rows)
+        skipped = new_rows[new_rows["status"] != "ok"]
+        if len(skipped):
+            store.append_skips(pd.DataFrame({
+                "stage": "synth", "image_id": skipped["image_id"], "task_id": skipped["task_id"],
+                "backbone": "", "reason": skipped["skip_reason"],
+            }))
+        store.grow_embeddings(len(images) + len(new_rows))
+    return new_rows["image_id"].to_numpy()
+
+
+def _summary(store_path: str | os.PathLike, dataset: str, *, already: bool) -> dict:
+    with open_store(store_path) as store:
+        images, tasks, skips = store.images(), store.tasks(), store.skips()
+    mine = images[images["dataset"] == dataset]
+    my_tasks = tasks[tasks["dataset"] == dataset]
+    return {
+        "dataset": dataset,
+        "already_catalogued": already,
+        "images": int((mine["kind"] == "real").sum()),
+        "skipped_images": int(((mine["kind"] == "real") & (mine["status"] != "ok")).sum()),
+        "tasks": int(len(my_tasks)),
+        "skipped_tasks": int((my_tasks["status"] != "ok").sum()),
+        "skipped_classes": [r for r in skips[(skips["stage"] == "catalog") & (skips["image_id"] < 0)]["reason"]],
+    }
+
+
+def resolve_path(store_path: str | os.PathLike, path: str) -> Path:
+    """An image path from the catalog as a usable path (relative ones are relative to the store)."""
+    candidate = Path(path)
+    return candidate if candidate.is_absolute() else Path(store_path).resolve().parent / candidate

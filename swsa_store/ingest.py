@@ -1,0 +1,266 @@
+"""Ingest: embed every catalogued image with one backbone into the store, resumably.
+
+The pieces are passed into a runner (as in clip-retrieval): a *reader* (a torch Dataset that
+decodes and preprocesses images, failures returned as values, not raised), an *embedder* (the
+backbone's forward pass, autocast on GPU) and a *writer* (:class:`~swsa_store.store.EmbeddingRowWriter`).
+
+Resume rule: the images to embed are cut into fixed batches (``batch_size`` consecutive ids of
+the sorted list of usable images). A batch's rows are made durable before they are flagged
+done, so after a SIGKILL a rerun recomputes exactly the batches that are not fully done, with
+the same composition as an uninterrupted run — and therefore the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .catalog import resolve_path
+from .store import (
+    DONE_FAILED, DONE_WRITTEN, EmbeddingRowWriter, StoreError, edit_store, open_store, writer_lock,
+)
+
+log = logging.getLogger(__name__)
+
+
+class ImageReader(Dataset):
+    """Decodes and preprocesses catalogued images; a failure is returned, never raised.
+
+    Item: ``(image_id, tensor or None, reason)``.
+    """
+
+    def __init__(self, image_ids: Sequence[int], paths: Sequence[str], transform: Callable, store_path: str | os.PathLike):
+        self.image_ids = list(map(int, image_ids))
+        self.paths = list(paths)
+        self.transform = transform
+        self.store_path = store_path
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, index: int):
+        from .datasets import read_image
+
+        image_id = self.image_ids[index]
+        try:
+            image = read_image(resolve_path(self.store_path, self.paths[index]))
+            return image_id, self.transform(image), ""
+        except Exception as error:  # recorded as a skip by the runner
+            return image_id, None, str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def _collate(items):
+    ids = np.array([item[0] for item in items], dtype=np.int64)
+    ok = [item[1] is not None for item in items]
+    tensors = [item[1] for item in items if item[1] is not None]
+    batch = torch.stack(tensors) if tensors else None
+    reasons = [item[2] for item in items]
+    return ids, np.array(ok, dtype=bool), batch, reasons
+
+
+class Embedder:
+    """The forward pass of a loaded backbone: ``(B, 3, H, W)`` → ``(B, D)`` float32 numpy."""
+
+    def __init__(self, model: torch.nn.Module, device: str = "cpu", autocast: bool | None = None):
+        self.model = model.to(device).eval()
+        self.device = torch.device(device)
+        self.autocast = self.device.type == "cuda" if autocast is None else autocast
+
+    @torch.inference_mode()
+    def __call__(self, batch: torch.Tensor) -> np.ndarray:
+        batch = batch.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, enabled=self.autocast):
+            features = self.model(batch)
+        return features.float().cpu().numpy()
+
+
+@dataclass(frozen=True)
+class IngestReport:
+    backbone: str
+    total: int
+    already_done: int
+    written: int
+    failed: int
+    failures: tuple[tuple[int, str], ...]
+
+
+def fixed_batches(usable_ids: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Cut the sorted usable ids into consecutive batches — identical on every run."""
+    ids = np.sort(np.asarray(usable_ids, dtype=np.int64))
+    return [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
+
+
+def run_ingest(
+    reader: ImageReader,
+    embedder: Embedder,
+    writer: EmbeddingRowWriter,
+    batches: list[np.ndarray],
+    *,
+    num_workers: int = 0,
+    progress: bool = True,
+    description: str = "embed",
+    after_batch: Callable[[int], None] | None = None,
+) -> tuple[int, int, list[tuple[int, str]]]:
+    """Embed ``batches`` (lists of image ids, each a position list into ``reader``) and write them.
+
+    Returns ``(rows written, rows failed, [(image_id, reason), ...])``.
+    """
+    position = {image_id: i for i, image_id in enumerate(reader.image_ids)}
+    sampler = [[position[int(i)] for i in batch] for batch in batches]
+    loader = DataLoader(
+        reader, batch_sampler=sampler, num_workers=num_workers, collate_fn=_collate,
+        pin_memory=embedder.device.type == "cuda", persistent_workers=False,
+    )
+    written = failed = 0
+    failures: list[tuple[int, str]] = []
+    n_rows = sum(len(b) for b in batches)
+    with tqdm(total=n_rows, desc=description, unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        for batch_index, (ids, ok, batch, reasons) in enumerate(loader):
+            dim = writer.features.shape[1]
+            rows = np.full((len(ids), dim), np.nan, dtype=np.float32)
+            status = np.where(ok, DONE_WRITTEN, DONE_FAILED).astype(np.uint8)
+            if batch is not None:
+                features = embedder(batch)
+                if features.shape[1] != dim:
+                    raise StoreError(
+                        f"backbone produced {features.shape[1]}-d features but the store's matrix "
+                        f"{writer.name!r} is {dim}-d; embed under another name"
+                    )
+                rows[ok] = features
+                finite = np.isfinite(rows).all(axis=1)
+                bad = ok & ~finite
+                for i in np.flatnonzero(bad):
+                    reasons[i] = "non-finite embedding (NaN or inf in the backbone's output)"
+                status[bad] = DONE_FAILED
+            writer.write(ids, rows, status)
+            for i in np.flatnonzero(status == DONE_FAILED):
+                failures.append((int(ids[i]), reasons[i]))
+            written += int((status == DONE_WRITTEN).sum())
+            failed += int((status == DONE_FAILED).sum())
+            bar.update(len(ids))
+            if after_batch is not None:
+                after_batch(batch_index)
+    return written, failed, failures
+
+
+def embed_store(
+    store_path: str | os.PathLike,
+    backbone: str,
+    *,
+    weights: str | None = None,
+    weights_dir: str | None = None,
+    allow_download: bool = False,
+    image_size: int | None = None,
+    name: str | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str = "cpu",
+    dtype: str = "float32",
+    progress: bool = True,
+    max_batches: int | None = None,
+) -> IngestReport:
+    """Embed every usable catalogued image with ``backbone`` into ``/embeddings/<name>``.
+
+    ``name`` defaults to the backbone name. Rows already done are skipped; a store that holds
+    ``name`` made with other weights or preprocessing is an error (embed under another name).
+    ``max_batches`` stops after that many batches (to test interruption).
+    """
+    from .backbones import create_backbone
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    name = name or embedding_name(backbone)
+    if "/" in name:
+        raise ValueError(f"embedding name {name!r} must not contain '/'; pass another --name")
+    with open_store(store_path) as store:
+        images = store.images()
+        held = store.backbones()
+        existing_attrs = store.embedding_attrs(name) if name in held else None
+    if len(images) == 0:
+        raise StoreError(f"store {store_path} has no images; run `swsa catalog` first")
+    loaded = create_backbone(backbone, weights=weights, weights_dir=weights_dir,
+                             allow_download=allow_download, image_size=image_size, device=device)
+    attrs = _embedding_attrs(loaded, batch_size=batch_size, dtype=dtype)
+    if existing_attrs is not None:
+        _check_compatible(name, existing_attrs, attrs)
+    else:
+        with edit_store(store_path) as store:
+            store.create_embeddings(name, loaded.feature_dim, attrs, dtype=dtype)
+    usable = images.loc[images["status"] == "ok", "image_id"].to_numpy()
+    with writer_lock(store_path), EmbeddingRowWriter(store_path, name) as writer:
+        writer.reset_failed()
+        done = writer.done[...]
+        batches = [b for b in fixed_batches(usable, batch_size) if (done[b] != DONE_WRITTEN).any()]
+        already = int((done[usable] == DONE_WRITTEN).sum())
+        if max_batches is not None:
+            batches = batches[:max_batches]
+        todo_ids = np.concatenate(batches) if batches else np.empty(0, dtype=np.int64)
+        paths = images["path"].to_numpy()[todo_ids]
+        reader = ImageReader(todo_ids, paths, loaded.transform, store_path)
+        embedder = Embedder(loaded.model, device=device)
+        if batches:
+            log.info("embedding %d images with %s (%d already done)", len(todo_ids), name, already)
+        written, failed, failures = run_ingest(
+            reader, embedder, writer, batches, num_workers=num_workers, progress=progress, description=f"embed {name}"
+        )
+    if failures:
+        with edit_store(store_path) as store:
+            store.append_skips(pd.DataFrame(
+                [{"stage": "embed", "image_id": i, "task_id": -1, "backbone": name, "reason": r} for i, r in failures]
+            ))
+    return IngestReport(name, len(usable), already, written, failed, tuple(failures))
+
+
+def embedding_name(backbone: str) -> str:
+    """The store name of a backbone's embeddings: HDF5 paths cannot hold '/' (``timm/x`` → ``timm-x``)."""
+    return backbone.replace("/", "-")
+
+
+def _embedding_attrs(loaded, *, batch_size: int, dtype: str) -> dict:
+    import timm
+
+    attrs = dict(loaded.attrs())
+    attrs.update({
+        "dtype": dtype,
+        "batch_size": batch_size,
+        "numpy_version": np.__version__,
+        "python_version": platform.python_version(),
+    })
+    attrs.setdefault("torch_version", torch.__version__)
+    attrs.setdefault("timm_version", timm.__version__)
+    flat = {}
+    for key, value in attrs.items():
+        if isinstance(value, (dict, list, tuple)):
+            value = json.dumps(value)
+        elif isinstance(value, str) or value is None:  # str subclasses (TorchVersion) confuse h5py
+            value = "" if value is None else str(value)
+        flat[key] = value
+    flat["config"] = json.dumps(attrs, default=str, sort_keys=True)
+    return flat
+
+
+# settings that change the numbers: a matrix is only resumed with the same ones
+_IDENTITY_KEYS = ("weights_kind", "weights_sha256", "preprocess", "feature_dim", "timm_name", "dtype")
+
+
+def _check_compatible(name: str, existing: dict, new: dict) -> None:
+    old_cfg = existing.get("config", {})
+    new_cfg = json.loads(new["config"])
+    differing = [k for k in _IDENTITY_KEYS if k in old_cfg and k in new_cfg and old_cfg[k] != new_cfg[k]]
+    if differing:
+        key = differing[0]
+        raise StoreError(
+            f"the store already holds embeddings {name!r} made with {key}={old_cfg[key]!r}, "
+            f"not {new_cfg[key]!r}; embed under another name (--name) to keep both"
+        )

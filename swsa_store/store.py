@@ -1,0 +1,506 @@
+"""The HDF5 store: one file holds the catalog, the tasks, every backbone's embeddings and the
+scoring results.
+
+Layout (schema version :data:`SCHEMA_VERSION`)::
+
+    /                      attrs: schema_version, swsa_version, created_utc
+    /images/<column>       the catalog, one 1-D dataset per column (see catalog.IMAGE_COLUMNS)
+    /tasks/<column>        one row per task (see tasks.TASK_COLUMNS)
+    /task_members/<column> (task_id, image_id, role) rows: which image plays which part in a task
+    /skips/<column>        recorded skips: (stage, image_id, task_id, backbone, reason)
+    /embeddings/<name>/features   (N, D) rows indexed by image id, NaN until written
+    /embeddings/<name>/done       (N,) uint8: 0 to do, 1 durably written, 2 failed (see skips)
+                                  attrs: model, weights source and hash, preprocessing, versions
+    /results/<name>/...    arrays written by the engine (the AUROC cube), with attrs
+
+Crash safety. Two kinds of writes exist and each is safe against SIGKILL at any moment:
+
+* *Row writes* (ingest) only touch raw bytes of datasets whose storage was allocated when they
+  were created (contiguous layout, early allocation), so HDF5 metadata never changes while
+  rows are written. A batch's feature rows are written and ``fsync``-ed before its ``done``
+  flags are set and ``fsync``-ed: a row is never marked done before it is durable.
+* *Structural edits* (new catalog rows, new tasks, a new embedding matrix, results) run in
+  :func:`edit_store`, which works on a copy of the file and atomically renames it over the
+  original on success. A killed edit leaves the original untouched.
+
+One process writes at a time: writers hold an exclusive ``flock`` on ``<store>.lock``.
+Readers open without HDF5 file locking so that ``swsa info`` works during an ingest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import h5py
+import numpy as np
+import pandas as pd
+
+SCHEMA_VERSION = 1
+
+DONE_TODO = 0
+DONE_WRITTEN = 1
+DONE_FAILED = 2
+
+SKIP_COLUMNS = ("stage", "image_id", "task_id", "backbone", "reason")
+
+
+class StoreError(RuntimeError):
+    """A store that cannot be used as asked (missing, newer schema, locked, inconsistent)."""
+
+
+def _swsa_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("swsa")
+    except Exception:  # running from a source tree that is not installed
+        return "0+unknown"
+
+
+# --------------------------------------------------------------------------- column tables
+
+
+def write_table(parent: h5py.Group, name: str, table: pd.DataFrame, attrs: dict | None = None) -> None:
+    """Write ``table`` as group ``name`` with one 1-D dataset per column (replacing any old one).
+
+    Object / string columns become UTF-8 variable-length strings; bool, int and float columns
+    keep their numpy dtype. Column order is kept in the ``columns`` attribute.
+    """
+    if name in parent:
+        del parent[name]
+    group = parent.create_group(name)
+    for column in table.columns:
+        values = table[column].to_numpy()
+        if values.dtype.kind in "OUS" or pd.api.types.is_string_dtype(table[column]):
+            data = np.array(["" if v is None else str(v) for v in values], dtype=object)
+            group.create_dataset(column, data=data, dtype=h5py.string_dtype("utf-8"))
+        else:
+            group.create_dataset(column, data=values)
+    group.attrs["columns"] = json.dumps(list(map(str, table.columns)))
+    group.attrs["n_rows"] = len(table)
+    for key, value in (attrs or {}).items():
+        group.attrs[key] = value
+
+
+def read_table(group: h5py.Group) -> pd.DataFrame:
+    """Inverse of :func:`write_table`."""
+    columns = json.loads(group.attrs["columns"])
+    data: dict[str, Any] = {}
+    for column in columns:
+        dset = group[column]
+        if h5py.check_string_dtype(dset.dtype) is not None:
+            data[column] = dset.asstr()[...].astype(object)
+        else:
+            data[column] = dset[...]
+    return pd.DataFrame(data, columns=columns)
+
+
+def _empty_skips() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "stage": pd.Series([], dtype=object),
+            "image_id": pd.Series([], dtype=np.int64),
+            "task_id": pd.Series([], dtype=np.int64),
+            "backbone": pd.Series([], dtype=object),
+            "reason": pd.Series([], dtype=object),
+        }
+    )
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class Store:
+    """A handle on an HDF5 store. Get one from :func:`open_store` or :func:`edit_store`.
+
+    Reading methods return pandas DataFrames (tables) and numpy arrays (embeddings).
+    """
+
+    def __init__(self, path: str | os.PathLike, file: h5py.File, writable: bool):
+        self.path = Path(path)
+        self.file = file
+        self.writable = writable
+
+    # ---- life cycle
+    def close(self) -> None:
+        if self.file.id.valid:
+            self.file.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.path)!r}, writable={self.writable})"
+
+    @property
+    def files_dir(self) -> Path:
+        """Folder beside the store for files it owns (rendered and synthetic images)."""
+        return self.path.with_name(self.path.name + ".files")
+
+    # ---- tables
+    def _table(self, name: str) -> pd.DataFrame | None:
+        return read_table(self.file[name]) if name in self.file else None
+
+    def images(self) -> pd.DataFrame:
+        """The catalog: one row per image, ``image_id`` equal to the row's position."""
+        from .catalog import empty_images_table
+
+        table = self._table("images")
+        return empty_images_table() if table is None else table
+
+    def tasks(self) -> pd.DataFrame:
+        from .tasks import empty_tasks_table
+
+        table = self._table("tasks")
+        return empty_tasks_table() if table is None else table
+
+    def task_members(self) -> pd.DataFrame:
+        from .tasks import empty_members_table
+
+        table = self._table("task_members")
+        return empty_members_table() if table is None else table
+
+    def skips(self) -> pd.DataFrame:
+        table = self._table("skips")
+        return _empty_skips() if table is None else table
+
+    def table_attrs(self, name: str) -> dict:
+        return dict(self.file[name].attrs) if name in self.file else {}
+
+    @property
+    def n_images(self) -> int:
+        return int(self.file["images"].attrs["n_rows"]) if "images" in self.file else 0
+
+    # ---- embeddings
+    def backbones(self) -> list[str]:
+        """Names of the embedding matrices held, sorted."""
+        return sorted(self.file["embeddings"]) if "embeddings" in self.file else []
+
+    def _embedding_group(self, name: str) -> h5py.Group:
+        if name not in self.backbones():
+            held = ", ".join(self.backbones()) or "none"
+            raise StoreError(
+                f"store {self.path} has no embeddings named {name!r} (held: {held}); "
+                f"run `swsa embed --store {self.path} --backbone {name}` first"
+            )
+        return self.file["embeddings"][name]
+
+    def embedding_attrs(self, name: str) -> dict:
+        """Self-describing attributes of one embedding matrix (config decoded from JSON)."""
+        attrs = dict(self._embedding_group(name).attrs)
+        if "config" in attrs:
+            attrs["config"] = json.loads(attrs["config"])
+        return attrs
+
+    def done_mask(self, name: str) -> np.ndarray:
+        """``(N,)`` uint8: 0 to do, 1 written, 2 failed."""
+        return self._embedding_group(name)["done"][...]
+
+    def embeddings(self, name: str, image_ids: np.ndarray | None = None) -> np.ndarray:
+        """``(N, D)`` (or ``(len(image_ids), D)``) float32 features; rows not done are NaN."""
+        features = self._embedding_group(name)["features"]
+        if image_ids is None:
+            return features[...].astype(np.float32, copy=False)
+        ids = np.asarray(image_ids, dtype=np.int64)
+        order = np.argsort(ids, kind="stable")
+        sorted_ids = ids[order]
+        unique_ids, inverse = np.unique(sorted_ids, return_inverse=True)
+        rows = features[unique_ids] if len(unique_ids) else np.empty((0, features.shape[1]))
+        out = np.empty((len(ids), features.shape[1]), dtype=np.float32)
+        out[order] = rows[inverse]
+        return out
+
+    # ---- results
+    def results(self) -> list[str]:
+        return sorted(self.file["results"]) if "results" in self.file else []
+
+    def result_group(self, name: str) -> h5py.Group:
+        if name not in self.results():
+            raise StoreError(
+                f"store {self.path} holds no results named {name!r}; run `swsa score --store {self.path}` first"
+            )
+        return self.file["results"][name]
+
+    # ---- structural edits (only inside edit_store)
+    def _require_writable(self) -> None:
+        if not self.writable:
+            raise StoreError(f"store {self.path} is open read-only; use swsa_store.edit_store(path)")
+
+    def replace_table(self, name: str, table: pd.DataFrame, attrs: dict | None = None) -> None:
+        self._require_writable()
+        write_table(self.file, name, table, attrs)
+
+    def append_skips(self, rows: pd.DataFrame) -> None:
+        """Add skip rows, keeping one row per (stage, image_id, task_id, backbone)."""
+        self._require_writable()
+        table = pd.concat([self.skips(), rows[list(SKIP_COLUMNS)]], ignore_index=True)
+        table = table.drop_duplicates(subset=["stage", "image_id", "task_id", "backbone"], keep="last")
+        self.replace_table("skips", table.reset_index(drop=True))
+
+    def create_embeddings(self, name: str, feature_dim: int, attrs: dict, dtype: str = "float32") -> None:
+        """Allocate ``/embeddings/<name>`` for every catalogued image (NaN rows, done = 0)."""
+        self._require_writable()
+        group = self.file.require_group("embeddings").create_group(name)
+        _allocate(group, "features", (self.n_images, int(feature_dim)), np.dtype(dtype), np.nan)
+        _allocate(group, "done", (self.n_images,), np.dtype(np.uint8), 0)
+        for key, value in attrs.items():
+            group.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
+
+    def grow_embeddings(self, n_rows: int) -> None:
+        """Give every embedding matrix ``n_rows`` rows (after the catalog grew), keeping written rows."""
+        self._require_writable()
+        for name in self.backbones():
+            group = self.file["embeddings"][name]
+            old_features, old_done = group["features"], group["done"]
+            if old_features.shape[0] >= n_rows:
+                continue
+            dim = old_features.shape[1]
+            _allocate(group, "features_new", (n_rows, dim), old_features.dtype, np.nan)
+            _allocate(group, "done_new", (n_rows,), np.dtype(np.uint8), 0)
+            block = max(1, (64 << 20) // max(1, dim * old_features.dtype.itemsize))
+            for lo in range(0, old_features.shape[0], block):
+                hi = min(lo + block, old_features.shape[0])
+                group["features_new"][lo:hi] = old_features[lo:hi]
+            group["done_new"][: old_done.shape[0]] = old_done[...]
+            del group["features"], group["done"]
+            group.move("features_new", "features")
+            group.move("done_new", "done")
+
+    def write_result(self, name: str, arrays: dict[str, np.ndarray], attrs: dict) -> None:
+        """Replace ``/results/<name>`` with ``arrays`` (strings allowed) and JSON-able ``attrs``."""
+        self._require_writable()
+        results = self.file.require_group("results")
+        if name in results:
+            del results[name]
+        group = results.create_group(name)
+        for key, value in arrays.items():
+            value = np.asarray(value)
+            if value.dtype.kind in "OU":
+                group.create_dataset(key, data=value.astype(object), dtype=h5py.string_dtype("utf-8"))
+            else:
+                group.create_dataset(key, data=value)
+        for key, value in attrs.items():
+            group.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
+
+
+def _allocate(group: h5py.Group, name: str, shape: tuple, dtype: np.dtype, fill: float) -> h5py.Dataset:
+    """A contiguous dataset whose storage is allocated and filled now, so row writes later
+    touch raw bytes only (no HDF5 metadata) — the basis of crash-safe ingest."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_ALLOC)
+    dcpl.set_fill_value(np.array(fill, dtype=dtype))
+    return group.create_dataset(name, shape=shape, dtype=dtype, dcpl=dcpl)
+
+
+# --------------------------------------------------------------------------- opening
+
+
+def _check_schema(file: h5py.File, path: Path) -> None:
+    version = file.attrs.get("schema_version")
+    if version is None:
+        raise StoreError(f"{path} is an HDF5 file but not an swsa store (no schema_version attribute)")
+    if int(version) > SCHEMA_VERSION:
+        raise StoreError(
+            f"store {path} has schema version {int(version)}, newer than this swsa understands "
+            f"({SCHEMA_VERSION}); upgrade swsa (pip install -U swsa)"
+        )
+
+
+def _open_h5(path: Path, mode: str) -> h5py.File:
+    try:
+        return h5py.File(path, mode, locking=False if mode == "r" else True)
+    except OSError as error:
+        raise StoreError(f"cannot open store {path}: {str(error).splitlines()[0]}") from None
+
+
+def open_store(path: str | os.PathLike, mode: str = "r") -> Store:
+    """Open an existing store, read-only by default (``mode="r"``).
+
+    For structural changes use :func:`edit_store`; for new stores :func:`create_store`.
+    """
+    path = Path(path)
+    if mode != "r":
+        raise ValueError(
+            f"open_store supports mode='r' only, got {mode!r}; edit a store with "
+            "swsa_store.edit_store(path) (atomic), create one with swsa_store.create_store(path)"
+        )
+    if not path.exists():
+        raise StoreError(f"store {path} does not exist; create it with `swsa catalog ... --store {path}`")
+    file = _open_h5(path, "r")
+    try:
+        _check_schema(file, path)
+    except Exception:
+        file.close()
+        raise
+    return Store(path, file, writable=False)
+
+
+@contextlib.contextmanager
+def writer_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Exclusive, non-blocking writer lock for the store at ``path``."""
+    lock_path = Path(str(path) + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreError(
+                f"store {path} is being written by another process (lock {lock_path}); "
+                "wait for it to finish"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    _fsync_path(path.parent if path.parent != Path("") else Path("."))
+
+
+def create_store(path: str | os.PathLike, *, exist_ok: bool = True) -> Path:
+    """Create an empty store at ``path`` (atomically). Existing stores are left as they are."""
+    path = Path(path)
+    if path.exists():
+        if not exist_ok:
+            raise StoreError(f"store {path} already exists")
+        with open_store(path):
+            return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.creating.{os.getpid()}")
+    with h5py.File(tmp, "w") as file:
+        file.attrs["schema_version"] = SCHEMA_VERSION
+        file.attrs["swsa_version"] = _swsa_version()
+        file.attrs["created_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        write_table(file, "skips", _empty_skips())
+    _fsync_path(tmp)
+    os.replace(tmp, path)
+    _fsync_dir(path)
+    return path
+
+
+@contextlib.contextmanager
+def edit_store(path: str | os.PathLike, *, compact: bool = False) -> Iterator[Store]:
+    """Structural edit: yields a writable :class:`Store` on a copy, renamed over ``path`` on success.
+
+    On an exception (or SIGKILL) the original file is unchanged. ``compact=True`` rewrites the
+    copy object by object so space freed by replaced datasets is returned.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"store {path} does not exist; create it with `swsa catalog ... --store {path}`")
+    with writer_lock(path):
+        tmp = path.with_name(f".{path.name}.edit.{os.getpid()}")
+        shutil.copyfile(path, tmp)
+        try:
+            file = _open_h5(tmp, "r+")
+            try:
+                _check_schema(file, path)
+                store = Store(path, file, writable=True)
+                yield store
+                file.attrs["swsa_version"] = _swsa_version()
+            finally:
+                file.close()
+            if compact:
+                tmp = _compact(tmp)
+            _fsync_path(tmp)
+            os.replace(tmp, path)
+            _fsync_dir(path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+
+def _compact(path: Path) -> Path:
+    """Copy every object of ``path`` into a fresh file (HDF5 does not reuse freed space)."""
+    compacted = path.with_name(path.name + ".compact")
+    with h5py.File(path, "r") as source, h5py.File(compacted, "w") as target:
+        for key, value in source.attrs.items():
+            target.attrs[key] = value
+        for name in source:
+            source.copy(source[name], target, name=name)
+    os.unlink(path)
+    return compacted
+
+
+# --------------------------------------------------------------------------- row writes
+
+
+class EmbeddingRowWriter:
+    """Writes embedding rows of one matrix in place, durably, for the ingest loop.
+
+    Use as a context manager while holding :func:`writer_lock`. Each :meth:`write` call
+    makes its rows durable (``fsync``) before flagging them done, then makes the flags durable.
+    """
+
+    def __init__(self, path: str | os.PathLike, name: str):
+        self.path = Path(path)
+        self.name = name
+        self.file = _open_h5(self.path, "r+")
+        _check_schema(self.file, self.path)
+        group = self.file["embeddings"][name]
+        self.features = group["features"]
+        self.done = group["done"]
+        self._fd = self.file.id.get_vfd_handle()
+
+    def _sync(self) -> None:
+        self.file.flush()
+        os.fsync(self._fd)
+
+    def write(self, image_ids: np.ndarray, rows: np.ndarray, status: np.ndarray) -> None:
+        """Store ``rows`` ``(B, D)`` for ``image_ids`` ``(B,)`` (sorted, unique) and set their
+        done flags to ``status`` ``(B,)`` (1 written, 2 failed) — rows first, flags second."""
+        ids = np.asarray(image_ids, dtype=np.int64)
+        for lo, hi in _contiguous_runs(ids):
+            self.features[ids[lo] : ids[hi - 1] + 1] = rows[lo:hi].astype(self.features.dtype, copy=False)
+        self._sync()
+        for lo, hi in _contiguous_runs(ids):
+            self.done[ids[lo] : ids[hi - 1] + 1] = status[lo:hi].astype(np.uint8)
+        self._sync()
+
+    def reset_failed(self) -> None:
+        """Failed rows (2) become to-do (0) so a rerun tries them again."""
+        done = self.done[...]
+        if (done == DONE_FAILED).any():
+            done[done == DONE_FAILED] = DONE_TODO
+            self.done[...] = done
+            self._sync()
+
+    def close(self) -> None:
+        if self.file.id.valid:
+            self.file.close()
+
+    def __enter__(self) -> "EmbeddingRowWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _contiguous_runs(sorted_ids: np.ndarray) -> list[tuple[int, int]]:
+    """Positions ``[lo, hi)`` of runs of consecutive integers in ``sorted_ids``."""
+    if len(sorted_ids) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(sorted_ids) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    ends = np.concatenate([breaks, [len(sorted_ids)]])
+    return list(zip(starts.tolist(), ends.tolist()))

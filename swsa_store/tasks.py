@@ -1,0 +1,166 @@
+"""Anomaly-detection tasks: every class of a dataset becomes the normal class of one task.
+
+For the task whose normal class is ``c`` (SWSA paper, Sections 3.1 and 4.1):
+
+* **support set** = the training images of ``c`` (the kNN feature bank is the whole support);
+* the support is split (seeded, per task) into ``n_seed`` **seed images**, from which
+  synthetic anomalies are made, and **held-out normal images**, the synthetic validation
+  set's label-0 part. When the support has no more than ``n_seed`` images (Oxford Flowers
+  has 10), every support image is both a seed and a held-out normal;
+* a held-out normal is in the feature bank, so it is scored leave-one-out (without its own
+  row);
+* **real validation** = the test images of ``c`` (normal) against the test images of every
+  other class of the dataset (anomalies), each remembering its class: one-vs-rest uses all of
+  them, one-vs-closest reports the worst single out-class.
+
+The members table lists ``(task_id, image_id, role)`` with ``role`` one of :data:`ROLES`; an
+image that is both seed and held-out appears twice.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pandas as pd
+
+ROLE_SEED = 0
+ROLE_HELDOUT = 1
+ROLE_REAL_NORMAL = 2
+ROLE_REAL_ANOMALY = 3
+ROLES = {ROLE_SEED: "seed", ROLE_HELDOUT: "heldout", ROLE_REAL_NORMAL: "real_normal", ROLE_REAL_ANOMALY: "real_anomaly"}
+
+TASK_COLUMNS = (
+    "task_id",
+    "dataset",
+    "normal_class",
+    "status",
+    "skip_reason",
+    "n_support",
+    "n_seed",
+    "n_heldout",
+    "n_real_normal",
+    "n_real_anomaly",
+    "n_out_classes",
+    "seeds_are_heldout",
+    "split_seed",
+)
+
+VALIDATION_RULE = (
+    "support = train split of the normal class; real validation = test split: normal = test images "
+    "of the normal class, anomalies = test images of every other class of the dataset "
+    "(one-vs-rest: all together; one-vs-closest: the worst single out-class)"
+)
+
+
+def empty_tasks_table() -> pd.DataFrame:
+    dtypes = {
+        "task_id": np.int64, "dataset": object, "normal_class": object, "status": object,
+        "skip_reason": object, "n_support": np.int64, "n_seed": np.int64, "n_heldout": np.int64,
+        "n_real_normal": np.int64, "n_real_anomaly": np.int64, "n_out_classes": np.int64,
+        "seeds_are_heldout": bool, "split_seed": np.int64,
+    }
+    return pd.DataFrame({c: pd.Series([], dtype=dtypes[c]) for c in TASK_COLUMNS})
+
+
+def empty_members_table() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "task_id": pd.Series([], dtype=np.int64),
+            "image_id": pd.Series([], dtype=np.int64),
+            "role": pd.Series([], dtype=np.int8),
+        }
+    )
+
+
+def stable_seed(*parts: object) -> np.random.SeedSequence:
+    """A SeedSequence from ints and strings, independent of Python's hash randomisation."""
+    entropy = [p if isinstance(p, int) else zlib.crc32(str(p).encode("utf-8")) for p in parts]
+    return np.random.SeedSequence(entropy)
+
+
+def build_tasks(
+    images: pd.DataFrame,
+    dataset: str,
+    *,
+    n_seed: int = 20,
+    seed: int = 0,
+    first_task_id: int = 0,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Tasks and their members for every class of ``dataset`` in the catalog ``images``.
+
+    Parameters
+    ----------
+    images : the catalog (columns ``image_id, dataset, class_name, split, kind, status``).
+    n_seed : seed images per task (paper: 20).
+    seed : base seed of the per-task support split.
+
+    Returns
+    -------
+    tasks : one row per class (columns :data:`TASK_COLUMNS`); a task that cannot be scored has
+        status ``"skipped"`` and a reason (no training images, one class in real validation).
+    members : ``(task_id, image_id, role)`` rows.
+    """
+    if n_seed < 1:
+        raise ValueError(f"n_seed must be at least 1, got {n_seed}")
+    usable = images[(images["dataset"] == dataset) & (images["kind"] == "real") & (images["status"] == "ok")]
+    classes = sorted(images.loc[(images["dataset"] == dataset) & (images["kind"] == "real"), "class_name"].unique())
+    if not classes:
+        raise ValueError(f"dataset {dataset!r} has no catalogued images; catalog it first")
+    test = usable[usable["split"] == "test"]
+    task_rows, member_parts = [], []
+    for offset, normal_class in enumerate(classes):
+        task_id = first_task_id + offset
+        support = np.sort(usable.loc[(usable["split"] == "train") & (usable["class_name"] == normal_class), "image_id"].to_numpy())
+        real_normal = np.sort(test.loc[test["class_name"] == normal_class, "image_id"].to_numpy())
+        anomalies = test[test["class_name"] != normal_class]
+        real_anomaly = np.sort(anomalies["image_id"].to_numpy())
+        rng = np.random.default_rng(stable_seed(seed, dataset, normal_class))
+        shuffled = rng.permutation(support)
+        seeds_are_heldout = len(support) <= n_seed
+        if seeds_are_heldout:
+            seeds, heldout = np.sort(shuffled), np.sort(shuffled)
+        else:
+            seeds, heldout = np.sort(shuffled[:n_seed]), np.sort(shuffled[n_seed:])
+        reasons = []
+        if len(support) == 0:
+            reasons.append("no training images of the normal class")
+        if len(real_normal) == 0 or len(real_anomaly) == 0:
+            missing = "normal" if len(real_normal) == 0 else "anomalous"
+            reasons.append(f"real validation has one class (no {missing} test images)")
+        task_rows.append(
+            {
+                "task_id": task_id,
+                "dataset": dataset,
+                "normal_class": normal_class,
+                "status": "skipped" if reasons else "ok",
+                "skip_reason": "; ".join(reasons),
+                "n_support": len(support),
+                "n_seed": len(seeds),
+                "n_heldout": len(heldout),
+                "n_real_normal": len(real_normal),
+                "n_real_anomaly": len(real_anomaly),
+                "n_out_classes": int(anomalies["class_name"].nunique()),
+                "seeds_are_heldout": bool(seeds_are_heldout),
+                "split_seed": seed,
+            }
+        )
+        for ids, role in ((seeds, ROLE_SEED), (heldout, ROLE_HELDOUT), (real_normal, ROLE_REAL_NORMAL), (real_anomaly, ROLE_REAL_ANOMALY)):
+            member_parts.append(
+                pd.DataFrame(
+                    {
+                        "task_id": np.full(len(ids), task_id, dtype=np.int64),
+                        "image_id": ids.astype(np.int64),
+                        "role": np.full(len(ids), role, dtype=np.int8),
+                    }
+                )
+            )
+    tasks = pd.DataFrame(task_rows, columns=list(TASK_COLUMNS)).astype(empty_tasks_table().dtypes.to_dict())
+    members = pd.concat(member_parts, ignore_index=True) if member_parts else empty_members_table()
+    return tasks, members
+
+
+def members_of(members: pd.DataFrame, task_id: int, role: int) -> np.ndarray:
+    """Sorted image ids playing ``role`` in task ``task_id``."""
+    rows = members[(members["task_id"] == task_id) & (members["role"] == role)]
+    return np.sort(rows["image_id"].to_numpy())

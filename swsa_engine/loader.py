@@ -36,8 +36,9 @@ class TaskGroup:
     synthetic : source name → (T, A) synthetic anomaly ids (label 1)
     real_ids : (Q,) union of the real validation images of these tasks
     real_label : (T, Q) int8: -1 not in the task, 0 normal, 1 anomaly
-    real_group : (T, Q) int: index into ``group_names`` of an anomaly's class, -1 otherwise
-    group_names : (G,) the classes anomalies can come from
+    real_group : (T, Q) int: index into ``group_names`` of an anomaly's group (its class, or its
+        defect type), -1 otherwise
+    group_names : (G,) the groups anomalies come from (one-vs-closest reports the worst)
     """
 
     dataset: str
@@ -58,7 +59,6 @@ def build_task_groups(images: pd.DataFrame, tasks: pd.DataFrame, members: pd.Dat
     ok_tasks = tasks[tasks["status"] == "ok"].sort_values("task_id")
     synthetic_images = images[(images["kind"] != "real") & (images["status"] == "ok")]
     sources = sorted(synthetic_images["kind"].unique())
-    class_of = images["class_name"].to_numpy()
     for dataset, dataset_tasks in ok_tasks.groupby("dataset", sort=True):
         task_ids = dataset_tasks["task_id"].to_numpy()
         mine = members[members["task_id"].isin(task_ids)]
@@ -76,17 +76,18 @@ def build_task_groups(images: pd.DataFrame, tasks: pd.DataFrame, members: pd.Dat
             of_source = synthetic_images[synthetic_images["kind"] == source].groupby("task_id")["image_id"].apply(np.sort)
             if any(t in of_source.index for t in task_ids):
                 synthetic[source] = pad_rows([of_source.get(t, empty) for t in task_ids])
-        normals, anomalies = rows(ROLE_REAL_NORMAL), rows(ROLE_REAL_ANOMALY)
-        real_ids = np.unique(np.concatenate(normals + anomalies)) if task_ids.size else empty
-        group_names = np.unique(class_of[real_ids]) if real_ids.size else np.empty(0, dtype=object)
+        normals = rows(ROLE_REAL_NORMAL)
+        anomaly_rows = mine[mine["role"] == ROLE_REAL_ANOMALY]
+        real_ids = np.unique(np.concatenate(normals + [anomaly_rows["image_id"].to_numpy()])) if task_ids.size else empty
+        group_names = np.unique(anomaly_rows["group"].to_numpy(dtype=str)).astype(object)
         real_label = np.full((len(task_ids), len(real_ids)), -1, dtype=np.int8)
         real_group = np.full((len(task_ids), len(real_ids)), -1, dtype=np.int64)
-        group_of_real = np.searchsorted(group_names, class_of[real_ids]) if real_ids.size else empty
-        for i, (normal, anomaly) in enumerate(zip(normals, anomalies)):
+        task_row = np.searchsorted(task_ids, anomaly_rows["task_id"].to_numpy())
+        positions = np.searchsorted(real_ids, anomaly_rows["image_id"].to_numpy())
+        real_label[task_row, positions] = 1
+        real_group[task_row, positions] = np.searchsorted(group_names.astype(str), anomaly_rows["group"].to_numpy(dtype=str))
+        for i, normal in enumerate(normals):
             real_label[i, np.searchsorted(real_ids, normal)] = 0
-            positions = np.searchsorted(real_ids, anomaly)
-            real_label[i, positions] = 1
-            real_group[i, positions] = group_of_real[positions]
         groups.append(TaskGroup(str(dataset), task_ids, support, heldout, synthetic, real_ids,
                                 real_label, real_group, group_names))
     return groups

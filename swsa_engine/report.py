@@ -147,8 +147,7 @@ def write_report(
         "## Table 2 — ranking agreement (Kendall's tau)",
         "",
         "Kendall's tau-b between the candidates' synthetic and real AUROCs (each averaged over the tasks), "
-        f"with p-values; **significant** after Bonferroni correction (p < {table2['bonferroni_threshold'].iloc[0]:.3g}, "
-        f"{int(table2['p_value'].notna().sum())} tests). `mean_task_tau` averages the per-task taus.",
+        "with p-values; " + _significance_note(table2) + " `mean_task_tau` averages the per-task taus.",
         "",
         markdown_table(table2.assign(significant=table2["significant"].map({True: "**yes**", False: "no"})),
                        {"p_value": ".3g", "bonferroni_threshold": ".3g"}),
@@ -159,8 +158,16 @@ def write_report(
         "",
         "## Per-task picks",
         "",
-        f"See `tasks.csv` ({len(picks)} rows: SWSA's pick, the oracle's pick and their real AUROCs per task and setting).",
+        f"`tasks.csv` has {len(picks)} rows: per task and setting, SWSA's pick on `{picks['source'].iloc[0] if len(picks) else ''}`, "
+        "the oracle's pick and their real AUROCs.",
         "",
+    ]
+    if 0 < len(cube.tasks) <= 40:
+        shown = picks[["normal_class", "setting", "swsa_pick", "swsa_pick_real_auroc", "oracle_pick", "oracle_real_auroc", "hit"]]
+        lines += [markdown_table(shown.rename(columns={"normal_class": "normal class", "swsa_pick": "SWSA pick",
+                                                        "swsa_pick_real_auroc": "its real AUROC", "oracle_pick": "oracle pick",
+                                                        "oracle_real_auroc": "best real AUROC"})), ""]
+    lines += [
         "## Recorded skips",
         "",
     ]
@@ -180,6 +187,14 @@ def write_report(
     (out / "table1.md").write_text(markdown_table(table1_display(table1)) + "\n", encoding="utf-8")
     (out / "table2.md").write_text(markdown_table(table2, {"p_value": ".3g", "bonferroni_threshold": ".3g"}) + "\n", encoding="utf-8")
     return paths
+
+
+def _significance_note(table2: pd.DataFrame) -> str:
+    n_tests = int(table2["p_value"].notna().sum()) if len(table2) else 0
+    if n_tests == 0:
+        return "no test could be computed (fewer than two candidates with finite AUROCs, or constant AUROCs)."
+    threshold = float(table2["bonferroni_threshold"].iloc[0])
+    return f"**significant** after Bonferroni correction means p < {threshold:.3g} (0.05 / {n_tests} tests)."
 
 
 def _json_default(value):

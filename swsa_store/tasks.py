@@ -13,8 +13,10 @@ For the task whose normal class is ``c`` (SWSA paper, Sections 3.1 and 4.1):
   other class of the dataset (anomalies), each remembering its class: one-vs-rest uses all of
   them, one-vs-closest reports the worst single out-class.
 
-The members table lists ``(task_id, image_id, role)`` with ``role`` one of :data:`ROLES`; an
-image that is both seed and held-out appears twice.
+The members table lists ``(task_id, image_id, role, group)`` with ``role`` one of :data:`ROLES`;
+an image that is both seed and held-out appears twice. ``group`` names what a real anomaly
+is (its class, or its defect type in defect datasets) — one-vs-closest reports the worst
+group — and is ``""`` for every other role.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ def empty_members_table() -> pd.DataFrame:
             "task_id": pd.Series([], dtype=np.int64),
             "image_id": pd.Series([], dtype=np.int64),
             "role": pd.Series([], dtype=np.int8),
+            "group": pd.Series([], dtype=object),
         }
     )
 
@@ -99,7 +102,7 @@ def build_tasks(
     -------
     tasks : one row per class (columns :data:`TASK_COLUMNS`); a task that cannot be scored has
         status ``"skipped"`` and a reason (no training images, one class in real validation).
-    members : ``(task_id, image_id, role)`` rows.
+    members : ``(task_id, image_id, role, group)`` rows.
     """
     if n_seed < 1:
         raise ValueError(f"n_seed must be at least 1, got {n_seed}")
@@ -145,13 +148,16 @@ def build_tasks(
                 "split_seed": seed,
             }
         )
-        for ids, role in ((seeds, ROLE_SEED), (heldout, ROLE_HELDOUT), (real_normal, ROLE_REAL_NORMAL), (real_anomaly, ROLE_REAL_ANOMALY)):
+        anomaly_class = images.set_index("image_id").loc[real_anomaly, "class_name"].to_numpy(dtype=object)
+        for ids, role, group in ((seeds, ROLE_SEED, ""), (heldout, ROLE_HELDOUT, ""), (real_normal, ROLE_REAL_NORMAL, ""),
+                                 (real_anomaly, ROLE_REAL_ANOMALY, anomaly_class)):
             member_parts.append(
                 pd.DataFrame(
                     {
                         "task_id": np.full(len(ids), task_id, dtype=np.int64),
                         "image_id": ids.astype(np.int64),
                         "role": np.full(len(ids), role, dtype=np.int8),
+                        "group": np.broadcast_to(np.asarray(group, dtype=object), len(ids)).copy() if len(ids) else np.empty(0, object),
                     }
                 )
             )

@@ -40,6 +40,9 @@ def test_split_sizes_and_roles():
     assert set(images.loc[normal, "class_name"]) == {"a"} and set(images.loc[normal, "split"]) == {"test"}
     assert set(images.loc[anomaly, "class_name"]) == {"b", "c"} and set(images.loc[anomaly, "split"]) == {"test"}
     assert tasks.iloc[0].n_out_classes == 2
+    anomaly_rows = members[(members.task_id == 0) & (members.role == ROLE_REAL_ANOMALY)]
+    np.testing.assert_array_equal(anomaly_rows["group"].to_numpy(), images.loc[anomaly_rows["image_id"], "class_name"].to_numpy())
+    assert (members.loc[members.role != ROLE_REAL_ANOMALY, "group"] == "").all()
 
 
 def test_small_support_makes_every_image_seed_and_heldout():

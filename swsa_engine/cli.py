@@ -1,4 +1,4 @@
-"""The ``swsa`` command line: demo, catalog, synth, embed, score, report, info.
+"""The ``swsa`` command line: demo, catalog, synth, embed, embed-text, score, report, info, bench.
 
 Every subcommand has ``--help``. Errors print one line (``swsa: error: ...``) and exit with a
 non-zero status; ``--debug`` shows the full traceback instead.
@@ -18,6 +18,15 @@ log = logging.getLogger("swsa")
 
 DEMO_BACKBONES = ("resnet18", "resnet34", "resnet50", "vit_b_32")
 
+#: Official layouts read by `swsa catalog <dataset> --root PATH` (see swsa_store.paper_datasets).
+PAPER_LAYOUTS = {
+    "cub": "CUB_200_2011/ with images.txt, image_class_labels.txt, train_test_split.txt, classes.txt, images/",
+    "flowers": "a folder with jpg/, imagelabels.mat, setid.mat",
+    "mvtec": "a folder of <category>/train/good, <category>/test/<defect>, <category>/ground_truth",
+    "visa": "a folder with split_csv/1cls.csv and <object>/Data, <object>/image_anno.csv",
+    "tinyimagenet": "tiny-imagenet-200/ with wnids.txt, words.txt, train/, val/val_annotations.txt",
+}
+
 
 # --------------------------------------------------------------------------- commands
 
@@ -33,6 +42,14 @@ def cmd_catalog(args: argparse.Namespace) -> int:
         if not args.root:
             raise ValueError("`swsa catalog folder` needs --root PATH (root/<class>/<images> or root/{train,test}/<class>/<images>)")
         kwargs = {"root": args.root, "name": args.name, "test_fraction": args.test_fraction, "seed": args.seed}
+    elif args.dataset in PAPER_LAYOUTS:
+        if not args.root:
+            raise ValueError(f"`swsa catalog {args.dataset}` needs --root PATH ({PAPER_LAYOUTS[args.dataset]})")
+        kwargs = {"root": args.root, "name": args.name}
+        if args.dataset == "flowers":
+            kwargs["validation"] = args.validation
+        if args.dataset == "visa":
+            kwargs["multi_defect"] = args.multi_defect
     else:
         if args.root:
             kwargs["root"] = args.root
@@ -44,9 +61,24 @@ def cmd_catalog(args: argparse.Namespace) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     from swsa_store.synthesize import synthesize
 
+    if args.count is None and args.method == "auxiliary":
+        args.count = 100
+    if args.method == "auxiliary":
+        from swsa_store.auxiliary import sample_auxiliary
+
+        if not args.root:
+            raise ValueError("`swsa synth --method auxiliary` needs --root PATH (Tiny-ImageNet or any image folder)")
+        summary = sample_auxiliary(args.store, args.root, count=args.count, seed=args.seed, source=args.source)
+        _print_summary("synth", summary)
+        return 0
     kwargs = {}
     if args.variant:
         kwargs["variant"] = args.variant
+    if getattr(args, "texture_dir", None):
+        kwargs["texture_dir"] = args.texture_dir
+    for name in ("model", "steps", "gamma", "t_edit", "interpolation", "t_boost", "device", "batch_size"):
+        if getattr(args, name) is not None:  # only what was given, so other generators keep their defaults
+            kwargs[name] = getattr(args, name)
     summary = synthesize(args.store, args.method, count=args.count, seed=args.seed, source=args.source,
                          progress=not args.quiet, **kwargs)
     _print_summary("synth", summary)
@@ -74,12 +106,48 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     from .sweep import run_sweep
 
+    if getattr(args, "prompts", False) or getattr(args, "bliss", False):
+        return cmd_score_clip(args)
     cube = run_sweep(args.store, backbones=_split(args.backbones) or None, k=args.k,
                      hardest=tuple(int(n) for n in _split(args.hardest)), device=args.device, progress=not args.quiet)
     _print_summary("score", {
         "tasks": len(cube.tasks), "candidates": len(cube.candidates), "sources": cube.sources,
         "skipped cells": len(cube.skips), "seconds": cube.config["seconds"],
     })
+    return 0
+
+
+def cmd_score_clip(args: argparse.Namespace) -> int:
+    from .prompt_sweep import (
+        BLISS_KS, BLISS_LAMBDAS, bliss_selection_table, prompt_selection_table, run_bliss_sweep, run_prompt_sweep,
+    )
+    from .report import markdown_table, table1_display
+
+    hardest = tuple(int(n) for n in _split(args.hardest))
+    if args.prompts:
+        cube = run_prompt_sweep(args.store, model=args.model, prompt_set=args.prompt_set, hardest=hardest)
+        _print_summary("score prompts", {"tasks": len(cube.tasks), "candidates": len(cube.candidates),
+                                         "sources": cube.sources, "seconds": cube.config["seconds"]})
+        if not args.quiet:
+            print(markdown_table(table1_display(prompt_selection_table(cube))))
+    if args.bliss:
+        lambdas = tuple(float(v) for v in _split(args.lambdas)) or BLISS_LAMBDAS
+        ks = tuple(int(v) for v in _split(args.ks)) or BLISS_KS
+        cube = run_bliss_sweep(args.store, model=args.model, lambdas=lambdas, ks=ks, hardest=hardest)
+        _print_summary("score bliss", {"tasks": len(cube.tasks), "candidates": len(cube.candidates),
+                                       "sources": cube.sources, "seconds": cube.config["seconds"]})
+        if not args.quiet:
+            print(markdown_table(table1_display(bliss_selection_table(cube))))
+    return 0
+
+
+def cmd_embed_text(args: argparse.Namespace) -> int:
+    from swsa_store.clip import embed_text_store
+
+    summary = embed_text_store(args.store, args.model, weights=args.weights, weights_dir=args.weights_dir,
+                               allow_download=args.allow_download, device=args.device, prompt_files=args.prompts or (),
+                               dictionary=not args.no_dictionary, batch_size=args.batch_size)
+    _print_summary("embed-text", summary)
     return 0
 
 
@@ -92,8 +160,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     cube = AurocCube.load(args.store)
     with open_store(args.store) as store:
         skips = store.skips()
-    paths = write_report(cube, args.out, store_skips=skips)
+    paths = write_report(cube, args.out, store_skips=skips, store_path=args.store, table3_tasks=args.table3_tasks,
+                         figure4=args.figure4, candidate=args.candidate)
     print(f"report written: {paths['report']}")
+    if args.html:
+        from .html_report import write_html_report
+
+        html_path = write_html_report(cube, args.store, args.html, report_dir=args.out, store_skips=skips)
+        print(f"HTML report written: {html_path} ({html_path.stat().st_size / 1e6:.1f} MB)")
     if not args.quiet:
         print(Path(paths["report"]).read_text(encoding="utf-8").split("## Figure 3")[0])
     return 0
@@ -143,6 +217,39 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_scores(args: argparse.Namespace) -> int:
+    from swsa_store.scores import import_scores
+
+    summary = import_scores(args.store, args.candidate, args.file, allow_missing=args.allow_missing, replace=args.replace)
+    _print_summary("import-scores", summary)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import format_figures, make_paper_store, run_bench
+
+    if args.make_store:
+        summary = make_paper_store(args.make_store, task_fraction=args.task_fraction, image_fraction=args.image_fraction,
+                                   progress=not args.quiet)
+        _print_summary("bench store", summary)
+        return 0
+    figures = run_bench(args.store, task_fraction=args.task_fraction, image_fraction=args.image_fraction,
+                        reference_tasks=args.reference_tasks, device=args.device, out=args.out, progress=not args.quiet)
+    print(format_figures(figures))
+    if args.out:
+        print(f"figures written: {Path(args.out) / 'bench.json'}")
+    return 0
+
+
+def cmd_export_validation(args: argparse.Namespace) -> int:
+    from swsa_store.export import export_validation
+
+    summary = export_validation(args.store, args.out, format=args.format, tasks=_split(args.tasks) or None,
+                                train=args.train, include_test=not args.no_test, link=not args.copy)
+    _print_summary("export-validation", summary)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -152,6 +259,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         weights_dir=args.weights_dir, device=args.device, progress=not args.quiet,
     )
     print(f"\nreport: {paths['report']}")
+    if "html" in paths:
+        print(f"HTML report: {paths['html']}")
     return 0
 
 
@@ -199,10 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
 
     p = add("catalog", cmd_catalog, "catalog a dataset into a store and build its tasks")
-    p.add_argument("dataset", help="registered dataset: digits, folder, ...")
+    p.add_argument("dataset", help="registered dataset: digits, folder, cub, flowers, mvtec, visa, tinyimagenet, ...")
     p.add_argument("--store", required=True, help="the HDF5 store (created if missing)")
     p.add_argument("--root", help="dataset root folder (folder: root/<class>/... or root/{train,test}/<class>/...)")
-    p.add_argument("--name", help="dataset name in the store (folder datasets; default: the root's name)")
+    p.add_argument("--name", help="dataset name in the store (folder: default the root's name; paper datasets: default "
+                   "cub, flowers, mvtec, visa, tinyimagenet)")
+    p.add_argument("--validation", default="valid", choices=("valid", "tstid", "valid+tstid"),
+                   help="flowers: setid.mat set(s) used as real validation (default valid, the paper's validation subset)")
+    p.add_argument("--multi-defect", default="multiple", choices=("multiple", "combined", "first"),
+                   help="visa: group of an image listing several defects (default: one group 'multiple' per product)")
     p.add_argument("--image-dir", help="digits: where to render the PNGs (default: <store>.files/digits)")
     p.add_argument("--image-size", type=int, default=64, help="digits: render size (default 64)")
     p.add_argument("--test-fraction", type=float, default=0.5, help="test share when a dataset has no split (default 0.5)")
@@ -213,9 +327,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True)
     p.add_argument("--method", default="cutpaste", help="registered generator (default cutpaste)")
     p.add_argument("--variant", help="generator variant, e.g. cutpaste: normal | scar")
-    p.add_argument("--count", type=int, default=100, help="anomalies per task (paper: 100; Flowers 25)")
+    p.add_argument("--texture-dir", help="--method perlin: folder of texture images (e.g. DTD's images/); "
+                   "default: a shuffled, colour-jittered copy of each seed image")
+    p.add_argument("--count", type=int, default=None,
+                   help="anomalies per task (default 100, the paper's; Flowers 25; diffusion: every style x content pair)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--source", help="name of this validation source in reports (default: method[-variant])")
+    p.add_argument("--source", help="name of this validation source in reports (default: method[-variant]; "
+                   "auxiliary: tinyimagenet or auxiliary)")
+    p.add_argument("--root", help="--method auxiliary: Tiny-ImageNet root or any image folder to sample outliers from "
+                   "(--count per task; Flowers tasks 25, as in the paper)")
+    g = p.add_argument_group("--method diffusion (DiffStyle h-space content injection)")
+    g.add_argument("--model", help="256x256_diffusion_uncond.pt (local file) or a diffusers UNet2DModel directory "
+                   "(default: $SWSA_DIFFUSION_MODEL)")
+    g.add_argument("--steps", type=int, help="DDIM steps for inversion and for generation (default 50)")
+    g.add_argument("--gamma", type=float, help="content strength of h-space interpolation (default 0.7)")
+    g.add_argument("--t-edit", dest="t_edit", type=int, help="inject content only at steps t >= t_edit (default 400)")
+    g.add_argument("--interpolation", choices=["linear", "slerp"], help="h-space interpolation (default linear, the paper's)")
+    g.add_argument("--t-boost", dest="t_boost", type=int, help="stochastic quality boosting at steps t < t_boost (default 0: off)")
+    g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    g.add_argument("--batch-size", dest="batch_size", type=int, help="pairs per batch (default 8)")
 
     p = add("embed", cmd_embed, "embed every catalogued image with a backbone (resumable)")
     p.add_argument("--store", required=True)
@@ -236,14 +366,72 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=3, help="neighbours in the kNN score (default 3, the paper's)")
     p.add_argument("--hardest", default="10,5", help="also validate on the N hardest synthetic anomalies (default 10,5)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--prompts", action="store_true",
+                   help="score CLIP prompts instead of kNN backbones: /results/prompt_cube (needs `swsa embed-text` "
+                        "and `swsa embed --backbone clip/...`)")
+    p.add_argument("--bliss", action="store_true", help="score BLISS over the lambda x K grid: /results/bliss_cube")
+    p.add_argument("--model", help="--prompts/--bliss: the CLIP model (default: the only one with text embeddings)")
+    p.add_argument("--prompt-set", default="paper", help="--prompts: prompt set name (default paper)")
+    p.add_argument("--lambdas", default="", help="--bliss: lambda grid (default 0.1,0.25,0.5,0.75,1,2)")
+    p.add_argument("--ks", default="", help="--bliss: K grid (default 1,5,10,20)")
+
+    p = add("embed-text", cmd_embed_text,
+            "embed every task's CLIP prompts, the BLISS class prompts and the BLISS dictionary into the store")
+    p.add_argument("--store", required=True)
+    p.add_argument("--model", default="clip/ViT-B-16-plus-240@laion400m_e32",
+                   help="clip/<open_clip architecture>[@<pretrained tag>] (default: the paper's ViT-B-16-plus-240@laion400m_e32)")
+    p.add_argument("--prompts", action="append", metavar="FILE",
+                   help="extra prompt set from a TOML/JSON file (repeatable); the paper's set is always embedded")
+    p.add_argument("--weights", default=None, help="weights file or folder, 'random' for random init (loudly)")
+    p.add_argument("--weights-dir", default=None, help="folder searched for <arch>@<tag>.pt etc. (or SWSA_WEIGHTS_DIR)")
+    p.add_argument("--allow-download", action="store_true", help="allow downloading weights (offline by default)")
+    p.add_argument("--no-dictionary", action="store_true", help="skip the BLISS dictionary")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="cpu")
 
     p = add("report", cmd_report, "write Markdown/CSV/JSON tables and figures from the scored store")
     p.add_argument("--store", required=True)
     p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--table3-tasks", type=int, default=0,
+                   help="add Table 3 (total variation) over this many tasks per dataset (default 0: off)")
+    p.add_argument("--figure4", action="store_true", help="add Figure 4 (t-SNE of one task per dataset)")
+    p.add_argument("--candidate", help="embedding used by Table 3 and Figure 4 (default vit_b_16, else the first)")
+    p.add_argument("--html", metavar="PATH", help="also write one self-contained HTML report (opens offline in a browser)")
+
+    p = add("import-scores", cmd_import_scores,
+            "import anomaly scores computed by any tool (CSV/Parquet: task, image_id or path, score) as a candidate")
+    p.add_argument("--store", required=True)
+    p.add_argument("--candidate", required=True, help="name of the candidate in tables and figures")
+    p.add_argument("file", help="CSV or Parquet file with columns task (or task_id), image_id (or path), score")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="skip (and record) tasks whose validation images are not all scored, instead of failing")
+    p.add_argument("--replace", action="store_true", help="overwrite imported scores of the same name")
+
+    p = add("bench", cmd_bench, "time the engine on a paper-shaped store (329 tasks, 10 backbones) against reference loops")
+    p.add_argument("--store", default="swsa-bench/paper.h5", help="bench store (made if missing; default swsa-bench/paper.h5)")
+    p.add_argument("--make-store", metavar="PATH", help="only write a paper-shaped store of random embeddings to PATH")
+    p.add_argument("--task-fraction", type=float, default=1.0, help="share of each dataset's classes (scale knob, default 1)")
+    p.add_argument("--image-fraction", type=float, default=1.0, help="share of each class's images (scale knob, default 1)")
+    p.add_argument("--reference-tasks", type=int, default=2, help="tasks per dataset recomputed by the reference loops")
+    p.add_argument("--out", default=None, help="folder for bench.json and table1.csv")
+    p.add_argument("--device", default="cpu")
 
     p = add("info", cmd_info, "show what a store holds: datasets, tasks, backbones and their completeness")
     p.add_argument("--store", required=True)
     p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = add("export-validation", cmd_export_validation,
+            "export each task's validation set (support, held-out normals, synthetic anomalies) as folders "
+            "anomalib's Folder datamodule reads: <task>/train/good, <task>/val/good, <task>/val/<generator>")
+    p.add_argument("out", help="output folder (one sub-folder per task, plus manifest.csv)")
+    p.add_argument("--store", required=True)
+    p.add_argument("--format", default="anomalib-folder", help="layout: anomalib-folder (the default and only one for now)")
+    p.add_argument("--tasks", help="comma-separated task ids or task folder names (default: every task that is not skipped)")
+    p.add_argument("--train", default="disjoint",
+                   help="train/good = the support images not held out (default; no validation normal is a training "
+                        "image) or the whole support set (as swsa's kNN bank)")
+    p.add_argument("--no-test", action="store_true", help="leave out the real test images (test/good, test/<group>)")
+    p.add_argument("--copy", action="store_true", help="copy the files instead of hard-linking them")
     return parser
 
 

@@ -1,7 +1,7 @@
 """``swsa demo``: the whole SWSA loop on scikit-learn's handwritten digits, on CPU.
 
-catalog (1,797 digits rendered to RGB PNGs, 10 tasks) → CutPaste anomalies (normal and scar)
-from each task's seed images → embeddings with each candidate backbone → AUROC cube → report.
+catalog (1,797 digits rendered to RGB PNGs, 10 tasks) → CutPaste (normal and scar) and Perlin-noise
+anomalies from each task's seed images → embeddings with each candidate backbone → AUROC cube → report.
 
 Weights: each candidate uses pretrained weights when they are found in the documented order
 (``--weights-dir``, ``SWSA_WEIGHTS_DIR``, the Hugging Face and torch caches); otherwise — as on
@@ -69,6 +69,7 @@ def run_demo(
          image_dir=out / "images" / "digits", image_size=image_size, test_fraction=0.5, seed=seed)
     step("synth cutpaste", synthesize, store_path, "cutpaste", count=count, seed=seed, progress=progress)
     step("synth cutpaste-scar", synthesize, store_path, "cutpaste", count=count, seed=seed, progress=progress, variant="scar")
+    step("synth perlin", synthesize, store_path, "perlin", count=count, seed=seed, progress=progress)
     weights_used = {}
     for backbone in backbones:
         weights = _weights_for(backbone, weights_dir)
@@ -86,7 +87,12 @@ def run_demo(
         f"{image_size}×{image_size} RGB; each digit is the normal class of one task, the other digits are anomalies.",
         "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()) + f"; total {total:.1f}.",
     ]
-    paths = step("report", write_report, cube, out / "report", store_skips=skips, title="SWSA demo — digits", notes=notes)
+    paths = step("report", write_report, cube, out / "report", store_skips=skips, title="SWSA demo — digits", notes=notes,
+                 store_path=store_path, table3_tasks=3, figure4=True)
+    from .html_report import write_html_report
+
+    paths["html"] = step("html report", write_html_report, cube, store_path, out / "report" / "report.html",
+                         report_dir=out / "report", store_skips=skips, title="SWSA demo — digits", notes=notes)
     if progress:
         print((out / "report" / "report.md").read_text(encoding="utf-8").split("## Figure 3")[0])
     return paths

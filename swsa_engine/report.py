@@ -103,9 +103,17 @@ def write_report(
     store_skips: pd.DataFrame | None = None,
     title: str = "SWSA report",
     notes: list[str] | None = None,
+    store_path: str | os.PathLike | None = None,
+    table3_tasks: int = 0,
+    figure4: bool = False,
+    candidate: str | None = None,
 ) -> dict[str, Path]:
     """Write ``report.md``, ``table1.csv/.md``, ``table2.csv/.md``, ``tasks.csv``, ``summary.json``
-    and ``figure3.png`` into ``out_dir``; returns their paths."""
+    and ``figure3.png`` into ``out_dir``; returns their paths.
+
+    With ``store_path``: ``table3_tasks > 0`` adds Table 3 (total variation, that many tasks per
+    dataset) and ``figure4=True`` the t-SNE figure, both for ``candidate`` (default ViT-B/16).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table1 = selection_table(cube)
@@ -122,6 +130,17 @@ def write_report(
     figure3(cube, paths["figure3"])
     skips = _all_skips(cube, store_skips)
     skips.to_csv(paths["skips_csv"], index=False)
+    table3 = None
+    if store_path is not None and table3_tasks > 0:
+        from .distribution import tv_table
+
+        table3 = tv_table(store_path, cube, candidate=candidate, tasks_per_dataset=table3_tasks)
+        paths["table3_csv"] = out / "table3.csv"
+        table3.to_csv(paths["table3_csv"], index=False)
+    if store_path is not None and figure4:
+        from .distribution import figure4 as draw_figure4
+
+        paths["figure4"] = draw_figure4(store_path, cube, out / "figure4.png", candidate=candidate)
     random_candidates = cube.candidates.loc[cube.candidates["weights_kind"] == "random", "name"].tolist()
     lines = [f"# {title}", ""]
     if random_candidates:
@@ -156,6 +175,24 @@ def write_report(
         "",
         "![figure 3](figure3.png)",
         "",
+    ]
+    if table3 is not None:
+        lines += [
+            "## Table 3 — total variation between real and synthetic validation sets",
+            "",
+            "TV = Σ|p_i − q_i| of the k-means cluster histograms (k = √(|D1|+|D2|), mean of 10 runs) with "
+            "D1 = support ∪ real one-vs-closest anomalies and D2 = support ∪ synthetic anomalies; 0 = same, 2 = disjoint.",
+            "",
+            markdown_table(table3),
+            "",
+        ]
+    if "figure4" in paths:
+        lines += ["## Figure 4 — t-SNE of one task per dataset", "", "![figure 4](figure4.png)", ""]
+    if store_path is not None:  # prompt selection and BLISS blocks, when those cubes exist
+        from .prompt_sweep import clip_report_lines
+
+        lines += clip_report_lines(store_path, out, paths)
+    lines += [
         "## Per-task picks",
         "",
         f"`tasks.csv` has {len(picks)} rows: per task and setting, SWSA's pick on `{picks['source'].iloc[0] if len(picks) else ''}`, "
@@ -181,6 +218,7 @@ def write_report(
     summary = {
         "tasks": n_tasks, "candidates": cube.candidate_names, "sources": cube.sources, "config": cube.config,
         "random_candidates": random_candidates, "skips": int(len(skips)),
+        "table3": None if table3 is None else table3.to_dict(orient="records"),
         "table1": table1.to_dict(orient="records"), "table2": table2.to_dict(orient="records"),
     }
     paths["summary"].write_text(json.dumps(summary, indent=2, default=_json_default), encoding="utf-8")

@@ -112,6 +112,21 @@ def random_pick(**_):
     return lambda ctx: np.full(ctx.real.shape, 1.0 / ctx.real.shape[1])
 
 
+@register_strategy("fixed")
+def fixed_candidate(candidate: str, **_):
+    """Always the named candidate (e.g. the default prompt ``prompt01``, BLISS's default setting)."""
+
+    def pick(ctx):
+        names = list(ctx.candidates["name"])
+        if candidate not in names:
+            raise ValueError(f"fixed strategy: unknown candidate {candidate!r}; candidates: {', '.join(names)}")
+        weights = np.zeros(ctx.real.shape)
+        weights[:, names.index(candidate)] = 1.0
+        return weights
+
+    return pick
+
+
 @register_strategy("oracle", uses_labels=True)
 def oracle(**_):
     """The best candidate on the real validation set: the upper bound ("best possible")."""

@@ -214,6 +214,7 @@ def score_group(
         "synthetic": np.full((n_tasks, len(sources) + n_hard), np.nan),
         "per_class": np.full((n_tasks, len(group.group_names)), np.nan),
         "skips": skips,
+        "knn_flops": 0.0,
     }
     rows = np.flatnonzero(scoreable)
     if rows.size == 0:
@@ -221,25 +222,14 @@ def score_group(
     support = support[rows]
     # ---- real validation: shared queries against each task's bank
     real_ok = usable[group.real_ids]
-    real_label = np.where(real_ok[None, :], group.real_label[rows], -1).astype(np.int8)
     union = np.unique(support[support >= 0])
     bank_index = np.where(support >= 0, np.searchsorted(union, np.maximum(support, 0)), -1)
-    real_scores = knn_score_gathered(features[group.real_ids[real_ok]], features[union], bank_index, k=k, device=device)
-    scores = np.full((len(rows), len(group.real_ids)), np.nan)
-    scores[:, real_ok] = real_scores
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UndefinedMetricWarning)  # one-class tasks are reported as skips
-        out["real"][rows, 0] = auroc(np.nan_to_num(scores), real_label == 1, mask=real_label >= 0)
-    per_class = grouped_auroc(np.nan_to_num(scores), real_label, group.real_group[rows], len(group.group_names))
-    out["per_class"][rows] = per_class
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        out["real"][rows, 1] = np.nanmin(per_class, axis=1) if per_class.shape[1] else np.nan
+    real_scores = np.full((len(rows), len(group.real_ids)), np.nan)
+    real_scores[:, real_ok] = knn_score_gathered(features[group.real_ids[real_ok]], features[union], bank_index, k=k, device=device)
+    out["knn_flops"] = 2.0 * int(real_ok.sum()) * len(union) * features.shape[1]
     # ---- synthetic validation: per-task queries (held-out normals + each source's anomalies)
     heldout = heldout[rows]
-    parts = [heldout] + [keep(group.synthetic[s][rows]) if s in group.synthetic else np.full((len(rows), 0), -1) for s in sources]
-    widths = [p.shape[1] for p in parts]
-    queries = np.concatenate(parts, axis=1)
+    queries, widths = synthetic_queries(group, rows, sources, keep)
     # the held-out normal's own bank row is left out (leave-one-out)
     exclude = np.full(queries.shape, -1, dtype=np.int64)
     match = (heldout[:, :, None] == support[:, None, :]) & (heldout[:, :, None] >= 0)
@@ -253,26 +243,70 @@ def score_group(
         q_ids, b_ids = queries[lo:hi], support[lo:hi]
         if q_ids.shape[1] == 0:
             continue
+        out["knn_flops"] += 2.0 * q_ids.size * b_ids.shape[1] * features.shape[1]
         synth_scores[lo:hi] = knn_score_batched(
             _features_for(features, q_ids), _features_for(features, b_ids), k=k,
             query_mask=q_ids >= 0, bank_mask=b_ids >= 0, exclude=exclude[lo:hi], device=device,
         )
+    aurocs = validation_aurocs(group, rows, real_scores, queries, synth_scores, widths, sources, hardest)
+    for key in ("real", "synthetic", "per_class"):
+        out[key][rows] = aurocs[key]
+    return out
+
+
+def synthetic_queries(group: TaskGroup, rows: np.ndarray, sources: list[str], keep=lambda ids: ids) -> tuple[np.ndarray, list[int]]:
+    """The synthetic validation queries of tasks ``rows``: ``(T', W)`` image ids (-1 padded),
+    held-out normals first, then each source's anomalies; and the width of each part."""
+    parts = [keep(group.heldout[rows])] + [
+        keep(group.synthetic[s][rows]) if s in group.synthetic else np.full((len(rows), 0), -1) for s in sources]
+    return np.concatenate(parts, axis=1), [p.shape[1] for p in parts]
+
+
+def validation_aurocs(
+    group: TaskGroup,
+    rows: np.ndarray,
+    real_scores: np.ndarray,
+    queries: np.ndarray,
+    synth_scores: np.ndarray,
+    widths: list[int],
+    sources: list[str],
+    hardest: tuple[int, ...],
+) -> dict:
+    """Every AUROC of one candidate from its anomaly scores, for tasks ``rows`` of ``group``.
+
+    Parameters
+    ----------
+    real_scores : (T', Q) scores of ``group.real_ids`` per task (NaN = image not usable).
+    queries, widths : from :func:`synthetic_queries`; synth_scores : (T', W) their scores.
+
+    Returns ``real`` (T', 2) for :data:`SETTINGS`, ``per_class`` (T', G) and ``synthetic``
+    (T', V) over ``sources`` then their hardest-N variants.
+    """
+    real_label = np.where(np.isnan(real_scores), -1, group.real_label[rows]).astype(np.int8)
+    filled = np.nan_to_num(real_scores)
+    real = np.full((len(rows), 2), np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)  # one-class tasks are reported as skips
+        real[:, 0] = auroc(filled, real_label == 1, mask=real_label >= 0)
+    per_class = grouped_auroc(filled, real_label, group.real_group[rows], len(group.group_names))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        real[:, 1] = np.nanmin(per_class, axis=1) if per_class.shape[1] else np.nan
     offsets = np.cumsum([0] + widths)
     normal_scores = synth_scores[:, offsets[0] : offsets[1]]
-    normal_mask = heldout >= 0
-    columns = []
-    hard_columns = []
+    normal_mask = (queries[:, offsets[0] : offsets[1]] >= 0) & np.isfinite(normal_scores)
+    columns, hard_columns = [], []
     for index, _ in enumerate(sources):
         anomaly_scores = synth_scores[:, offsets[index + 1] : offsets[index + 2]]
-        anomaly_mask = queries[:, offsets[index + 1] : offsets[index + 2]] >= 0
+        anomaly_mask = (queries[:, offsets[index + 1] : offsets[index + 2]] >= 0) & np.isfinite(anomaly_scores)
         columns.append(_two_part_auroc(normal_scores, normal_mask, anomaly_scores, anomaly_mask))
         ordered = np.sort(np.where(anomaly_mask, anomaly_scores, np.inf), axis=1)
         for n in hardest:
             hard = ordered[:, :n]
             hard_columns.append(_two_part_auroc(normal_scores, normal_mask, np.where(np.isfinite(hard), hard, 0.0), np.isfinite(hard)))
-    if columns:
-        out["synthetic"][rows] = np.stack(columns + hard_columns, axis=1)
-    return out
+    n_columns = len(sources) * (1 + len(hardest))
+    synthetic = np.stack(columns + hard_columns, axis=1) if columns else np.full((len(rows), n_columns), np.nan)
+    return {"real": real, "per_class": per_class, "synthetic": synthetic}
 
 
 def _two_part_auroc(normal_scores, normal_mask, anomaly_scores, anomaly_mask) -> np.ndarray:
@@ -284,9 +318,45 @@ def _two_part_auroc(normal_scores, normal_mask, anomaly_scores, anomaly_mask) ->
         return auroc(scores, labels, mask=mask)
 
 
+def score_group_imported(table: pd.DataFrame, complete: np.ndarray, n_images: int, group: TaskGroup,
+                         sources: list[str], *, hardest: tuple[int, ...]) -> dict:
+    """AUROCs of an imported score candidate (``table``: task_id, image_id, score) for one group;
+    tasks not in ``complete`` are left NaN (their skips were recorded at import)."""
+    n_tasks = len(group.task_ids)
+    out = {
+        "real": np.full((n_tasks, 2), np.nan),
+        "synthetic": np.full((n_tasks, len(sources) * (1 + len(hardest))), np.nan),
+        "per_class": np.full((n_tasks, len(group.group_names)), np.nan),
+        "skips": [], "knn_flops": 0.0,
+    }
+    rows = np.flatnonzero(np.isin(group.task_ids, complete))
+    if rows.size == 0:
+        return out
+    keys = table["task_id"].to_numpy() * n_images + table["image_id"].to_numpy()
+    order = np.argsort(keys)
+    keys, values = keys[order], table["score"].to_numpy()[order]
+
+    def lookup(task_ids: np.ndarray, image_ids: np.ndarray) -> np.ndarray:
+        wanted = task_ids[:, None] * n_images + np.maximum(image_ids, 0)
+        position = np.clip(np.searchsorted(keys, wanted), 0, max(0, len(keys) - 1))
+        found = (len(keys) > 0) & (keys[position] == wanted) & (image_ids >= 0)
+        return np.where(found, values[position], np.nan)
+
+    task_ids = group.task_ids[rows]
+    real_scores = lookup(task_ids, np.broadcast_to(group.real_ids, (len(rows), len(group.real_ids))))
+    queries, widths = synthetic_queries(group, rows, sources)
+    aurocs = validation_aurocs(group, rows, real_scores, queries, lookup(task_ids, queries), widths, sources, hardest)
+    for key in ("real", "synthetic", "per_class"):
+        out[key][rows] = aurocs[key]
+    return out
+
+
 def candidate_info(store, names: list[str]) -> pd.DataFrame:
     rows = []
     for name in names:
+        if name in store.score_sets() and name not in store.backbones():
+            rows.append({"name": name, "n_params": 0, "feature_dim": 0, "weights_kind": "imported", "family": "imported"})
+            continue
         attrs = store.embedding_attrs(name)
         config = attrs.get("config", {})
         rows.append({
@@ -308,12 +378,16 @@ def run_sweep(
     device: str = "cpu",
     progress: bool = True,
     save: bool = True,
+    task_ids: list[int] | np.ndarray | None = None,
 ) -> AurocCube:
     """Score every task with every candidate backbone of the store and return the AUROC cube.
 
-    Embeddings are read one backbone at a time. A (task, candidate) cell that cannot be
+    Candidates are the store's embedding matrices (kNN score) and its imported score sets
+    (:mod:`swsa_store.scores`), or the ``backbones`` named. Embeddings are read one at a time. A (task, candidate) cell that cannot be
     scored (k larger than the usable support, an image whose embedding failed) is NaN and
     listed in ``cube.skips``. Rows not yet embedded are an error: finish ``swsa embed`` first.
+    ``task_ids`` restricts the sweep to those tasks. ``cube.config`` records the time spent
+    reading embeddings and scoring, and the kNN floating-point operations.
     """
     from swsa_store import StoreError, open_store
     from swsa_store.store import DONE_TODO, DONE_WRITTEN
@@ -323,14 +397,17 @@ def run_sweep(
     started = time.perf_counter()
     with open_store(store_path) as store:
         images, tasks, members = store.images(), store.tasks(), store.task_members()
-        held = store.backbones()
-        names = backbones or held
+        held, imported = store.backbones(), store.score_sets()
+        names = list(backbones) if backbones else held + [n for n in imported if n not in held]
         if not names:
             raise StoreError(f"store {store_path} holds no embeddings; run `swsa embed --store {store_path} --backbone NAME`")
-        unknown = [n for n in names if n not in held]
+        unknown = [n for n in names if n not in held and n not in imported]
         if unknown:
-            raise StoreError(f"store {store_path} has no embeddings {unknown}; held: {held}")
+            raise StoreError(f"store {store_path} has no embeddings or imported scores {unknown}; held: {held + imported}")
         info = candidate_info(store, names)
+        n_images = store.n_images
+    if task_ids is not None:
+        tasks = tasks[tasks["task_id"].isin(np.asarray(task_ids))]
     groups = build_task_groups(images, tasks, members)
     if not groups:
         raise ValueError(f"store {store_path} has no scoreable tasks; see `swsa info --store {store_path}`")
@@ -348,10 +425,23 @@ def run_sweep(
     for g, group in enumerate(groups):
         class_names[offsets[g] : offsets[g + 1], : len(group.group_names)] = group.group_names
     usable_images = (images["status"] == "ok").to_numpy()
-    for c, name in enumerate(tqdm(names, desc="score", unit="backbone", disable=not progress)):
+    read_seconds = knn_flops = 0.0
+    for c, name in enumerate(tqdm(names, desc="score", unit="candidate", disable=not progress)):
+        if name not in held:  # imported scores: no kNN, the AUROCs of the given scores
+            with open_store(store_path) as store:
+                table, complete, _ = store.score_set(name)
+            for g, group in enumerate(groups):
+                result = score_group_imported(table, complete, n_images, group, base_sources, hardest=hardest)
+                span = slice(offsets[g], offsets[g + 1])
+                real[span, c] = result["real"]
+                synthetic[span, c] = result["synthetic"]
+                per_class[span, c, : len(group.group_names)] = result["per_class"]
+            continue
+        read_started = time.perf_counter()
         with open_store(store_path) as store:
             done = store.done_mask(name)
             features = store.embeddings(name)
+        read_seconds += time.perf_counter() - read_started
         pending = np.flatnonzero(usable_images & (done == DONE_TODO))
         if pending.size:
             raise StoreError(
@@ -366,13 +456,15 @@ def run_sweep(
             synthetic[span, c] = result["synthetic"]
             per_class[span, c, : len(group.group_names)] = result["per_class"]
             skips += [(t, name, reason) for t, reason in result["skips"]]
+            knn_flops += result["knn_flops"]
         del features
     cube = AurocCube(
         tasks=ordered_tasks[["task_id", "dataset", "normal_class"]], candidates=info, sources=sources,
         real=real, synthetic=synthetic, per_class=per_class, class_names=class_names,
         skips=pd.DataFrame(skips, columns=["task_id", "candidate", "reason"]),
         config={"k": k, "hardest": list(hardest), "base_sources": base_sources, "device": device,
-                "seconds": round(time.perf_counter() - started, 3)},
+                "seconds": round(time.perf_counter() - started, 3), "read_seconds": round(read_seconds, 3),
+                "knn_flops": knn_flops},
     )
     if save:
         cube.save(store_path)

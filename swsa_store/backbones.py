@@ -13,6 +13,8 @@ Registered names (the SWSA paper's ten candidates, penultimate features)::
 
 Any other timm model is available as ``"timm/<architecture>[.<pretrained tag>]"``
 (the tag defaults to timm's default tag for that architecture).
+Any open_clip model is available as ``"clip/<architecture>[@<pretrained tag>]"`` (image tower;
+see :mod:`swsa_store.clip` for its weights search and the text side).
 
 Offline first — where weights come from (``weights=None`` / ``"auto"``), in this order:
 
@@ -95,7 +97,7 @@ RANDOM_INIT_SEED = 0
 #: Prefix of names that mean "any timm model": ``timm/<architecture>[.<tag>]``.
 TIMM_PREFIX = "timm/"
 
-Family = Literal["resnet", "vit", "timm"]
+Family = Literal["resnet", "vit", "timm", "clip"]
 WeightsKind = Literal["file", "directory", "hf-cache", "torch-cache", "download", "random"]
 
 
@@ -270,6 +272,10 @@ def get_backbone_cfg(name: str) -> BackboneCfg:
     """The :class:`BackboneCfg` of a registered name or of ``timm/<architecture>[.<tag>]``."""
     if name.startswith(TIMM_PREFIX):
         return _timm_backbone_cfg(name)
+    if name.startswith("clip/"):  # open_clip models: clip/<architecture>[@<tag>] (swsa_store.clip)
+        from .clip import clip_backbone_cfg
+
+        return clip_backbone_cfg(name)
     try:
         factory = BACKBONES.get(name)
     except UnknownNameError as e:
@@ -761,6 +767,11 @@ def load_backbone(
     import timm
     from timm.data import create_transform, resolve_model_data_config
 
+    if cfg.family == "clip":  # open_clip image tower, its own preprocessing and weights search
+        from .clip import load_clip_backbone
+
+        return load_clip_backbone(cfg, weights, weights_dir=weights_dir, allow_download=allow_download,
+                                  image_size=image_size, device=device)
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
         raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
     source = resolve_weights(cfg, weights, weights_dir=weights_dir, allow_download=allow_download)

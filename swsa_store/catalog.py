@@ -20,11 +20,19 @@ parent_ids     JSON list of the image ids it was made from ("[]" for real images
 params         JSON of the generator's parameters for this image ("{}" for real images)
 seed           base seed of the generator run (-1 for real images)
 source_index   index of the sample in its original dataset, or its running number
+defect         defect type in defect datasets (MVTec-AD, VisA: "good" for normal images);
+               "" for every other image
 ============== ==========================================================================
+
+The tasks table's attributes record how its real validation sets were built:
+``validation_rule`` (the multi-class rule), ``defect_validation_rule`` and
+``validation_sources`` (JSON ``{dataset: which official split its support and real validation
+come from}``, from the dataset's ``validation_source``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -33,13 +41,13 @@ import numpy as np
 import pandas as pd
 
 from .store import create_store, edit_store, open_store
-from .tasks import VALIDATION_RULE, build_tasks
+from .tasks import DEFECT_VALIDATION_RULE, VALIDATION_RULE, build_tasks
 
 log = logging.getLogger(__name__)
 
 IMAGE_COLUMNS = (
     "image_id", "dataset", "class_name", "split", "kind", "path", "sha256", "status",
-    "skip_reason", "width", "height", "task_id", "parent_ids", "params", "seed", "source_index",
+    "skip_reason", "width", "height", "task_id", "parent_ids", "params", "seed", "source_index", "defect",
 )
 _INT_COLUMNS = ("image_id", "width", "height", "task_id", "seed", "source_index")
 
@@ -55,7 +63,7 @@ def _normalise(rows: pd.DataFrame, first_id: int) -> pd.DataFrame:
     rows["image_id"] = np.arange(first_id, first_id + len(rows), dtype=np.int64)
     defaults = {"kind": "real", "task_id": -1, "parent_ids": "[]", "params": "{}", "seed": -1,
                 "sha256": "", "status": "ok", "skip_reason": "", "width": 0, "height": 0,
-                "source_index": -1}
+                "source_index": -1, "defect": ""}
     for column, value in defaults.items():
         if column not in rows:
             rows[column] = value
@@ -66,6 +74,14 @@ def _normalise(rows: pd.DataFrame, first_id: int) -> pd.DataFrame:
     for column in IMAGE_COLUMNS:
         rows[column] = rows[column].astype(np.int64 if column in _INT_COLUMNS else object)
     return rows
+
+
+def _with_defaults(images: pd.DataFrame) -> pd.DataFrame:
+    """``images`` with the columns added since a store was written (``defect``) filled in."""
+    if "defect" not in images:
+        images = images.copy()
+        images["defect"] = pd.Series([""] * len(images), dtype=object, index=images.index)
+    return images
 
 
 def catalog_dataset(
@@ -89,7 +105,8 @@ def catalog_dataset(
     name = str(samples["dataset"].iloc[0]) if len(samples) else getattr(dataset, "name", dataset_name)
     create_store(store_path)
     with open_store(store_path) as store:
-        images = store.images()
+        images = _with_defaults(store.images())
+        tasks_attrs = store.table_attrs("tasks")
     existing = images[(images["dataset"] == name) & (images["kind"] == "real")]
     if len(existing):
         same = len(existing) == len(samples) and list(existing["sha256"]) == list(samples["sha256"].astype(str))
@@ -106,11 +123,22 @@ def catalog_dataset(
     skipped_classes = list(getattr(dataset, "skipped_classes", []))
     with edit_store(store_path) as store:
         tasks_before, members_before = store.tasks(), store.task_members()
+        if len(tasks_before):  # a store from before class_label / protocol existed
+            if "class_label" not in tasks_before:
+                tasks_before["class_label"] = tasks_before["normal_class"]
+            if "protocol" not in tasks_before:
+                tasks_before["protocol"] = "multiclass"
         first_task = int(tasks_before["task_id"].max()) + 1 if len(tasks_before) else 0
-        tasks, members = build_tasks(catalog, name, n_seed=n_seed, seed=split_seed, first_task_id=first_task)
+        protocol = getattr(dataset, "protocol", "multiclass")
+        tasks, members = build_tasks(catalog, name, n_seed=n_seed, seed=split_seed, first_task_id=first_task,
+                                     protocol=protocol, class_labels=getattr(dataset, "class_labels", None))
+        sources = json.loads(tasks_attrs.get("validation_sources", "{}"))
+        sources[name] = getattr(dataset, "validation_source", "") or (
+            DEFECT_VALIDATION_RULE if protocol == "defect" else VALIDATION_RULE)
         store.replace_table("images", catalog)
         store.replace_table("tasks", pd.concat([tasks_before, tasks], ignore_index=True) if len(tasks_before) else tasks,
-                            attrs={"validation_rule": VALIDATION_RULE})
+                            attrs={"validation_rule": VALIDATION_RULE, "defect_validation_rule": DEFECT_VALIDATION_RULE,
+                                   "validation_sources": json.dumps(sources, sort_keys=True)})
         store.replace_table("task_members", pd.concat([members_before, members], ignore_index=True) if len(members_before) else members)
         skips = [
             {"stage": "catalog", "image_id": int(r.image_id), "task_id": -1, "backbone": "", "reason": r.skip_reason}
@@ -133,7 +161,7 @@ def catalog_dataset(
 def add_images(store_path: str | os.PathLike, rows: pd.DataFrame) -> np.ndarray:
     """Append image rows (e.g. synthetic images) to the catalog; returns their new ids."""
     with edit_store(store_path, compact=True) as store:
-        images = store.images()
+        images = _with_defaults(store.images())
         new_rows = _normalise(rows, first_id=len(images))
         store.replace_table("images", pd.concat([images, new_rows], ignore_index=True) if len(images) else new_rows)
         skipped = new_rows[new_rows["status"] != "ok"]

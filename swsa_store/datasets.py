@@ -567,3 +567,6 @@ class ImageFolderDataset:
             table["source_index"] = np.arange(len(table), dtype=np.int64)
             self._table = table
         return self._table.copy()
+
+
+from . import paper_datasets as _paper_datasets  # noqa: E402,F401  (registers cub, flowers, mvtec, visa, tinyimagenet)

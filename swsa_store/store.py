@@ -11,7 +11,11 @@ Layout (schema version :data:`SCHEMA_VERSION`)::
     /embeddings/<name>/features   (N, D) rows indexed by image id, NaN until written
     /embeddings/<name>/done       (N,) uint8: 0 to do, 1 durably written, 2 failed (see skips)
                                   attrs: model, weights source and hash, preprocessing, versions
+    /scores/<name>/...     imported anomaly scores (task_id, image_id, score) of one candidate
     /results/<name>/...    arrays written by the engine (the AUROC cube), with attrs
+    /text/<model>/<set>/   text embeddings of one CLIP model's prompt set: strings (U,), embeddings
+                           (U, D) L2-normalised, table/<column> rows mapping (task_id, template,
+                           side) to a string; attrs: model, logit scale, normalisation
 
 Crash safety. Two kinds of writes exist and each is safe against SIGKILL at any moment:
 
@@ -36,7 +40,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import h5py
 import numpy as np
@@ -115,6 +119,15 @@ def _empty_skips() -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------- the store
+
+
+class TextEmbeddings(NamedTuple):
+    """One prompt set read from ``/text/<model>/<set>``."""
+
+    strings: np.ndarray  # (U,) object
+    embeddings: np.ndarray  # (U, D) float32, L2-normalised
+    table: pd.DataFrame  # rows referencing ``strings`` (e.g. task_id, template, side, row)
+    attrs: dict
 
 
 class Store:
@@ -220,6 +233,32 @@ class Store:
         out[order] = rows[inverse]
         return out
 
+    # ---- imported scores
+    def score_sets(self) -> list[str]:
+        """Names of the imported score candidates (see :mod:`swsa_store.scores`)."""
+        return sorted(self.file["scores"]) if "scores" in self.file else []
+
+    def score_set(self, name: str) -> tuple[pd.DataFrame, np.ndarray, dict]:
+        """``(task_id, image_id, score)`` rows, the ids of the tasks they fully cover, and attrs."""
+        if name not in self.score_sets():
+            raise StoreError(f"store {self.path} holds no imported scores named {name!r}; held: {self.score_sets()}")
+        group = self.file["scores"][name]
+        table = pd.DataFrame({key: group[key][...] for key in ("task_id", "image_id", "score")})
+        return table, group["complete_task_ids"][...], dict(group.attrs)
+
+    def write_score_set(self, name: str, task_id, image_id, score, complete_task_ids, attrs: dict) -> None:
+        self._require_writable()
+        scores = self.file.require_group("scores")
+        if name in scores:
+            del scores[name]
+        group = scores.create_group(name)
+        group.create_dataset("task_id", data=np.asarray(task_id, dtype=np.int64))
+        group.create_dataset("image_id", data=np.asarray(image_id, dtype=np.int64))
+        group.create_dataset("score", data=np.asarray(score, dtype=np.float64))
+        group.create_dataset("complete_task_ids", data=np.asarray(complete_task_ids, dtype=np.int64))
+        for key, value in attrs.items():
+            group.attrs[key] = value
+
     # ---- results
     def results(self) -> list[str]:
         return sorted(self.file["results"]) if "results" in self.file else []
@@ -230,6 +269,29 @@ class Store:
                 f"store {self.path} holds no results named {name!r}; run `swsa score --store {self.path}` first"
             )
         return self.file["results"][name]
+
+    # ---- text embeddings (CLIP prompts; see swsa_store.clip)
+    def text_models(self) -> list[str]:
+        """Names of the CLIP models with text embeddings, sorted."""
+        return sorted(self.file["text"]) if "text" in self.file else []
+
+    def text_sets(self, model: str) -> list[str]:
+        """Prompt sets embedded for ``model``, sorted."""
+        return sorted(self.file["text"][model]) if model in self.text_models() else []
+
+    def text_embeddings(self, model: str, prompt_set: str) -> "TextEmbeddings":
+        """One prompt set of one model: strings, ``(U, D)`` embeddings, row table and attrs."""
+        if prompt_set not in self.text_sets(model):
+            held = {m: self.text_sets(m) for m in self.text_models()} or "none"
+            raise StoreError(
+                f"store {self.path} has no text embeddings {model}/{prompt_set} (held: {held}); "
+                f"run `swsa embed-text --store {self.path} --model ...` first"
+            )
+        group = self.file["text"][model][prompt_set]
+        attrs = {k: json.loads(v) if isinstance(v, str) and v[:1] in ("[", "{") else v for k, v in group.attrs.items()}
+        table = read_table(group["table"]) if "table" in group else pd.DataFrame()
+        return TextEmbeddings(group["strings"].asstr()[...].astype(object),
+                              group["embeddings"][...].astype(np.float32, copy=False), table, attrs)
 
     # ---- structural edits (only inside edit_store)
     def _require_writable(self) -> None:
@@ -275,6 +337,28 @@ class Store:
             del group["features"], group["done"]
             group.move("features_new", "features")
             group.move("done_new", "done")
+
+    def write_text_embeddings(self, model: str, prompt_set: str, strings, embeddings: np.ndarray,
+                              table: pd.DataFrame | None = None, attrs: dict | None = None) -> None:
+        """Replace ``/text/<model>/<prompt_set>`` with ``strings`` (U,), ``embeddings`` (U, D),
+        an optional row ``table`` (columns referencing string rows) and JSON-able ``attrs``."""
+        self._require_writable()
+        strings = np.asarray(list(strings), dtype=object)
+        embeddings = np.asarray(embeddings, dtype=np.float32)
+        if embeddings.ndim != 2 or embeddings.shape[0] != len(strings):
+            raise StoreError(f"text embeddings must be (len(strings), D), got {embeddings.shape} for {len(strings)} strings")
+        if "/" in model or "/" in prompt_set:
+            raise StoreError(f"text model and prompt set names must not contain '/': {model!r}, {prompt_set!r}")
+        parent = self.file.require_group("text").require_group(model)
+        if prompt_set in parent:
+            del parent[prompt_set]
+        group = parent.create_group(prompt_set)
+        group.create_dataset("strings", data=strings, dtype=h5py.string_dtype("utf-8"))
+        group.create_dataset("embeddings", data=embeddings)
+        if table is not None:
+            write_table(group, "table", table)
+        for key, value in (attrs or {}).items():
+            group.attrs[key] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
 
     def write_result(self, name: str, arrays: dict[str, np.ndarray], attrs: dict) -> None:
         """Replace ``/results/<name>`` with ``arrays`` (strings allowed) and JSON-able ``attrs``."""

@@ -13,6 +13,12 @@ For the task whose normal class is ``c`` (SWSA paper, Sections 3.1 and 4.1):
   other class of the dataset (anomalies), each remembering its class: one-vs-rest uses all of
   them, one-vs-closest reports the worst single out-class.
 
+For defect datasets (MVTec-AD, VisA; ``protocol="defect"``) the class is a product: support =
+its train images whose ``defect`` is ``"good"``, real normal = its ``"good"`` test images,
+anomalies = its defective test images, each remembering its defect type (one-vs-rest: all
+defect types together; one-vs-closest: the worst defect type). Every task also carries the
+cleaned class name for prompts (``class_label``) and its ``protocol``.
+
 The members table lists ``(task_id, image_id, role, group)`` with ``role`` one of :data:`ROLES`;
 an image that is both seed and held-out appears twice. ``group`` names what a real anomaly
 is (its class, or its defect type in defect datasets) — one-vs-closest reports the worst
@@ -46,6 +52,21 @@ TASK_COLUMNS = (
     "n_out_classes",
     "seeds_are_heldout",
     "split_seed",
+    "class_label",
+    "protocol",
+)
+
+#: Task protocols: ``multiclass`` (anomalies = other classes) and ``defect`` (MVTec-AD / VisA:
+#: the class is a product, anomalies = its defective test images, grouped by defect type).
+PROTOCOLS = ("multiclass", "defect")
+
+#: The ``defect`` of a normal image in a defect dataset.
+NORMAL_DEFECT = "good"
+
+DEFECT_VALIDATION_RULE = (
+    "defect datasets (MVTec-AD, VisA): the class is a product; support = its train images whose defect is "
+    f"{NORMAL_DEFECT!r}; real validation = its test images: normal = defect {NORMAL_DEFECT!r}, anomalies = every "
+    "other defect type of the same product (one-vs-rest: all together; one-vs-closest: the worst defect type)"
 )
 
 VALIDATION_RULE = (
@@ -60,7 +81,7 @@ def empty_tasks_table() -> pd.DataFrame:
         "task_id": np.int64, "dataset": object, "normal_class": object, "status": object,
         "skip_reason": object, "n_support": np.int64, "n_seed": np.int64, "n_heldout": np.int64,
         "n_real_normal": np.int64, "n_real_anomaly": np.int64, "n_out_classes": np.int64,
-        "seeds_are_heldout": bool, "split_seed": np.int64,
+        "seeds_are_heldout": bool, "split_seed": np.int64, "class_label": object, "protocol": object,
     }
     return pd.DataFrame({c: pd.Series([], dtype=dtypes[c]) for c in TASK_COLUMNS})
 
@@ -89,6 +110,8 @@ def build_tasks(
     n_seed: int = 20,
     seed: int = 0,
     first_task_id: int = 0,
+    protocol: str = "multiclass",
+    class_labels: dict[str, str] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Tasks and their members for every class of ``dataset`` in the catalog ``images``.
 
@@ -97,6 +120,13 @@ def build_tasks(
     images : the catalog (columns ``image_id, dataset, class_name, split, kind, status``).
     n_seed : seed images per task (paper: 20).
     seed : base seed of the per-task support split.
+    protocol : ``"multiclass"`` (default): anomalies are the test images of every other class,
+        ``group`` = their class. ``"defect"`` (MVTec-AD, VisA; needs a ``defect`` column): the
+        class is a product; support = its train images with defect ``"good"``; real normal =
+        its test images with defect ``"good"``; anomalies = its other test images, ``group`` =
+        their defect type.
+    class_labels : ``{class_name: cleaned name}`` for prompts (column ``class_label``; default:
+        the class name).
 
     Returns
     -------
@@ -106,17 +136,35 @@ def build_tasks(
     """
     if n_seed < 1:
         raise ValueError(f"n_seed must be at least 1, got {n_seed}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {list(PROTOCOLS)}, got {protocol!r}")
+    if protocol == "defect" and "defect" not in images:
+        raise ValueError("the defect protocol needs a 'defect' column in the catalog (MVTec-AD / VisA loaders)")
+    class_labels = class_labels or {}
     usable = images[(images["dataset"] == dataset) & (images["kind"] == "real") & (images["status"] == "ok")]
     classes = sorted(images.loc[(images["dataset"] == dataset) & (images["kind"] == "real"), "class_name"].unique())
     if not classes:
         raise ValueError(f"dataset {dataset!r} has no catalogued images; catalog it first")
+    if protocol == "defect":
+        is_normal = usable["defect"].astype(str) == NORMAL_DEFECT
+        usable_train = usable[(usable["split"] == "train") & is_normal]
+    else:
+        usable_train = usable[usable["split"] == "train"]
     test = usable[usable["split"] == "test"]
     task_rows, member_parts = [], []
     for offset, normal_class in enumerate(classes):
         task_id = first_task_id + offset
-        support = np.sort(usable.loc[(usable["split"] == "train") & (usable["class_name"] == normal_class), "image_id"].to_numpy())
-        real_normal = np.sort(test.loc[test["class_name"] == normal_class, "image_id"].to_numpy())
-        anomalies = test[test["class_name"] != normal_class]
+        support = np.sort(usable_train.loc[usable_train["class_name"] == normal_class, "image_id"].to_numpy())
+        if protocol == "defect":
+            mine = test[test["class_name"] == normal_class]
+            mine_normal = mine["defect"].astype(str) == NORMAL_DEFECT
+            real_normal = np.sort(mine.loc[mine_normal, "image_id"].to_numpy())
+            anomalies = mine[~mine_normal]
+            group_column = "defect"
+        else:
+            real_normal = np.sort(test.loc[test["class_name"] == normal_class, "image_id"].to_numpy())
+            anomalies = test[test["class_name"] != normal_class]
+            group_column = "class_name"
         real_anomaly = np.sort(anomalies["image_id"].to_numpy())
         rng = np.random.default_rng(stable_seed(seed, dataset, normal_class))
         shuffled = rng.permutation(support)
@@ -143,12 +191,14 @@ def build_tasks(
                 "n_heldout": len(heldout),
                 "n_real_normal": len(real_normal),
                 "n_real_anomaly": len(real_anomaly),
-                "n_out_classes": int(anomalies["class_name"].nunique()),
+                "n_out_classes": int(anomalies[group_column].nunique()),
                 "seeds_are_heldout": bool(seeds_are_heldout),
                 "split_seed": seed,
+                "class_label": str(class_labels.get(normal_class, normal_class)),
+                "protocol": protocol,
             }
         )
-        anomaly_class = images.set_index("image_id").loc[real_anomaly, "class_name"].to_numpy(dtype=object)
+        anomaly_class = anomalies.set_index("image_id").loc[real_anomaly, group_column].astype(str).to_numpy(dtype=object)
         for ids, role, group in ((seeds, ROLE_SEED, ""), (heldout, ROLE_HELDOUT, ""), (real_normal, ROLE_REAL_NORMAL, ""),
                                  (real_anomaly, ROLE_REAL_ANOMALY, anomaly_class)):
             member_parts.append(

@@ -11,7 +11,7 @@ import pytest
 
 from swsa_engine.cli import build_parser, main
 
-COMMANDS = ["demo", "catalog", "synth", "embed", "score", "report", "info"]
+COMMANDS = ["demo", "catalog", "synth", "embed", "score", "report", "info", "bench"]
 
 
 def test_every_command_has_help(capsys):
@@ -76,7 +76,7 @@ def test_reduced_demo_end_to_end(tmp_path, capsys):
     assert "Randomly initialised candidates" in text and "timm-resnet10t" in text
     table1 = pd.read_csv(report / "table1.csv")
     assert set(table1["setting"]) == {"one-vs-rest", "one-vs-closest"}
-    assert {"SWSA (cutpaste)", "SWSA (cutpaste-scar)", "Largest model", "Best model (oracle)"} <= set(table1["strategy"])
+    assert {"SWSA (cutpaste)", "SWSA (cutpaste-scar)", "SWSA (perlin)", "Largest model", "Best model (oracle)"} <= set(table1["strategy"])
     assert table1["tasks"].eq(10).all()
     assert ((table1["auroc"] >= 0) & (table1["auroc"] <= table1["best"] + 1e-12)).all()
     summary = json.loads((report / "summary.json").read_text())
@@ -85,7 +85,7 @@ def test_reduced_demo_end_to_end(tmp_path, capsys):
     assert main(["info", "--store", str(out / "store.h5"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["datasets"]["digits"]["tasks"] == 10
-    assert info["datasets"]["digits"]["images"] == {"cutpaste": 120, "cutpaste-scar": 120, "real": 1797}
+    assert info["datasets"]["digits"]["images"] == {"cutpaste": 120, "cutpaste-scar": 120, "perlin": 120, "real": 1797}
     assert all(b["done"] == b["of"] for b in info["backbones"].values())
     # report from the saved cube alone
     assert main(["report", "--store", str(out / "store.h5"), "--out", str(tmp_path / "again"), "--quiet"]) == 0

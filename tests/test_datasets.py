@@ -347,5 +347,5 @@ def test_registry(tmp_path, class_layout):
     assert isinstance(ds, DigitsDataset) and isinstance(ds, Dataset) and ds.name == "digits"
     folder = create_dataset("folder", root=class_layout)
     assert isinstance(folder, ImageFolderDataset) and isinstance(folder, Dataset)
-    with pytest.raises(UnknownNameError, match=r"Did you mean 'digits'.*digits, folder"):
+    with pytest.raises(UnknownNameError, match=r"Did you mean 'digits'.*digits, .*folder"):
         create_dataset("digit")

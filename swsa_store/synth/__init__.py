@@ -181,3 +181,5 @@ def check_generate_args(
 
 # Import built-in generators last so they register themselves (they import names above).
 from swsa_store.synth import cutpaste as cutpaste  # noqa: E402,F401
+from swsa_store.synth import perlin as perlin  # noqa: E402,F401
+from swsa_store.synth import diffstyle as diffstyle  # noqa: E402,F401

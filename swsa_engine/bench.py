@@ -1,0 +1,488 @@
+"""``swsa bench``: the engine at the paper's scale, against per-task reference loops.
+
+:func:`make_paper_store` writes a store with the real *shape* of the SWSA benchmark — CUB-200-2011,
+Oxford Flowers-102, MVTec-AD and VisA, 329 tasks, 100 CutPaste + 100 diffusion + 100 auxiliary
+synthetic images per task (Flowers: 25 each), the ten backbones with their true feature sizes —
+filled with seeded, class-structured random embeddings (a Gaussian cluster per class; defect
+types as offsets from their product's cluster; synthetic anomalies between or near clusters).
+No image files exist; only embeddings. :func:`run_bench` then times, on one machine, the full
+sweep, re-evaluating a new strategy over the cached cube, and a naive reference (scikit-learn
+``NearestNeighbors`` and ``roc_auc_score``, ``scipy.stats.kendalltau``, one task at a time) on a
+sample of tasks, extrapolated; it checks both give the same AUROCs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+# feature size and parameter count of the paper's ten candidates
+PAPER_BACKBONES = {
+    "resnet18": (512, 11_689_512), "resnet34": (512, 21_797_672), "resnet50": (2048, 25_557_032),
+    "resnet101": (2048, 44_549_160), "resnet152": (2048, 60_192_808), "vit_b_16": (768, 86_567_656),
+    "vit_b_32": (768, 88_224_232), "vit_l_16": (1024, 304_326_632), "vit_l_32": (1024, 306_535_400),
+    "vit_h_14": (1280, 632_045_800),
+}
+SOURCES = ("cutpaste", "diffusion", "tinyimagenet")
+
+# MVTec-AD: product → (train good, test good, test defective, defect types)
+MVTEC = {
+    "bottle": (209, 20, 63, 3), "cable": (224, 58, 92, 8), "capsule": (219, 23, 109, 5), "carpet": (280, 28, 89, 5),
+    "grid": (264, 21, 57, 5), "hazelnut": (391, 40, 70, 4), "leather": (245, 32, 92, 5), "metal_nut": (220, 22, 93, 4),
+    "pill": (267, 26, 141, 7), "screw": (320, 41, 119, 5), "tile": (230, 33, 84, 5), "toothbrush": (60, 12, 30, 1),
+    "transistor": (213, 60, 40, 4), "wood": (247, 19, 60, 5), "zipper": (240, 32, 119, 7),
+}
+# VisA (1cls split: 90 % of the normal images train, the rest + every anomaly test)
+VISA = {
+    "candle": (900, 100, 100, 8), "capsules": (542, 60, 100, 5), "cashew": (450, 50, 100, 9),
+    "chewinggum": (453, 50, 100, 6), "fryum": (450, 50, 100, 7), "macaroni1": (900, 100, 100, 7),
+    "macaroni2": (900, 100, 100, 7), "pcb1": (904, 100, 100, 4), "pcb2": (901, 100, 100, 4),
+    "pcb3": (905, 101, 101, 4), "pcb4": (904, 101, 100, 7), "pipe_fryum": (450, 50, 100, 6),
+}
+
+
+@dataclass(frozen=True)
+class ClassShape:
+    name: str
+    n_train: int
+    n_test_normal: int
+    defects: tuple[int, ...] = ()  # test images per defect type (defect datasets only)
+
+
+@dataclass(frozen=True)
+class DatasetShape:
+    name: str
+    protocol: str  # "multi-class" (other classes are anomalies) or "defect"
+    classes: tuple[ClassShape, ...]
+    synthetic_per_source: int
+
+
+def _spread(total: int, parts: int) -> list[int]:
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def paper_shapes(task_fraction: float = 1.0, image_fraction: float = 1.0, synthetic: int | None = None) -> list[DatasetShape]:
+    """The four datasets' shapes; fractions shrink classes and images for tests."""
+    if not (0 < task_fraction <= 1 and 0 < image_fraction <= 1):
+        raise ValueError(f"task_fraction and image_fraction must be in (0, 1], got {task_fraction}, {image_fraction}")
+
+    def n_classes(total, minimum):
+        return max(minimum, int(round(total * task_fraction)))
+
+    def scaled(n, minimum=1):
+        return max(minimum, int(round(n * image_fraction)))
+
+    shapes = []
+    n = n_classes(200, 2)
+    shapes.append(DatasetShape("cub", "multi-class", tuple(
+        ClassShape(f"{i + 1:03d}.bird_{i + 1:03d}", scaled(tr, 4), scaled(te))
+        for i, (tr, te) in enumerate(zip(_spread(5994, 200)[:n], _spread(5794, 200)[:n]))), synthetic or 100))
+    n = n_classes(102, 2)
+    shapes.append(DatasetShape("flowers", "multi-class", tuple(
+        ClassShape(f"flower_{i + 1:03d}", 10, scaled(te)) for i, te in enumerate(_spread(7169, 102)[:n])),
+        synthetic or 25))
+    for name, table in (("mvtec", MVTEC), ("visa", VISA)):
+        products = list(table.items())[: n_classes(len(table), 1)]
+        shapes.append(DatasetShape(name, "defect", tuple(
+            ClassShape(product, scaled(tr, 4), scaled(good), tuple(scaled(d) for d in _spread(bad, types)))
+            for product, (tr, good, bad, types) in products), synthetic or 100))
+    return shapes
+
+
+def _catalog_tables(shapes: list[DatasetShape], n_seed: int, seed: int):
+    """Images, tasks and members tables for the shapes (no files; paths are empty)."""
+    from swsa_store.catalog import _normalise
+    from swsa_store.tasks import build_tasks
+
+    image_parts, task_parts, member_parts = [], [], []
+    next_id = next_task = 0
+    layout = {}  # dataset → dict of arrays describing each image (class index, defect index)
+    for shape in shapes:
+        cls, split, defect = [], [], []
+        for c, klass in enumerate(shape.classes):
+            cls += [c] * (klass.n_train + klass.n_test_normal + sum(klass.defects))
+            split += ["train"] * klass.n_train + ["test"] * (klass.n_test_normal + sum(klass.defects))
+            defect += [-1] * (klass.n_train + klass.n_test_normal)
+            for d, count in enumerate(klass.defects):
+                defect += [d] * count
+        cls, defect = np.array(cls), np.array(defect)
+        names = np.array([k.name for k in shape.classes], dtype=object)
+        rows = pd.DataFrame({"dataset": shape.name, "class_name": names[cls], "split": split, "path": "",
+                             "source_index": np.arange(len(cls)),
+                             "defect": np.where(defect >= 0, np.char.add("defect_", defect.astype(str)), "good").astype(object)
+                             if shape.protocol == "defect" else ""})
+        rows = _normalise(rows, next_id)
+        image_ids = rows["image_id"].to_numpy()
+        tasks, members = build_tasks(rows, shape.name, n_seed=n_seed, seed=seed, first_task_id=next_task,
+                                     protocol="multiclass" if shape.protocol == "multi-class" else "defect")
+        next_id += len(rows)
+        # synthetic images: per task, per source
+        synth_rows = []
+        for task in tasks.itertuples():
+            for source in SOURCES:
+                synth_rows.append(pd.DataFrame({
+                    "dataset": shape.name, "class_name": task.normal_class, "split": "synthetic", "kind": source, "path": "",
+                    "task_id": task.task_id, "seed": seed, "source_index": np.arange(shape.synthetic_per_source)}))
+        synth = _normalise(pd.concat(synth_rows, ignore_index=True), next_id)
+        next_id += len(synth)
+        next_task += len(tasks)
+        image_parts += [rows, synth]
+        task_parts.append(tasks)
+        member_parts.append(members)
+        layout[shape.name] = {"real_ids": image_ids, "class": cls, "defect": defect, "synth": synth}
+    return (pd.concat(image_parts, ignore_index=True), pd.concat(task_parts, ignore_index=True),
+            pd.concat(member_parts, ignore_index=True), layout)
+
+
+def _embeddings_for(shape: DatasetShape, info: dict, tasks: pd.DataFrame, dim: int, rng: np.random.Generator) -> np.ndarray:
+    """Class-structured random features for one dataset: real rows, then synthetic rows."""
+    n_classes = len(shape.classes)
+    centers = rng.standard_normal((n_classes, dim), dtype=np.float32)
+    # how well this backbone separates each class: its noise level (varies per backbone and class)
+    quality = rng.uniform(0.5, 1.5) * rng.uniform(0.8, 1.25, size=n_classes).astype(np.float32)
+    noise = (0.9 * quality / np.sqrt(2.0)).astype(np.float32)
+    cls, defect = info["class"], info["defect"]
+    real = centers[cls] + noise[cls, None] * rng.standard_normal((len(cls), dim), dtype=np.float32)
+    if shape.protocol == "defect":
+        directions = rng.standard_normal((max(1, max(len(k.defects) for k in shape.classes)), dim), dtype=np.float32)
+        strength = rng.uniform(0.2, 0.6, size=directions.shape[0]).astype(np.float32)
+        bad = defect >= 0
+        real[bad] += strength[defect[bad], None] * directions[defect[bad]]
+    synth = info["synth"]
+    class_index = {k.name: c for c, k in enumerate(shape.classes)}
+    task_class = {t: class_index[name] for t, name in zip(tasks["task_id"], tasks["normal_class"])}
+    own = np.array([task_class[t] for t in synth["task_id"]])
+    kind = synth["kind"].to_numpy()
+    fake = centers[own] + noise[own, None] * rng.standard_normal((len(synth), dim), dtype=np.float32)
+    cut = kind == "cutpaste"
+    fake[cut] += rng.uniform(0.1, 0.5) * rng.standard_normal((int(cut.sum()), dim), dtype=np.float32)
+    dif = kind == "diffusion"
+    other = (own[dif] + rng.integers(1, max(2, n_classes), size=int(dif.sum()))) % n_classes
+    alpha = rng.uniform(0.2, 0.6, size=(int(dif.sum()), 1)).astype(np.float32)
+    fake[dif] += alpha * (centers[other] - centers[own[dif]])
+    aux = kind == "tinyimagenet"
+    fake[aux] = 1.3 * rng.standard_normal((int(aux.sum()), dim), dtype=np.float32)
+    return np.concatenate([real, fake])
+
+
+def make_paper_store(
+    path: str | os.PathLike,
+    *,
+    task_fraction: float = 1.0,
+    image_fraction: float = 1.0,
+    synthetic: int | None = None,
+    backbones: dict[str, tuple[int, int]] | None = None,
+    n_seed: int = 20,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Write a paper-shaped store of random, class-structured embeddings (see module docstring).
+
+    Returns a summary (images, tasks, bytes of embeddings, seconds).
+    """
+    from tqdm.auto import tqdm
+
+    from swsa_store import create_store, edit_store
+    from swsa_store.store import EmbeddingRowWriter, writer_lock
+    from swsa_store.tasks import VALIDATION_RULE, stable_seed
+
+    started = time.perf_counter()
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path} exists; remove it or pass another path")
+    backbones = backbones or PAPER_BACKBONES
+    shapes = paper_shapes(task_fraction, image_fraction, synthetic)
+    images, tasks, members, layout = _catalog_tables(shapes, n_seed, seed)
+    create_store(path)
+    with edit_store(path) as store:
+        store.replace_table("images", images)
+        store.replace_table("tasks", tasks, attrs={"validation_rule": VALIDATION_RULE, "benchmark": "paper-shaped random embeddings"})
+        store.replace_table("task_members", members)
+        for name, (dim, n_params) in backbones.items():
+            config = {"backbone": name, "feature_dim": dim, "n_params": n_params, "weights_kind": "synthetic-benchmark",
+                      "family": "resnet" if name.startswith("resnet") else "vit", "dtype": "float32"}
+            store.create_embeddings(name, dim, {"config": json.dumps(config), "weights_kind": "synthetic-benchmark"})
+    with writer_lock(path):
+        for name, (dim, _) in tqdm(list(backbones.items()), desc="make store", unit="backbone", disable=not progress):
+            with EmbeddingRowWriter(path, name) as writer:
+                for shape in shapes:
+                    info = layout[shape.name]
+                    rng = np.random.default_rng(stable_seed(seed, shape.name, name))
+                    features = _embeddings_for(shape, info, tasks[tasks["dataset"] == shape.name], dim, rng)
+                    ids = np.concatenate([info["real_ids"], info["synth"]["image_id"].to_numpy()])
+                    writer.write(ids, features, np.ones(len(ids), np.uint8))
+    n_bytes = sum(len(images) * dim * 4 for dim, _ in backbones.values())
+    return {"images": len(images), "tasks": len(tasks), "embedding_bytes": n_bytes,
+            "largest_matrix_bytes": len(images) * max(d for d, _ in backbones.values()) * 4,
+            "seconds": round(time.perf_counter() - started, 2)}
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def reference_sweep(store_path: str | os.PathLike, task_ids: list[int], k: int = 3, hardest=(10, 5)) -> dict:
+    """The same AUROCs as the sweep, computed the plain way, one task and candidate at a time:
+    scikit-learn ``NearestNeighbors`` for the kNN scores (leave-one-out: k + 1 neighbours, the
+    query's own row dropped), ``roc_auc_score`` for every AUROC, per out-class pair. Returns
+    ``{(task_id, candidate): {"real": [rest, closest], "synthetic": {source: auroc}}}`` and seconds."""
+    from sklearn.metrics import roc_auc_score
+    from sklearn.neighbors import NearestNeighbors
+
+    from swsa_store import open_store
+    from swsa_store.tasks import ROLE_HELDOUT, ROLE_REAL_ANOMALY, ROLE_REAL_NORMAL, ROLE_SEED
+
+    started = time.perf_counter()
+    results = {}
+    with open_store(store_path) as store:
+        images, members = store.images(), store.task_members()
+        for name in store.backbones():
+            features = store.embeddings(name)
+            for task_id in task_ids:
+                mine = members[members["task_id"] == task_id]
+                ids = {role: np.sort(mine.loc[mine["role"] == role, "image_id"].to_numpy())
+                       for role in (ROLE_SEED, ROLE_HELDOUT, ROLE_REAL_NORMAL, ROLE_REAL_ANOMALY)}
+                support = np.union1d(ids[ROLE_SEED], ids[ROLE_HELDOUT])
+                index = NearestNeighbors(n_neighbors=k).fit(features[support].astype(np.float64))
+
+                def knn(rows):
+                    distances, _ = index.kneighbors(features[rows].astype(np.float64))
+                    return (distances ** 2).sum(axis=1)
+
+                normal, anomaly = knn(ids[ROLE_REAL_NORMAL]), knn(ids[ROLE_REAL_ANOMALY])
+                groups = mine.loc[mine["role"] == ROLE_REAL_ANOMALY].sort_values("image_id")["group"].to_numpy()
+                labels = np.r_[np.zeros(len(normal)), np.ones(len(anomaly))]
+                rest = roc_auc_score(labels, np.r_[normal, anomaly])
+                per_group = [roc_auc_score(np.r_[np.zeros(len(normal)), np.ones((groups == g).sum())],
+                                           np.r_[normal, anomaly[groups == g]]) for g in np.unique(groups)]
+                # leave-one-out: ask for k + 1 neighbours and drop the query's own bank row
+                distances, neighbours = NearestNeighbors(n_neighbors=k + 1).fit(features[support].astype(np.float64)).kneighbors(
+                    features[ids[ROLE_HELDOUT]].astype(np.float64))
+                own = support[neighbours] == ids[ROLE_HELDOUT][:, None]
+                keep = ~own & (np.cumsum(~own, axis=1) <= k)
+                heldout_scores = np.where(keep, distances ** 2, 0.0).sum(axis=1)
+                synthetic = {}
+                task_synth = images[(images["task_id"] == task_id) & (images["kind"] != "real")]
+                for source, rows in task_synth.groupby("kind"):
+                    scores = knn(rows["image_id"].to_numpy())
+                    synthetic[source] = roc_auc_score(np.r_[np.zeros(len(heldout_scores)), np.ones(len(scores))],
+                                                      np.r_[heldout_scores, scores])
+                    for n in hardest:
+                        hard = np.sort(scores)[:n]
+                        synthetic[f"{source}@hard{n}"] = roc_auc_score(
+                            np.r_[np.zeros(len(heldout_scores)), np.ones(len(hard))], np.r_[heldout_scores, hard])
+                results[(task_id, name)] = {"real": [rest, min(per_group)], "synthetic": synthetic}
+    return {"results": results, "seconds": time.perf_counter() - started}
+
+
+def reference_kendall(cube, task_rows: np.ndarray) -> tuple[np.ndarray, float]:
+    """Per task and source: ``scipy.stats.kendalltau`` of synthetic vs real AUROC (one-vs-rest)."""
+    from scipy.stats import kendalltau
+
+    started = time.perf_counter()
+    out = np.full((len(task_rows), len(cube.sources)), np.nan)
+    for i, t in enumerate(task_rows):
+        for v in range(len(cube.sources)):
+            out[i, v] = kendalltau(cube.synthetic[t, :, v], cube.real[t, :, 0]).statistic
+    return out, time.perf_counter() - started
+
+
+# --------------------------------------------------------------------------- timing helpers
+
+
+def matmul_peak_gflops(dtype: str = "float64", n: int = 2048, repeats: int = 3) -> float:
+    """The machine's measured matrix-multiply rate (best of ``repeats``) in GFLOP/s."""
+    import torch
+
+    a = torch.randn(n, n, dtype=getattr(torch, dtype))
+    b = torch.randn(n, n, dtype=getattr(torch, dtype))
+    torch.matmul(a, b)
+    best = np.inf
+    for _ in range(repeats):
+        started = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - started)
+    return 2.0 * n ** 3 / best / 1e9
+
+
+def _sweep_subprocess(store: Path, task_fraction: float | None, device: str) -> dict:
+    """Run the sweep in a fresh process, so its peak memory is its own."""
+    command = [sys.executable, "-m", "swsa_engine.bench", "--_sweep", str(store), "--device", device]
+    if task_fraction is not None:
+        command += ["--task-fraction", str(task_fraction)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"sweep subprocess failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _sweep_worker(store: str, task_fraction: float | None, device: str) -> None:
+    from swsa_store import open_store
+
+    from .sweep import run_sweep
+
+    task_ids = None
+    if task_fraction is not None:
+        with open_store(store) as s:
+            tasks = s.tasks()
+        # the same fraction of every dataset's tasks
+        task_ids = np.concatenate([rows["task_id"].to_numpy()[: max(1, int(round(len(rows) * task_fraction)))]
+                                   for _, rows in tasks.groupby("dataset")])
+    started = time.perf_counter()
+    cube = run_sweep(store, device=device, progress=False, save=task_fraction is None, task_ids=task_ids)
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"seconds": seconds, "sweep_seconds": cube.config["seconds"], "read_seconds": cube.config["read_seconds"],
+                      "knn_flops": cube.config["knn_flops"], "peak_rss_bytes": peak, "tasks": len(cube.tasks)}))
+
+
+def run_bench(
+    store: str | os.PathLike,
+    *,
+    make: bool = True,
+    task_fraction: float = 1.0,
+    image_fraction: float = 1.0,
+    reference_tasks: int = 2,
+    device: str = "cpu",
+    out: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict:
+    """Build (or reuse) a paper-shaped store and time the sweep, a new strategy and the reference.
+
+    ``reference_tasks`` tasks per dataset are recomputed naively; their cost is extrapolated to
+    all tasks. Returns the figures (also written as JSON to ``out`` when given).
+    """
+    from .selection import create_strategy, evaluate_weights, as_weights, register_strategy, selection_table, STRATEGIES
+    from .sweep import AurocCube
+
+    store = Path(store)
+    figures: dict = {"machine": {"cpu_count": os.cpu_count()}}
+    if not store.exists():
+        if not make:
+            raise FileNotFoundError(f"bench store {store} does not exist; run `swsa bench --make-store {store}`")
+        figures["make_store"] = make_paper_store(store, task_fraction=task_fraction, image_fraction=image_fraction,
+                                                 progress=progress)
+    figures["store_bytes"] = store.stat().st_size
+    with open(store, "rb") as handle:  # warm the page cache: the targets are for a warm store
+        while handle.read(64 << 20):
+            pass
+    if progress:
+        print("[bench] full sweep ...", flush=True)
+    figures["sweep"] = _sweep_subprocess(store, None, device)
+    if progress:
+        print("[bench] half of the tasks ...", flush=True)
+    figures["sweep_half_tasks"] = _sweep_subprocess(store, 0.5, device)
+    cube = AurocCube.load(store)
+    largest_dim = max(int(d) for d in cube.candidates["feature_dim"])
+    figures["largest_matrix_bytes"] = int(largest_dim * _n_images(store) * 4)
+    figures["memory_budget_bytes"] = 2 * figures["largest_matrix_bytes"] + (1 << 30)
+
+    # a new strategy over the cached cube
+    if "bench_median_synthetic" not in STRATEGIES:
+        @register_strategy("bench_median_synthetic")
+        def _median(**_):
+            return lambda ctx: np.nanmedian(ctx.synthetic_base, axis=2).argmax(axis=1)
+    started = time.perf_counter()
+    table = selection_table(cube, [("median of sources", "bench_median_synthetic", {})])
+    figures["new_strategy_ms"] = 1000 * (time.perf_counter() - started)
+    figures["new_strategy_rows"] = len(table)
+    started = time.perf_counter()
+    full = selection_table(cube)
+    figures["table1_ms"] = 1000 * (time.perf_counter() - started)
+
+    # the naive reference on a sample of tasks
+    sample = np.concatenate([rows["task_id"].to_numpy()[:reference_tasks] for _, rows in cube.tasks.groupby("dataset")])
+    if progress:
+        print(f"[bench] reference loops on {len(sample)} tasks ...", flush=True)
+    reference = reference_sweep(store, list(map(int, sample)), k=cube.config["k"], hardest=tuple(cube.config["hardest"]))
+    row_of = {int(t): i for i, t in enumerate(cube.tasks["task_id"])}
+    names = cube.candidate_names
+    max_diff = 0.0
+    for (task_id, name), ref in reference["results"].items():
+        t, c = row_of[task_id], names.index(name)
+        max_diff = max(max_diff, float(np.max(np.abs(np.array(ref["real"]) - cube.real[t, c]))))
+        for source, value in ref["synthetic"].items():
+            max_diff = max(max_diff, abs(value - cube.synthetic[t, c, cube.sources.index(source)]))
+    from .metrics import kendall_tau
+
+    rows = np.array([row_of[int(t)] for t in sample])
+    ref_tau, kendall_seconds = reference_kendall(cube, rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # constant AUROC rows: NaN in both implementations
+        ours_tau, _ = kendall_tau(cube.synthetic[rows].transpose(0, 2, 1), np.broadcast_to(cube.real[rows, :, 0][:, None, :], (len(rows), len(cube.sources), len(names))))
+    tau_diff = float(np.nanmax(np.abs(ref_tau - ours_tau)))
+    per_task = (reference["seconds"] + kendall_seconds) / len(sample)
+    figures["reference"] = {
+        "tasks_sampled": int(len(sample)), "seconds": reference["seconds"] + kendall_seconds,
+        "seconds_per_task": per_task, "extrapolated_seconds": per_task * len(cube.tasks),
+        "max_abs_auroc_difference": max_diff, "max_abs_tau_difference": tau_diff,
+    }
+    sweep_seconds = figures["sweep"]["seconds"]
+    figures["speedup"] = figures["reference"]["extrapolated_seconds"] / sweep_seconds
+    figures["knn_gflops"] = figures["sweep"]["knn_flops"] / max(1e-9, sweep_seconds - figures["sweep"]["read_seconds"]) / 1e9
+    figures["matmul_peak_gflops"] = {"float64": matmul_peak_gflops("float64"), "float32": matmul_peak_gflops("float32")}
+    figures["tasks"] = len(cube.tasks)
+    figures["candidates"] = len(names)
+    figures["sources"] = len(cube.sources)
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_text(json.dumps(figures, indent=2, default=float))
+        full.to_csv(out / "table1.csv", index=False)
+    return figures
+
+
+def _n_images(store: Path) -> int:
+    from swsa_store import open_store
+
+    with open_store(store) as s:
+        return s.n_images
+
+
+def format_figures(figures: dict) -> str:
+    """The bench result as a short, human-readable table."""
+    gib = 1 << 30
+    sweep, half, ref = figures["sweep"], figures["sweep_half_tasks"], figures["reference"]
+    lines = [
+        f"tasks {figures['tasks']} × candidates {figures['candidates']} × synthetic sources {figures['sources']} (+ real, 2 settings)",
+        f"full sweep (warm store, fresh process): {sweep['seconds']:.1f} s  (reading embeddings {sweep['read_seconds']:.1f} s)",
+        f"half of the tasks ({half['tasks']}):        {half['seconds']:.1f} s  → cost per task {sweep['seconds'] / sweep['tasks'] * 1000:.0f} ms (full) vs {half['seconds'] / half['tasks'] * 1000:.0f} ms (half)",
+        f"new strategy over the cached cube: {figures['new_strategy_ms']:.1f} ms for {figures['tasks']} tasks (whole Table 1: {figures['table1_ms']:.0f} ms)",
+        f"reference loops: {ref['seconds_per_task']:.2f} s per task on {ref['tasks_sampled']} sampled tasks → "
+        f"{ref['extrapolated_seconds'] / 60:.1f} min extrapolated; speed-up {figures['speedup']:.0f}×",
+        f"same numbers: max |AUROC difference| {ref['max_abs_auroc_difference']:.2e}, max |tau difference| {ref['max_abs_tau_difference']:.2e}",
+        f"kNN: {figures['knn_gflops']:.1f} GFLOP/s vs measured matmul peak {figures['matmul_peak_gflops']['float64']:.1f} GFLOP/s (float64), "
+        f"{figures['matmul_peak_gflops']['float32']:.1f} (float32)",
+        f"peak memory of the sweep: {sweep['peak_rss_bytes'] / gib:.2f} GiB (budget 2 × largest matrix + 1 GiB = "
+        f"{figures['memory_budget_bytes'] / gib:.2f} GiB)",
+    ]
+    return "\n".join(lines)
+
+
+def _main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--_sweep", dest="sweep_store")
+    parser.add_argument("--task-fraction", type=float, default=None)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    _sweep_worker(args.sweep_store, args.task_fraction, args.device)
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,574 @@
+"""SWSA over CLIP prompts and BLISS settings: AUROC cubes whose candidates are prompts.
+
+Same tasks, same real validation sets (one-vs-rest and one-vs-closest) and same synthetic
+validation sets (held-out normals vs each source's anomalies, plus the N hardest) as the kNN
+sweep (:mod:`swsa_engine.sweep`), evaluated by the same :func:`~swsa_engine.metrics.auroc` and
+:func:`~swsa_engine.sweep.grouped_auroc`, stored as the same :class:`~swsa_engine.sweep.AurocCube`:
+
+* ``/results/prompt_cube``: candidates ``prompt01`` … ``prompt10`` (the prompt set's template
+  pairs, ``prompt01`` the default) and ``ensemble`` (the prompt ensemble baseline), scored with
+  the zero-shot two-prompt logit :func:`~swsa_engine.clip_scores.two_prompt_logit`. Selection
+  (SWSA, default prompt, oracle) runs over the ten prompts; the ensemble is reported beside them.
+* ``/results/bliss_cube``: candidates ``bliss_l<λ>_k<K>`` for the λ × K grid.
+
+Every score is one batched array expression over a chunk of tasks and all their images: the
+prompt logits are one matrix product ``Ẑ · (s·(t̂_a − t̂_n))`` for every template at once; BLISS
+finds each image's top dictionary entries once (for the largest K) and standardises them with
+per-task statistics gathered in one indexing operation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+
+import numpy as np
+import pandas as pd
+
+from .clip_scores import DEFAULT_EPS, bliss_from_similarities, l2_normalize, prompt_ensemble, topk_similarities
+from .loader import TaskGroup, build_task_groups
+from .metrics import UndefinedMetricWarning, auroc
+from .sweep import SETTINGS, AurocCube, grouped_auroc, hard_source_name
+
+log = logging.getLogger(__name__)
+
+PROMPT_CUBE = "prompt_cube"
+BLISS_CUBE = "bliss_cube"
+ENSEMBLE = "ensemble"
+BLISS_LAMBDAS = (0.1, 0.25, 0.5, 0.75, 1.0, 2.0)
+BLISS_KS = (1, 5, 10, 20)
+BLISS_DEFAULT = (0.5, 10)
+
+
+def prompt_name(j: int) -> str:
+    return f"prompt{j + 1:02d}"
+
+
+def bliss_name(lam: float, k: int) -> str:
+    return f"bliss_l{lam:g}_k{int(k)}"
+
+
+# --------------------------------------------------------------------------------------------
+# the generic cube builder: a scorer gives (T, C, Q) scores for any query ids
+# --------------------------------------------------------------------------------------------
+
+
+def _support_position(heldout: np.ndarray, support: np.ndarray) -> np.ndarray:
+    """(T, H) position of each held-out id in its task's support row (−1 if absent / padding)."""
+    match = (heldout[:, :, None] == support[:, None, :]) & (heldout[:, :, None] >= 0)
+    return np.where(match.any(axis=2), match.argmax(axis=2), -1)
+
+
+def _auroc_quiet(scores, labels, mask):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        return auroc(scores, labels, mask=mask)
+
+
+def _guard(scores: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Replace non-finite scores by 0 and report (T, C) cells that had one among included entries."""
+    bad = (~np.isfinite(scores) & mask).any(axis=-1)
+    return np.where(np.isfinite(scores), scores, 0.0), bad
+
+
+def score_group_candidates(scorer, group: TaskGroup, usable: np.ndarray, sources: list[str], n_candidates: int, *,
+                           hardest=(10, 5), chunk_bytes: int = 256 << 20) -> dict:
+    """AUROCs of every candidate for the tasks of one dataset, chunked over tasks.
+
+    ``scorer(rows, query_ids, exclude)`` → ``(len(rows), C, Q)`` scores (higher = more anomalous):
+    ``rows`` index the group's tasks, ``query_ids`` is ``(Q,)`` (shared by the rows) or
+    ``(len(rows), Q)`` (−1 padding; scores there are ignored), ``exclude`` ``(len(rows), Q)`` the
+    position in the task's support row to leave out for that query (−1: none), or ``None``.
+    """
+    n_tasks, n_groups = len(group.task_ids), len(group.group_names)
+    n_hard = len(hardest) * len(sources)
+    out = {"real": np.full((n_tasks, n_candidates, 2), np.nan),
+           "synthetic": np.full((n_tasks, n_candidates, len(sources) + n_hard), np.nan),
+           "per_class": np.full((n_tasks, n_candidates, n_groups), np.nan), "skips": []}
+
+    def keep(ids):
+        return np.where((ids >= 0) & usable[np.maximum(ids, 0)], ids, -1)
+
+    support = keep(group.support)
+    heldout = keep(group.heldout)
+    real_ok = usable[group.real_ids]
+    real_ids = group.real_ids[real_ok]
+    parts = [heldout] + [keep(group.synthetic[s]) if s in group.synthetic else np.full((n_tasks, 0), -1) for s in sources]
+    widths = [p.shape[1] for p in parts]
+    offsets = np.cumsum([0] + widths)
+    queries = np.concatenate(parts, axis=1)
+    exclude = np.full(queries.shape, -1, dtype=np.int64)
+    exclude[:, : widths[0]] = _support_position(heldout, support)
+    per_task = max(1, n_candidates * (len(real_ids) + queries.shape[1]) * 8 * 12)
+    chunk = max(1, chunk_bytes // per_task)
+    for lo in range(0, n_tasks, chunk):
+        rows = np.arange(lo, min(lo + chunk, n_tasks))
+        # ---- real validation
+        labels = np.where(real_ok[None, :], group.real_label[rows], -1)[:, real_ok].astype(np.int8)
+        scores = scorer(rows, real_ids, None)
+        mask = np.broadcast_to((labels >= 0)[:, None, :], scores.shape)
+        scores, bad = _guard(scores, mask)
+        real_rest = _auroc_quiet(scores, (labels == 1)[:, None, :], mask)
+        per_class = grouped_auroc(scores.reshape(-1, scores.shape[-1]), np.repeat(labels, n_candidates, axis=0),
+                                  np.repeat(group.real_group[rows][:, real_ok], n_candidates, axis=0), n_groups)
+        per_class = per_class.reshape(len(rows), n_candidates, n_groups)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            closest = np.nanmin(per_class, axis=2) if n_groups else np.full(real_rest.shape, np.nan)
+        real_rest[bad], closest[bad] = np.nan, np.nan
+        per_class[bad] = np.nan
+        out["real"][rows, :, 0], out["real"][rows, :, 1], out["per_class"][rows] = real_rest, closest, per_class
+        # ---- synthetic validation
+        q = queries[rows]
+        if q.shape[1] == 0:
+            continue
+        synth = scorer(rows, q, exclude[rows])
+        qmask = np.broadcast_to((q >= 0)[:, None, :], synth.shape)
+        synth, bad_s = _guard(synth, qmask)
+        normal_scores, normal_mask = synth[..., offsets[0]: offsets[1]], qmask[..., offsets[0]: offsets[1]]
+        columns, hard_columns = [], []
+        for index, _ in enumerate(sources):
+            a = synth[..., offsets[index + 1]: offsets[index + 2]]
+            am = qmask[..., offsets[index + 1]: offsets[index + 2]]
+            columns.append(_two_part(normal_scores, normal_mask, a, am))
+            ordered = np.sort(np.where(am, a, np.inf), axis=-1)
+            for n in hardest:
+                hard = ordered[..., :n]
+                hard_columns.append(_two_part(normal_scores, normal_mask, np.where(np.isfinite(hard), hard, 0.0),
+                                              np.isfinite(hard)))
+        if columns:
+            values = np.stack(columns + hard_columns, axis=-1)
+            values[bad_s] = np.nan
+            out["synthetic"][rows] = values
+        for r in rows[(bad.any(axis=1) | bad_s.any(axis=1))]:
+            out["skips"].append((int(group.task_ids[r]), "non-finite scores (too few usable support images?)"))
+    return out
+
+
+def _two_part(normal_scores, normal_mask, anomaly_scores, anomaly_mask) -> np.ndarray:
+    scores = np.concatenate([np.where(normal_mask, normal_scores, 0.0), np.where(anomaly_mask, anomaly_scores, 0.0)], axis=-1)
+    labels = np.concatenate([np.zeros(normal_scores.shape, bool), np.ones(anomaly_scores.shape, bool)], axis=-1)
+    return _auroc_quiet(scores, labels, np.concatenate([normal_mask, anomaly_mask], axis=-1))
+
+
+def build_cube(scorer_for_group, groups: list[TaskGroup], tasks: pd.DataFrame, usable: np.ndarray,
+               candidates: pd.DataFrame, *, hardest=(10, 5), config: dict | None = None) -> AurocCube:
+    """Assemble an :class:`AurocCube` over ``groups``; ``scorer_for_group(group)`` returns a scorer."""
+    base_sources = sorted({s for g in groups for s in g.synthetic})
+    sources = base_sources + [hard_source_name(s, n) for s in base_sources for n in hardest]
+    ordered = pd.concat([tasks.set_index("task_id").loc[g.task_ids, ["dataset", "normal_class"]] for g in groups]).reset_index()
+    n_tasks, n_cand = len(ordered), len(candidates)
+    max_groups = max(len(g.group_names) for g in groups)
+    real = np.full((n_tasks, n_cand, 2), np.nan)
+    synthetic = np.full((n_tasks, n_cand, len(sources)), np.nan)
+    per_class = np.full((n_tasks, n_cand, max_groups), np.nan)
+    class_names = np.full((n_tasks, max_groups), "", dtype=object)
+    skips = []
+    offsets = np.cumsum([0] + [len(g.task_ids) for g in groups])
+    for g, group in enumerate(groups):
+        span = slice(offsets[g], offsets[g + 1])
+        class_names[span, : len(group.group_names)] = group.group_names
+        result = score_group_candidates(scorer_for_group(group), group, usable, base_sources, n_cand, hardest=hardest)
+        real[span], synthetic[span] = result["real"], result["synthetic"]
+        per_class[span, :, : len(group.group_names)] = result["per_class"]
+        skips += [(t, "*", reason) for t, reason in result["skips"]]
+    config = dict(config or {})
+    config.update({"hardest": list(hardest), "base_sources": base_sources})
+    return AurocCube(tasks=ordered[["task_id", "dataset", "normal_class"]], candidates=candidates.reset_index(drop=True),
+                     sources=sources, real=real, synthetic=synthetic, per_class=per_class, class_names=class_names,
+                     skips=pd.DataFrame(skips, columns=["task_id", "candidate", "reason"]), config=config)
+
+
+# --------------------------------------------------------------------------------------------
+# scorers
+# --------------------------------------------------------------------------------------------
+
+
+def prompt_directions(normal: np.ndarray, anomaly: np.ndarray, logit_scale: float, ensemble: bool = True) -> np.ndarray:
+    """``(T, P, D)`` normal and anomaly template embeddings → ``(T, P[+1], D)`` scaled directions
+    ``s·(t̂_a − t̂_n)`` (the last one the prompt ensemble's), so that a score is ``ẑ · w``."""
+    tn, ta = l2_normalize(np.asarray(normal, np.float64)), l2_normalize(np.asarray(anomaly, np.float64))
+    if ensemble:
+        tn = np.concatenate([tn, prompt_ensemble(tn)[:, None]], axis=1)
+        ta = np.concatenate([ta, prompt_ensemble(ta)[:, None]], axis=1)
+    return float(logit_scale) * (ta - tn)
+
+
+def prompt_scorer(features_unit: np.ndarray, directions: np.ndarray):
+    """Scorer for :func:`score_group_candidates`: directions ``(T, C, D)`` of the group's tasks."""
+
+    def score(rows, query_ids, exclude):
+        w = directions[rows]
+        if query_ids.ndim == 1:
+            return np.einsum("qd,tcd->tcq", features_unit[query_ids].astype(np.float64), w, optimize=True)
+        z = features_unit[np.maximum(query_ids, 0)].astype(np.float64)
+        return np.einsum("tqd,tcd->tcq", z, w, optimize=True)
+
+    return score
+
+
+def bliss_scorer(features_unit: np.ndarray, topv: np.ndarray, topi: np.ndarray, dictionary_unit: np.ndarray,
+                 class_text: np.ndarray, support: np.ndarray, usable: np.ndarray, *, lambdas=BLISS_LAMBDAS,
+                 ks=BLISS_KS, eps: float = DEFAULT_EPS, ddof: int = 0):
+    """Scorer for :func:`score_group_candidates`: one normal class per task.
+
+    ``topv``/``topi`` ``(N, K0)``: every image's top dictionary similarities; ``class_text`` ``(T, D)``
+    the group's class prompts; ``support`` ``(T, S)`` the group's support ids (−1 padding).
+    Candidates are ordered λ-major: ``[(λ0, K0), (λ0, K1), ..., (λ1, K0), ...]``.
+    """
+    support = np.where((support >= 0) & usable[np.maximum(support, 0)], support, -1)
+    cache: dict = {}
+
+    def stats(rows):
+        key = (int(rows[0]), int(rows[-1]), len(rows))
+        if key not in cache:
+            cache.clear()
+            s_ids = support[rows]
+            s_mask = s_ids >= 0
+            z = features_unit[np.maximum(s_ids, 0)].astype(np.float64)  # (B, S, D)
+            c = class_text[rows].astype(np.float64)  # (B, D)
+            sims = z @ dictionary_unit.T  # (B, S, M)
+            w = s_mask[..., None]
+            count = s_mask.sum(axis=1)[:, None]
+            total = np.where(w, sims, 0.0).sum(axis=1)[:, None]
+            squares = np.where(w, sims * sims, 0.0).sum(axis=1)[:, None]
+            support_class = np.einsum("bsd,bd->bs", z, c)[:, None]
+            cache[key] = (c, support_class, s_mask[:, None], count, total, squares)
+        return cache[key]
+
+    def score(rows, query_ids, exclude):
+        c, support_class, s_mask, count, total, squares = stats(rows)
+        ids = np.maximum(query_ids, 0)
+        z = features_unit[ids].astype(np.float64)
+        if query_ids.ndim == 1:
+            query_class = (c @ z.T)[:, None]  # (B, 1, Q)
+        else:
+            query_class = np.einsum("bqd,bd->bq", z, c)[:, None]
+        out = bliss_from_similarities(query_class, topv[ids], topi[ids], support_class, s_mask, count, total, squares,
+                                      ks=ks, lambdas=lambdas, eps=eps, ddof=ddof,
+                                      exclude=None if exclude is None else exclude[:, None])
+        score_grid = out["score"]  # (L, KK, B, Q)
+        n_l, n_k, n_b, n_q = score_grid.shape
+        return score_grid.transpose(2, 0, 1, 3).reshape(n_b, n_l * n_k, n_q)
+
+    return score
+
+
+# --------------------------------------------------------------------------------------------
+# from a store
+# --------------------------------------------------------------------------------------------
+
+
+def _text_model(store, model: str | None) -> str:
+    held = store.text_models()
+    if model is None:
+        if len(held) != 1:
+            raise ValueError(f"store {store.path} holds text embeddings of {held or 'no model'}; pass --model "
+                             f"(run `swsa embed-text` first if none)")
+        return held[0]
+    name = model.replace("/", "-")
+    if name not in held:
+        raise ValueError(f"store {store.path} has no text embeddings of {model!r} (held: {held or 'none'}); "
+                         f"run `swsa embed-text --store {store.path} --model {model}`")
+    return name
+
+
+def _inputs(store_path, model):
+    from swsa_store import StoreError, open_store
+    from swsa_store.store import DONE_TODO, DONE_WRITTEN
+
+    with open_store(store_path) as store:
+        name = _text_model(store, model)
+        images, tasks, members = store.images(), store.tasks(), store.task_members()
+        if name not in store.backbones():
+            raise StoreError(f"store {store_path} has no image embeddings {name!r}; run `swsa embed --store {store_path} "
+                             f"--backbone {name.replace('clip-', 'clip/', 1)}`")
+        done, features = store.done_mask(name), store.embeddings(name)
+        info = store.embedding_attrs(name).get("config", {})
+    usable_images = (images["status"] == "ok").to_numpy()
+    pending = np.flatnonzero(usable_images & (done == DONE_TODO))
+    if pending.size:
+        raise StoreError(f"image embeddings {name!r} are incomplete: {pending.size} images still to embed")
+    usable = usable_images & (done == DONE_WRITTEN) & np.isfinite(features).all(axis=1)
+    groups = build_task_groups(images, tasks, members)
+    if not groups:
+        raise ValueError(f"store {store_path} has no scoreable tasks")
+    unit = l2_normalize(np.where(usable[:, None], features, 0.0).astype(np.float32))
+    return name, tasks, groups, unit, usable, info
+
+
+def _per_task_text(text, task_ids: np.ndarray, n_templates: int) -> tuple[np.ndarray, np.ndarray]:
+    """(T, P, D) normal and anomaly embeddings for ``task_ids`` from a prompt-set table."""
+    table = text.table
+    dim = text.embeddings.shape[1]
+    out = np.full((2, len(task_ids), n_templates, dim), np.nan, dtype=np.float64)
+    position = pd.Series(np.arange(len(task_ids)), index=task_ids)
+    mine = table[table["task_id"].isin(task_ids)]
+    out[mine["side"].to_numpy(np.int64), position.loc[mine["task_id"]].to_numpy(), mine["template"].to_numpy(np.int64)] = \
+        text.embeddings[mine["row"].to_numpy(np.int64)]
+    if np.isnan(out).any():
+        missing = sorted(set(task_ids) - set(mine["task_id"]))[:5]
+        raise ValueError(f"prompt set {text.attrs.get('prompt_set')!r} lacks prompts of tasks {missing}...; "
+                         "re-run `swsa embed-text` after adding tasks")
+    return out[0], out[1]
+
+
+def run_prompt_sweep(store_path: str | os.PathLike, *, model: str | None = None, prompt_set: str = "paper",
+                     hardest=(10, 5), save: bool = True) -> AurocCube:
+    """The prompt cube (``prompt01``… and ``ensemble``) for every task; saved as ``/results/prompt_cube``."""
+    from swsa_store import open_store
+
+    started = time.perf_counter()
+    name, tasks, groups, unit, usable, info = _inputs(store_path, model)
+    with open_store(store_path) as store:
+        text = store.text_embeddings(name, prompt_set)
+    n_templates = int(text.attrs.get("n_templates") or (text.table["template"].max() + 1))
+    logit_scale = float(text.attrs.get("logit_scale", 100.0))
+    templates = json.loads(text.attrs["templates"]) if isinstance(text.attrs.get("templates"), str) else text.attrs.get("templates", {})
+    first = next(iter(templates.values()), [["", ""]] * n_templates) if templates else [["", ""]] * n_templates
+
+    def scorer_for(group):
+        normal, anomaly = _per_task_text(text, group.task_ids, n_templates)
+        return prompt_scorer(unit, prompt_directions(normal, anomaly, logit_scale))
+
+    candidates = pd.DataFrame({
+        "name": [prompt_name(j) for j in range(n_templates)] + [ENSEMBLE],
+        "n_params": 0, "feature_dim": unit.shape[1], "weights_kind": str(info.get("weights_kind", "unknown")),
+        "family": ["prompt"] * n_templates + ["ensemble"],
+        "template": [f"{p[0]} | {p[1]}" for p in first] + ["mean of the templates' embeddings"],
+    })
+    cube = build_cube(scorer_for, groups, tasks, usable, candidates, hardest=hardest,
+                      config={"model": name, "prompt_set": prompt_set, "logit_scale": logit_scale,
+                              "score": "two-prompt logit s*(cos(z,t_a)-cos(z,t_n))", "kind": "prompts"})
+    cube.config["seconds"] = round(time.perf_counter() - started, 3)
+    if save:
+        cube.save(store_path, PROMPT_CUBE)
+    return cube
+
+
+def run_bliss_sweep(store_path: str | os.PathLike, *, model: str | None = None, lambdas=BLISS_LAMBDAS, ks=BLISS_KS,
+                    eps: float = DEFAULT_EPS, ddof: int = 0, hardest=(10, 5), save: bool = True) -> AurocCube:
+    """The BLISS cube over the λ × K grid for every task; saved as ``/results/bliss_cube``."""
+    from swsa_store import open_store
+
+    started = time.perf_counter()
+    name, tasks, groups, unit, usable, info = _inputs(store_path, model)
+    with open_store(store_path) as store:
+        classes = store.text_embeddings(name, "bliss")
+        dictionary = store.text_embeddings(name, "dictionary")
+    cube = bliss_cube_from_arrays(unit, usable, groups, tasks, classes_by_task(classes),
+                                  dictionary.embeddings, lambdas=lambdas, ks=ks, eps=eps, ddof=ddof, hardest=hardest,
+                                  weights_kind=str(info.get("weights_kind", "unknown")))
+    cube.config.update({"model": name, "dictionary_size": len(dictionary.strings), "seconds": round(time.perf_counter() - started, 3)})
+    if save:
+        cube.save(store_path, BLISS_CUBE)
+    return cube
+
+
+def classes_by_task(text) -> dict[int, np.ndarray]:
+    """{task_id: class-prompt embedding} from the ``bliss`` prompt set."""
+    return {int(t): text.embeddings[int(r)] for t, r in zip(text.table["task_id"], text.table["row"])}
+
+
+def bliss_cube_from_arrays(unit, usable, groups, tasks, class_text: dict, dictionary, *, lambdas=BLISS_LAMBDAS,
+                           ks=BLISS_KS, eps=DEFAULT_EPS, ddof=0, hardest=(10, 5), weights_kind="unknown") -> AurocCube:
+    """The BLISS cube from in-memory arrays (normalised image features ``unit`` (N, D))."""
+    dictionary_unit = l2_normalize(np.asarray(dictionary, np.float64))
+    topv = np.zeros((len(unit), max(ks)))
+    topi = np.zeros((len(unit), max(ks)), dtype=np.int64)
+    rows = np.flatnonzero(usable)
+    topv[rows], topi[rows] = topk_similarities(unit[rows], dictionary_unit, max(ks))
+
+    def scorer_for(group):
+        text = l2_normalize(np.stack([class_text[int(t)] for t in group.task_ids]).astype(np.float64))
+        return bliss_scorer(unit, topv, topi, dictionary_unit, text, group.support, usable, lambdas=lambdas, ks=ks,
+                            eps=eps, ddof=ddof)
+
+    names = [bliss_name(lam, k) for lam in lambdas for k in ks]
+    candidates = pd.DataFrame({"name": names, "n_params": 0, "feature_dim": unit.shape[1], "weights_kind": weights_kind,
+                               "family": "bliss", "lam": [float(lam) for lam in lambdas for _ in ks],
+                               "k": [int(k) for _ in lambdas for k in ks]})
+    return build_cube(scorer_for, groups, tasks, usable, candidates, hardest=hardest,
+                      config={"kind": "bliss", "lambdas": list(map(float, lambdas)), "ks": list(map(int, ks)), "eps": eps,
+                              "ddof": ddof, "default": bliss_name(*BLISS_DEFAULT)})
+
+
+# --------------------------------------------------------------------------------------------
+# tables
+# --------------------------------------------------------------------------------------------
+
+
+def subcube(cube: AurocCube, names: list[str]) -> AurocCube:
+    """The cube restricted to the candidates ``names`` (in that order)."""
+    index = [cube.candidate_names.index(n) for n in names]
+    skips = cube.skips[cube.skips["candidate"].isin(names + ["*"])] if len(cube.skips) else cube.skips
+    return AurocCube(tasks=cube.tasks, candidates=cube.candidates.iloc[index].reset_index(drop=True), sources=cube.sources,
+                     real=cube.real[:, index], synthetic=cube.synthetic[:, index], per_class=cube.per_class[:, index],
+                     class_names=cube.class_names, skips=skips, config=cube.config)
+
+
+def _swsa_rows(cube: AurocCube) -> list:
+    base = cube.config.get("base_sources", [s for s in cube.sources if "@" not in s])
+    return [(f"SWSA ({source})", "swsa", {"source": source}) for source in base]
+
+
+def prompt_selection_table(cube: AurocCube) -> pd.DataFrame:
+    """Table 1's prompt-selection rows per dataset × setting: default prompt, prompt ensemble,
+    SWSA per synthetic source, best prompt (oracle) — selection over the single prompts.
+
+    The ensemble is not a pick among the prompts; its ``picks`` count the tasks where it is at
+    least as good as the best single prompt.
+    """
+    from .selection import selection_table
+
+    prompts = [n for n in cube.candidate_names if n != ENSEMBLE]
+    single = subcube(cube, prompts)
+    strategies = [("Default prompt", "fixed", {"candidate": prompts[0]})] + _swsa_rows(single) + \
+                 [("Best prompt (oracle)", "oracle", {})]
+    table = selection_table(single, strategies)
+    if ENSEMBLE not in cube.candidate_names:
+        return table
+    e = cube.candidate_names.index(ENSEMBLE)
+    index = [cube.candidate_names.index(n) for n in prompts]
+    extra = []
+    for dataset in sorted(cube.tasks["dataset"].unique()):
+        rows = np.flatnonzero(cube.tasks["dataset"].to_numpy() == dataset)
+        for s, setting in enumerate(SETTINGS):
+            ens, real = cube.real[rows, e, s], cube.real[rows][:, index, s]
+            defined = np.isfinite(ens) & np.isfinite(real).all(axis=1)
+            n = int(defined.sum())
+            best = real[defined].max(axis=1) if n else np.array([])
+            extra.append({"dataset": dataset, "setting": setting, "strategy": "Prompt ensemble",
+                          "picks": float((ens[defined] >= best).sum()), "tasks": n,
+                          "pick_rate": float(np.mean(ens[defined] >= best)) if n else np.nan,
+                          "auroc": float(np.mean(ens[defined])) if n else np.nan,
+                          "best": float(np.mean(best)) if n else np.nan})
+    table = pd.concat([table, pd.DataFrame(extra)], ignore_index=True)
+    order = {"Default prompt": 0, "Prompt ensemble": 1, "Best prompt (oracle)": 9}
+    table["_o"] = [order.get(s, 5) for s in table["strategy"]]
+    table = table.sort_values(["dataset", "setting", "_o"], kind="stable").drop(columns="_o").reset_index(drop=True)
+    return table
+
+
+def bliss_selection_table(cube: AurocCube) -> pd.DataFrame:
+    """BLISS block: the default setting (λ = 0.5, K = 10), SWSA over the λ × K grid, the oracle."""
+    from .selection import selection_table
+
+    default = cube.config.get("default", bliss_name(*BLISS_DEFAULT))
+    if default not in cube.candidate_names:
+        default = cube.candidate_names[0]
+    strategies = [(f"BLISS default ({default})", "fixed", {"candidate": default})] + _swsa_rows(cube) + \
+                 [("Best setting (oracle)", "oracle", {})]
+    return selection_table(cube, strategies)
+
+
+def bliss_grid_table(cube: AurocCube) -> pd.DataFrame:
+    """Mean real AUROC of every (λ, K) per dataset and setting (BLISS's Table 2, over K too)."""
+    records = []
+    for dataset in sorted(cube.tasks["dataset"].unique()):
+        rows = cube.tasks["dataset"].to_numpy() == dataset
+        for s, setting in enumerate(SETTINGS):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                means = np.nanmean(cube.real[rows, :, s], axis=0)
+            for c, row in cube.candidates.iterrows():
+                records.append({"dataset": dataset, "setting": setting, "lambda": row.get("lam"), "K": row.get("k"),
+                                "auroc": float(means[c])})
+    table = pd.DataFrame(records)
+    return table.pivot_table(index=["dataset", "setting", "lambda"], columns="K", values="auroc").reset_index()
+
+
+def clip_report_lines(store_path: str | os.PathLike, out_dir: str | os.PathLike, paths: dict) -> list[str]:
+    """Markdown blocks (and CSVs in ``out_dir``) for the prompt and BLISS cubes the store holds."""
+    from pathlib import Path
+
+    from swsa_store import open_store
+
+    from .report import markdown_table, table1_display
+
+    with open_store(store_path) as store:
+        held = store.results()
+    out, lines = Path(out_dir), []
+    if PROMPT_CUBE in held:
+        cube = AurocCube.load(store_path, PROMPT_CUBE)
+        table = prompt_selection_table(cube)
+        paths["prompt_table_csv"] = out / "table1_prompts.csv"
+        table.to_csv(paths["prompt_table_csv"], index=False)
+        shown = table1_display(table.assign(strategy=table["strategy"].str.replace("Best prompt", "Best model")))
+        shown["strategy"] = shown["strategy"].str.replace("Best model", "Best prompt")
+        lines += ["## Table 1 — prompt selection (zero-shot CLIP)", "",
+                  f"CLIP `{cube.config.get('model')}`, prompt set `{cube.config.get('prompt_set')}`; two-prompt score "
+                  f"softmax(s·[cos(z,t_n), cos(z,t_a)])[1] with the model's logit scale s = {cube.config.get('logit_scale', 0):.4g} "
+                  "(ranked by its logit). Selection is over the single prompts; the prompt ensemble's pick rate counts the "
+                  "tasks where it is at least as good as the best single prompt.", "",
+                  markdown_table(shown), ""]
+        if (cube.candidates["weights_kind"] == "random").any():
+            lines[-4:-4] = ["> **Random CLIP weights**: these numbers describe a randomly initialised model.", ""]
+    if BLISS_CUBE in held:
+        cube = AurocCube.load(store_path, BLISS_CUBE)
+        table = bliss_selection_table(cube)
+        grid = bliss_grid_table(cube)
+        paths["bliss_table_csv"] = out / "table1_bliss.csv"
+        paths["bliss_grid_csv"] = out / "bliss_grid.csv"
+        table.to_csv(paths["bliss_table_csv"], index=False)
+        grid.to_csv(paths["bliss_grid_csv"], index=False)
+        shown = table1_display(table.assign(strategy=table["strategy"].str.replace("Best setting", "Best model")))
+        shown["strategy"] = shown["strategy"].str.replace("Best model", "Best setting")
+        grid.columns = [str(c) if not isinstance(c, (int, np.integer)) else f"K={c}" for c in grid.columns]
+        lines += ["## BLISS — selection of λ and K", "",
+                  f"BLISS s(x) = IC(x) + λ·ET(x) (Goodge et al.), dictionary of {cube.config.get('dictionary_size', '?')} "
+                  f"ImageNet names, ε = {cube.config.get('eps')}, σ with ddof = {cube.config.get('ddof')}; candidates "
+                  f"λ ∈ {cube.config.get('lambdas')} × K ∈ {cube.config.get('ks')}.", "",
+                  markdown_table(shown), "", "Mean real AUROC per (λ, K):", "", markdown_table(grid), ""]
+    return lines
+
+
+# --------------------------------------------------------------------------------------------
+# bench: paper-scale re-scoring on random arrays
+# --------------------------------------------------------------------------------------------
+
+
+def bench_clip_rescoring(*, task_fraction: float = 1.0, image_fraction: float = 1.0, dim: int = 640,
+                         n_templates: int = 10, dictionary_size: int = 1842, seed: int = 0) -> dict:
+    """Time the prompt and BLISS cubes on a paper-shaped set of tasks (329 at fraction 1) with
+    random unit embeddings (ViT-B-16-plus-240's 640-d), 10 prompts + ensemble and the 6 × 4 BLISS
+    grid. Returns seconds and shapes."""
+    from .bench import _catalog_tables, paper_shapes
+
+    rng = np.random.default_rng(seed)
+    images, tasks, members, _ = _catalog_tables(paper_shapes(task_fraction, image_fraction), 20, seed)
+    groups = build_task_groups(images, tasks, members)
+    n_images = len(images)
+    unit = l2_normalize(rng.standard_normal((n_images, dim), dtype=np.float32))
+    usable = np.ones(n_images, dtype=bool)
+    text = l2_normalize(rng.standard_normal((len(tasks), 2, n_templates, dim)))
+    by_task = {int(t): i for i, t in enumerate(tasks["task_id"])}
+    started, cpu = time.perf_counter(), time.process_time()
+    candidates = pd.DataFrame({"name": [prompt_name(j) for j in range(n_templates)] + [ENSEMBLE], "n_params": 0,
+                               "feature_dim": dim, "weights_kind": "random", "family": "prompt"})
+
+    def scorer_for(group):
+        rows = [by_task[int(t)] for t in group.task_ids]
+        return prompt_scorer(unit, prompt_directions(text[rows, 0], text[rows, 1], 100.0))
+
+    prompt_cube = build_cube(scorer_for, groups, tasks, usable, candidates)
+    prompt_seconds, prompt_cpu = time.perf_counter() - started, time.process_time() - cpu
+    started, cpu = time.perf_counter(), time.process_time()
+    classes = {int(t): v for t, v in zip(tasks["task_id"], l2_normalize(rng.standard_normal((len(tasks), dim))))}
+    dictionary = l2_normalize(rng.standard_normal((dictionary_size, dim)))
+    bliss_cube = bliss_cube_from_arrays(unit, usable, groups, tasks, classes, dictionary)
+    bliss_seconds, bliss_cpu = time.perf_counter() - started, time.process_time() - cpu
+    return {"tasks": len(prompt_cube.tasks), "images": n_images, "dim": dim, "prompt_candidates": len(candidates),
+            "bliss_candidates": len(bliss_cube.candidates), "dictionary": dictionary_size,
+            "sources": len(prompt_cube.sources), "prompt_seconds": round(prompt_seconds, 2),
+            "bliss_seconds": round(bliss_seconds, 2), "prompt_cpu_seconds": round(prompt_cpu, 2),
+            "bliss_cpu_seconds": round(bliss_cpu, 2)}
+
+
+if __name__ == "__main__":  # python -m swsa_engine.prompt_sweep [task_fraction]
+    import sys
+
+    print(json.dumps(bench_clip_rescoring(task_fraction=float(sys.argv[1]) if len(sys.argv) > 1 else 1.0), indent=2))

@@ -1,0 +1,176 @@
+"""Import anomaly scores computed by any tool as a candidate of the AUROC cube.
+
+A score table has one row per (task, image): columns ``task`` (or ``task_id``), ``image_id``
+(or ``path``: the image's path as catalogued, or relative to the store's folder) and ``score``
+(higher = more anomalous). It is validated completely before anything is written, and stored
+under ``/scores/<candidate>`` (``task_id``, ``image_id``, ``score``; attributes: source file,
+its sha256, time, row counts). The sweep then scores the candidate like an embedding-based one.
+
+Every validation image of a task (held-out normals, every synthetic anomaly, the real normal
+and anomalous test images) needs a score; a task that lacks some is an error naming the first
+missing image, or with ``allow_missing`` a recorded skip (the task is left out for this
+candidate). Rows for images outside a task's validation set are ignored and counted.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .store import StoreError, edit_store, open_store
+from .tasks import ROLE_HELDOUT, ROLE_REAL_ANOMALY, ROLE_REAL_NORMAL
+
+
+class ScoreImportError(ValueError):
+    """A score table that cannot be imported; the message names the first offending row."""
+
+
+def read_score_table(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a CSV or Parquet score table."""
+    path = Path(path)
+    if not path.exists():
+        raise ScoreImportError(f"score file {path} does not exist")
+    try:
+        if path.suffix.lower() in (".parquet", ".pq"):
+            return pd.read_parquet(path)
+        return pd.read_csv(path)
+    except Exception as error:  # a library's parse error, said in one line
+        raise ScoreImportError(f"cannot read score file {path}: {str(error).splitlines()[0]}") from None
+
+
+def _show(value) -> str:
+    """A cell as the user wrote it: strings quoted, numbers plain."""
+    return repr(value) if isinstance(value, str) else str(getattr(value, "item", lambda: value)())
+
+
+def _row(index: int) -> str:
+    return f"row {index + 2}"  # +1 for the header, +1 for 1-based line numbers in a CSV
+
+
+def validate_scores(store_path: str | os.PathLike, table: pd.DataFrame, *, allow_missing: bool = False) -> dict:
+    """Check ``table`` against the store; returns the arrays to store and what was skipped.
+
+    Raises :class:`ScoreImportError` with the first offending row.
+    """
+    table = table.reset_index(drop=True)
+    task_column = "task" if "task" in table else "task_id" if "task_id" in table else None
+    id_column = "image_id" if "image_id" in table else "path" if "path" in table else None
+    if task_column is None or id_column is None or "score" not in table:
+        raise ScoreImportError(
+            f"a score table needs columns task (or task_id), image_id (or path) and score; got {list(table.columns)}"
+        )
+    if len(table) == 0:
+        raise ScoreImportError("the score table has no rows")
+    with open_store(store_path) as store:
+        images, tasks, members = store.images(), store.tasks(), store.task_members()
+        root = store.path.resolve().parent
+    # ---- images
+    if id_column == "path":
+        known = {p: i for i, p in enumerate(images["path"])}
+        known.update({str(Path(p).resolve().relative_to(root)): i for i, p in enumerate(images["path"])
+                      if p and Path(p).resolve().is_relative_to(root)})
+        image_ids = np.array([known.get(str(p), -1) for p in table["path"]], dtype=np.int64)
+        bad = np.flatnonzero(image_ids < 0)
+        if bad.size:
+            raise ScoreImportError(f"{_row(bad[0])}: unknown image path {_show(table['path'].iloc[bad[0]])} (not in the catalog)")
+    else:
+        raw = pd.to_numeric(table["image_id"], errors="coerce")
+        bad = np.flatnonzero(raw.isna().to_numpy() | (raw.to_numpy() % 1 != 0))
+        if bad.size:
+            raise ScoreImportError(f"{_row(bad[0])}: image_id {_show(table['image_id'].iloc[bad[0]])} is not an integer")
+        image_ids = raw.to_numpy().astype(np.int64)
+        bad = np.flatnonzero((image_ids < 0) | (image_ids >= len(images)))
+        if bad.size:
+            raise ScoreImportError(f"{_row(bad[0])}: unknown image_id {image_ids[bad[0]]} (the catalog has ids 0..{len(images) - 1})")
+    # ---- tasks
+    raw_tasks = pd.to_numeric(table[task_column], errors="coerce")
+    task_ids = raw_tasks.fillna(-1).to_numpy().astype(np.int64)
+    bad = np.flatnonzero(~np.isin(task_ids, tasks["task_id"].to_numpy()) | raw_tasks.isna().to_numpy())
+    if bad.size:
+        raise ScoreImportError(f"{_row(bad[0])}: unknown task {_show(table[task_column].iloc[bad[0]])}")
+    # ---- scores
+    scores = pd.to_numeric(table["score"], errors="coerce").to_numpy(dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(scores))
+    if bad.size:
+        raise ScoreImportError(f"{_row(bad[0])}: score {_show(table['score'].iloc[bad[0]])} is not a finite number")
+    # ---- duplicates
+    keys = task_ids * len(images) + image_ids
+    duplicated = pd.Series(keys).duplicated().to_numpy()
+    if duplicated.any():
+        first = int(np.flatnonzero(duplicated)[0])
+        original = int(np.flatnonzero(keys == keys[first])[0])
+        raise ScoreImportError(f"{_row(first)}: duplicate score for task {task_ids[first]}, image {image_ids[first]} "
+                               f"(first given in {_row(original)})")
+    # ---- coverage of every task's validation images
+    needed = members[members["role"].isin([ROLE_HELDOUT, ROLE_REAL_NORMAL, ROLE_REAL_ANOMALY])][["task_id", "image_id"]]
+    synthetic = images.loc[(images["kind"] != "real") & (images["task_id"] >= 0), ["task_id", "image_id"]]
+    needed = pd.concat([needed, synthetic], ignore_index=True).drop_duplicates()
+    ok_images = images["status"].to_numpy() == "ok"
+    needed = needed[ok_images[needed["image_id"].to_numpy()]]
+    needed = needed[needed["task_id"].isin(tasks.loc[tasks["status"] == "ok", "task_id"])]
+    needed_keys = needed["task_id"].to_numpy() * len(images) + needed["image_id"].to_numpy()
+    given = np.isin(needed_keys, keys)
+    skipped = []
+    if not given.all():
+        missing = needed[~given]
+        per_task = missing.groupby("task_id")["image_id"].agg(["size", "first"])
+        if not allow_missing:
+            task_id = int(per_task.index[0])
+            total = int((needed["task_id"] == task_id).sum())
+            raise ScoreImportError(
+                f"task {task_id} lacks scores for {int(per_task['size'].iloc[0])} of its {total} validation images "
+                f"(first: image {int(per_task['first'].iloc[0])}); score every one, or pass --allow-missing to skip such tasks"
+            )
+        skipped = [(int(t), f"imported scores miss {int(r['size'])} validation images (first: image {int(r['first'])})")
+                   for t, r in per_task.iterrows()]
+    in_validation = np.isin(keys, needed_keys)
+    complete = sorted(set(map(int, needed["task_id"])) - {t for t, _ in skipped})
+    return {
+        "task_id": task_ids[in_validation], "image_id": image_ids[in_validation], "score": scores[in_validation],
+        "ignored_rows": int((~in_validation).sum()), "skipped_tasks": skipped, "complete_tasks": complete,
+    }
+
+
+def import_scores(
+    store_path: str | os.PathLike,
+    candidate: str,
+    table: pd.DataFrame | str | os.PathLike,
+    *,
+    allow_missing: bool = False,
+    replace: bool = False,
+) -> dict:
+    """Validate ``table`` (a DataFrame or a CSV/Parquet path) and store it as ``candidate``.
+
+    Nothing in the store changes unless the whole table is valid. Returns a summary.
+    """
+    if not candidate or "/" in candidate:
+        raise ScoreImportError(f"candidate name {candidate!r} must be non-empty and contain no '/'")
+    source, digest = "DataFrame", ""
+    if not isinstance(table, pd.DataFrame):
+        source = str(Path(table).resolve())
+        digest = hashlib.sha256(Path(table).read_bytes()).hexdigest() if Path(table).exists() else ""
+        table = read_score_table(table)
+    with open_store(store_path) as store:
+        if candidate in store.backbones():
+            raise ScoreImportError(f"candidate {candidate!r} is already an embedding matrix in the store; choose another name")
+        if candidate in store.score_sets() and not replace:
+            raise ScoreImportError(f"the store already holds imported scores {candidate!r}; pass --replace to overwrite them")
+    checked = validate_scores(store_path, table, allow_missing=allow_missing)
+    with edit_store(store_path) as store:
+        store.write_score_set(candidate, checked["task_id"], checked["image_id"], checked["score"], checked["complete_tasks"], {
+            "source": source, "sha256": digest, "rows": int(len(table)), "ignored_rows": checked["ignored_rows"],
+            "imported_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "complete_tasks": len(checked["complete_tasks"]),
+        })
+        if checked["skipped_tasks"]:
+            store.append_skips(pd.DataFrame([
+                {"stage": "import", "image_id": -1, "task_id": t, "backbone": candidate, "reason": r}
+                for t, r in checked["skipped_tasks"]]))
+    return {"candidate": candidate, "rows": int(len(table)), "scored": int(len(checked["score"])),
+            "ignored_rows": checked["ignored_rows"], "tasks": len(checked["complete_tasks"]),
+            "skipped_tasks": len(checked["skipped_tasks"])}

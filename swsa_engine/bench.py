@@ -103,7 +103,7 @@ def paper_shapes(task_fraction: float = 1.0, image_fraction: float = 1.0, synthe
     return shapes
 
 
-def _catalog_tables(shapes: list[DatasetShape], n_seed: int, seed: int):
+def paper_catalog_tables(shapes: list[DatasetShape], n_seed: int, seed: int):
     """Images, tasks and members tables for the shapes (no files; paths are empty)."""
     from swsa_store.catalog import _normalise
     from swsa_store.tasks import build_tasks
@@ -206,7 +206,7 @@ def make_paper_store(
         raise FileExistsError(f"{path} exists; remove it or pass another path")
     backbones = backbones or PAPER_BACKBONES
     shapes = paper_shapes(task_fraction, image_fraction, synthetic)
-    images, tasks, members, layout = _catalog_tables(shapes, n_seed, seed)
+    images, tasks, members, layout = paper_catalog_tables(shapes, n_seed, seed)
     create_store(path)
     with edit_store(path) as store:
         store.replace_table("images", images)

@@ -1,4 +1,5 @@
-"""The ``swsa`` command line: demo, catalog, synth, embed, embed-text, score, report, info, bench.
+"""The ``swsa`` command line: demo, catalog, synth, embed, embed-text, score, report, info, bench,
+import-scores, export-validation.
 
 Every subcommand has ``--help``. Errors print one line (``swsa: error: ...``) and exit with a
 non-zero status; ``--debug`` shows the full traceback instead.
@@ -228,6 +229,12 @@ def cmd_import_scores(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import format_figures, make_paper_store, run_bench
 
+    if args.clip:
+        from .prompt_sweep import bench_clip_rescoring
+
+        _print_summary("bench prompts and BLISS", bench_clip_rescoring(task_fraction=args.task_fraction,
+                                                                       image_fraction=args.image_fraction))
+        return 0
     if args.make_store:
         summary = make_paper_store(args.make_store, task_fraction=args.task_fraction, image_fraction=args.image_fraction,
                                    progress=not args.quiet)
@@ -413,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-fraction", type=float, default=1.0, help="share of each dataset's classes (scale knob, default 1)")
     p.add_argument("--image-fraction", type=float, default=1.0, help="share of each class's images (scale knob, default 1)")
     p.add_argument("--reference-tasks", type=int, default=2, help="tasks per dataset recomputed by the reference loops")
+    p.add_argument("--clip", action="store_true",
+                   help="instead: time re-scoring every prompt (10 + ensemble) and the BLISS grid for the paper's tasks")
     p.add_argument("--out", default=None, help="folder for bench.json and table1.csv")
     p.add_argument("--device", default="cpu")
 

@@ -536,10 +536,10 @@ def bench_clip_rescoring(*, task_fraction: float = 1.0, image_fraction: float = 
     """Time the prompt and BLISS cubes on a paper-shaped set of tasks (329 at fraction 1) with
     random unit embeddings (ViT-B-16-plus-240's 640-d), 10 prompts + ensemble and the 6 × 4 BLISS
     grid. Returns seconds and shapes."""
-    from .bench import _catalog_tables, paper_shapes
+    from .bench import paper_catalog_tables, paper_shapes
 
     rng = np.random.default_rng(seed)
-    images, tasks, members, _ = _catalog_tables(paper_shapes(task_fraction, image_fraction), 20, seed)
+    images, tasks, members, _ = paper_catalog_tables(paper_shapes(task_fraction, image_fraction), 20, seed)
     groups = build_task_groups(images, tasks, members)
     n_images = len(images)
     unit = l2_normalize(rng.standard_normal((n_images, dim), dtype=np.float32))

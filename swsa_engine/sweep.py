@@ -220,13 +220,28 @@ def score_group(
     if rows.size == 0:
         return out
     support = support[rows]
-    # ---- real validation: shared queries against each task's bank
+    # ---- real validation
     real_ok = usable[group.real_ids]
+    member = (group.real_label[rows] >= 0) & real_ok[None, :]
     union = np.unique(support[support >= 0])
-    bank_index = np.where(support >= 0, np.searchsorted(union, np.maximum(support, 0)), -1)
     real_scores = np.full((len(rows), len(group.real_ids)), np.nan)
-    real_scores[:, real_ok] = knn_score_gathered(features[group.real_ids[real_ok]], features[union], bank_index, k=k, device=device)
-    out["knn_flops"] = 2.0 * int(real_ok.sum()) * len(union) * features.shape[1]
+    dense_cost = int(real_ok.sum()) * len(union)
+    sparse_cost = int(member.sum(axis=1).max(initial=0)) * len(rows) * support.shape[1]
+    if dense_cost <= sparse_cost:
+        # tasks share their real validation images (one-vs-rest over classes): one distance
+        # block of every query against the union of the banks, gathered per task
+        bank_index = np.where(support >= 0, np.searchsorted(union, np.maximum(support, 0)), -1)
+        real_scores[:, real_ok] = knn_score_gathered(features[group.real_ids[real_ok]], features[union], bank_index, k=k, device=device)
+        out["knn_flops"] = 2.0 * dense_cost * features.shape[1]
+    else:
+        # each task has its own real images (a product's test set): per-task queries
+        order = np.argsort(~member, axis=1, kind="stable")[:, : int(member.sum(axis=1).max(initial=0))]
+        present = np.take_along_axis(member, order, axis=1)
+        own_queries = np.where(present, group.real_ids[order], -1)
+        scores, flops = _batched_knn(features, own_queries, support, None, k, device, chunk_bytes)
+        np.put_along_axis(real_scores, order, np.where(present, scores, np.nan), axis=1)
+        real_scores[~member] = np.nan
+        out["knn_flops"] = flops
     # ---- synthetic validation: per-task queries (held-out normals + each source's anomalies)
     heldout = heldout[rows]
     queries, widths = synthetic_queries(group, rows, sources, keep)
@@ -234,24 +249,33 @@ def score_group(
     exclude = np.full(queries.shape, -1, dtype=np.int64)
     match = (heldout[:, :, None] == support[:, None, :]) & (heldout[:, :, None] >= 0)
     exclude[:, : widths[0]] = np.where(match.any(axis=2), match.argmax(axis=2), -1)
-    dim = features.shape[1]
-    per_task_bytes = max(1, (queries.shape[1] + support.shape[1]) * dim * 4 * 3)
-    chunk = max(1, chunk_bytes // per_task_bytes)
-    synth_scores = np.full(queries.shape, np.nan)
-    for lo in range(0, len(rows), chunk):
-        hi = min(lo + chunk, len(rows))
-        q_ids, b_ids = queries[lo:hi], support[lo:hi]
-        if q_ids.shape[1] == 0:
-            continue
-        out["knn_flops"] += 2.0 * q_ids.size * b_ids.shape[1] * features.shape[1]
-        synth_scores[lo:hi] = knn_score_batched(
-            _features_for(features, q_ids), _features_for(features, b_ids), k=k,
-            query_mask=q_ids >= 0, bank_mask=b_ids >= 0, exclude=exclude[lo:hi], device=device,
-        )
+    synth_scores, flops = _batched_knn(features, queries, support, exclude, k, device, chunk_bytes)
+    out["knn_flops"] += flops
     aurocs = validation_aurocs(group, rows, real_scores, queries, synth_scores, widths, sources, hardest)
     for key in ("real", "synthetic", "per_class"):
         out[key][rows] = aurocs[key]
     return out
+
+
+def _batched_knn(features, queries, support, exclude, k, device, chunk_bytes) -> tuple[np.ndarray, float]:
+    """kNN scores of per-task queries ``(T, W)`` (image ids, -1 padded) against per-task banks
+    ``(T, S)``, in chunks of tasks that bound memory; NaN for padding. Returns scores and FLOPs."""
+    dim = features.shape[1]
+    scores = np.full(queries.shape, np.nan)
+    if queries.shape[1] == 0 or len(queries) == 0:
+        return scores, 0.0
+    per_task_bytes = max(1, (queries.shape[1] + support.shape[1]) * dim * 4 * 3)
+    chunk = max(1, chunk_bytes // per_task_bytes)
+    flops = 0.0
+    for lo in range(0, len(queries), chunk):
+        hi = min(lo + chunk, len(queries))
+        q_ids, b_ids = queries[lo:hi], support[lo:hi]
+        flops += 2.0 * q_ids.size * b_ids.shape[1] * dim
+        scores[lo:hi] = knn_score_batched(
+            _features_for(features, q_ids), _features_for(features, b_ids), k=k, query_mask=q_ids >= 0,
+            bank_mask=b_ids >= 0, exclude=None if exclude is None else exclude[lo:hi], device=device,
+        )
+    return scores, flops
 
 
 def synthetic_queries(group: TaskGroup, rows: np.ndarray, sources: list[str], keep=lambda ids: ids) -> tuple[np.ndarray, list[int]]:
@@ -396,7 +420,8 @@ def run_sweep(
         raise ValueError(f"k must be at least 1, got {k}")
     started = time.perf_counter()
     with open_store(store_path) as store:
-        images, tasks, members = store.images(), store.tasks(), store.task_members()
+        images = store.images(columns=["image_id", "kind", "status", "task_id"])
+        tasks, members = store.tasks(), store.task_members()
         held, imported = store.backbones(), store.score_sets()
         names = list(backbones) if backbones else held + [n for n in imported if n not in held]
         if not names:

@@ -382,7 +382,8 @@ class ImageFolderDataset:
       the first ``n_test = round(n * test_fraction)`` (half rounded up, clamped to
       ``1..n-1`` when ``n >= 2``) go to "test", the rest to "train"; a class with a single image
       puts it in "train". Seeding per class keeps a class's split unchanged when other classes
-      are added or removed. Every row counts towards ``n``, decodable or not.
+      are added or removed. Only decodable files count towards ``n`` and take part in the
+      split, so a corrupt file changes no other image's split (skipped rows are marked "train").
     * ``root/train/<class>/<files>`` + ``root/test/<class>/<files>`` — splits as given (chosen
       when the root's visible sub-folders are ``train`` and/or ``test`` only).
 
@@ -516,19 +517,22 @@ class ImageFolderDataset:
         n_test = int(np.floor(n * self.test_fraction + 0.5))
         return min(max(n_test, 1), n - 1)
 
-    def _assign_splits(self) -> list[tuple[str, str, str]]:
+    def _assign_splits(self, usable: set[str]) -> dict[str, str]:
+        """rel path → split. Only ``usable`` (decodable) files take part in the seeded per-class
+        split, so a corrupt file changes no other image's split; skipped files are marked "train"."""
         if self.layout == "split":
-            return [(c, s, r) for c, s, r in self._files]  # type: ignore[misc]
+            return {r: s for _, s, r in self._files}  # type: ignore[misc]
         by_class: dict[str, list[str]] = {}
         for cls, _, rel in self._files:
-            by_class.setdefault(cls, []).append(rel)
-        out = []
+            if rel in usable:
+                by_class.setdefault(cls, []).append(rel)
+        out = {rel: "train" for _, _, rel in self._files}
         for cls, rels in by_class.items():
             rels = sorted(rels)
             rng = np.random.default_rng([self.seed, zlib.crc32(cls.encode("utf-8"))])
             order = rng.permutation(len(rels))
             test = set(order[: self._n_test(len(rels))].tolist())
-            out.extend((cls, "test" if k in test else "train", rel) for k, rel in enumerate(rels))
+            out.update({rel: "test" if k in test else "train" for k, rel in enumerate(rels)})
         return out
 
     # -- table
@@ -537,15 +541,19 @@ class ImageFolderDataset:
         """The samples table; images are decoded and hashed on the first call (then cached)."""
         if self._table is None:
             rows = []
-            for cls, split, rel in self._assign_splits():
+            inspected = {}
+            for cls, _, rel in self._files:
                 path = os.path.join(self.root, *rel.split("/"))
                 if not _is_within(path, self._root_real):  # a symlink (file or folder) led out
                     target = os.path.realpath(path)
-                    status, reason, digest, w, h = (
-                        "skipped", f"symlink escapes dataset root: -> {target}", "", 0, 0
-                    )
+                    inspected[rel] = ("skipped", f"symlink escapes dataset root: -> {target}", "", 0, 0)
                 else:
-                    status, reason, digest, w, h = _inspect_file(path)
+                    inspected[rel] = _inspect_file(path)
+            splits = self._assign_splits({rel for rel, info in inspected.items() if info[0] == "ok"})
+            for cls, _, rel in self._files:
+                path = os.path.join(self.root, *rel.split("/"))
+                status, reason, digest, w, h = inspected[rel]
+                split = splits[rel]
                 if status != "ok":
                     logger.warning("%s: skipping %s: %s", self.name, rel, reason)
                 rows.append(

@@ -11,7 +11,7 @@ import pytest
 
 from swsa_engine.cli import build_parser, main
 
-COMMANDS = ["demo", "catalog", "synth", "embed", "score", "report", "info", "bench"]
+COMMANDS = ["demo", "catalog", "synth", "embed", "embed-text", "score", "report", "info", "bench", "import-scores", "export-validation"]
 
 
 def test_every_command_has_help(capsys):

@@ -169,6 +169,21 @@ def test_corrupt_image_is_a_recorded_skip_and_nothing_else_changes(tmp_path):
         by_path = dict(zip(clean["path"].map(lambda p: Path(p).relative_to(clean_root)).astype(str), a.embeddings(NAME)))
         for path, row in zip(dirty.loc[keep, "path"], b.embeddings(NAME)[keep.to_numpy()]):
             assert np.array_equal(by_path[str(Path(path).relative_to(dirty_root))], row)
+    # the skip reaches the report
+    from swsa_engine.report import write_report
+    from swsa_engine.sweep import run_sweep
+    from swsa_store.synthesize import synthesize
+
+    synthesize(dirty_root / "s.h5", "cutpaste", count=4, progress=False)
+    _embed(dirty_root / "s.h5")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cube = run_sweep(dirty_root / "s.h5", progress=False)
+    with open_store(dirty_root / "s.h5") as s:
+        paths = write_report(cube, tmp_path / "report", store_skips=s.skips())
+    text = paths["report"].read_text()
+    assert "cannot decode image" in text and "empty_class" in text
+    assert np.isfinite(cube.real).all()  # nothing else is affected: every task is scored
 
 
 def test_image_broken_after_catalog_is_recorded_at_embed_time(tmp_path):

@@ -1,5 +1,6 @@
-"""Imported scores: scikit-learn detectors scored outside swsa enter the cube beside embeddings;
-every bad import is a one-line error that leaves the store unchanged."""
+"""Imported scores: the validation sets are exported, scored by scikit-learn detectors fitted on
+each task's training folder, imported, and evaluated beside the embedding candidate; every bad
+import is a one-line error that leaves the store unchanged."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from sklearn.neighbors import LocalOutlierFactor
 from sklearn.svm import OneClassSVM
 
 from swsa_engine.cli import main
+from swsa_engine.report import write_report
 from swsa_engine.selection import selection_table
 from swsa_engine.sweep import run_sweep
 from swsa_store import open_store
@@ -22,7 +24,7 @@ from swsa_store.catalog import catalog_dataset
 from swsa_store.ingest import embed_store
 from swsa_store.scores import ScoreImportError, import_scores
 from swsa_store.synthesize import synthesize
-from swsa_store.tasks import ROLE_HELDOUT, ROLE_REAL_ANOMALY, ROLE_REAL_NORMAL, ROLE_SEED
+from swsa_store.tasks import ROLE_REAL_ANOMALY, ROLE_REAL_NORMAL
 
 
 @pytest.fixture(scope="module")
@@ -51,19 +53,20 @@ def _pixels(paths):
     return np.stack([np.asarray(Image.open(p).convert("L"), dtype=np.float64).ravel() / 255.0 for p in paths])
 
 
-def _sklearn_scores(store_path, detector_factory) -> pd.DataFrame:
-    """Fit a detector on each task's support pixels and score its validation images."""
-    with open_store(store_path) as s:
-        images, members = s.images(), s.task_members()
+def _sklearn_scores(store_path, detector_factory, export_dir) -> pd.DataFrame:
+    """The user's workflow: export every task's folders, fit a detector on each task's
+    train/good pixels, score its val/ and test/ images, return the score table to import."""
+    manifest_path = export_dir / "manifest.csv"
+    if not manifest_path.exists():
+        assert main(["export-validation", "--store", str(store_path), str(export_dir), "--quiet"]) == 0
+    manifest = pd.read_csv(manifest_path)
     rows = []
-    for task_id, mine in members.groupby("task_id"):
-        support = np.union1d(mine.loc[mine.role == ROLE_SEED, "image_id"], mine.loc[mine.role == ROLE_HELDOUT, "image_id"])
-        validation = np.concatenate([
-            mine.loc[mine.role.isin([ROLE_HELDOUT, ROLE_REAL_NORMAL, ROLE_REAL_ANOMALY]), "image_id"].unique(),
-            images.loc[(images.task_id == task_id) & (images.kind != "real"), "image_id"].to_numpy()])
-        detector = detector_factory().fit(_pixels(images.loc[support, "path"]))
-        scores = -detector.score_samples(_pixels(images.loc[validation, "path"]))  # higher = more anomalous
-        rows.append(pd.DataFrame({"task": task_id, "image_id": validation, "score": scores}))
+    for task_id, files in manifest.groupby("task"):
+        train = files[files["split"] == "train"]
+        scored = files[files["split"] != "train"].drop_duplicates("image_id")
+        detector = detector_factory().fit(_pixels(export_dir / train["file"]))
+        scores = -detector.score_samples(_pixels(export_dir / scored["file"]))  # higher = more anomalous
+        rows.append(pd.DataFrame({"task": task_id, "image_id": scored["image_id"].to_numpy(), "score": scores}))
     return pd.concat(rows, ignore_index=True)
 
 
@@ -77,7 +80,7 @@ DETECTORS = {
 def test_sklearn_detectors_enter_the_cube(store, tmp_path):
     tables = {}
     for name, factory in DETECTORS.items():
-        tables[name] = _sklearn_scores(store, factory)
+        tables[name] = _sklearn_scores(store, factory, tmp_path / "export")
         csv = tmp_path / f"{name}.csv"
         tables[name].to_csv(csv, index=False)
         assert main(["import-scores", "--store", str(store), "--candidate", name, str(csv)]) == 0
@@ -99,6 +102,12 @@ def test_sklearn_detectors_enter_the_cube(store, tmp_path):
             assert cube.real[t, c, 0] == pytest.approx(expected, abs=1e-12)
     table1 = selection_table(cube)
     assert {"SWSA (cutpaste)", "Largest model"} <= set(table1["strategy"])
+    paths = write_report(cube, tmp_path / "report")
+    import json
+
+    assert set(DETECTORS) <= set(json.loads(paths["summary"].read_text())["candidates"])
+    ranking = pd.read_csv(paths["table2_csv"])
+    assert (ranking["n_candidates"] == 4).all()
     assert cube.candidates.set_index("name").loc["lof", "weights_kind"] == "imported"
 
 
@@ -112,7 +121,7 @@ def _bad(store, frame, match, tmp_path, **kw):
 
 
 def test_bad_imports_are_one_line_errors_and_change_nothing(store, tmp_path, capsys):
-    good = _sklearn_scores(store, DETECTORS["lof"])
+    good = _sklearn_scores(store, DETECTORS["lof"], tmp_path / "export")
     _bad(store, good.rename(columns={"score": "value"}), r"needs columns task .*got \['task', 'image_id', 'value'\]", tmp_path)
     frame = good.copy(); frame.loc[3, "image_id"] = 10**7
     _bad(store, frame, r"row 5: unknown image_id 10000000", tmp_path)
@@ -140,7 +149,7 @@ def test_bad_imports_are_one_line_errors_and_change_nothing(store, tmp_path, cap
 
 
 def test_allow_missing_records_a_skip_and_scores_the_rest(store, tmp_path):
-    good = _sklearn_scores(store, DETECTORS["ocsvm"])
+    good = _sklearn_scores(store, DETECTORS["ocsvm"], tmp_path / "export")
     summary = import_scores(store, "partial", good[good.task != 2], allow_missing=True)
     assert summary["skipped_tasks"] == 1
     with open_store(store) as s:

@@ -32,6 +32,21 @@ def test_table_round_trip(tmp_path):
     assert back["image_id"].dtype == np.int64 and back["flag"].dtype == bool
 
 
+def test_repetitive_string_columns_round_trip_as_categories(tmp_path):
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame({
+        "group": rng.choice(["cat", "dog", "é-ü", ""], size=5000).astype(object),
+        "path": [f"/data/{i}.png" for i in range(5000)],
+    })
+    with h5py.File(tmp_path / "t.h5", "w") as f:
+        write_table(f, "t", table)
+        assert f["t"]["group"].attrs["encoding"] == "categorical"  # codes + 4 categories
+        assert "encoding" not in f["t"]["path"].attrs  # every value distinct: plain strings
+    with h5py.File(tmp_path / "t.h5", "r") as f:
+        pd.testing.assert_frame_equal(read_table(f["t"]), table)
+        pd.testing.assert_frame_equal(read_table(f["t"], ["group"]), table[["group"]])
+
+
 def test_store_round_trip_embeddings_and_results(tmp_path):
     path = create_store(tmp_path / "s.h5")
     with edit_store(path) as store:

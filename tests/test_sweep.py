@@ -63,10 +63,22 @@ def _random_group(rng, n_tasks=5, dim=6, n_classes=4):
     return features, group, support, heldout, {"a": synth_a, "b": synth_b}
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_score_group_matches_naive_per_task_loop(k):
+def _block_diagonal(group, rng):
+    """Each task gets its own real validation images (a product's test set, as in MVTec-AD)."""
+    n_tasks, n_real = group.real_label.shape
+    owner = rng.integers(0, n_tasks, size=n_real)
+    label = np.where(owner[None, :] == np.arange(n_tasks)[:, None], rng.integers(0, 2, size=(n_tasks, n_real)), -1)
+    group.real_label = label.astype(np.int8)
+    group.real_group = np.where(label == 1, rng.integers(0, len(group.group_names), size=label.shape), -1)
+    return group
+
+
+@pytest.mark.parametrize("k, layout", [(1, "shared"), (3, "shared"), (3, "per-task")])
+def test_score_group_matches_naive_per_task_loop(k, layout):
     rng = np.random.default_rng(5 + k)
     features, group, support, heldout, synth = _random_group(rng)
+    if layout == "per-task":
+        group = _block_diagonal(group, rng)
     usable = np.ones(len(features), bool)
     out = score_group(features, usable, group, ["a", "b"], k=k, hardest=(3,))
     for t in range(len(support)):

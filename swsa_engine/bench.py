@@ -234,11 +234,13 @@ def make_paper_store(
 # --------------------------------------------------------------------------- reference
 
 
-def reference_sweep(store_path: str | os.PathLike, task_ids: list[int], k: int = 3, hardest=(10, 5)) -> dict:
+def reference_sweep(store_path: str | os.PathLike, task_ids: list[int], k: int = 3, hardest=(10, 5),
+                    normalise: bool = False) -> dict:
     """The same AUROCs as the sweep, computed the plain way, one task and candidate at a time:
     scikit-learn ``NearestNeighbors`` for the kNN scores (leave-one-out: k + 1 neighbours, the
     query's own row dropped), ``roc_auc_score`` for every AUROC, per out-class pair. Returns
-    ``{(task_id, candidate): {"real": [rest, closest], "synthetic": {source: auroc}}}`` and seconds."""
+    ``{(task_id, candidate): {"real": [rest, closest], "synthetic": {source: auroc}}}`` and seconds.
+    ``normalise`` L2-normalises the features first (the cosine kNN detector)."""
     from sklearn.metrics import roc_auc_score
     from sklearn.neighbors import NearestNeighbors
 
@@ -251,6 +253,8 @@ def reference_sweep(store_path: str | os.PathLike, task_ids: list[int], k: int =
         images, members = store.images(), store.task_members()
         for name in store.backbones():
             features = store.embeddings(name)
+            if normalise:
+                features = features / np.linalg.norm(features, axis=1, keepdims=True)
             for task_id in task_ids:
                 mine = members[members["task_id"] == task_id]
                 ids = {role: np.sort(mine.loc[mine["role"] == role, "image_id"].to_numpy())

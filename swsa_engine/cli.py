@@ -109,7 +109,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     if getattr(args, "prompts", False) or getattr(args, "bliss", False):
         return cmd_score_clip(args)
-    cube = run_sweep(args.store, backbones=_split(args.backbones) or None, k=args.k,
+    detectors = [d.strip() for d in (args.detectors or "").split(";") if d.strip()] or None
+    cube = run_sweep(args.store, backbones=_split(args.backbones) or None, k=args.k, detectors=detectors,
                      hardest=tuple(int(n) for n in _split(args.hardest)), device=args.device, progress=not args.quiet)
     _print_summary("score", {
         "tasks": len(cube.tasks), "candidates": len(cube.candidates), "sources": cube.sources,
@@ -371,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True)
     p.add_argument("--backbones", help="comma-separated candidates (default: every embedding in the store)")
     p.add_argument("--k", type=int, default=3, help="neighbours in the kNN score (default 3, the paper's)")
+    p.add_argument("--detectors", help="detectors applied to every embedding, ';'-separated, e.g. "
+                                       "'knn(k=3);knn(k=1);knn(k=5,cosine)' (default: knn(k=K))")
     p.add_argument("--hardest", default="10,5", help="also validate on the N hardest synthetic anomalies (default 10,5)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--prompts", action="store_true",

@@ -154,7 +154,8 @@ def write_report(
     lines += [
         f"{n_tasks} tasks over {cube.tasks['dataset'].nunique()} dataset(s); {len(cube.candidates)} candidates: "
         f"{', '.join(cube.candidate_names)}; synthetic validation sources: {', '.join(cube.sources)}. "
-        f"kNN score with k = {cube.config.get('k')}.",
+        + (f"Detectors: {', '.join(cube.config['detectors'])}." if cube.config.get("detectors")
+         else f"kNN score with k = {cube.config.get('k')}."),
         "",
         "## Table 1 — model selection",
         "",

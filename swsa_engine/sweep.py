@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .detectors import KnnDetector, candidate_name, parse_detector
 from .knn import knn_score_batched, knn_score_gathered
 from .loader import TaskGroup, build_task_groups
 from .metrics import UndefinedMetricWarning, auroc
@@ -375,22 +376,26 @@ def score_group_imported(table: pd.DataFrame, complete: np.ndarray, n_images: in
     return out
 
 
-def candidate_info(store, names: list[str]) -> pd.DataFrame:
+CANDIDATE_COLUMNS = ["name", "feature", "detector", "n_params", "feature_dim", "weights_kind", "family"]
+
+
+def candidate_info(store, entries: list[tuple[str, str, object]]) -> pd.DataFrame:
+    """One row per candidate: ``entries`` are (candidate name, feature source, detector or None)."""
     rows = []
-    for name in names:
-        if name in store.score_sets() and name not in store.backbones():
-            rows.append({"name": name, "n_params": 0, "feature_dim": 0, "weights_kind": "imported", "family": "imported"})
+    for name, feature, detector in entries:
+        if detector is None:  # imported scores
+            rows.append({"name": name, "feature": feature, "detector": "imported", "n_params": 0, "feature_dim": 0,
+                         "weights_kind": "imported", "family": "imported"})
             continue
-        attrs = store.embedding_attrs(name)
-        config = attrs.get("config", {})
+        config = store.embedding_attrs(feature).get("config", {})
         rows.append({
-            "name": name,
+            "name": name, "feature": feature, "detector": detector.label,
             "n_params": int(config.get("n_params", 0) or 0),
             "feature_dim": int(config.get("feature_dim", 0) or 0),
             "weights_kind": str(config.get("weights_kind", "unknown")),
             "family": str(config.get("family", "")),
         })
-    return pd.DataFrame(rows, columns=["name", "n_params", "feature_dim", "weights_kind", "family"])
+    return pd.DataFrame(rows, columns=CANDIDATE_COLUMNS)
 
 
 def run_sweep(
@@ -403,6 +408,7 @@ def run_sweep(
     progress: bool = True,
     save: bool = True,
     task_ids: list[int] | np.ndarray | None = None,
+    detectors: list | None = None,
 ) -> AurocCube:
     """Score every task with every candidate backbone of the store and return the AUROC cube.
 
@@ -410,6 +416,8 @@ def run_sweep(
     (:mod:`swsa_store.scores`), or the ``backbones`` named. Embeddings are read one at a time. A (task, candidate) cell that cannot be
     scored (k larger than the usable support, an image whose embedding failed) is NaN and
     listed in ``cube.skips``. Rows not yet embedded are an error: finish ``swsa embed`` first.
+    ``detectors`` (default: kNN with ``k`` on squared L2) are applied to every embedding matrix:
+    each (embedding, detector) pair is one candidate (:func:`swsa_engine.detectors.candidate_name`).
     ``task_ids`` restricts the sweep to those tasks. ``cube.config`` records the time spent
     reading embeddings and scoring, and the kNN floating-point operations.
     """
@@ -429,7 +437,10 @@ def run_sweep(
         unknown = [n for n in names if n not in held and n not in imported]
         if unknown:
             raise StoreError(f"store {store_path} has no embeddings or imported scores {unknown}; held: {held + imported}")
-        info = candidate_info(store, names)
+        detectors = [parse_detector(d) if isinstance(d, str) else d for d in (detectors or [KnnDetector(k, "l2")])]
+        entries = [(candidate_name(n, d), n, d) for n in names if n in held for d in detectors]
+        entries += [(n, n, None) for n in names if n not in held]
+        info = candidate_info(store, entries)
         n_images = store.n_images
     if task_ids is not None:
         tasks = tasks[tasks["task_id"].isin(np.asarray(task_ids))]
@@ -439,7 +450,7 @@ def run_sweep(
     base_sources = sorted({s for g in groups for s in g.synthetic})
     sources = base_sources + [hard_source_name(s, n) for s in base_sources for n in hardest]
     ordered_tasks = pd.concat([tasks.set_index("task_id").loc[g.task_ids, ["dataset", "normal_class"]] for g in groups]).reset_index()
-    n_tasks, n_cand = len(ordered_tasks), len(names)
+    n_tasks, n_cand = len(ordered_tasks), len(entries)
     max_groups = max(len(g.group_names) for g in groups)
     real = np.full((n_tasks, n_cand, 2), np.nan)
     synthetic = np.full((n_tasks, n_cand, len(sources)), np.nan)
@@ -451,8 +462,10 @@ def run_sweep(
         class_names[offsets[g] : offsets[g + 1], : len(group.group_names)] = group.group_names
     usable_images = (images["status"] == "ok").to_numpy()
     read_seconds = knn_flops = 0.0
-    for c, name in enumerate(tqdm(names, desc="score", unit="candidate", disable=not progress)):
+    column_of = {entry[0]: c for c, entry in enumerate(entries)}
+    for name in tqdm(names, desc="score", unit="source", disable=not progress):
         if name not in held:  # imported scores: no kNN, the AUROCs of the given scores
+            c = column_of[name]
             with open_store(store_path) as store:
                 table, complete, _ = store.score_set(name)
             for g, group in enumerate(groups):
@@ -474,20 +487,24 @@ def run_sweep(
                 f"run `swsa embed --store {store_path} --backbone {name}` to finish"
             )
         usable = usable_images & (done == DONE_WRITTEN) & np.isfinite(features).all(axis=1)
-        for g, group in enumerate(groups):
-            result = score_group(features, usable, group, base_sources, k=k, hardest=hardest, device=device)
-            span = slice(offsets[g], offsets[g + 1])
-            real[span, c] = result["real"]
-            synthetic[span, c] = result["synthetic"]
-            per_class[span, c, : len(group.group_names)] = result["per_class"]
-            skips += [(t, name, reason) for t, reason in result["skips"]]
-            knn_flops += result["knn_flops"]
+        for detector in detectors:
+            c = column_of[candidate_name(name, detector)]
+            prepared = detector.prepare(features)
+            for g, group in enumerate(groups):
+                result = score_group(prepared, usable, group, base_sources, k=detector.k, hardest=hardest, device=device)
+                span = slice(offsets[g], offsets[g + 1])
+                real[span, c] = result["real"]
+                synthetic[span, c] = result["synthetic"]
+                per_class[span, c, : len(group.group_names)] = result["per_class"]
+                skips += [(t, entries[c][0], reason) for t, reason in result["skips"]]
+                knn_flops += result["knn_flops"]
+            del prepared
         del features
     cube = AurocCube(
         tasks=ordered_tasks[["task_id", "dataset", "normal_class"]], candidates=info, sources=sources,
         real=real, synthetic=synthetic, per_class=per_class, class_names=class_names,
         skips=pd.DataFrame(skips, columns=["task_id", "candidate", "reason"]),
-        config={"k": k, "hardest": list(hardest), "base_sources": base_sources, "device": device,
+        config={"k": k, "detectors": [d.label for d in detectors], "hardest": list(hardest), "base_sources": base_sources, "device": device,
                 "seconds": round(time.perf_counter() - started, 3), "read_seconds": round(read_seconds, 3),
                 "knn_flops": knn_flops},
     )

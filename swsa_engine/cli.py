@@ -17,7 +17,7 @@ from pathlib import Path
 
 log = logging.getLogger("swsa")
 
-DEMO_BACKBONES = ("resnet18", "resnet34", "resnet50", "vit_b_32")
+DEMO_BACKBONES = ("pixels", "resnet18", "resnet34", "resnet50", "vit_b_32")
 
 #: Official layouts read by `swsa catalog <dataset> --root PATH` (see swsa_store.paper_datasets).
 PAPER_LAYOUTS = {

@@ -22,8 +22,11 @@ log = logging.getLogger(__name__)
 def _weights_for(backbone: str, weights_dir: str | None) -> str:
     from swsa_store.backbones import WeightsNotFoundError, get_backbone_cfg, resolve_weights
 
+    cfg = get_backbone_cfg(backbone)
+    if cfg.family == "pixels":  # needs no weights
+        return None
     try:
-        return resolve_weights(get_backbone_cfg(backbone), None, weights_dir=weights_dir).path
+        return resolve_weights(cfg, None, weights_dir=weights_dir).path
     except WeightsNotFoundError:
         return "random"
 

@@ -97,8 +97,8 @@ RANDOM_INIT_SEED = 0
 #: Prefix of names that mean "any timm model": ``timm/<architecture>[.<tag>]``.
 TIMM_PREFIX = "timm/"
 
-Family = Literal["resnet", "vit", "timm", "clip"]
-WeightsKind = Literal["file", "directory", "hf-cache", "torch-cache", "download", "random"]
+Family = Literal["resnet", "vit", "timm", "clip", "pixels"]
+WeightsKind = Literal["file", "directory", "hf-cache", "torch-cache", "download", "random", "none"]
 
 
 class RandomWeightsWarning(UserWarning):
@@ -213,8 +213,8 @@ class WeightsSource:
     """Where a backbone's weights came from.
 
     kind: ``file`` (an explicit file), ``directory`` (found in an explicit directory or the
-    weights directory), ``hf-cache``, ``torch-cache``, ``download`` (fetched by timm), or
-    ``random`` (no weights). ``path`` is the file read and ``sha256`` its hash (both ``None``
+    weights directory), ``hf-cache``, ``torch-cache``, ``download`` (fetched by timm),
+    ``random`` (no weights), or ``none`` (a feature source that has no weights: ``pixels``). ``path`` is the file read and ``sha256`` its hash (both ``None``
     for ``random``, and for a download whose file could not be located afterwards).
     """
 
@@ -272,6 +272,8 @@ def get_backbone_cfg(name: str) -> BackboneCfg:
     """The :class:`BackboneCfg` of a registered name or of ``timm/<architecture>[.<tag>]``."""
     if name.startswith(TIMM_PREFIX):
         return _timm_backbone_cfg(name)
+    if name == "pixels" or name.startswith("pixels@"):  # raw pixels: no weights at all
+        return pixels_backbone_cfg(name)
     if name.startswith("clip/"):  # open_clip models: clip/<architecture>[@<tag>] (swsa_store.clip)
         from .clip import clip_backbone_cfg
 
@@ -280,7 +282,7 @@ def get_backbone_cfg(name: str) -> BackboneCfg:
         factory = BACKBONES.get(name)
     except UnknownNameError as e:
         raise UnknownNameError(
-            f"{e}; or any timm model as '{TIMM_PREFIX}<architecture>[.<tag>]'"
+            f"{e}; or any timm model as '{TIMM_PREFIX}<architecture>[.<tag>]', or raw pixels as 'pixels[@N]'"
         ) from None
     return factory.cfg
 
@@ -767,6 +769,8 @@ def load_backbone(
     import timm
     from timm.data import create_transform, resolve_model_data_config
 
+    if cfg.family == "pixels":
+        return load_pixels_backbone(cfg, device=device)
     if cfg.family == "clip":  # open_clip image tower, its own preprocessing and weights search
         from .clip import load_clip_backbone
 
@@ -826,3 +830,39 @@ def load_backbone(
         device=str(device),
         image_size=image_size,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Raw pixels: a feature source that needs no weights
+# --------------------------------------------------------------------------------------------
+
+PIXELS_DEFAULT_SIZE = 16
+
+
+def pixels_backbone_cfg(name: str) -> BackboneCfg:
+    """``pixels`` (16 × 16 RGB, 768 values) or ``pixels@N`` (N × N): the image itself, resized."""
+    size_text = name.partition("@")[2] or str(PIXELS_DEFAULT_SIZE)
+    if not size_text.isdigit() or not 1 <= int(size_text) <= 512:
+        raise ValueError(f"pixel features are named 'pixels' or 'pixels@N' with 1 <= N <= 512, got {name!r}")
+    size = int(size_text)
+    return BackboneCfg(name=name, timm_name="", pretrained_tag=None, family="pixels", feature_dim=3 * size * size,
+                       description=f"raw RGB pixels resized to {size}x{size} (bilinear), values in [0, 1]; no weights")
+
+
+def load_pixels_backbone(cfg: BackboneCfg, *, device: str | torch.device = "cpu") -> LoadedBackbone:
+    """The ``pixels`` feature source as a :class:`LoadedBackbone` (a resize and a flatten).
+
+    The resolution comes from the name (``pixels@N``); ``image_size`` does not apply."""
+    from torchvision import transforms
+
+    size = int(round((cfg.feature_dim // 3) ** 0.5))
+    transform = transforms.Compose([
+        transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BILINEAR, antialias=True),
+        transforms.ToTensor(),
+    ])
+    preprocess = PreprocessCfg(input_size=(3, size, size), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+                               interpolation="bilinear", crop_pct=1.0, crop_mode="none")
+    model = torch.nn.Flatten().to(device).eval()
+    return LoadedBackbone(cfg=cfg, model=model, transform=transform, preprocess=preprocess,
+                          weights=WeightsSource(kind="none"), feature_dim=cfg.feature_dim, n_params=0,
+                          device=str(device), image_size=size)

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -482,3 +483,18 @@ def test_training_checkpoint_with_namespace_loads(tmp_path):
     x = x_batch()
     with torch.no_grad():
         torch.testing.assert_close(bb.model(x), features_of(ref, x), rtol=0, atol=0)
+
+
+def test_pixels_feature_source_needs_no_weights():
+    from PIL import Image as PILImage
+
+    from swsa_store.backbones import create_backbone
+
+    backbone = create_backbone("pixels@4")
+    assert backbone.weights.kind == "none" and backbone.n_params == 0 and backbone.feature_dim == 48
+    image = PILImage.new("RGB", (32, 32), (255, 0, 51))
+    features = backbone.model(backbone.transform(image)[None]).numpy()
+    np.testing.assert_allclose(features.reshape(3, 16).mean(axis=1), [1.0, 0.0, 0.2], atol=1e-6)
+    assert create_backbone("pixels").feature_dim == 768
+    with pytest.raises(ValueError, match="'pixels' or 'pixels@N'"):
+        create_backbone("pixels@big")

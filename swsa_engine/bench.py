@@ -369,7 +369,7 @@ def run_bench(
     ``reference_tasks`` tasks per dataset are recomputed naively; their cost is extrapolated to
     all tasks. Returns the figures (also written as JSON to ``out`` when given).
     """
-    from .selection import create_strategy, evaluate_weights, as_weights, register_strategy, selection_table, STRATEGIES
+    from .selection import STRATEGIES, register_strategy, selection_table
     from .sweep import AurocCube
 
     store = Path(store)

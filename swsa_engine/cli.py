@@ -11,8 +11,6 @@ import argparse
 import json
 import logging
 import sys
-import time
-import warnings
 from pathlib import Path
 
 log = logging.getLogger("swsa")

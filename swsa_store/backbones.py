@@ -766,7 +766,6 @@ def load_backbone(
     built for it (position embeddings resampled from the weights). ``weights="random"``
     builds a randomly initialised model, deterministically, and warns.
     """
-    import timm
     from timm.data import create_transform, resolve_model_data_config
 
     if cfg.family == "pixels":

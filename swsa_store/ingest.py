@@ -17,7 +17,6 @@ import logging
 import os
 import platform
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np

@@ -136,6 +136,30 @@ class AnomalyGenerator(abc.ABC):
         return {"name": self.name}
 
 
+class SingleParentGenerator(AnomalyGenerator):
+    """A generator that edits one seed image at a time: each of the ``count`` anomalies draws
+    its parent uniformly from the seeds with ``rng``, then :meth:`make` edits it."""
+
+    @abc.abstractmethod
+    def make(self, image: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, dict]:
+        """One anomaly from ``image`` and its parameters, all randomness from ``rng``."""
+
+    def generate(
+        self,
+        seed_images: Sequence[Image.Image],
+        seed_ids: Sequence[int],
+        count: int,
+        rng: np.random.Generator,
+    ) -> list[SyntheticImage]:
+        check_generate_args(seed_images, seed_ids, count, rng)
+        out: list[SyntheticImage] = []
+        for _ in range(int(count)):
+            k = int(rng.integers(len(seed_images)))
+            image, params = self.make(seed_images[k], rng)
+            out.append(SyntheticImage(image=image, parent_ids=(int(seed_ids[k]),), params=params))
+        return out
+
+
 def check_generate_args(
     seed_images: Sequence[Image.Image],
     seed_ids: Sequence[int],

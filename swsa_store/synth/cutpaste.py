@@ -21,18 +21,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from swsa_store.synth import (
-    MIN_IMAGE_SIDE,
-    AnomalyGenerator,
-    SyntheticImage,
-    check_generate_args,
-    register_generator,
-)
+from swsa_store.synth import MIN_IMAGE_SIDE, SingleParentGenerator, register_generator
 
 __all__ = ["CutPasteConfig", "CutPasteGenerator", "color_jitter", "cutpaste"]
 
@@ -241,7 +235,7 @@ def cutpaste(
 
 
 @register_generator("cutpaste")
-class CutPasteGenerator(AnomalyGenerator):
+class CutPasteGenerator(SingleParentGenerator):
     """CutPaste anomaly generator (Li et al., CVPR 2021).
 
     ``CutPasteGenerator(config=None, **fields)``: ``fields`` are :class:`CutPasteConfig`
@@ -266,18 +260,6 @@ class CutPasteGenerator(AnomalyGenerator):
     def __repr__(self) -> str:
         return f"CutPasteGenerator({self.config!r})"
 
-    def generate(
-        self,
-        seed_images: Sequence[Image.Image],
-        seed_ids: Sequence[int],
-        count: int,
-        rng: np.random.Generator,
-    ) -> list[SyntheticImage]:
-        """``count`` CutPaste images; each parent is drawn uniformly from the seeds with ``rng``."""
-        check_generate_args(seed_images, seed_ids, count, rng)
-        out: list[SyntheticImage] = []
-        for _ in range(int(count)):
-            k = int(rng.integers(len(seed_images)))
-            image, params = cutpaste(seed_images[k], rng, self.config)
-            out.append(SyntheticImage(image=image, parent_ids=(int(seed_ids[k]),), params=params))
-        return out
+    def make(self, image: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, dict]:
+        """One CutPaste image (each parent is drawn uniformly from the seeds by ``generate``)."""
+        return cutpaste(image, rng, self.config)

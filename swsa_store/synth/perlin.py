@@ -35,13 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from swsa_store.synth import (
-    MIN_IMAGE_SIDE,
-    AnomalyGenerator,
-    SyntheticImage,
-    check_generate_args,
-    register_generator,
-)
+from swsa_store.synth import MIN_IMAGE_SIDE, SingleParentGenerator, register_generator
 
 __all__ = [
     "TEXTURE_EXTENSIONS",
@@ -360,7 +354,7 @@ def perlin_anomaly(
 
 
 @register_generator("perlin")
-class PerlinGenerator(AnomalyGenerator):
+class PerlinGenerator(SingleParentGenerator):
     """Perlin-noise anomaly generator (DRAEM / anomalib's synthetic validation split).
 
     ``PerlinGenerator(config=None, **fields)``: ``fields`` are :class:`PerlinConfig` fields
@@ -388,18 +382,7 @@ class PerlinGenerator(AnomalyGenerator):
     def __repr__(self) -> str:
         return f"PerlinGenerator({self.config!r})"
 
-    def generate(
-        self,
-        seed_images: Sequence[Image.Image],
-        seed_ids: Sequence[int],
-        count: int,
-        rng: np.random.Generator,
-    ) -> list[SyntheticImage]:
-        """``count`` Perlin-noise anomalies; each parent is drawn uniformly from the seeds with ``rng``."""
-        check_generate_args(seed_images, seed_ids, count, rng)
-        out: list[SyntheticImage] = []
-        for _ in range(int(count)):
-            k = int(rng.integers(len(seed_images)))
-            image, _mask, params = perlin_anomaly(seed_images[k], rng, self.config, self.textures or None)
-            out.append(SyntheticImage(image=image, parent_ids=(int(seed_ids[k]),), params=params))
-        return out
+    def make(self, image: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, dict]:
+        """One Perlin-noise anomaly (each parent is drawn uniformly from the seeds by ``generate``)."""
+        image, _mask, params = perlin_anomaly(image, rng, self.config, self.textures or None)
+        return image, params

@@ -31,7 +31,7 @@ import pandas as pd
 from .clip_scores import DEFAULT_EPS, bliss_from_similarities, l2_normalize, prompt_ensemble, topk_similarities
 from .loader import TaskGroup, build_task_groups
 from .metrics import UndefinedMetricWarning, auroc
-from .sweep import SETTINGS, AurocCube, grouped_auroc, hard_source_name
+from .sweep import SETTINGS, AurocCube, CubeLayout, grouped_auroc
 
 log = logging.getLogger(__name__)
 
@@ -157,28 +157,21 @@ def _two_part(normal_scores, normal_mask, anomaly_scores, anomaly_mask) -> np.nd
 def build_cube(scorer_for_group, groups: list[TaskGroup], tasks: pd.DataFrame, usable: np.ndarray,
                candidates: pd.DataFrame, *, hardest=(10, 5), config: dict | None = None) -> AurocCube:
     """Assemble an :class:`AurocCube` over ``groups``; ``scorer_for_group(group)`` returns a scorer."""
-    base_sources = sorted({s for g in groups for s in g.synthetic})
-    sources = base_sources + [hard_source_name(s, n) for s in base_sources for n in hardest]
-    ordered = pd.concat([tasks.set_index("task_id").loc[g.task_ids, ["dataset", "normal_class"]] for g in groups]).reset_index()
-    n_tasks, n_cand = len(ordered), len(candidates)
-    max_groups = max(len(g.group_names) for g in groups)
-    real = np.full((n_tasks, n_cand, 2), np.nan)
-    synthetic = np.full((n_tasks, n_cand, len(sources)), np.nan)
-    per_class = np.full((n_tasks, n_cand, max_groups), np.nan)
-    class_names = np.full((n_tasks, max_groups), "", dtype=object)
+    n_cand = len(candidates)
+    layout = CubeLayout.of(groups, tasks, n_cand, tuple(hardest))
+    base_sources, offsets = layout.base_sources, layout.offsets
+    real, synthetic, per_class = layout.real, layout.synthetic, layout.per_class
     skips = []
-    offsets = np.cumsum([0] + [len(g.task_ids) for g in groups])
     for g, group in enumerate(groups):
         span = slice(offsets[g], offsets[g + 1])
-        class_names[span, : len(group.group_names)] = group.group_names
         result = score_group_candidates(scorer_for_group(group), group, usable, base_sources, n_cand, hardest=hardest)
         real[span], synthetic[span] = result["real"], result["synthetic"]
         per_class[span, :, : len(group.group_names)] = result["per_class"]
         skips += [(t, "*", reason) for t, reason in result["skips"]]
     config = dict(config or {})
     config.update({"hardest": list(hardest), "base_sources": base_sources})
-    return AurocCube(tasks=ordered[["task_id", "dataset", "normal_class"]], candidates=candidates.reset_index(drop=True),
-                     sources=sources, real=real, synthetic=synthetic, per_class=per_class, class_names=class_names,
+    return AurocCube(tasks=layout.tasks, candidates=candidates.reset_index(drop=True),
+                     sources=layout.sources, real=real, synthetic=synthetic, per_class=per_class, class_names=layout.class_names,
                      skips=pd.DataFrame(skips, columns=["task_id", "candidate", "reason"]), config=config)
 
 

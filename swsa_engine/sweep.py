@@ -379,6 +379,36 @@ def score_group_imported(table: pd.DataFrame, complete: np.ndarray, n_images: in
 CANDIDATE_COLUMNS = ["name", "feature", "detector", "n_params", "feature_dim", "weights_kind", "family"]
 
 
+@dataclass
+class CubeLayout:
+    """The empty arrays of an :class:`AurocCube` over ``groups`` (tasks in group order) and
+    where each group's tasks sit in them (``offsets``)."""
+
+    base_sources: list[str]
+    sources: list[str]
+    tasks: pd.DataFrame
+    offsets: np.ndarray
+    real: np.ndarray
+    synthetic: np.ndarray
+    per_class: np.ndarray
+    class_names: np.ndarray
+
+    @classmethod
+    def of(cls, groups: list[TaskGroup], tasks: pd.DataFrame, n_candidates: int, hardest: tuple[int, ...]) -> "CubeLayout":
+        base_sources = sorted({s for g in groups for s in g.synthetic})
+        sources = base_sources + [hard_source_name(s, n) for s in base_sources for n in hardest]
+        ordered = pd.concat([tasks.set_index("task_id").loc[g.task_ids, ["dataset", "normal_class"]] for g in groups]).reset_index()
+        n_tasks = len(ordered)
+        max_groups = max(len(g.group_names) for g in groups)
+        offsets = np.cumsum([0] + [len(g.task_ids) for g in groups])
+        class_names = np.full((n_tasks, max_groups), "", dtype=object)
+        for g, group in enumerate(groups):
+            class_names[offsets[g] : offsets[g + 1], : len(group.group_names)] = group.group_names
+        return cls(base_sources, sources, ordered[["task_id", "dataset", "normal_class"]], offsets,
+                   np.full((n_tasks, n_candidates, 2), np.nan), np.full((n_tasks, n_candidates, len(sources)), np.nan),
+                   np.full((n_tasks, n_candidates, max_groups), np.nan), class_names)
+
+
 def candidate_info(store, entries: list[tuple[str, str, object]]) -> pd.DataFrame:
     """One row per candidate: ``entries`` are (candidate name, feature source, detector or None)."""
     rows = []
@@ -447,19 +477,10 @@ def run_sweep(
     groups = build_task_groups(images, tasks, members)
     if not groups:
         raise ValueError(f"store {store_path} has no scoreable tasks; see `swsa info --store {store_path}`")
-    base_sources = sorted({s for g in groups for s in g.synthetic})
-    sources = base_sources + [hard_source_name(s, n) for s in base_sources for n in hardest]
-    ordered_tasks = pd.concat([tasks.set_index("task_id").loc[g.task_ids, ["dataset", "normal_class"]] for g in groups]).reset_index()
-    n_tasks, n_cand = len(ordered_tasks), len(entries)
-    max_groups = max(len(g.group_names) for g in groups)
-    real = np.full((n_tasks, n_cand, 2), np.nan)
-    synthetic = np.full((n_tasks, n_cand, len(sources)), np.nan)
-    per_class = np.full((n_tasks, n_cand, max_groups), np.nan)
-    class_names = np.full((n_tasks, max_groups), "", dtype=object)
+    layout = CubeLayout.of(groups, tasks, len(entries), hardest)
+    base_sources, sources, ordered_tasks, offsets = layout.base_sources, layout.sources, layout.tasks, layout.offsets
+    real, synthetic, per_class, class_names = layout.real, layout.synthetic, layout.per_class, layout.class_names
     skips = []
-    offsets = np.cumsum([0] + [len(g.task_ids) for g in groups])
-    for g, group in enumerate(groups):
-        class_names[offsets[g] : offsets[g + 1], : len(group.group_names)] = group.group_names
     usable_images = (images["status"] == "ok").to_numpy()
     read_seconds = knn_flops = 0.0
     column_of = {entry[0]: c for c, entry in enumerate(entries)}

@@ -32,7 +32,7 @@ import pandas as pd
 from .catalog import add_images
 from .datasets import DEFAULT_EXTENSIONS, _inspect_file
 from .store import open_store
-from .tasks import stable_seed
+from .tasks import select_tasks, stable_seed
 
 __all__ = ["PAPER_AUX_COUNTS", "auxiliary_pool", "sample_auxiliary"]
 
@@ -90,12 +90,7 @@ def sample_auxiliary(
     root_real = os.path.realpath(root)
     with open_store(store_path) as store:
         images, tasks = store.images(), store.tasks()
-    tasks = tasks[tasks["status"] == "ok"]
-    if task_ids is not None:
-        unknown = sorted(set(task_ids) - set(tasks["task_id"]))
-        if unknown:
-            raise ValueError(f"unknown or skipped task ids {unknown[:5]}; see `swsa info --store {store_path}`")
-        tasks = tasks[tasks["task_id"].isin(task_ids)]
+    tasks = select_tasks(tasks, task_ids, store_path)
     made = images[images["kind"] == source].groupby("task_id").size()
     rows: list[dict] = []
     done = skipped = 0

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .catalog import add_images, resolve_path
 from .store import open_store
-from .tasks import ROLE_SEED
+from .tasks import ROLE_SEED, select_tasks
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +84,7 @@ def synthesize(
     with open_store(store_path) as store:
         images, tasks, members = store.images(), store.tasks(), store.task_members()
         files_dir = store.files_dir
-    tasks = tasks[tasks["status"] == "ok"]
-    if task_ids is not None:
-        unknown = sorted(set(task_ids) - set(tasks["task_id"]))
-        if unknown:
-            raise ValueError(f"unknown or skipped task ids {unknown[:5]}; see `swsa info --store {store_path}`")
-        tasks = tasks[tasks["task_id"].isin(task_ids)]
+    tasks = select_tasks(tasks, task_ids, store_path)
     mine = images[images["kind"] == source]
     made = mine.groupby("task_id")["source_index"].apply(lambda s: set(int(i) for i in s))
     pending_rows: list[dict] = []

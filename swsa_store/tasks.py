@@ -216,6 +216,17 @@ def build_tasks(
     return tasks, members
 
 
+def select_tasks(tasks: pd.DataFrame, task_ids, store_path) -> pd.DataFrame:
+    """The scoreable tasks (status ok), or those of ``task_ids`` (an error names unknown ones)."""
+    tasks = tasks[tasks["status"] == "ok"]
+    if task_ids is None:
+        return tasks
+    unknown = sorted(set(task_ids) - set(tasks["task_id"]))
+    if unknown:
+        raise ValueError(f"unknown or skipped task ids {unknown[:5]}; see `swsa info --store {store_path}`")
+    return tasks[tasks["task_id"].isin(task_ids)]
+
+
 def members_of(members: pd.DataFrame, task_id: int, role: int) -> np.ndarray:
     """Sorted image ids playing ``role`` in task ``task_id``."""
     rows = members[(members["task_id"] == task_id) & (members["role"] == role)]

@@ -160,6 +160,25 @@ class SingleParentGenerator(AnomalyGenerator):
         return out
 
 
+def check_edit_args(image, rng) -> tuple[int, int]:
+    """Validate one image edit's inputs (a PIL image at least :data:`MIN_IMAGE_SIDE` px, a numpy
+    Generator); returns the image's (width, height)."""
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(
+            f"expected rng to be a numpy.random.Generator, got {type(rng).__name__}; "
+            "build one with swsa_store.synth.generator_rng(base_seed, task_id, name)"
+        )
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"expected a PIL image, got {type(image).__name__}; load it with PIL.Image.open(...)")
+    width, height = image.size
+    if min(width, height) < MIN_IMAGE_SIDE:
+        raise ValueError(
+            f"expected an image at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} px, got "
+            f"{width}x{height}; fix the dataset or drop that image"
+        )
+    return width, height
+
+
 def check_generate_args(
     seed_images: Sequence[Image.Image],
     seed_ids: Sequence[int],

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from swsa_store.synth import MIN_IMAGE_SIDE, SingleParentGenerator, register_generator
+from swsa_store.synth import SingleParentGenerator, check_edit_args, register_generator
 
 __all__ = ["CutPasteConfig", "CutPasteGenerator", "color_jitter", "cutpaste"]
 
@@ -214,19 +214,7 @@ def cutpaste(
     cfg = config if config is not None else CutPasteConfig()
     if not isinstance(cfg, CutPasteConfig):
         raise TypeError(f"expected a CutPasteConfig, got {type(cfg).__name__}; build one with CutPasteConfig(...)")
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(
-            f"expected rng to be a numpy.random.Generator, got {type(rng).__name__}; "
-            "build one with swsa_store.synth.generator_rng(base_seed, task_id, name)"
-        )
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"expected a PIL image, got {type(image).__name__}; load it with PIL.Image.open(...)")
-    width, height = image.size
-    if min(width, height) < MIN_IMAGE_SIDE:
-        raise ValueError(
-            f"expected an image at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} px, got "
-            f"{width}x{height}; fix the dataset or drop that image"
-        )
+    width, height = check_edit_args(image, rng)
     out = image.convert("RGB")
     if out is image:  # never modify the caller's image
         out = image.copy()

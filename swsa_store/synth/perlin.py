@@ -35,7 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from swsa_store.synth import MIN_IMAGE_SIDE, SingleParentGenerator, register_generator
+from swsa_store.synth import SingleParentGenerator, check_edit_args, register_generator
 
 __all__ = [
     "TEXTURE_EXTENSIONS",
@@ -316,19 +316,7 @@ def perlin_anomaly(
     cfg = config if config is not None else PerlinConfig()
     if not isinstance(cfg, PerlinConfig):
         raise TypeError(f"expected a PerlinConfig, got {type(cfg).__name__}; build one with PerlinConfig(...)")
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(
-            f"expected rng to be a numpy.random.Generator, got {type(rng).__name__}; "
-            "build one with swsa_store.synth.generator_rng(base_seed, task_id, name)"
-        )
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"expected a PIL image, got {type(image).__name__}; load it with PIL.Image.open(...)")
-    width, height = image.size
-    if min(width, height) < MIN_IMAGE_SIDE:
-        raise ValueError(
-            f"expected an image at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} px, got {width}x{height}; "
-            "fix the dataset or drop that image"
-        )
+    width, height = check_edit_args(image, rng)
     rgb = image.convert("RGB")
     base = np.asarray(rgb, dtype=np.uint8)
     mask, params = perlin_mask((height, width), rng, cfg)

@@ -1,5 +1,5 @@
 """The ``swsa`` command line: demo, catalog, synth, embed, embed-text, score, report, info, bench,
-import-scores, export-validation.
+import-scores, export-validation, split-refs.
 
 Every subcommand has ``--help``. Errors print one line (``swsa: error: ...``) and exit with a
 non-zero status; ``--debug`` shows the full traceback instead.
@@ -16,6 +16,8 @@ from pathlib import Path
 log = logging.getLogger("swsa")
 
 DEMO_BACKBONES = ("pixels", "resnet18", "resnet34", "resnet50", "vit_b_32")
+#: detectors the demo applies to every feature source (candidates = sources × detectors)
+DEMO_DETECTORS = ("knn", "mahalanobis", "pca(n=8)")
 
 #: Official layouts read by `swsa catalog <dataset> --root PATH` (see swsa_store.paper_datasets).
 PAPER_LAYOUTS = {
@@ -67,6 +69,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
         if not args.root:
             raise ValueError("`swsa synth --method auxiliary` needs --root PATH (Tiny-ImageNet or any image folder)")
+        if args.ray is not None:
+            raise ValueError("--ray does not apply to --method auxiliary (it samples files, computes nothing); drop --ray")
         summary = sample_auxiliary(args.store, args.root, count=args.count, seed=args.seed, source=args.source)
         _print_summary("synth", summary)
         return 0
@@ -78,8 +82,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
     for name in ("model", "steps", "gamma", "t_edit", "interpolation", "t_boost", "device", "batch_size"):
         if getattr(args, name) is not None:  # only what was given, so other generators keep their defaults
             kwargs[name] = getattr(args, name)
-    summary = synthesize(args.store, args.method, count=args.count, seed=args.seed, source=args.source,
-                         progress=not args.quiet, **kwargs)
+    run = synthesize
+    if args.ray is not None:  # the same synthesis on a Ray cluster; the driver still writes the store
+        from swsa_store.distributed import synthesize_ray
+
+        kwargs.update(_ray_kwargs(args))
+        run = synthesize_ray
+    summary = run(args.store, args.method, count=args.count, seed=args.seed, source=args.source,
+                  progress=not args.quiet, **kwargs)
     _print_summary("synth", summary)
     return 0
 
@@ -87,11 +97,19 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_embed(args: argparse.Namespace) -> int:
     from swsa_store.ingest import embed_store
 
+    embed = embed_store
+    if args.ray is not None:  # the same ingest on a Ray cluster; the driver still writes the store
+        import functools
+
+        from swsa_store.distributed import embed_store_ray
+
+        embed = functools.partial(embed_store_ray, **_ray_kwargs(args))
     for backbone in _split(args.backbone):
-        report = embed_store(
+        report = embed(
             args.store, backbone, weights=args.weights, weights_dir=args.weights_dir,
             allow_download=args.allow_download, image_size=args.image_size, name=args.name if len(_split(args.backbone)) == 1 else None,
             batch_size=args.batch_size, num_workers=args.workers, device=args.device, progress=not args.quiet,
+            patch_tokens=args.patch_tokens,
         )
         _print_summary("embed", {
             "backbone": report.backbone, "images": report.total, "already_done": report.already_done,
@@ -201,6 +219,15 @@ def cmd_info(args: argparse.Namespace) -> int:
                 "failed": int((done == DONE_FAILED).sum()), "feature_dim": cfg.get("feature_dim"),
                 "weights": cfg.get("weights_kind"),
             }
+            if name in store.patch_sets():
+                pa, pdone = store.patch_attrs(name), store.patch_done_mask(name)
+                per_image = int(pa["n_patches"]) * int(pa["patch_dim"]) * 2
+                info["backbones"][name]["patches"] = {
+                    "done": int((pdone[usable] == DONE_WRITTEN).sum()), "n_patches": int(pa["n_patches"]),
+                    "patch_dim": int(pa["patch_dim"]), "grid": list(pa["grid"]), "layer": pa["layer"],
+                    "dtype": "float16", "bytes_per_image": per_image, "bytes_total": per_image * len(images),
+                    "bytes_per_dataset": {str(d): per_image * int(n) for d, n in images.groupby("dataset").size().items()},
+                }
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -213,6 +240,12 @@ def cmd_info(args: argparse.Namespace) -> int:
         pct = 100.0 * b["done"] / b["of"] if b["of"] else 0.0
         print(f"  embeddings {name}: {b['done']}/{b['of']} done ({pct:.0f}%), {b['failed']} failed, "
               f"dim {b['feature_dim']}, weights {b['weights']}")
+        if "patches" in b:
+            pt = b["patches"]
+            per_dataset = ", ".join(f"{d} {n / 2**20:.1f} MiB" for d, n in pt["bytes_per_dataset"].items())
+            print(f"    patch tokens: {pt['done']}/{b['of']} done, {pt['n_patches']} x {pt['patch_dim']} float16 "
+                  f"({pt['grid'][0]}x{pt['grid'][1]} grid, {pt['layer']}), {pt['bytes_per_image'] / 1024:.1f} KiB/image, "
+                  f"{pt['bytes_total'] / 2**20:.1f} MiB in all ({per_dataset})")
     print(f"  results: {', '.join(info['results']) or 'none'}")
     return 0
 
@@ -228,6 +261,22 @@ def cmd_import_scores(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import format_figures, make_paper_store, run_bench
 
+    if args.ingest:
+        import tempfile
+
+        from .bench import bench_ingest, format_ingest
+
+        ray_kwargs = {k: v for k, v in _ray_kwargs(args).items() if k != "address"}
+        with tempfile.TemporaryDirectory(prefix="swsa-ingest-") as tmp:
+            figures = bench_ingest(args.out or tmp, backbone=args.backbone, weights=args.weights,
+                                   image_size=args.image_size, n_images=args.images, batch_size=args.batch_size,
+                                   workers=args.workers, device=args.device, progress=not args.quiet,
+                                   ray=args.ray, **ray_kwargs)
+        print(format_ingest(figures))
+        if args.out:
+            (Path(args.out) / "ingest.json").write_text(json.dumps(figures, indent=2))
+            print(f"figures written: {Path(args.out) / 'ingest.json'}")
+        return 0
     if args.clip:
         from .prompt_sweep import bench_clip_rescoring
 
@@ -256,6 +305,15 @@ def cmd_export_validation(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_split_refs(args: argparse.Namespace) -> int:
+    from swsa_store.references import split_references
+
+    table = split_references(args.store, args.source, args.share, seed=args.seed)
+    _print_summary("split-refs", {"source": args.source, "share": args.share, "seed": args.seed,
+                                  "references": len(table), "tasks": int(table["task_id"].nunique())})
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -263,6 +321,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         out_dir=args.out, backbones=_split(args.backbones), image_size=args.image_size, count=args.count,
         n_seed=args.n_seed, seed=args.seed, batch_size=args.batch_size, workers=args.workers,
         weights_dir=args.weights_dir, device=args.device, progress=not args.quiet,
+        detectors=[d.strip() for d in args.detectors.split(";") if d.strip()],
     )
     print(f"\nreport: {paths['report']}")
     if "html" in paths:
@@ -279,6 +338,28 @@ def _split(value) -> list[str]:
     if isinstance(value, (list, tuple)):
         value = ",".join(value)
     return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+def _ray_kwargs(args: argparse.Namespace) -> dict:
+    """The scale-out options of `embed`/`synth` as keyword arguments of swsa_store.distributed."""
+    return {"address": None if args.ray == "local" else args.ray, "actors_per_gpu": args.actors_per_gpu,
+            "num_actors": args.actors, "read_on": args.read_on, "cpu_threads": args.cpu_threads}
+
+
+def _add_ray_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("scale-out on Ray (pip install 'swsa[distributed]'; the driver stays the store's only writer)")
+    g.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run on Ray: 'auto' (the cluster this machine belongs to), a cluster address (host:port or "
+                        "ray://host:10001), or nothing for a local Ray instance")
+    g.add_argument("--actors-per-gpu", dest="actors_per_gpu", type=int, default=1,
+                   help="model actors per GPU (each reserves 1/N of a GPU; default 1)")
+    g.add_argument("--actors", type=int, default=None,
+                   help="number of model actors (default: GPUs x actors per GPU; without GPUs half the cluster's CPUs)")
+    g.add_argument("--read-on", dest="read_on", choices=("driver", "any"), default="driver",
+                   help="where images are read: on the driver's node (default; no shared file system needed) or on "
+                        "any node (every node sees the catalog's paths)")
+    g.add_argument("--cpu-threads", dest="cpu_threads", type=int, default=None,
+                   help="threads of CPU actors (default: Ray's, 1 per actor); the local path's thread count gives its bytes")
 
 
 def _print_summary(stage: str, summary: dict) -> None:
@@ -304,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("demo", cmd_demo, "run the whole SWSA loop on scikit-learn's digits and write a report")
     p.add_argument("--out", default="swsa-demo", help="output folder (store, images, report); default: swsa-demo")
     p.add_argument("--backbones", default=",".join(DEMO_BACKBONES), help="comma-separated candidate backbones")
+    p.add_argument("--detectors", default=";".join(DEMO_DETECTORS),
+                   help="detectors applied to every backbone, ';'-separated (default: %(default)s)")
     p.add_argument("--image-size", type=int, default=64, help="render size of the digits and model input size (default 64)")
     p.add_argument("--count", type=int, default=50, help="CutPaste anomalies per task and variant (paper: 100; default 50)")
     p.add_argument("--n-seed", type=int, default=20, help="seed images per task (default 20)")
@@ -352,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--t-boost", dest="t_boost", type=int, help="stochastic quality boosting at steps t < t_boost (default 0: off)")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     g.add_argument("--batch-size", dest="batch_size", type=int, help="pairs per batch (default 8)")
+    _add_ray_options(p)
 
     p = add("embed", cmd_embed, "embed every catalogued image with a backbone (resumable)")
     p.add_argument("--store", required=True)
@@ -364,14 +448,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="name of the embedding matrix (default: the backbone name)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (with --ray: the actors' GPUs)")
+    _add_ray_options(p)
+    p.add_argument("--patch-tokens", dest="patch_tokens", action="store_true",
+                   help="also store the patch tokens (ViT tokens, or a CNN's layer3 map) as float16 in "
+                        "/patches/<name>, for the patch detector; costs P x D' x 2 bytes per image "
+                        "(ViT-B/16 at 224: 196 x 768 x 2 = 301 KB)")
 
     p = add("score", cmd_score, "compute the AUROC cube for all tasks, candidates and sources")
     p.add_argument("--store", required=True)
     p.add_argument("--backbones", help="comma-separated candidates (default: every embedding in the store)")
     p.add_argument("--k", type=int, default=3, help="neighbours in the kNN score (default 3, the paper's)")
     p.add_argument("--detectors", help="detectors applied to every embedding, ';'-separated, e.g. "
-                                       "'knn(k=3);knn(k=1);knn(k=5,cosine)' (default: knn(k=K))")
+                                       "'knn(k=3);knn(k=5,cosine);mahalanobis;residual(K=4,mean);residual(K=4,min);"
+                                       "nagl(k=3,beta=1.0);pca(n=8)' (default: knn(k=K)); nagl needs `swsa split-refs`")
     p.add_argument("--hardest", default="10,5", help="also validate on the N hardest synthetic anomalies (default 10,5)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--prompts", action="store_true",
@@ -425,6 +515,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: time re-scoring every prompt (10 + ensemble) and the BLISS grid for the paper's tasks")
     p.add_argument("--out", default=None, help="folder for bench.json and table1.csv")
     p.add_argument("--device", default="cpu")
+    g = p.add_argument_group("--ingest: images/s of the embedding pipeline vs the model's forward pass alone")
+    g.add_argument("--ingest", action="store_true",
+                   help="instead: time embedding a generated catalog of JPEGs (read, preprocess, forward, write) "
+                        "against the forward pass alone on the same device (--out keeps the catalog and ingest.json)")
+    g.add_argument("--backbone", default="timm/resnet10t", help="--ingest: backbone (default timm/resnet10t)")
+    g.add_argument("--weights", default="random", help="--ingest: weights (default random; see `swsa embed --help`)")
+    g.add_argument("--image-size", dest="image_size", type=int, default=64, help="--ingest: model input size (default 64)")
+    g.add_argument("--images", type=int, default=512, help="--ingest: images in the generated catalog (default 512)")
+    g.add_argument("--batch-size", dest="batch_size", type=int, default=64, help="--ingest: batch size (default 64)")
+    g.add_argument("--workers", type=int, default=0, help="--ingest: DataLoader workers of the local path (default 0)")
+    _add_ray_options(p)
+
+    p = add("split-refs", cmd_split_refs,
+            "hold a seeded share of each task's synthetic anomalies of one source apart as abnormal references "
+            "(for the nagl detector); they leave the synthetic validation set of every candidate")
+    p.add_argument("--store", required=True)
+    p.add_argument("--source", required=True, help="synthetic source (image kind), e.g. cutpaste")
+    p.add_argument("--share", type=float, required=True,
+                   help="share of each task's anomalies of --source used as references, in (0, 1), e.g. 0.25")
+    p.add_argument("--seed", type=int, default=0, help="seed of the per-image hash that picks references (default 0)")
 
     p = add("info", cmd_info, "show what a store holds: datasets, tasks, backbones and their completeness")
     p.add_argument("--store", required=True)

@@ -1,7 +1,8 @@
 """``swsa demo``: the whole SWSA loop on scikit-learn's handwritten digits, on CPU.
 
 catalog (1,797 digits rendered to RGB PNGs, 10 tasks) → CutPaste (normal and scar) and Perlin-noise
-anomalies from each task's seed images → embeddings with each candidate backbone → AUROC cube → report.
+anomalies from each task's seed images → embeddings with each candidate backbone → AUROC cube over
+feature sources × detectors (kNN, Mahalanobis, PCA; :data:`swsa_engine.cli.DEMO_DETECTORS`) → report.
 
 Weights: each candidate uses pretrained weights when they are found in the documented order
 (``--weights-dir``, ``SWSA_WEIGHTS_DIR``, the Hugging Face and torch caches); otherwise — as on
@@ -44,17 +45,19 @@ def run_demo(
     weights_dir: str | None = None,
     device: str = "cpu",
     progress: bool = True,
+    detectors: list[str] | None = None,
 ) -> dict:
     from swsa_store import open_store
     from swsa_store.catalog import catalog_dataset
     from swsa_store.ingest import embed_store, embedding_name
     from swsa_store.synthesize import synthesize
 
-    from .cli import DEMO_BACKBONES
+    from .cli import DEMO_BACKBONES, DEMO_DETECTORS
     from .report import write_report
     from .sweep import run_sweep
 
     backbones = list(backbones or DEMO_BACKBONES)
+    detectors = list(detectors or DEMO_DETECTORS)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     store_path = out / "store.h5"
@@ -81,13 +84,17 @@ def run_demo(
             warnings.simplefilter("ignore")  # the random-init warning is logged and shown in the report
             step(f"embed {backbone}", embed_store, store_path, backbone, weights=weights, weights_dir=weights_dir,
                  image_size=image_size, batch_size=batch_size, num_workers=workers, device=device, progress=progress)
-    cube = step("score", run_sweep, store_path, backbones=[embedding_name(b) for b in backbones], device=device, progress=progress)
+    cube = step("score", run_sweep, store_path, backbones=[embedding_name(b) for b in backbones], device=device, progress=progress,
+                detectors=detectors)
     with open_store(store_path) as store:
         skips = store.skips()
     total = sum(timings.values())
     notes = [
         "Dataset: scikit-learn's handwritten digits (1,797 images, 10 classes), rendered to "
         f"{image_size}×{image_size} RGB; each digit is the normal class of one task, the other digits are anomalies.",
+        f"Candidates: {len(cube.candidates)} = feature sources ({', '.join(backbones)}) × detectors "
+        f"({', '.join(cube.config['detectors'])}); `pixels` needs no weights, and Mahalanobis / PCA on it are "
+        "fitted on each task's support set only.",
         "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()) + f"; total {total:.1f}.",
     ]
     paths = step("report", write_report, cube, out / "report", store_skips=skips, title="SWSA demo — digits", notes=notes,

@@ -56,7 +56,7 @@ _U32 = 2.0**-24
 _U64 = 2.0**-53
 _INF = float("inf")
 
-__all__ = ["knn_score", "knn_score_batched", "knn_score_gathered"]
+__all__ = ["knn_score", "knn_score_batched", "knn_score_batched_bounded", "knn_score_gathered", "knn_score_bounded"]
 
 
 # --------------------------------------------------------------------------- validation
@@ -874,6 +874,202 @@ def knn_score_gathered(
     if n_fail:
         LOG.debug("knn_score_gathered: %d of %d scores not certified; recomputed exactly", n_fail, n_t * n_q)
     return out
+
+
+#: features per float32 partial dot product in :func:`knn_score_bounded`; the partial sums are
+#: added separately, so each product passes through at most ``DOT_CHUNK + D / DOT_CHUNK``
+#: roundings instead of ``D`` and the a priori error bound is ~D/(2·sqrt(D)) times tighter.
+DOT_CHUNK = 256
+
+
+def knn_score_bounded(queries, features, bank_index, k: int = 3, *, device="cpu", block_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Fast kNN scores of shared queries against many banks, each with a rigorous error bound.
+
+    The float32 form of :func:`knn_score_gathered` without its exact refinement: for rank
+    statistics (AUROC) most scores need no more, and the caller refines only the scores whose
+    bound makes an order uncertain (``swsa_engine.sweep``).  Queries are never in the banks
+    (no leave-one-out).
+
+    Parameters
+    ----------
+    queries : (Q, D) real array.
+    features : (N, D) real array; only rows named in ``bank_index`` are read.
+    bank_index : (T, S) int row indices into ``features``, -1 = padding; every task has >= k rows.
+
+    Returns
+    -------
+    scores : (T, Q) float64, the sum of the k smallest squared L2 distances, computed as
+        ``||q||² + ||b||² - 2 q·b`` with the dot products in float32.
+    bounds : (T, Q) float64 with ``|scores - exact| <= bounds``, ``exact`` the brute-force float64
+        score.  Rows are centred on the banks' mean (in float64) and their norms taken in float64
+        before rounding to float32, and the dot products are summed in chunks of
+        :data:`DOT_CHUNK` features, so the bound is ``≈ 2 k γ_h ||q|| max||b||`` with
+        ``h = DOT_CHUNK + D / DOT_CHUNK`` (Higham's ``γ_h = h u / (1 - h u)`` holds for any
+        summation order inside a BLAS kernel).  Where features are outside float32's safe range
+        the scores are exact and the bounds 0.
+    """
+    k = _check_k(k)
+    q = _as_real(queries, "queries", 2, "(Q, D)")
+    f = _as_real(features, "features", 2, "(N, D)")
+    if np.ndim(bank_index) != 2 or q.shape[1] != f.shape[1]:
+        raise ValueError(f"bank_index must be (T, S) and queries/features must share D; got {np.shape(bank_index)}, {q.shape}, {f.shape}")
+    bi = _as_index(bank_index, "bank_index", np.shape(bank_index), "(T, S)", high=f.shape[0], what="a row of features")
+    n_t, s = bi.shape
+    n_q, dim = q.shape
+    valid = bi >= 0
+    short = np.flatnonzero(valid.sum(axis=1) < k)
+    if short.size:
+        raise ValueError(_too_small_message(k, [(int(t), int(valid[t].sum())) for t in short], "= bank rows"))
+    scores = np.empty((n_t, n_q))
+    bounds = np.zeros((n_t, n_q))
+    if n_t == 0 or n_q == 0:
+        return scores, bounds
+    used = np.unique(bi[valid])
+    f64 = np.asarray(f[used], dtype=np.float64)
+    centre = f64.mean(axis=0)
+    fc = f64 - centre
+    qc = np.asarray(q, dtype=np.float64) - centre
+    nq = _sq_norms(qc, "queries")
+    nf = _sq_norms(fc, "features")
+    if not _f32_safe(nq, nf):
+        return knn_score_gathered(queries, features, bank_index, k, device=device, precision="float64"), bounds
+    dev = _resolve_device(device)
+    n_u = used.size
+    local = np.full((n_t, s), n_u, dtype=np.int64)
+    local[valid] = np.searchsorted(used, bi[valid])
+    direct = n_t * s <= 1.25 * n_u
+    cols = torch.from_numpy(local.T.reshape(-1)).to(dev)  # slot-major: (S*T,)
+    n_chunks = -(-dim // DOT_CHUNK)
+    width = n_chunks * DOT_CHUNK if n_chunks > 1 else dim
+    bank = np.zeros((n_u + 1, width), dtype=np.float32)  # last row: padding slot, never a neighbour
+    bank[:n_u, :dim] = fc
+    bank_t = torch.from_numpy(bank).to(dev)
+    norms = torch.from_numpy(np.append(nf, _INF).astype(np.float32)).to(dev)
+    if direct:
+        bank_t, norms = bank_t[cols], norms[cols]
+    n_cols = bank_t.shape[0]
+    bank_chunks = bank_t.T.reshape(n_chunks, width // n_chunks, n_cols).contiguous()  # (P, c, n_cols)
+    del bank_t
+    per_query = 4 * (n_cols * (n_chunks + 1) + n_t * s * (0 if direct else 1)) + 16 * n_t * k
+    qb = block_size or max(1, min(n_q, int(BLOCK_BYTES // per_query)))
+    queries32 = np.zeros((n_q, width), dtype=np.float32)
+    queries32[:, :dim] = qc
+    q_t = torch.from_numpy(queries32).to(dev)
+    nq_t = torch.from_numpy(nq.astype(np.float32)).to(dev)
+    for q0 in range(0, n_q, qb):
+        q1 = min(n_q, q0 + qb)
+        q_chunks = q_t[q0:q1].reshape(q1 - q0, n_chunks, -1).transpose(0, 1)  # (P, Qb, c)
+        dot = torch.bmm(q_chunks, bank_chunks).sum(0) if n_chunks > 1 else q_chunks[0] @ bank_chunks[0]
+        dist = dot.mul_(-2.0).add_(norms[None, :]).add_(nq_t[q0:q1, None])
+        g = dist.view(q1 - q0, s, n_t) if direct else dist.index_select(1, cols).view(q1 - q0, s, n_t)
+        del dot, dist
+        scores[:, q0:q1] = _k_smallest_mid(g, k).to(torch.float64).sum(-1).T.cpu().numpy()
+    max_nf = np.where(valid, np.append(nf, 0.0)[local], 0.0).max(axis=1)
+    bounds[:] = _score_bounds(k, dim, nq[None, :], max_nf[:, None], scores, _matmul_input_roundoff(dev))
+    return scores, bounds
+
+
+def _score_bounds(k: int, dim: int, nq: np.ndarray, max_nb: np.ndarray, scores: np.ndarray, u_in: float = 0.0) -> np.ndarray:
+    """Bound on ``|score - exact|`` for the chunked float32 expanded form (broadcasting arrays).
+
+    Per distance: the dot product (``γ_h``, ``h`` roundings per product) and the rounding of the
+    inputs to float32 (``2u``) on ``2 ||q|| ||b||``; the norms rounded to float32 and the two
+    additions (``3u``); the float64 centring (a few ``u64``).  Times ``k`` for the sum of the
+    ``k`` smallest (each order statistic moves by at most the largest error), plus its float64 sum.
+    ``u_in``: the rounding of the inputs inside the product (TF32 on CUDA, see
+    :func:`_matmul_input_roundoff`).
+    """
+    n_chunks = -(-dim // DOT_CHUNK)
+    depth = (DOT_CHUNK + n_chunks + 1) if n_chunks > 1 else dim + 1
+    u = _U32
+    gamma = depth * u / (1.0 - depth * u)
+    cross = 2.0 * np.sqrt(nq * max_nb)
+    per_distance = (gamma + 2.1 * u + 2.02 * u_in) * cross + (3.1 * u + 8 * _U64) * (nq + max_nb + cross)
+    return 1.01 * k * per_distance + 4.0 * k * _U64 * np.abs(scores)
+
+
+def _chunked_dots(q: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(B, W, D) · (B, S, D) → (B, W, S) float32 dot products summed over :data:`DOT_CHUNK`-feature
+    chunks separately, then across chunks (see :func:`_score_bounds`)."""
+    n_b, n_w, dim = q.shape
+    n_chunks = -(-dim // DOT_CHUNK)
+    if n_chunks == 1:
+        return torch.bmm(q, b.transpose(1, 2))
+    width = n_chunks * DOT_CHUNK
+    if width != dim:
+        q = torch.nn.functional.pad(q, (0, width - dim))
+        b = torch.nn.functional.pad(b, (0, width - dim))
+    qs = q.reshape(n_b, n_w, n_chunks, DOT_CHUNK).transpose(1, 2).reshape(n_b * n_chunks, n_w, DOT_CHUNK)
+    bs = b.reshape(n_b, -1, n_chunks, DOT_CHUNK).transpose(1, 2).reshape(n_b * n_chunks, -1, DOT_CHUNK)
+    return torch.bmm(qs, bs.transpose(1, 2)).view(n_b, n_chunks, n_w, -1).sum(1)
+
+
+def knn_score_batched_bounded(queries, banks, k: int = 3, *, query_mask=None, bank_mask=None, exclude=None,
+                              device="cpu", block_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Float32 kNN scores of per-task queries against per-task banks, each with an error bound.
+
+    The bounded form of :func:`knn_score_batched` (same parameters, leave-one-out included):
+    returns ``scores`` (T, Q) float64 (NaN where ``query_mask`` is False) and ``bounds`` (T, Q)
+    with ``|scores - exact| <= bounds`` (0 where masked).  Each task's rows are centred on its
+    bank's mean in float64 first; see :func:`knn_score_bounded` for the error model.
+    """
+    k = _check_k(k)
+    q = _as_real(queries, "queries", 3, "(T, Q, D)")
+    b = _as_real(banks, "banks", 3, "(T, S, D)")
+    n_t, n_q, dim = q.shape
+    if b.shape[0] != n_t or b.shape[2] != dim:
+        raise ValueError(f"queries (T, Q, D) = {q.shape} and banks (T, S, D) = {b.shape} must agree on T and D")
+    s = b.shape[1]
+    qmask = _as_mask(query_mask, "query_mask", (n_t, n_q), "(T, Q)")
+    bmask = _as_mask(bank_mask, "bank_mask", (n_t, s), "(T, S)")
+    excl = np.full((n_t, n_q), -1, dtype=np.int64)
+    if exclude is not None:
+        excl = _as_index(exclude, "exclude", (n_t, n_q), "(T, Q)", high=s, what="a row of that task's bank")
+        excl = np.where(qmask & (excl >= 0) & np.take_along_axis(bmask, np.maximum(excl, 0), axis=1), excl, -1)
+    usable = bmask.sum(axis=1)[:, None] - (excl >= 0)
+    short = qmask & (usable < k)
+    if short.any():
+        low = np.where(qmask, usable, np.iinfo(np.int64).max).min(axis=1)
+        raise ValueError(_too_small_message(k, [(int(t), int(low[t])) for t in np.flatnonzero(short.any(axis=1))],
+                                            "= real bank rows minus an excluded row"))
+    scores = np.full((n_t, n_q), np.nan)
+    bounds = np.zeros((n_t, n_q))
+    if n_t == 0 or n_q == 0 or not qmask.any():
+        return scores, bounds
+    dev = _resolve_device(device)
+    n_chunks = -(-dim // DOT_CHUNK)
+    per_task = 8 * dim * (n_q + s) * 2 + 4 * n_q * s * (n_chunks + 2)
+    tc = block_size or max(1, int(BLOCK_BYTES // per_task))
+    for t0 in range(0, n_t, tc):
+        t1 = min(n_t, t0 + tc)
+        qm, bm = qmask[t0:t1], bmask[t0:t1]
+        if not qm.any():
+            continue
+        b64 = np.where(bm[..., None], b[t0:t1], 0.0)
+        centre = b64.sum(axis=1) / np.maximum(bm.sum(axis=1), 1)[:, None]
+        b64 = np.where(bm[..., None], b64 - centre[:, None, :], 0.0)
+        q64 = np.where(qm[..., None], q[t0:t1] - centre[:, None, :], 0.0)
+        nb = _sq_norms(b64, "banks")
+        nq = _sq_norms(q64, "queries")
+        if not _f32_safe(nq, nb):
+            exact = knn_score_batched(q[t0:t1], b[t0:t1], k, query_mask=qm, bank_mask=bm, exclude=excl[t0:t1],
+                                      device=device, precision="float64")
+            scores[t0:t1] = exact
+            continue
+        q32 = torch.from_numpy(q64.astype(np.float32)).to(dev)
+        b32 = torch.from_numpy(b64.astype(np.float32)).to(dev)
+        nb32 = torch.from_numpy(np.where(bm, nb, np.inf).astype(np.float32)).to(dev)
+        dist = _chunked_dots(q32, b32).mul_(-2.0).add_(nb32[:, None, :]).add_(torch.from_numpy(nq.astype(np.float32)).to(dev)[:, :, None])
+        ex = torch.from_numpy(excl[t0:t1]).to(dev)
+        hit = ex >= 0
+        if bool(hit.any()):
+            ti, wi = torch.nonzero(hit, as_tuple=True)
+            dist[ti, wi, ex[ti, wi]] = _INF
+        smallest = torch.topk(dist, k, dim=2, largest=False, sorted=False).values.to(torch.float64).sum(-1).cpu().numpy()
+        scores[t0:t1] = np.where(qm, smallest, np.nan)
+        max_nb = nb.max(axis=1, initial=0.0)[:, None]
+        bounds[t0:t1] = np.where(qm, _score_bounds(k, dim, nq, max_nb, np.nan_to_num(smallest), _matmul_input_roundoff(dev)), 0.0)
+    return scores, bounds
 
 
 def _k_smallest_mid(g: torch.Tensor, k: int) -> torch.Tensor:

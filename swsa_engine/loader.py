@@ -39,6 +39,8 @@ class TaskGroup:
     real_group : (T, Q) int: index into ``group_names`` of an anomaly's group (its class, or its
         defect type), -1 otherwise
     group_names : (G,) the groups anomalies come from (one-vs-closest reports the worst)
+    abnormal : (T, R) synthetic anomalies held apart as abnormal references
+        (:mod:`swsa_store.references`); never in ``synthetic`` (checked), ``(T, 0)`` without a split
     """
 
     dataset: str
@@ -51,14 +53,44 @@ class TaskGroup:
     real_group: np.ndarray
     group_names: np.ndarray
     n_members: dict = field(default_factory=dict)
+    abnormal: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.abnormal is None:
+            self.abnormal = np.full((len(self.task_ids), 0), -1, dtype=np.int64)
+        check_references_disjoint(self)
 
 
-def build_task_groups(images: pd.DataFrame, tasks: pd.DataFrame, members: pd.DataFrame) -> list[TaskGroup]:
-    """One :class:`TaskGroup` per dataset, over the tasks whose status is ``"ok"``."""
+def check_references_disjoint(group: TaskGroup) -> None:
+    """Raise when an abnormal reference of a task is also in that task's synthetic validation set."""
+    if group.abnormal.size == 0:
+        return
+    for source, ids in group.synthetic.items():
+        both = (ids[:, :, None] == group.abnormal[:, None, :]) & (ids[:, :, None] >= 0)
+        if both.any():
+            t, w, _ = np.argwhere(both)[0]
+            raise ValueError(f"task {group.task_ids[t]}: synthetic image {ids[t, w]} ({source}) is both an abnormal "
+                             "reference and a validation anomaly; rebuild the task groups from the store's "
+                             "abnormal_references table (`swsa split-refs`)")
+
+
+def build_task_groups(images: pd.DataFrame, tasks: pd.DataFrame, members: pd.DataFrame,
+                      references: pd.DataFrame | None = None) -> list[TaskGroup]:
+    """One :class:`TaskGroup` per dataset, over the tasks whose status is ``"ok"``.
+
+    ``references`` (``task_id, image_id``: the store's abnormal-reference split, see
+    :func:`swsa_store.references.read_references`) become each task's ``abnormal`` ids and are
+    removed from its synthetic validation set, so every candidate validates on the same images.
+    """
     groups = []
     ok_tasks = tasks[tasks["status"] == "ok"].sort_values("task_id")
     synthetic_images = images[(images["kind"] != "real") & (images["status"] == "ok")]
     sources = sorted(synthetic_images["kind"].unique())
+    reference_rows = synthetic_images.iloc[:0]
+    if references is not None and len(references):
+        is_reference = synthetic_images["image_id"].isin(references["image_id"].to_numpy())
+        reference_rows = synthetic_images[is_reference]
+        synthetic_images = synthetic_images[~is_reference]
     for dataset, dataset_tasks in ok_tasks.groupby("dataset", sort=True):
         task_ids = dataset_tasks["task_id"].to_numpy()
         mine = members[members["task_id"].isin(task_ids)]
@@ -88,6 +120,8 @@ def build_task_groups(images: pd.DataFrame, tasks: pd.DataFrame, members: pd.Dat
         real_group[task_row, positions] = np.searchsorted(group_names.astype(str), anomaly_rows["group"].to_numpy(dtype=str))
         for i, normal in enumerate(normals):
             real_label[i, np.searchsorted(real_ids, normal)] = 0
+        of_task = reference_rows[reference_rows["task_id"].isin(task_ids)].groupby("task_id")["image_id"].apply(np.sort)
+        abnormal = pad_rows([of_task.get(t, empty) for t in task_ids])
         groups.append(TaskGroup(str(dataset), task_ids, support, heldout, synthetic, real_ids,
-                                real_label, real_group, group_names))
+                                real_label, real_group, group_names, abnormal=abnormal))
     return groups

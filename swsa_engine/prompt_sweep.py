@@ -276,6 +276,9 @@ def _inputs(store_path, model):
     with open_store(store_path) as store:
         name = _text_model(store, model)
         images, tasks, members = store.images(), store.tasks(), store.task_members()
+        from swsa_store.references import read_references
+
+        references = read_references(store)  # abnormal references never validate, for any candidate
         if name not in store.backbones():
             raise StoreError(f"store {store_path} has no image embeddings {name!r}; run `swsa embed --store {store_path} "
                              f"--backbone {name.replace('clip-', 'clip/', 1)}`")
@@ -286,7 +289,7 @@ def _inputs(store_path, model):
     if pending.size:
         raise StoreError(f"image embeddings {name!r} are incomplete: {pending.size} images still to embed")
     usable = usable_images & (done == DONE_WRITTEN) & np.isfinite(features).all(axis=1)
-    groups = build_task_groups(images, tasks, members)
+    groups = build_task_groups(images, tasks, members, references)
     if not groups:
         raise ValueError(f"store {store_path} has no scoreable tasks")
     unit = l2_normalize(np.where(usable[:, None], features, 0.0).astype(np.float32))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,7 @@ def table1_display(table1: pd.DataFrame) -> pd.DataFrame:
     """Table 1 with "picks / tasks" strings, as printed in the paper."""
     shown = table1.copy()
     shown["pick rate"] = [
-        "–" if s.startswith("Best model") else (f"{p:.0f} / {n}" if float(p).is_integer() else f"{p:.1f} / {n}")
+        "–" if s.startswith("Best model") or s.endswith("(oracle)") else (f"{p:.0f} / {n}" if float(p).is_integer() else f"{p:.1f} / {n}")
         for s, p, n in zip(shown["strategy"], shown["picks"], shown["tasks"])
     ]
     return shown[["dataset", "setting", "strategy", "pick rate", "auroc", "best"]].rename(
@@ -50,9 +51,26 @@ def table1_display(table1: pd.DataFrame) -> pd.DataFrame:
     )
 
 
+def detector_families(cube: AurocCube) -> list[str]:
+    """The detector family of every candidate ("knn", "gaussian", "residual", "nagl", "pca",
+    "patch", "imported", ...), from the cube's ``detector`` column (knn for old cubes)."""
+    from .detectors import parse_detector
+
+    if "detector" not in cube.candidates:
+        return ["knn"] * len(cube.candidates)
+    families = []
+    for label in cube.candidates["detector"]:
+        try:
+            families.append(parse_detector(label).family)
+        except Exception:  # imported scores, or a detector this installation does not register
+            families.append(str(label).split("(")[0])
+    return families
+
+
 def figure3(cube: AurocCube, path: str | os.PathLike) -> Path:
     """Real vs synthetic AUROC (averaged over tasks) per candidate: one panel per setting ×
-    base source, one marker colour per dataset, candidates labelled."""
+    base source, one marker colour per detector family, one marker shape per dataset,
+    candidates labelled."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,16 +81,25 @@ def figure3(cube: AurocCube, path: str | os.PathLike) -> Path:
     fig, axes = plt.subplots(len(SETTINGS), max(1, len(base)), figsize=(5.2 * max(1, len(base)), 4.6 * len(SETTINGS)),
                              squeeze=False)
     colours = plt.get_cmap("tab10")
+    families = np.array(detector_families(cube))
+    family_names = sorted(set(families))
+    markers = "osD^vP*Xh<>p"
     for s, setting in enumerate(SETTINGS):
         for b, source in enumerate(base):
             ax = axes[s, b]
             v = cube.sources.index(source)
             for d, dataset in enumerate(datasets):
                 rows = cube.tasks["dataset"].to_numpy() == dataset
-                with np.errstate(all="ignore"):
+                with np.errstate(all="ignore"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)  # a candidate with no finite AUROC: NaN
                     x = np.nanmean(cube.synthetic[rows, :, v], axis=0)
                     y = np.nanmean(cube.real[rows, :, s], axis=0)
-                ax.scatter(x, y, color=colours(d % 10), label=dataset, s=36, edgecolor="black", linewidth=0.4)
+                for f, family in enumerate(family_names):
+                    chosen = families == family
+                    if not chosen.any():
+                        continue
+                    ax.scatter(x[chosen], y[chosen], color=colours(f % 10), marker=markers[d % len(markers)], s=36,
+                               edgecolor="black", linewidth=0.4)
                 for name, xi, yi in zip(cube.candidate_names, x, y):
                     if np.isfinite(xi) and np.isfinite(yi):
                         ax.annotate(name, (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
@@ -86,9 +113,17 @@ def figure3(cube: AurocCube, path: str | os.PathLike) -> Path:
             ax.set_xlabel("synthetic validation AUROC")
             ax.set_ylabel("real validation AUROC")
             ax.grid(alpha=0.3)
-            if len(datasets) > 1 or (s == 0 and b == 0):
-                ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle("Real vs synthetic AUROC per candidate (mean over tasks)", fontsize=11)
+            if s == 0 and b == 0:  # one legend: colours = detector families, shapes = datasets
+                from matplotlib.lines import Line2D
+
+                handles = [Line2D([], [], linestyle="", marker="o", color=colours(f % 10), markeredgecolor="black",
+                                  label=family) for f, family in enumerate(family_names)]
+                if len(datasets) > 1:
+                    handles += [Line2D([], [], linestyle="", marker=markers[d % len(markers)], color="lightgrey",
+                                       markeredgecolor="black", label=dataset) for d, dataset in enumerate(datasets)]
+                ax.legend(handles=handles, fontsize=7, loc="lower right")
+    fig.suptitle("Real vs synthetic AUROC per candidate (mean over tasks; colour = detector family, "
+                 "marker = dataset)", fontsize=11)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

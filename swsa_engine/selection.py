@@ -89,18 +89,31 @@ def argmax_weights(values: np.ndarray) -> np.ndarray:
     return weights
 
 
+def restrict(ctx: SelectionContext, values: np.ndarray, detectors: list[str] | None) -> np.ndarray:
+    """``values`` (T, C) or (C,) with candidates whose detector is not in ``detectors`` set to NaN
+    (``None``: every candidate), so a strategy can choose within a sub-grid, e.g. the paper's
+    backbone-only grid ``detectors=["knn(k=3,l2)"]``."""
+    if detectors is None:
+        return values
+    if "detector" not in ctx.candidates:
+        raise ValueError("restricting to detectors needs a 'detector' column in the candidates; re-run `swsa score`")
+    allowed = ctx.candidates["detector"].isin(list(detectors)).to_numpy()
+    return np.where(allowed, np.asarray(values, dtype=np.float64), np.nan)
+
+
 @register_strategy("swsa")
-def swsa(source: str, **_):
-    """SWSA: the candidate with the best synthetic AUROC on ``source``."""
-    return lambda ctx: argmax_weights(ctx.source(source))
+def swsa(source: str, detectors: list[str] | None = None, **_):
+    """SWSA: the candidate with the best synthetic AUROC on ``source`` (among ``detectors`` only, if given)."""
+    return lambda ctx: argmax_weights(restrict(ctx, ctx.source(source), detectors))
 
 
 @register_strategy("largest")
-def largest_model(**_):
-    """The candidate with the most parameters (the paper's "largest model" baseline)."""
+def largest_model(detectors: list[str] | None = None, **_):
+    """The candidate with the most parameters (the paper's "largest model" baseline); ties (one
+    backbone under several detectors) share the pick. ``detectors``: choose among those only."""
 
     def pick(ctx):
-        sizes = ctx.candidates["n_params"].to_numpy(dtype=np.float64)
+        sizes = restrict(ctx, ctx.candidates["n_params"].to_numpy(dtype=np.float64), detectors)
         return np.broadcast_to(argmax_weights(sizes[None, :]), ctx.real.shape).copy()
 
     return pick
@@ -128,9 +141,10 @@ def fixed_candidate(candidate: str, **_):
 
 
 @register_strategy("oracle", uses_labels=True)
-def oracle(**_):
-    """The best candidate on the real validation set: the upper bound ("best possible")."""
-    return lambda ctx: argmax_weights(ctx.real)
+def oracle(detectors: list[str] | None = None, **_):
+    """The best candidate on the real validation set: the upper bound ("best possible");
+    ``detectors``: the best within that sub-grid."""
+    return lambda ctx: argmax_weights(restrict(ctx, ctx.real, detectors))
 
 
 @register_strategy("swsa_mean")
@@ -197,6 +211,28 @@ def default_strategies(cube: AurocCube) -> list[tuple[str, str, dict]]:
     if len(base) > 1:
         rows += [("SWSA (mean of sources)", "swsa_mean", {}), ("SWSA (rank aggregation)", "swsa_rank", {})]
     rows.append(("Best model (oracle)", "oracle", {}))
+    rows += detector_strategies(cube)
+    return rows
+
+
+def detector_strategies(cube: AurocCube) -> list[tuple[str, str, dict]]:
+    """Table 1's detector-selection rows, when the cube's candidates span several detectors: SWSA
+    over the paper's backbone-only grid (the default detector, kNN k = 3), the default detector
+    on the largest model, and the best backbone-only candidate (oracle). The full-grid rows are
+    the usual ones ("SWSA (source)", "Largest model", "Best model (oracle)")."""
+    from .detectors import DEFAULT_DETECTOR
+
+    if "detector" not in cube.candidates:
+        return []
+    labels = set(cube.candidates["detector"]) - {"imported"}
+    default = DEFAULT_DETECTOR.label
+    if len(labels) < 2 or default not in labels:
+        return []
+    base = cube.config.get("base_sources", [s for s in cube.sources if "@" not in s])
+    only = {"detectors": [default]}
+    rows = [(f"SWSA ({source}), backbone-only grid", "swsa", {"source": source, **only}) for source in base]
+    rows += [(f"Fixed detector {default}, largest model", "largest", only),
+             ("Best backbone-only candidate (oracle)", "oracle", only)]
     return rows
 
 

@@ -26,8 +26,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from swsa_store.references import REFERENCES_TABLE, read_references
+
 from .detectors import KnnDetector, candidate_name, parse_detector
-from .knn import knn_score_batched, knn_score_gathered
+from .knn import knn_score_batched, knn_score_batched_bounded, knn_score_bounded
 from .loader import TaskGroup, build_task_groups
 from .metrics import UndefinedMetricWarning, auroc
 
@@ -84,6 +86,36 @@ def grouped_auroc(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, n_
         result = win_sums / (counts * n_normal[:, None])
     result[(counts == 0) | (n_normal[:, None] == 0)] = np.nan
     return result
+
+
+def order_uncertain(scores: np.ndarray, bounds: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Which approximate scores could order differently against the other label than exact ones.
+
+    Parameters
+    ----------
+    scores : (T, Q) approximate scores; bounds : (T, Q) with ``|scores - exact| <= bounds``.
+    labels : (T, Q) int8: -1 excluded, 0 normal, 1 anomaly.
+
+    Returns
+    -------
+    (T, Q) bool: True for a normal whose interval ``scores ± e_t`` (``e_t`` the task's largest
+    bound) meets an anomaly's, and for such an anomaly.  With those scores replaced by exact
+    ones, every normal–anomaly pair compares as with exact scores (a certain score's interval
+    meets no interval of the other label, and every score lies in its interval), so every
+    AUROC, per group or over all anomalies, is the exact one.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    member = labels >= 0
+    width = 2.0 * np.where(member, bounds, 0.0).max(axis=1, initial=0.0)[:, None]  # (T, 1)
+    out = np.zeros(scores.shape, dtype=bool)
+    for mine, other in ((0, 1), (1, 0)):
+        other_sorted = torch.from_numpy(np.sort(np.where(labels == other, scores, np.inf), axis=1))
+        n_other = torch.from_numpy((labels == other).sum(axis=1))
+        low = torch.from_numpy(np.where(labels == mine, scores, 0.0) - width)
+        first = torch.searchsorted(other_sorted, low)  # first other-label score >= s - width
+        nearest = torch.gather(other_sorted, 1, first.clamp(max=max(0, other_sorted.shape[1] - 1))).numpy()
+        out |= (labels == mine) & (first < n_other[:, None]).numpy() & (nearest <= np.where(labels == mine, scores, 0.0) + width)
+    return out
 
 
 @dataclass
@@ -173,6 +205,18 @@ def _features_for(features: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return features[np.where(ids >= 0, ids, 0)]
 
 
+def empty_result(group: TaskGroup, sources: list[str], hardest: tuple[int, ...], skips: list) -> dict:
+    """The all-NaN result of one candidate for one group, as the ``score_group*`` functions return it."""
+    n_tasks = len(group.task_ids)
+    return {
+        "real": np.full((n_tasks, 2), np.nan),
+        "synthetic": np.full((n_tasks, len(sources) * (1 + len(hardest))), np.nan),
+        "per_class": np.full((n_tasks, len(group.group_names)), np.nan),
+        "skips": skips,
+        "knn_flops": 0.0,
+    }
+
+
 def score_group(
     features: np.ndarray,
     usable: np.ndarray,
@@ -193,7 +237,13 @@ def score_group(
     sources : synthetic sources to evaluate (missing ones give NaN).
 
     Returns a dict: ``real`` (T, 2), ``synthetic`` (T, V) over ``sources`` then their hardest
-    variants, ``per_class`` (T, G), ``skips`` [(task_id, reason)].
+    variants, ``per_class`` (T, G), ``skips`` [(task_id, reason)], ``knn_flops`` and
+    ``refined_scores``.
+
+    Scores are computed in float32 with a rigorous error bound each; the few whose bound could
+    change an order that an AUROC or a hardest-N set depends on (:func:`order_uncertain`,
+    :func:`hardest_uncertain`) are recomputed exactly (``refined_scores`` counts them), so every
+    AUROC equals the one from exact float64 scores.
     """
     def keep(ids: np.ndarray) -> np.ndarray:
         return np.where((ids >= 0) & usable[np.maximum(ids, 0)], ids, -1)
@@ -208,15 +258,7 @@ def score_group(
         (int(t), f"k={k} needs at least {need} usable support images, the task has {n}")
         for t, n, need in zip(group.task_ids[~scoreable], n_bank[~scoreable], needed[~scoreable])
     ]
-    n_tasks = len(group.task_ids)
-    n_hard = len(hardest) * len(sources)
-    out = {
-        "real": np.full((n_tasks, 2), np.nan),
-        "synthetic": np.full((n_tasks, len(sources) + n_hard), np.nan),
-        "per_class": np.full((n_tasks, len(group.group_names)), np.nan),
-        "skips": skips,
-        "knn_flops": 0.0,
-    }
+    out = empty_result(group, sources, hardest, skips)
     rows = np.flatnonzero(scoreable)
     if rows.size == 0:
         return out
@@ -228,21 +270,30 @@ def score_group(
     real_scores = np.full((len(rows), len(group.real_ids)), np.nan)
     dense_cost = int(real_ok.sum()) * len(union)
     sparse_cost = int(member.sum(axis=1).max(initial=0)) * len(rows) * support.shape[1]
+    refined = 0
     if dense_cost <= sparse_cost:
         # tasks share their real validation images (one-vs-rest over classes): one distance
         # block of every query against the union of the banks, gathered per task
         bank_index = np.where(support >= 0, np.searchsorted(union, np.maximum(support, 0)), -1)
-        real_scores[:, real_ok] = knn_score_gathered(features[group.real_ids[real_ok]], features[union], bank_index, k=k, device=device)
-        out["knn_flops"] = 2.0 * dense_cost * features.shape[1]
+        query_ids = group.real_ids[real_ok]
+        approx, bounds = knn_score_bounded(features[query_ids], features[union], bank_index, k=k, device=device)
+        out["knn_flops"] += 2.0 * dense_cost * features.shape[1]
+        labels = np.where(member[:, real_ok], group.real_label[rows][:, real_ok], -1)
+        uncertain = order_uncertain(approx, bounds, labels)
+        queries = np.broadcast_to(query_ids, approx.shape)
+        refined += _refine(features, queries, support, None, approx, uncertain, k, device, chunk_bytes, out)
+        real_scores[:, real_ok] = approx
     else:
         # each task has its own real images (a product's test set): per-task queries
         order = np.argsort(~member, axis=1, kind="stable")[:, : int(member.sum(axis=1).max(initial=0))]
         present = np.take_along_axis(member, order, axis=1)
         own_queries = np.where(present, group.real_ids[order], -1)
-        scores, flops = _batched_knn(features, own_queries, support, None, k, device, chunk_bytes)
+        scores, bounds = _batched_knn(features, own_queries, support, None, k, device, chunk_bytes, out)
+        labels = np.where(present, np.take_along_axis(group.real_label[rows], order, axis=1), -1)
+        refined += _refine(features, own_queries, support, None, scores, order_uncertain(scores, bounds, labels),
+                           k, device, chunk_bytes, out)
         np.put_along_axis(real_scores, order, np.where(present, scores, np.nan), axis=1)
         real_scores[~member] = np.nan
-        out["knn_flops"] = flops
     # ---- synthetic validation: per-task queries (held-out normals + each source's anomalies)
     heldout = heldout[rows]
     queries, widths = synthetic_queries(group, rows, sources, keep)
@@ -250,33 +301,95 @@ def score_group(
     exclude = np.full(queries.shape, -1, dtype=np.int64)
     match = (heldout[:, :, None] == support[:, None, :]) & (heldout[:, :, None] >= 0)
     exclude[:, : widths[0]] = np.where(match.any(axis=2), match.argmax(axis=2), -1)
-    synth_scores, flops = _batched_knn(features, queries, support, exclude, k, device, chunk_bytes)
-    out["knn_flops"] += flops
+    synth_scores, synth_bounds = _batched_knn(features, queries, support, exclude, k, device, chunk_bytes, out)
+    uncertain = synthetic_uncertain(synth_scores, synth_bounds, queries >= 0, widths, hardest)
+    refined += _refine(features, queries, support, exclude, synth_scores, uncertain, k, device, chunk_bytes, out)
+    out["refined_scores"] = refined
     aurocs = validation_aurocs(group, rows, real_scores, queries, synth_scores, widths, sources, hardest)
     for key in ("real", "synthetic", "per_class"):
         out[key][rows] = aurocs[key]
     return out
 
 
-def _batched_knn(features, queries, support, exclude, k, device, chunk_bytes) -> tuple[np.ndarray, float]:
+def _batched_knn(features, queries, support, exclude, k, device, chunk_bytes, out: dict, exact: bool = False):
     """kNN scores of per-task queries ``(T, W)`` (image ids, -1 padded) against per-task banks
-    ``(T, S)``, in chunks of tasks that bound memory; NaN for padding. Returns scores and FLOPs."""
+    ``(T, S)``, in chunks of tasks that bound memory; NaN for padding.
+
+    Returns ``(scores, bounds)`` (T, W) from the float32 form with error bounds
+    (:func:`~swsa_engine.knn.knn_score_batched_bounded`), or, with ``exact``, exact scores and
+    zero bounds.  Adds the floating-point operations to ``out["knn_flops"]``.
+    """
     dim = features.shape[1]
     scores = np.full(queries.shape, np.nan)
+    bounds = np.zeros(queries.shape)
     if queries.shape[1] == 0 or len(queries) == 0:
-        return scores, 0.0
+        return scores, bounds
     per_task_bytes = max(1, (queries.shape[1] + support.shape[1]) * dim * 4 * 3)
     chunk = max(1, chunk_bytes // per_task_bytes)
-    flops = 0.0
     for lo in range(0, len(queries), chunk):
         hi = min(lo + chunk, len(queries))
         q_ids, b_ids = queries[lo:hi], support[lo:hi]
-        flops += 2.0 * q_ids.size * b_ids.shape[1] * dim
-        scores[lo:hi] = knn_score_batched(
-            _features_for(features, q_ids), _features_for(features, b_ids), k=k, query_mask=q_ids >= 0,
-            bank_mask=b_ids >= 0, exclude=None if exclude is None else exclude[lo:hi], device=device,
-        )
-    return scores, flops
+        out["knn_flops"] += 2.0 * q_ids.size * b_ids.shape[1] * dim
+        args = (_features_for(features, q_ids), _features_for(features, b_ids))
+        kwargs = dict(k=k, query_mask=q_ids >= 0, bank_mask=b_ids >= 0,
+                      exclude=None if exclude is None else exclude[lo:hi], device=device)
+        if exact:
+            scores[lo:hi] = knn_score_batched(*args, **kwargs)
+        else:
+            scores[lo:hi], bounds[lo:hi] = knn_score_batched_bounded(*args, **kwargs)
+    return scores, bounds
+
+
+def _refine(features, queries, support, exclude, scores, uncertain, k, device, chunk_bytes, out) -> int:
+    """Replace ``scores[uncertain]`` (T, W) in place by exact ones; returns how many."""
+    rows = np.flatnonzero(uncertain.any(axis=1))
+    if rows.size == 0:
+        return 0
+    width = int(uncertain.sum(axis=1).max())
+    order = np.argsort(~uncertain[rows], axis=1, kind="stable")[:, :width]
+    present = np.take_along_axis(uncertain[rows], order, axis=1)
+    query_ids = np.where(present, np.take_along_axis(queries[rows], order, axis=1), -1)
+    excluded = None if exclude is None else np.where(present, np.take_along_axis(exclude[rows], order, axis=1), -1)
+    exact, _ = _batched_knn(features, query_ids, support[rows], excluded, k, device, chunk_bytes, out, exact=True)
+    block = scores[rows]
+    np.put_along_axis(block, order, np.where(present, exact, np.take_along_axis(block, order, axis=1)), axis=1)
+    scores[rows] = block
+    return int(uncertain.sum())
+
+
+def hardest_uncertain(scores: np.ndarray, bounds: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:
+    """Which anomalies' membership of the ``n`` lowest scores of their row is not certain.
+
+    ``scores``, ``bounds``, ``mask`` (T, A).  With ``e`` the row's largest bound, an anomaly is
+    certainly among the ``n`` lowest when fewer than ``n`` others score ``<= s + 2e``, and
+    certainly not when at least ``n`` others score ``< s - 2e``; the rest (True) need exact
+    scores.  With them exact, the ``n`` lowest values are those of the exact scores.
+    """
+    width = 2.0 * np.where(mask, bounds, 0.0).max(axis=1, initial=0.0)[:, None]
+    values = np.where(mask, scores, np.inf)
+    ordered = torch.from_numpy(np.sort(values, axis=1))
+    filled = np.where(mask, scores, 0.0)
+    at_most_high = torch.searchsorted(ordered, torch.from_numpy(filled + width), right=True).numpy() - 1  # others <= s + 2e
+    below_low = torch.searchsorted(ordered, torch.from_numpy(filled - width), right=False).numpy()  # others < s - 2e
+    return mask & ~((at_most_high < n) | (below_low >= n))
+
+
+def synthetic_uncertain(scores: np.ndarray, bounds: np.ndarray, present: np.ndarray, widths: list[int],
+                        hardest: tuple[int, ...]) -> np.ndarray:
+    """(T, W) scores of :func:`synthetic_queries` whose error bound could change a synthetic AUROC:
+    normal–anomaly orders per source (:func:`order_uncertain`) and hardest-N memberships."""
+    offsets = np.cumsum([0] + list(widths))
+    present = present & np.isfinite(scores)
+    uncertain = np.zeros(scores.shape, dtype=bool)
+    for index in range(1, len(widths)):
+        part = slice(offsets[index], offsets[index + 1])
+        labels = np.full(scores.shape, -1, dtype=np.int8)
+        labels[:, : offsets[1]] = np.where(present[:, : offsets[1]], 0, -1)
+        labels[:, part] = np.where(present[:, part], 1, -1)
+        uncertain |= order_uncertain(np.nan_to_num(scores), bounds, labels)
+        for n in hardest:
+            uncertain[:, part] |= hardest_uncertain(scores[:, part], bounds[:, part], present[:, part], n)
+    return uncertain
 
 
 def synthetic_queries(group: TaskGroup, rows: np.ndarray, sources: list[str], keep=lambda ids: ids) -> tuple[np.ndarray, list[int]]:
@@ -347,13 +460,7 @@ def score_group_imported(table: pd.DataFrame, complete: np.ndarray, n_images: in
                          sources: list[str], *, hardest: tuple[int, ...]) -> dict:
     """AUROCs of an imported score candidate (``table``: task_id, image_id, score) for one group;
     tasks not in ``complete`` are left NaN (their skips were recorded at import)."""
-    n_tasks = len(group.task_ids)
-    out = {
-        "real": np.full((n_tasks, 2), np.nan),
-        "synthetic": np.full((n_tasks, len(sources) * (1 + len(hardest))), np.nan),
-        "per_class": np.full((n_tasks, len(group.group_names)), np.nan),
-        "skips": [], "knn_flops": 0.0,
-    }
+    out = empty_result(group, sources, hardest, [])
     rows = np.flatnonzero(np.isin(group.task_ids, complete))
     if rows.size == 0:
         return out
@@ -448,11 +555,16 @@ def run_sweep(
     listed in ``cube.skips``. Rows not yet embedded are an error: finish ``swsa embed`` first.
     ``detectors`` (default: kNN with ``k`` on squared L2) are applied to every embedding matrix:
     each (embedding, detector) pair is one candidate (:func:`swsa_engine.detectors.candidate_name`).
+    kNN detectors are scored by :func:`score_group`, every other detector by
+    :func:`swsa_engine.detector_sweep.score_group_detector`; the store's abnormal-reference split
+    (``swsa split-refs``) feeds NAGL and is left out of every candidate's synthetic validation set.
     ``task_ids`` restricts the sweep to those tasks. ``cube.config`` records the time spent
     reading embeddings and scoring, and the kNN floating-point operations.
     """
     from swsa_store import StoreError, open_store
     from swsa_store.store import DONE_TODO, DONE_WRITTEN
+
+    from .detector_sweep import ReferenceLog, detector_features, score_group_detector
 
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
@@ -472,9 +584,11 @@ def run_sweep(
         entries += [(n, n, None) for n in names if n not in held]
         info = candidate_info(store, entries)
         n_images = store.n_images
+        references, reference_attrs = read_references(store), store.table_attrs(REFERENCES_TABLE)
     if task_ids is not None:
         tasks = tasks[tasks["task_id"].isin(np.asarray(task_ids))]
-    groups = build_task_groups(images, tasks, members)
+    groups = build_task_groups(images, tasks, members, references)
+    reference_log = ReferenceLog()
     if not groups:
         raise ValueError(f"store {store_path} has no scoreable tasks; see `swsa info --store {store_path}`")
     layout = CubeLayout.of(groups, tasks, len(entries), hardest)
@@ -483,6 +597,7 @@ def run_sweep(
     skips = []
     usable_images = (images["status"] == "ok").to_numpy()
     read_seconds = knn_flops = 0.0
+    refined_scores = 0
     column_of = {entry[0]: c for c, entry in enumerate(entries)}
     for name in tqdm(names, desc="score", unit="source", disable=not progress):
         if name not in held:  # imported scores: no kNN, the AUROCs of the given scores
@@ -510,15 +625,23 @@ def run_sweep(
         usable = usable_images & (done == DONE_WRITTEN) & np.isfinite(features).all(axis=1)
         for detector in detectors:
             c = column_of[candidate_name(name, detector)]
-            prepared = detector.prepare(features)
+            prepared, usable_rows, missing = detector_features(store_path, name, detector, features, usable)
             for g, group in enumerate(groups):
-                result = score_group(prepared, usable, group, base_sources, k=detector.k, hardest=hardest, device=device)
+                if missing:  # a patch detector on a backbone embedded without patch tokens
+                    skips += [(int(t), entries[c][0], missing) for t in group.task_ids]
+                    continue
+                if isinstance(detector, KnnDetector):
+                    result = score_group(prepared, usable_rows, group, base_sources, k=detector.k, hardest=hardest, device=device)
+                else:
+                    result = score_group_detector(prepared, usable_rows, group, base_sources, detector, hardest=hardest, device=device)
+                    reference_log.add(entries[c][0], detector, group.task_ids, result.get("references"))
                 span = slice(offsets[g], offsets[g + 1])
                 real[span, c] = result["real"]
                 synthetic[span, c] = result["synthetic"]
                 per_class[span, c, : len(group.group_names)] = result["per_class"]
                 skips += [(t, entries[c][0], reason) for t, reason in result["skips"]]
                 knn_flops += result["knn_flops"]
+                refined_scores += result.get("refined_scores", 0)
             del prepared
         del features
     cube = AurocCube(
@@ -527,7 +650,7 @@ def run_sweep(
         skips=pd.DataFrame(skips, columns=["task_id", "candidate", "reason"]),
         config={"k": k, "detectors": [d.label for d in detectors], "hardest": list(hardest), "base_sources": base_sources, "device": device,
                 "seconds": round(time.perf_counter() - started, 3), "read_seconds": round(read_seconds, 3),
-                "knn_flops": knn_flops},
+                "knn_flops": knn_flops, "refined_scores": refined_scores, **reference_log.config(reference_attrs if references is not None else None)},
     )
     if save:
         cube.save(store_path)

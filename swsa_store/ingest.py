@@ -81,6 +81,8 @@ class Embedder:
         batch = batch.to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, enabled=self.autocast):
             features = self.model(batch)
+        if isinstance(features, tuple):  # a PatchTokenModel: (pooled (B, D), patch tokens (B, P, D'))
+            return tuple(f.float().cpu().numpy() for f in features)
         return features.float().cpu().numpy()
 
 
@@ -98,6 +100,65 @@ def fixed_batches(usable_ids: np.ndarray, batch_size: int) -> list[np.ndarray]:
     """Cut the sorted usable ids into consecutive batches — identical on every run."""
     ids = np.sort(np.asarray(usable_ids, dtype=np.int64))
     return [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
+
+
+def write_embedded_batch(
+    writer: EmbeddingRowWriter,
+    ids: np.ndarray,
+    ok: np.ndarray,
+    features: np.ndarray | None,
+    reasons: list[str],
+    failures: list[tuple[int, str]],
+) -> np.ndarray:
+    """Write one embedded batch durably — the one write step of the local and the Ray path.
+
+    ``ids`` ``(B,)`` sorted image ids, ``ok`` ``(B,)`` bool (decoded), ``features``
+    ``(ok.sum(), D)`` float32 for the decoded images (None when none decoded), ``reasons``
+    ``(B,)`` failure reasons. Undecodable images and non-finite rows are written as failed
+    (NaN rows) and appended to ``failures`` as ``(image_id, reason)``. Returns the ``(B,)``
+    uint8 done status written. With a patch writer (``writer.patches``), ``features`` is the
+    pair ``(pooled (ok.sum(), D), tokens (ok.sum(), P, D'))`` and both are written (float16).
+    """
+    tokens = None
+    if isinstance(features, tuple):  # (pooled, patch tokens) from a PatchTokenModel
+        features, tokens = features
+    dim = writer.features.shape[1]
+    rows = np.full((len(ids), dim), np.nan, dtype=np.float32)
+    status = np.where(ok, DONE_WRITTEN, DONE_FAILED).astype(np.uint8)
+    reasons = list(reasons)
+    if features is not None:
+        if features.shape[1] != dim:
+            raise StoreError(
+                f"backbone produced {features.shape[1]}-d features but the store's matrix "
+                f"{writer.name!r} is {dim}-d; embed under another name"
+            )
+        rows[ok] = features
+        finite = np.isfinite(rows).all(axis=1)
+        bad = ok & ~finite
+        for i in np.flatnonzero(bad):
+            reasons[i] = "non-finite embedding (NaN or inf in the backbone's output)"
+        status[bad] = DONE_FAILED
+    patch_rows = None
+    if getattr(writer, "patches", None) is not None:
+        patch_rows = np.full((len(ids),) + writer.patches.shape[1:], np.nan, dtype=np.float16)
+        if features is not None:
+            if tokens is None or tokens.shape[1:] != writer.patches.shape[1:]:
+                got = "no patch tokens" if tokens is None else f"patch tokens of shape {tokens.shape[1:]}"
+                raise StoreError(f"backbone produced {got} but the store's patches {writer.name!r} are "
+                                 f"{writer.patches.shape[1:]}; embed under another name")
+            with np.errstate(over="ignore"):
+                patch_rows[ok] = tokens.astype(np.float16)
+            bad = (status == DONE_WRITTEN) & ~np.isfinite(patch_rows).all(axis=(1, 2))
+            for i in np.flatnonzero(bad):
+                reasons[i] = "non-finite patch tokens (NaN, inf, or beyond float16's range 65504)"
+            status[bad] = DONE_FAILED
+    if patch_rows is None:
+        writer.write(ids, rows, status)
+    else:
+        writer.write(ids, rows, status, patch_rows)
+    for i in np.flatnonzero(status == DONE_FAILED):
+        failures.append((int(ids[i]), reasons[i]))
+    return status
 
 
 def run_ingest(
@@ -126,25 +187,8 @@ def run_ingest(
     n_rows = sum(len(b) for b in batches)
     with tqdm(total=n_rows, desc=description, unit="img", disable=not progress, dynamic_ncols=True) as bar:
         for batch_index, (ids, ok, batch, reasons) in enumerate(loader):
-            dim = writer.features.shape[1]
-            rows = np.full((len(ids), dim), np.nan, dtype=np.float32)
-            status = np.where(ok, DONE_WRITTEN, DONE_FAILED).astype(np.uint8)
-            if batch is not None:
-                features = embedder(batch)
-                if features.shape[1] != dim:
-                    raise StoreError(
-                        f"backbone produced {features.shape[1]}-d features but the store's matrix "
-                        f"{writer.name!r} is {dim}-d; embed under another name"
-                    )
-                rows[ok] = features
-                finite = np.isfinite(rows).all(axis=1)
-                bad = ok & ~finite
-                for i in np.flatnonzero(bad):
-                    reasons[i] = "non-finite embedding (NaN or inf in the backbone's output)"
-                status[bad] = DONE_FAILED
-            writer.write(ids, rows, status)
-            for i in np.flatnonzero(status == DONE_FAILED):
-                failures.append((int(ids[i]), reasons[i]))
+            features = embedder(batch) if batch is not None else None
+            status = write_embedded_batch(writer, ids, ok, features, reasons, failures)
             written += int((status == DONE_WRITTEN).sum())
             failed += int((status == DONE_FAILED).sum())
             bar.update(len(ids))
@@ -168,14 +212,20 @@ def embed_store(
     dtype: str = "float32",
     progress: bool = True,
     max_batches: int | None = None,
+    runner: Callable | None = None,
+    patch_tokens: bool = False,
 ) -> IngestReport:
     """Embed every usable catalogued image with ``backbone`` into ``/embeddings/<name>``.
 
     ``name`` defaults to the backbone name. Rows already done are skipped; a store that holds
     ``name`` made with other weights or preprocessing is an error (embed under another name).
-    ``max_batches`` stops after that many batches (to test interruption).
+    ``max_batches`` stops after that many batches (to test interruption). ``runner`` replaces
+    :func:`run_ingest` (same arguments and result), e.g. the Ray runner of :mod:`.distributed`.
+    ``patch_tokens`` also stores the backbone's patch tokens ``(N, P, D')`` float16 in
+    ``/patches/<name>`` (see :func:`~swsa_store.backbones.patch_token_model`), from the same
+    forward pass and with the same resume rule; pooled rows are unchanged by it.
     """
-    from .backbones import create_backbone
+    from .backbones import create_backbone, patch_token_model
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -186,20 +236,32 @@ def embed_store(
         images = store.images()
         held = store.backbones()
         existing_attrs = store.embedding_attrs(name) if name in held else None
+        existing_patch_attrs = store.patch_attrs(name) if name in store.patch_sets() else None
     if len(images) == 0:
         raise StoreError(f"store {store_path} has no images; run `swsa catalog` first")
     loaded = create_backbone(backbone, weights=weights, weights_dir=weights_dir,
                              allow_download=allow_download, image_size=image_size, device=device)
     attrs = _embedding_attrs(loaded, batch_size=batch_size, dtype=dtype)
+    model = loaded.model
+    if patch_tokens:
+        model, patch_attrs = patch_token_model(loaded)
+        patch_attrs["embedding_config"] = attrs["config"]
+        if existing_patch_attrs is not None:
+            _check_patch_compatible(name, existing_patch_attrs, patch_attrs)
     if existing_attrs is not None:
         _check_compatible(name, existing_attrs, attrs)
-    else:
+    if existing_attrs is None or (patch_tokens and existing_patch_attrs is None):
         with edit_store(store_path) as store:
-            store.create_embeddings(name, loaded.feature_dim, attrs, dtype=dtype)
+            if existing_attrs is None:
+                store.create_embeddings(name, loaded.feature_dim, attrs, dtype=dtype)
+            if patch_tokens and existing_patch_attrs is None:
+                store.create_patches(name, patch_attrs["n_patches"], patch_attrs["patch_dim"], patch_attrs)
     usable = images.loc[images["status"] == "ok", "image_id"].to_numpy()
-    with writer_lock(store_path), EmbeddingRowWriter(store_path, name) as writer:
+    with writer_lock(store_path), EmbeddingRowWriter(store_path, name, patches=patch_tokens) as writer:
         writer.reset_failed()
         done = writer.done[...]
+        if patch_tokens:  # a row is done when its pooled features and its patch tokens are
+            done = np.where(writer.patch_done[...] == DONE_WRITTEN, done, 0)
         batches = [b for b in fixed_batches(usable, batch_size) if (done[b] != DONE_WRITTEN).any()]
         already = int((done[usable] == DONE_WRITTEN).sum())
         if max_batches is not None:
@@ -207,10 +269,10 @@ def embed_store(
         todo_ids = np.concatenate(batches) if batches else np.empty(0, dtype=np.int64)
         paths = images["path"].to_numpy()[todo_ids]
         reader = ImageReader(todo_ids, paths, loaded.transform, store_path)
-        embedder = Embedder(loaded.model, device=device)
+        embedder = Embedder(model, device=device)
         if batches:
             log.info("embedding %d images with %s (%d already done)", len(todo_ids), name, already)
-        written, failed, failures = run_ingest(
+        written, failed, failures = (runner or run_ingest)(
             reader, embedder, writer, batches, num_workers=num_workers, progress=progress, description=f"embed {name}"
         )
     if failures:
@@ -251,6 +313,18 @@ def _embedding_attrs(loaded, *, batch_size: int, dtype: str) -> dict:
 
 # settings that change the numbers: a matrix is only resumed with the same ones
 _IDENTITY_KEYS = ("weights_kind", "weights_sha256", "preprocess", "feature_dim", "timm_name", "dtype")
+
+
+_PATCH_IDENTITY_KEYS = ("token_source", "layer", "grid", "n_patches", "patch_dim", "dtype")
+
+
+def _check_patch_compatible(name: str, existing: dict, new: dict) -> None:
+    for key in _PATCH_IDENTITY_KEYS:
+        if key in existing and existing[key] != new[key]:
+            raise StoreError(
+                f"the store already holds patch tokens {name!r} made with {key}={existing[key]!r}, "
+                f"not {new[key]!r}; embed under another name (--name) to keep both"
+            )
 
 
 def _check_compatible(name: str, existing: dict, new: dict) -> None:

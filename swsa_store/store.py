@@ -11,6 +11,11 @@ Layout (schema version :data:`SCHEMA_VERSION`)::
     /embeddings/<name>/features   (N, D) rows indexed by image id, NaN until written
     /embeddings/<name>/done       (N,) uint8: 0 to do, 1 durably written, 2 failed (see skips)
                                   attrs: model, weights source and hash, preprocessing, versions
+    /patches/<name>/tokens        (N, P, D') float16 patch tokens of embedding <name> (``swsa embed
+                                  --patch-tokens``): ViT patch tokens or a CNN stage's feature map,
+                                  chunked one image per chunk, NaN until written
+    /patches/<name>/done          (N,) uint8, as for embeddings; attrs: token source, layer, grid,
+                                  n_patches, patch_dim, dtype, bytes_per_image, the embedding's config
     /scores/<name>/...     imported anomaly scores (task_id, image_id, score) of one candidate
     /results/<name>/...    arrays written by the engine (the AUROC cube), with attrs
     /text/<model>/<set>/   text embeddings of one CLIP model's prompt set: strings (U,), embeddings
@@ -236,6 +241,40 @@ class Store:
         """``(N,)`` uint8: 0 to do, 1 written, 2 failed."""
         return self._embedding_group(name)["done"][...]
 
+    # ---- patch tokens (swsa embed --patch-tokens)
+    def patch_sets(self) -> list[str]:
+        """Names of the embeddings that also hold patch tokens, sorted."""
+        return sorted(self.file["patches"]) if "patches" in self.file else []
+
+    def _patch_group(self, name: str) -> h5py.Group:
+        if name not in self.patch_sets():
+            backbone = self.embedding_attrs(name).get("backbone") or name  # raises if no embeddings `name`
+            raise StoreError(
+                f"embeddings {name} were made without patch tokens; "
+                f"run swsa embed --store {self.path} --backbone {backbone} --patch-tokens"
+            )
+        return self.file["patches"][name]
+
+    def patch_attrs(self, name: str) -> dict:
+        """Self-describing attributes of one patch-token array (grid, layer, dtype, config decoded)."""
+        attrs = {k: json.loads(v) if isinstance(v, str) and v[:1] in ("[", "{") else v
+                 for k, v in self._patch_group(name).attrs.items()}
+        return attrs
+
+    def patch_done_mask(self, name: str) -> np.ndarray:
+        """``(N,)`` uint8 done flags of the patch tokens of ``name``: 0 to do, 1 written, 2 failed."""
+        return self._patch_group(name)["done"][...]
+
+    def patches(self, name: str, image_ids: np.ndarray | None = None) -> np.ndarray:
+        """``(N, P, D')`` (or ``(len(image_ids), P, D')``) float16 patch tokens; rows not done are NaN."""
+        tokens = self._patch_group(name)["tokens"]
+        if image_ids is None:
+            return tokens[...]
+        ids = np.asarray(image_ids, dtype=np.int64)
+        unique_ids, inverse = np.unique(ids, return_inverse=True)
+        rows = tokens[unique_ids] if len(unique_ids) else np.empty((0,) + tokens.shape[1:], dtype=tokens.dtype)
+        return rows[inverse.reshape(-1)]
+
     def embeddings(self, name: str, image_ids: np.ndarray | None = None) -> np.ndarray:
         """``(N, D)`` (or ``(len(image_ids), D)``) float32 features; rows not done are NaN."""
         features = self._embedding_group(name)["features"]
@@ -335,9 +374,36 @@ class Store:
         for key, value in attrs.items():
             group.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
 
+    def create_patches(self, name: str, n_patches: int, patch_dim: int, attrs: dict) -> None:
+        """Allocate ``/patches/<name>``: ``tokens`` ``(N, n_patches, patch_dim)`` float16, chunked one
+        image per chunk and allocated early (so row writes touch raw bytes only), NaN; ``done`` = 0."""
+        self._require_writable()
+        group = self.file.require_group("patches").create_group(name)
+        shape = (self.n_images, int(n_patches), int(patch_dim))
+        _allocate(group, "tokens", shape, np.dtype(np.float16), np.nan, chunks=(1,) + shape[1:])
+        _allocate(group, "done", (self.n_images,), np.dtype(np.uint8), 0)
+        for key, value in attrs.items():
+            group.attrs[key] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
+
     def grow_embeddings(self, n_rows: int) -> None:
         """Give every embedding matrix ``n_rows`` rows (after the catalog grew), keeping written rows."""
         self._require_writable()
+        for name in self.patch_sets():
+            group = self.file["patches"][name]
+            old_tokens, old_done = group["tokens"], group["done"]
+            if old_tokens.shape[0] >= n_rows:
+                continue
+            shape = (n_rows,) + old_tokens.shape[1:]
+            _allocate(group, "tokens_new", shape, old_tokens.dtype, np.nan, chunks=(1,) + shape[1:])
+            _allocate(group, "done_new", (n_rows,), np.dtype(np.uint8), 0)
+            block = max(1, (64 << 20) // max(1, int(np.prod(shape[1:])) * old_tokens.dtype.itemsize))
+            for lo in range(0, old_tokens.shape[0], block):
+                hi = min(lo + block, old_tokens.shape[0])
+                group["tokens_new"][lo:hi] = old_tokens[lo:hi]
+            group["done_new"][: old_done.shape[0]] = old_done[...]
+            del group["tokens"], group["done"]
+            group.move("tokens_new", "tokens")
+            group.move("done_new", "done")
         for name in self.backbones():
             group = self.file["embeddings"][name]
             old_features, old_done = group["features"], group["done"]
@@ -394,10 +460,14 @@ class Store:
             group.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
 
 
-def _allocate(group: h5py.Group, name: str, shape: tuple, dtype: np.dtype, fill: float) -> h5py.Dataset:
-    """A contiguous dataset whose storage is allocated and filled now, so row writes later
-    touch raw bytes only (no HDF5 metadata) — the basis of crash-safe ingest."""
+def _allocate(group: h5py.Group, name: str, shape: tuple, dtype: np.dtype, fill: float,
+              chunks: tuple | None = None) -> h5py.Dataset:
+    """A dataset whose storage is allocated and filled now, so row writes later touch raw bytes
+    only (no HDF5 metadata) — the basis of crash-safe ingest. Contiguous, or ``chunks`` (no
+    filters: every chunk is allocated at creation, its address fixed)."""
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    if chunks is not None:
+        dcpl.set_chunk(tuple(int(c) for c in chunks))
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
     dcpl.set_fill_time(h5py.h5d.FILL_TIME_ALLOC)
     dcpl.set_fill_value(np.array(fill, dtype=dtype))
@@ -553,7 +623,7 @@ class EmbeddingRowWriter:
     makes its rows durable (``fsync``) before flagging them done, then makes the flags durable.
     """
 
-    def __init__(self, path: str | os.PathLike, name: str):
+    def __init__(self, path: str | os.PathLike, name: str, patches: bool = False):
         self.path = Path(path)
         self.name = name
         self.file = _open_h5(self.path, "r+")
@@ -561,30 +631,46 @@ class EmbeddingRowWriter:
         group = self.file["embeddings"][name]
         self.features = group["features"]
         self.done = group["done"]
+        # patch tokens of the same images (swsa embed --patch-tokens): (N, P, D') float16
+        self.patches = self.file["patches"][name]["tokens"] if patches else None
+        self.patch_done = self.file["patches"][name]["done"] if patches else None
         self._fd = self.file.id.get_vfd_handle()
 
     def _sync(self) -> None:
         self.file.flush()
         os.fsync(self._fd)
 
-    def write(self, image_ids: np.ndarray, rows: np.ndarray, status: np.ndarray) -> None:
+    def write(self, image_ids: np.ndarray, rows: np.ndarray, status: np.ndarray,
+              patch_rows: np.ndarray | None = None) -> None:
         """Store ``rows`` ``(B, D)`` for ``image_ids`` ``(B,)`` (sorted, unique) and set their
-        done flags to ``status`` ``(B,)`` (1 written, 2 failed) — rows first, flags second."""
+        done flags to ``status`` ``(B,)`` (1 written, 2 failed) — rows first, flags second.
+        A writer opened with ``patches=True`` needs ``patch_rows`` ``(B, P, D')`` too; they are
+        made durable with the rows, and their flags are set with the rows' flags."""
         ids = np.asarray(image_ids, dtype=np.int64)
+        if (patch_rows is None) != (self.patches is None):
+            raise StoreError(f"writer of {self.name!r} was opened with patches={self.patches is not None} "
+                             f"but got patch_rows={'None' if patch_rows is None else 'an array'}; pass both or neither")
         for lo, hi in _contiguous_runs(ids):
             self.features[ids[lo] : ids[hi - 1] + 1] = rows[lo:hi].astype(self.features.dtype, copy=False)
+            if self.patches is not None:
+                self.patches[ids[lo] : ids[hi - 1] + 1] = patch_rows[lo:hi].astype(self.patches.dtype, copy=False)
         self._sync()
         for lo, hi in _contiguous_runs(ids):
             self.done[ids[lo] : ids[hi - 1] + 1] = status[lo:hi].astype(np.uint8)
+            if self.patch_done is not None:
+                self.patch_done[ids[lo] : ids[hi - 1] + 1] = status[lo:hi].astype(np.uint8)
         self._sync()
 
     def reset_failed(self) -> None:
         """Failed rows (2) become to-do (0) so a rerun tries them again."""
-        done = self.done[...]
-        if (done == DONE_FAILED).any():
-            done[done == DONE_FAILED] = DONE_TODO
-            self.done[...] = done
-            self._sync()
+        for flags in (self.done, self.patch_done):
+            if flags is None:
+                continue
+            done = flags[...]
+            if (done == DONE_FAILED).any():
+                done[done == DONE_FAILED] = DONE_TODO
+                flags[...] = done
+                self._sync()
 
     def close(self) -> None:
         if self.file.id.valid:

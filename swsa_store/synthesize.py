@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +44,115 @@ def _write_atomic(path: Path, data: bytes) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
+    with open(tmp, "wb") as handle:  # durable before it is catalogued
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class TaskJob:
+    """One task's share of a synthesis run: what to make and from which seeds.
+
+    ``seed_ids``/``seed_paths``: the task's usable seed images (sorted by id); ``count``: the
+    anomalies the task ends with; ``existing``: indices already catalogued (not made again).
+    """
+
+    task_id: int
+    dataset: str
+    normal_class: str
+    seed_ids: tuple[int, ...]
+    seed_paths: tuple[str, ...]
+    count: int
+    existing: frozenset[int]
+
+
+def plan_synthesis(store_path: str | os.PathLike, generator, source: str, count: int | None,
+                   task_ids: list[int] | None) -> tuple[list[TaskJob], int, Path]:
+    """The tasks that still need images: ``(jobs, tasks already complete, files folder)``."""
+    resolve_count = getattr(generator, "resolve_count", None)
+    with open_store(store_path) as store:
+        images, tasks, members = store.images(), store.tasks(), store.task_members()
+        files_dir = store.files_dir
+    tasks = select_tasks(tasks, task_ids, store_path)
+    mine = images[images["kind"] == source]
+    made = mine.groupby("task_id")["source_index"].apply(lambda s: set(int(i) for i in s))
+    seeds_by_task = members[members["role"] == ROLE_SEED].groupby("task_id")["image_id"].apply(np.sort)
+    jobs: list[TaskJob] = []
+    skipped = 0
+    for task in tasks.itertuples():
+        seed_ids = seeds_by_task.get(task.task_id, np.empty(0, dtype=np.int64))
+        ok_seeds = images.loc[seed_ids][images.loc[seed_ids, "status"] == "ok"]
+        existing = made.get(task.task_id, set())
+        if resolve_count is not None and len(ok_seeds):
+            task_count = resolve_count(len(ok_seeds), count)
+        else:
+            task_count = DEFAULT_COUNT if count is None else int(count)
+        if existing and len(existing) >= task_count:
+            skipped += 1
+            continue
+        if any(i >= task_count for i in existing):
+            raise ValueError(
+                f"task {task.task_id} already holds {len(existing)} {source} images, not {task_count}; "
+                "use another --source name for a different count"
+            )
+        if len(ok_seeds) == 0:
+            raise ValueError(f"task {task.task_id} ({task.normal_class}) has no usable seed images")
+        jobs.append(TaskJob(int(task.task_id), str(task.dataset), str(task.normal_class),
+                            tuple(int(i) for i in ok_seeds["image_id"]), tuple(str(p) for p in ok_seeds["path"]),
+                            int(task_count), frozenset(existing)))
+    return jobs, skipped, files_dir
+
+
+def generate_task(generator, job: TaskJob, seed_images: list, seed: int, source: str):
+    """Lazily ``(index, SyntheticImage)`` for the job's missing indices — the one generation step
+    of the local and the Ray path (same rng, same skip, hence the same images)."""
+    from .synth import generator_rng
+
+    rng = generator_rng(seed, job.task_id, source)
+    iter_generate = getattr(generator, "iter_generate", None)
+    if iter_generate is not None:
+        return iter_generate(seed_images, list(job.seed_ids), job.count, rng, skip=set(job.existing))
+    return ((i, item) for i, item in enumerate(generator.generate(seed_images, list(job.seed_ids), job.count, rng))
+            if i not in job.existing)
+
+
+class SynthWriter:
+    """The single writer of synthetic images: files first (atomic, fsync-ed), catalogue rows
+    committed every ``commit_every_s`` seconds and on :meth:`flush` — a row is never
+    catalogued before its file is durable, so a rerun remakes exactly the uncatalogued ones."""
+
+    def __init__(self, store_path: str | os.PathLike, files_dir: Path, *, source: str, method: str, seed: int,
+                 commit_every_s: float = 30.0):
+        self.store_path, self.files_dir = store_path, Path(files_dir)
+        self.source, self.method, self.seed = source, method, seed
+        self.commit_every_s = commit_every_s
+        self.pending: list[dict] = []
+        self.written = 0
+        self._last_commit = time.monotonic()
+
+    def add(self, job: TaskJob, index: int, data: bytes, width: int, height: int, parent_ids, params: dict) -> None:
+        """Write one encoded image (PNG ``data``) of ``job`` at ``index`` and queue its row."""
+        path = self.files_dir / "synth" / self.source / f"task_{job.task_id:05d}" / f"{index:04d}.png"
+        _write_atomic(path, data)
+        self.pending.append({
+            "dataset": job.dataset, "class_name": job.normal_class, "split": "synthetic",
+            "kind": self.source, "path": str(path.resolve()), "sha256": hashlib.sha256(data).hexdigest(),
+            "status": "ok", "skip_reason": "", "width": int(width), "height": int(height),
+            "task_id": int(job.task_id), "parent_ids": json.dumps(list(map(int, parent_ids))),
+            "params": json.dumps({"generator": self.method, **params}, sort_keys=True),
+            "seed": self.seed, "source_index": int(index),
+        })
+        self.written += 1
+        if time.monotonic() - self._last_commit > self.commit_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """Commit the queued catalogue rows."""
+        if self.pending:
+            add_images(self.store_path, pd.DataFrame(self.pending))
+        self.pending, self._last_commit = [], time.monotonic()
 
 
 def synthesize(
@@ -71,75 +179,31 @@ def synthesize(
     "tasks_done", "tasks_skipped", "images"}`` (``images``: written by this call).
     """
     from .datasets import read_image
-    from .synth import create_generator, generator_rng
+    from .synth import create_generator
     from .synth import diffstyle as _diffstyle  # noqa: F401  (registers "diffusion")
 
     if count is not None and (isinstance(count, bool) or count < 1):
         raise ValueError(f"count must be at least 1, got {count}")
     generator = create_generator(method, **generator_kwargs)
-    resolve_count = getattr(generator, "resolve_count", None)
-    iter_generate = getattr(generator, "iter_generate", None)
-    variant = generator_kwargs.get("variant")
-    source = source or (method if variant in (None, "normal") else f"{method}-{variant}")
-    with open_store(store_path) as store:
-        images, tasks, members = store.images(), store.tasks(), store.task_members()
-        files_dir = store.files_dir
-    tasks = select_tasks(tasks, task_ids, store_path)
-    mine = images[images["kind"] == source]
-    made = mine.groupby("task_id")["source_index"].apply(lambda s: set(int(i) for i in s))
-    pending_rows: list[dict] = []
-    done = skipped = written = 0
-    last_commit = time.monotonic()
-    seeds_by_task = members[members["role"] == ROLE_SEED].groupby("task_id")["image_id"].apply(np.sort)
-    for task in tqdm(list(tasks.itertuples()), desc=f"synth {source}", unit="task", disable=not progress):
-        seed_ids = seeds_by_task.get(task.task_id, np.empty(0, dtype=np.int64))
-        ok_seeds = images.loc[seed_ids][images.loc[seed_ids, "status"] == "ok"]
-        existing = made.get(task.task_id, set())
-        if resolve_count is not None and len(ok_seeds):
-            task_count = resolve_count(len(ok_seeds), count)
-        else:
-            task_count = DEFAULT_COUNT if count is None else int(count)
-        if existing and len(existing) >= task_count:
-            skipped += 1
-            continue
-        if any(i >= task_count for i in existing):
-            raise ValueError(
-                f"task {task.task_id} already holds {len(existing)} {source} images, not {task_count}; "
-                "use another --source name for a different count"
-            )
-        if len(ok_seeds) == 0:
-            raise ValueError(f"task {task.task_id} ({task.normal_class}) has no usable seed images")
-        seed_images = [read_image(resolve_path(store_path, p)) for p in ok_seeds["path"]]
-        rng = generator_rng(seed, int(task.task_id), source)
-        if iter_generate is not None:
-            synthetic = iter_generate(seed_images, ok_seeds["image_id"].tolist(), task_count, rng, skip=existing)
-        else:
-            synthetic = (
-                (i, item) for i, item in enumerate(generator.generate(seed_images, ok_seeds["image_id"].tolist(), task_count, rng))
-                if i not in existing
-            )
-        task_dir = files_dir / "synth" / source / f"task_{task.task_id:05d}"
-        bar = tqdm(total=task_count, initial=len(existing), desc=f"task {task.task_id}", unit="img", leave=False,
-                   disable=not progress or iter_generate is None)
-        for index, item in synthetic:
-            data = _png_bytes(item.image)
-            path = task_dir / f"{index:04d}.png"
-            _write_atomic(path, data)
-            pending_rows.append({
-                "dataset": task.dataset, "class_name": task.normal_class, "split": "synthetic",
-                "kind": source, "path": str(path.resolve()), "sha256": hashlib.sha256(data).hexdigest(),
-                "status": "ok", "skip_reason": "", "width": item.image.width, "height": item.image.height,
-                "task_id": int(task.task_id), "parent_ids": json.dumps(list(map(int, item.parent_ids))),
-                "params": json.dumps({"generator": method, **item.params}, sort_keys=True),
-                "seed": seed, "source_index": index,
-            })
-            written += 1
+    source = synth_source_name(method, generator_kwargs, source)
+    jobs, skipped, files_dir = plan_synthesis(store_path, generator, source, count, task_ids)
+    writer = SynthWriter(store_path, files_dir, source=source, method=method, seed=seed, commit_every_s=commit_every_s)
+    streaming = getattr(generator, "iter_generate", None) is not None
+    for job in tqdm(jobs, desc=f"synth {source}", unit="task", disable=not progress):
+        seed_images = [read_image(resolve_path(store_path, p)) for p in job.seed_paths]
+        bar = tqdm(total=job.count, initial=len(job.existing), desc=f"task {job.task_id}", unit="img", leave=False,
+                   disable=not progress or not streaming)
+        for index, item in generate_task(generator, job, seed_images, seed, source):
+            writer.add(job, index, _png_bytes(item.image), item.image.width, item.image.height,
+                       item.parent_ids, item.params)
             bar.update(1)
-            if time.monotonic() - last_commit > commit_every_s:
-                add_images(store_path, pd.DataFrame(pending_rows))
-                pending_rows, last_commit = [], time.monotonic()
         bar.close()
-        done += 1
-    if pending_rows:
-        add_images(store_path, pd.DataFrame(pending_rows))
-    return {"source": source, "tasks_done": done, "tasks_skipped": skipped, "images": written}
+    writer.flush()
+    return {"source": source, "tasks_done": len(jobs), "tasks_skipped": skipped, "images": writer.written}
+
+
+def synth_source_name(method: str, generator_kwargs: dict, source: str | None = None) -> str:
+    """``source`` or the default validation-source name: ``method`` (``-<variant>`` appended for a
+    non-default variant)."""
+    variant = generator_kwargs.get("variant")
+    return source or (method if variant in (None, "normal") else f"{method}-{variant}")

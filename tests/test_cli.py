@@ -9,7 +9,7 @@ import sys
 import pandas as pd
 import pytest
 
-from swsa_engine.cli import build_parser, main
+from swsa_engine.cli import DEMO_DETECTORS, build_parser, main
 
 COMMANDS = ["demo", "catalog", "synth", "embed", "embed-text", "score", "report", "info", "bench", "import-scores", "export-validation"]
 
@@ -80,7 +80,7 @@ def test_reduced_demo_end_to_end(tmp_path, capsys):
     assert table1["tasks"].eq(10).all()
     assert ((table1["auroc"] >= 0) & (table1["auroc"] <= table1["best"] + 1e-12)).all()
     summary = json.loads((report / "summary.json").read_text())
-    assert summary["tasks"] == 10 and len(summary["candidates"]) == 2
+    assert summary["tasks"] == 10 and len(summary["candidates"]) == 2 * len(DEMO_DETECTORS)  # backbones × detectors
     capsys.readouterr()
     assert main(["info", "--store", str(out / "store.h5"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -85,3 +85,34 @@ def test_cli_detectors_option(store, tmp_path, capsys):
     capsys.readouterr()
     assert main(["score", "--store", str(copy), "--detectors", "knn(k=0)", "--quiet"]) == 1
     assert "integer k >= 1" in capsys.readouterr().err
+
+
+def test_every_detector_is_registered_with_the_sweep_interface():
+    names = list_detectors()
+    assert {"knn", "mahalanobis", "residual", "nagl", "pca"} <= set(names)
+    for text in ("knn(k=3,l2)", "mahalanobis", "residual(K=4,mean)", "nagl(k=3,beta=1.0)", "pca(n=8)"):
+        detector = parse_detector(text)
+        assert detector.label == text and detector.needs == "features"
+        assert detector.needs_abnormal == (detector.family == "nagl")
+        assert callable(detector.score_tasks) and callable(detector.score_shared)
+        assert detector.min_bank(True) >= detector.min_bank(False) >= 1
+        assert candidate_name("pixels", detector) == ("pixels" if detector == DEFAULT_DETECTOR else f"pixels/{text}")
+
+
+def test_non_knn_detectors_in_the_sweep_and_table1_rows(store, tmp_path):
+    copy = tmp_path / "s.h5"
+    copy.write_bytes(store.read_bytes())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cube = run_sweep(copy, progress=False, save=True, backbones=["resnet18"], task_ids=[0, 1],
+                         detectors=["knn", "residual(K=25,mean)", "nagl(k=2)"])
+    # K larger than the support and NAGL without a split are recorded skips that name the fix
+    reasons = set(cube.skips["reason"])
+    assert any("residual(K=25,mean) needs at least 25 usable support images" in r and "smaller K" in r for r in reasons)
+    assert any("swsa split-refs" in r for r in reasons)
+    assert np.isnan(cube.real[:, cube.candidate_names.index("resnet18/nagl(k=2,beta=1.0)")]).all()
+    table = selection_table(cube)
+    assert {"SWSA (cutpaste), backbone-only grid", "Fixed detector knn(k=3,l2), largest model",
+            "Best backbone-only candidate (oracle)"} <= set(table["strategy"])
+    loaded = AurocCube.load(copy)
+    assert loaded.config["detectors"] == ["knn(k=3,l2)", "residual(K=25,mean)", "nagl(k=2,beta=1.0)"]

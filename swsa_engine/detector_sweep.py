@@ -1,0 +1,244 @@
+"""The sweep's scoring path for every detector other than kNN (Mahalanobis, residual, NAGL, PCA, …).
+
+:func:`score_group_detector` is :func:`swsa_engine.sweep.score_group` for any detector with the
+batched interface of :mod:`swsa_engine.detectors` (``score_tasks``, optionally ``score_shared``,
+``min_bank``): the same queries (real validation; held-out normals scored leave-one-out and each
+source's synthetic anomalies), the same AUROCs (:func:`swsa_engine.sweep.validation_aurocs`), the
+same skips, and memory bounded by chunking over tasks (and over shared queries).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .loader import TaskGroup
+from .sweep import _features_for, empty_result, synthetic_queries, validation_aurocs
+
+
+def score_group_detector(
+    features: np.ndarray,
+    usable: np.ndarray,
+    group: TaskGroup,
+    sources: list[str],
+    detector,
+    *,
+    hardest: tuple[int, ...] = (10, 5),
+    device: str = "cpu",
+    chunk_bytes: int = 256 << 20,
+) -> dict:
+    """AUROCs of one (feature source, detector) candidate for the tasks of one dataset.
+
+    Parameters
+    ----------
+    features : (N, D) the feature source's rows for every catalogued image, already passed
+        through ``detector.prepare`` (for patch detectors: whatever their ``score_tasks`` takes,
+        indexed by image id on the first axis).
+    usable : (N,) bool, rows that hold a finite embedding.
+    group : the dataset's tasks; ``group.abnormal`` (T, R) feeds detectors with ``needs_abnormal``.
+    sources : synthetic sources to evaluate (missing ones give NaN).
+    device : unused by the float64 NumPy detectors (kept for the sweep's signature).
+
+    Returns a dict like :func:`swsa_engine.sweep.score_group`: ``real`` (T, 2), ``synthetic``
+    (T, V) over ``sources`` then their hardest variants, ``per_class`` (T, G), ``skips``
+    [(task_id, reason)], ``knn_flops`` (distance-like multiply-adds, for the timing report), and
+    for detectors with ``references`` (the few-shot residual) ``references`` (T, K) image ids of
+    each task's drawn references (-1 where none).
+    """
+    def keep(ids: np.ndarray) -> np.ndarray:
+        return np.where((ids >= 0) & usable[np.maximum(ids, 0)], ids, -1)
+
+    label = detector.label
+    n_tasks = len(group.task_ids)
+    support = keep(group.support)
+    heldout = keep(group.heldout)
+    n_bank = (support >= 0).sum(axis=1)
+    has_heldout = (heldout >= 0).any(axis=1)
+    needed = np.where(has_heldout, detector.min_bank(True), detector.min_bank(False))
+    scoreable = n_bank >= needed
+    hint = getattr(detector, "bank_hint", "use a larger support set or other settings")
+    skips = [(int(t), f"{label} needs at least {need} usable support images, the task has {n}; {hint}")
+             for t, n, need in zip(group.task_ids[~scoreable], n_bank[~scoreable], needed[~scoreable])]
+    abnormal = None
+    if getattr(detector, "needs_abnormal", False):
+        abnormal = keep(getattr(group, "abnormal", np.full((n_tasks, 0), -1, dtype=np.int64)))
+        n_abnormal = (abnormal >= 0).sum(axis=1)
+        short = scoreable & (n_abnormal < detector.min_abnormal)
+        skips += [(int(t), f"{label} needs at least {detector.min_abnormal} abnormal references, the task has {n}; "
+                           "hold some synthetic anomalies apart with `swsa split-refs --store STORE --source SOURCE "
+                           "--share 0.25` (or a larger share)")
+                  for t, n in zip(group.task_ids[short], n_abnormal[short])]
+        scoreable &= ~short
+    out = empty_result(group, sources, hardest, skips)
+    rows = np.flatnonzero(scoreable)
+    if rows.size == 0:
+        return out
+    support = support[rows]
+    task_ids = group.task_ids[rows]
+    abnormal = None if abnormal is None else abnormal[rows]
+    if hasattr(detector, "references"):  # record the drawn references as image ids
+        positions = np.asarray(detector.references(support >= 0, task_ids), dtype=np.int64)
+        out["references"] = np.full((n_tasks, positions.shape[1]), -1, dtype=np.int64)
+        out["references"][rows] = np.where(positions >= 0, np.take_along_axis(support, np.maximum(positions, 0), 1), -1)
+    flops = [0.0]
+
+    # ---- real validation
+    real_ok = usable[group.real_ids]
+    member = (group.real_label[rows] >= 0) & real_ok[None, :]
+    widest = int(member.sum(axis=1).max(initial=0))
+    real_scores = np.full((len(rows), len(group.real_ids)), np.nan)
+    if hasattr(detector, "score_shared") and widest and int(real_ok.sum()) <= 1.5 * widest:
+        # tasks share their real validation images (one-vs-rest): one set of queries, every bank
+        query_ids = group.real_ids[real_ok]
+        real_scores[:, real_ok] = _shared_chunks(detector, features, query_ids, support, abnormal, task_ids, chunk_bytes, flops)
+        real_scores[~member] = np.nan
+    elif widest:
+        # each task has its own real images (a product's test set): per-task queries
+        order = np.argsort(~member, axis=1, kind="stable")[:, :widest]
+        present = np.take_along_axis(member, order, axis=1)
+        own = np.where(present, group.real_ids[order], -1)
+        scores = _task_chunks(detector, features, own, support, None, abnormal, task_ids, chunk_bytes, flops)
+        np.put_along_axis(real_scores, order, np.where(present, scores, np.nan), axis=1)
+        real_scores[~member] = np.nan
+
+    # ---- synthetic validation: held-out normals (leave-one-out) + each source's anomalies
+    queries, widths = synthetic_queries(group, rows, sources, keep)
+    exclude = np.full(queries.shape, -1, dtype=np.int64)
+    held = heldout[rows]
+    match = (held[:, :, None] == support[:, None, :]) & (held[:, :, None] >= 0)
+    exclude[:, : widths[0]] = np.where(match.any(axis=2), match.argmax(axis=2), -1)
+    synth_scores = _task_chunks(detector, features, queries, support, exclude, abnormal, task_ids, chunk_bytes, flops)
+    out["knn_flops"] = flops[0]
+
+    # ---- a score that should exist but is not finite (a singular fit): skip the task, say why
+    broken = (member & ~np.isfinite(real_scores)).any(axis=1) | ((queries >= 0) & ~np.isfinite(synth_scores)).any(axis=1)
+    out["skips"] += [(int(t), f"{label} gave non-finite scores (a degenerate support set, e.g. duplicate images); "
+                              "use another detector or a larger support set") for t in task_ids[broken]]
+    aurocs = validation_aurocs(group, rows, real_scores, queries, synth_scores, widths, sources, hardest)
+    for key in ("real", "synthetic", "per_class"):
+        aurocs[key][broken] = np.nan
+        out[key][rows] = aurocs[key]
+    return out
+
+
+def _task_chunks(detector, features, queries, support, exclude, abnormal, task_ids, chunk_bytes, flops) -> np.ndarray:
+    """``detector.score_tasks`` over per-task query ids (T, W) and bank ids (T, S), chunked over
+    tasks so that one chunk's arrays stay near ``chunk_bytes``; (T, W) float64, NaN for padding."""
+    scores = np.full(queries.shape, np.nan)
+    if queries.shape[1] == 0 or len(queries) == 0:
+        return scores
+    dim = int(np.prod(features.shape[1:]))
+    width, bank = queries.shape[1], support.shape[1]
+    n_abnormal = 0 if abnormal is None else abnormal.shape[1]
+    per_task = 8 * (4 * (width + bank + n_abnormal) * dim + 6 * (width + bank) * (bank + n_abnormal))
+    chunk = max(1, chunk_bytes // max(1, per_task))
+    for lo in range(0, len(queries), chunk):
+        hi = min(lo + chunk, len(queries))
+        q_ids, b_ids = queries[lo:hi], support[lo:hi]
+        if not (q_ids >= 0).any():
+            continue
+        extra = {}
+        if abnormal is not None:
+            extra = {"abnormal": _features_for(features, abnormal[lo:hi]), "abnormal_mask": abnormal[lo:hi] >= 0}
+        scores[lo:hi] = detector.score_tasks(
+            _features_for(features, q_ids), q_ids >= 0, _features_for(features, b_ids), b_ids >= 0,
+            np.full(q_ids.shape, -1, dtype=np.int64) if exclude is None else exclude[lo:hi],
+            task_ids=task_ids[lo:hi], **extra)
+        flops[0] += 2.0 * float((q_ids >= 0).sum()) * (bank + n_abnormal) * dim
+    return scores
+
+
+def _shared_chunks(detector, features, query_ids, support, abnormal, task_ids, chunk_bytes, flops) -> np.ndarray:
+    """``detector.score_shared`` of the shared queries ``query_ids`` (Q,) against every task's
+    bank, chunked over tasks and then over queries; (T, Q) float64."""
+    n_tasks, bank = support.shape
+    dim = int(np.prod(features.shape[1:]))
+    n_abnormal = 0 if abnormal is None else abnormal.shape[1]
+    per_task = 8 * (3 * (bank + n_abnormal) * dim + 6 * bank * bank)
+    task_chunk = max(1, min(n_tasks, chunk_bytes // max(1, per_task)))
+    out = np.full((n_tasks, len(query_ids)), np.nan)
+    for lo in range(0, n_tasks, task_chunk):
+        hi = min(lo + task_chunk, n_tasks)
+        b_ids = support[lo:hi]
+        bank_rows = _features_for(features, b_ids)
+        extra = {}
+        if abnormal is not None:
+            extra = {"abnormal": _features_for(features, abnormal[lo:hi]), "abnormal_mask": abnormal[lo:hi] >= 0}
+        per_query = 8 * ((hi - lo) * 6 * (bank + n_abnormal + min(dim, bank)) + 2 * dim)
+        query_chunk = max(1, chunk_bytes // max(1, per_query))
+        for q_lo in range(0, len(query_ids), query_chunk):
+            q_hi = min(q_lo + query_chunk, len(query_ids))
+            out[lo:hi, q_lo:q_hi] = detector.score_shared(
+                features[query_ids[q_lo:q_hi]], bank_rows, b_ids >= 0, task_ids=task_ids[lo:hi], **extra)
+        flops[0] += 2.0 * len(query_ids) * float((b_ids >= 0).sum() + (0 if abnormal is None else (abnormal[lo:hi] >= 0).sum())) * dim
+    return out
+
+
+def detector_features(store_path, name: str, detector, features: np.ndarray, usable: np.ndarray):
+    """What ``detector`` scores for feature source ``name``: ``(prepared features, usable rows, None)``,
+    or ``(None, None, reason)`` when they cannot be had (patch tokens not embedded).
+
+    Detectors with ``needs == "patches"`` read the store's patch tokens through
+    ``swsa_engine.patch.load_patch_features(store_path, name)`` (an array indexed by image id, or
+    ``(array, usable)``); every other detector gets ``detector.prepare(features)``.
+    """
+    if getattr(detector, "needs", "features") != "patches":
+        return detector.prepare(features), usable, None
+    fix = f"run `swsa embed --store {store_path} --backbone {name} --patch-tokens` first"
+    try:
+        from .patch import load_patch_features
+    except ImportError:
+        return None, None, f"{detector.label} needs patch tokens, which this installation cannot read; {fix}"
+    from swsa_store import open_store
+
+    with open_store(store_path) as store:
+        held = store.patch_sets() if hasattr(store, "patch_sets") else []
+    if name not in held:
+        return None, None, f"{name} was embedded without patch tokens, which {detector.label} needs; {fix}"
+    try:
+        loaded = load_patch_features(store_path, name, with_done=True)
+    except TypeError:  # an older signature without the done mask
+        loaded = load_patch_features(store_path, name)
+    patches, rows = loaded if isinstance(loaded, tuple) else (loaded, usable)
+    prepare = getattr(detector, "prepare", None)
+    return (prepare(patches) if prepare else patches), np.asarray(rows, dtype=bool) & usable, None
+
+
+class ReferenceLog:
+    """The few-shot residual's drawn references, for the cube's config.
+
+    Per detector label: the seed, ``task_id`` and ``image_ids`` (one row of K ids per task) as
+    drawn for the first feature source; a later feature source whose draw differs for some task
+    (its usable rows differ) is listed under ``overrides`` with those tasks only.
+    """
+
+    def __init__(self):
+        self.draws: dict[str, dict] = {}
+
+    def add(self, candidate: str, detector, task_ids: np.ndarray, references: np.ndarray | None) -> None:
+        if references is None:
+            return
+        rule = getattr(detector, "reference_rule", None)
+        entry = self.draws.setdefault(detector.label, {"K": int(references.shape[1]),
+                                                      "seed": int(getattr(detector, "seed", 0)),
+                                                      "rule": (rule() if callable(rule) else rule) or
+                                                      "the K usable support images with the smallest "
+                                                      "hash_uniform(seed, task_id, support position)",
+                                                      "by_task": {}, "overrides": {}})
+        for task_id, row in zip(task_ids.tolist(), references.tolist()):
+            known = entry["by_task"].setdefault(int(task_id), row)
+            if known != row:
+                entry["overrides"].setdefault(candidate, {})[int(task_id)] = row
+
+    def config(self, abnormal_attrs: dict | None) -> dict:
+        """Entries for the cube config: ``residual_references`` and ``abnormal_references``."""
+        out = {}
+        if self.draws:
+            out["residual_references"] = {
+                label: {"K": e["K"], "seed": e["seed"], "rule": e["rule"], "task_id": list(e["by_task"]),
+                        "image_ids": list(e["by_task"].values()),
+                        "overrides": {c: {str(t): ids for t, ids in d.items()} for c, d in e["overrides"].items()}}
+                for label, e in self.draws.items()}
+        if abnormal_attrs:
+            out["abnormal_references"] = {k: (v.item() if hasattr(v, "item") else v) for k, v in abnormal_attrs.items()
+                                          if k in ("source", "share", "seed", "rule")}
+        return out

@@ -1,0 +1,96 @@
+"""Abnormal references: a seeded share of each task's synthetic anomalies held apart from validation.
+
+The normal–abnormal guided detector (NAGL's idea, :class:`swsa_engine.detectors.NaglDetector`)
+compares a query with the task's normal support *and* with some abnormal references. Those come
+from the task's own synthetic anomalies of one chosen source: an image is a reference when a
+seeded hash of ``(seed, task_id, image_id)`` falls below ``share``. The choice is made per image,
+so adding or removing other synthetic images can never change which images are references, and
+the same store, source, share and seed always give the same split.
+
+The split is stored as the table ``/abnormal_references`` (columns ``task_id, image_id, source``;
+attributes ``source, share, seed, rule``). :func:`swsa_engine.loader.build_task_groups` removes
+those images from every task's synthetic validation set, for every candidate, and checks that
+references and validation images never overlap.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+
+REFERENCES_TABLE = "abnormal_references"
+REFERENCE_COLUMNS = ("task_id", "image_id", "source")
+_RULE = "image is a reference when hash_uniform(seed, task_id, image_id) < share (splitmix64 chain)"
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser, elementwise over uint64 (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        z = x + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * _M1
+        z = (z ^ (z >> np.uint64(27))) * _M2
+        return z ^ (z >> np.uint64(31))
+
+
+def hash_uniform(seed: int, *keys) -> np.ndarray:
+    """Uniform numbers in ``[0, 1)`` from a seeded hash of integer ``keys`` (arrays broadcast).
+
+    The value for one combination of keys depends on nothing else (not on array order or on the
+    other entries), and is the same on every machine and Python run.
+    """
+    state = _splitmix64(np.asarray(np.int64(seed)).astype(np.uint64))
+    for key in keys:
+        key = np.asarray(key, dtype=np.int64).astype(np.uint64)
+        state = _splitmix64(state ^ _splitmix64(key))
+    return (state >> np.uint64(11)).astype(np.float64) * (1.0 / 9007199254740992.0)  # 53 bits
+
+
+def choose_references(task_ids: np.ndarray, image_ids: np.ndarray, share: float, seed: int = 0) -> np.ndarray:
+    """``(N,)`` bool: which of the synthetic images ``(task_ids[i], image_ids[i])`` are references."""
+    return hash_uniform(seed, task_ids, image_ids) < share
+
+
+def split_references(store_path: str | os.PathLike, source: str, share: float, seed: int = 0) -> pd.DataFrame:
+    """Hold apart a ``share`` of every task's synthetic anomalies of ``source`` as abnormal references.
+
+    Writes (replacing any earlier split) the table ``/abnormal_references`` with one row per
+    reference (``task_id, image_id, source``) and the attributes ``source, share, seed, rule``;
+    returns the table. Only images whose status is ``ok`` are considered.
+    """
+    from .store import edit_store
+
+    if not isinstance(share, (int, float)) or not 0.0 < float(share) < 1.0:
+        raise ValueError(f"share must be a number in (0, 1), got {share!r}; e.g. --share 0.25 keeps 75% of each "
+                         "task's anomalies for validation")
+    with edit_store(store_path) as store:
+        images = store.images(columns=["image_id", "kind", "status", "task_id"])
+        synthetic = images[images["kind"] != "real"]
+        held = sorted(synthetic["kind"].unique())
+        if source not in held:
+            raise ValueError(f"store {store_path} holds no synthetic anomalies of source {source!r} (held: "
+                             f"{', '.join(held) or 'none'}); run `swsa synth --store {store_path} --method ...` first "
+                             "or pick a held source")
+        chosen = synthetic[(synthetic["kind"] == source) & (synthetic["status"] == "ok") & (synthetic["task_id"] >= 0)]
+        task_ids = chosen["task_id"].to_numpy(dtype=np.int64)
+        image_ids = chosen["image_id"].to_numpy(dtype=np.int64)
+        keep = choose_references(task_ids, image_ids, float(share), int(seed))
+        table = pd.DataFrame({"task_id": task_ids[keep], "image_id": image_ids[keep],
+                              "source": np.full(int(keep.sum()), source, dtype=object)})
+        store.replace_table(REFERENCES_TABLE, table, {"source": source, "share": float(share), "seed": int(seed),
+                                                      "rule": _RULE})
+    return table
+
+
+def read_references(store) -> pd.DataFrame | None:
+    """The stored split of an open store (``task_id, image_id, source``), or None when there is none."""
+    from .store import read_table
+
+    if REFERENCES_TABLE not in store.file:
+        return None
+    return read_table(store.file[REFERENCES_TABLE])

@@ -173,11 +173,10 @@ class AurocCube:
         return arrays, attrs
 
     def save(self, store_path: str | os.PathLike, name: str = CUBE_RESULT) -> None:
-        from swsa_store import edit_store
+        from swsa_store.store import save_result
 
         arrays, attrs = self.to_arrays()
-        with edit_store(store_path) as store:
-            store.write_result(name, arrays, attrs)
+        save_result(store_path, name, arrays, attrs)
 
     @classmethod
     def load(cls, store_path: str | os.PathLike, name: str = CUBE_RESULT) -> "AurocCube":

@@ -158,9 +158,13 @@ class Store:
         self.path = Path(path)
         self.file = file
         self.writable = writable
+        self._result_files: list[h5py.File] = []
 
     # ---- life cycle
     def close(self) -> None:
+        for handle in self._result_files:
+            if handle.id.valid:
+                handle.close()
         if self.file.id.valid:
             self.file.close()
 
@@ -316,10 +320,24 @@ class Store:
             group.attrs[key] = value
 
     # ---- results
+    @property
+    def results_dir(self) -> Path:
+        """Folder beside the store holding one HDF5 file per result (``<name>.h5``): saving a
+        result writes a small file atomically instead of rewriting the (possibly huge) store."""
+        return self.path.with_name(self.path.name + ".results")
+
     def results(self) -> list[str]:
-        return sorted(self.file["results"]) if "results" in self.file else []
+        inside = set(self.file["results"]) if "results" in self.file else set()
+        beside = {p.stem for p in self.results_dir.glob("*.h5")} if self.results_dir.is_dir() else set()
+        return sorted(inside | beside)
 
     def result_group(self, name: str) -> h5py.Group:
+        """``results/<name>``: its file beside the store, else (stores written before 0.1) inside it."""
+        side = self.results_dir / f"{name}.h5"
+        if side.is_file():
+            handle = h5py.File(side, "r")
+            self._result_files.append(handle)
+            return handle["result"]
         if name not in self.results():
             raise StoreError(
                 f"store {self.path} holds no results named {name!r}; run `swsa score --store {self.path}` first"
@@ -444,20 +462,42 @@ class Store:
             group.attrs[key] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
 
     def write_result(self, name: str, arrays: dict[str, np.ndarray], attrs: dict) -> None:
-        """Replace ``/results/<name>`` with ``arrays`` (strings allowed) and JSON-able ``attrs``."""
+        """Replace result ``name`` with ``arrays`` (strings allowed) and JSON-able ``attrs``
+        (see :func:`save_result`)."""
         self._require_writable()
-        results = self.file.require_group("results")
-        if name in results:
-            del results[name]
-        group = results.create_group(name)
-        for key, value in arrays.items():
-            value = np.asarray(value)
-            if value.dtype.kind in "OU":
-                group.create_dataset(key, data=value.astype(object), dtype=h5py.string_dtype("utf-8"))
-            else:
-                group.create_dataset(key, data=value)
-        for key, value in attrs.items():
-            group.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
+        save_result(self.path, name, arrays, attrs)
+
+
+def save_result(store_path: str | os.PathLike, name: str, arrays: dict[str, np.ndarray], attrs: dict) -> Path:
+    """Write result ``name`` of the store at ``store_path`` to ``<store>.results/<name>.h5``.
+
+    Written to a temporary file, fsynced, then renamed over the old one: a reader sees the old
+    result or the new one, never a partial one, and the store itself is not touched.
+    """
+    if not name or "/" in name or name.startswith("."):
+        raise StoreError(f"result name {name!r} must be a plain file name (no '/', not starting with '.')")
+    folder = Path(store_path).with_name(Path(store_path).name + ".results")
+    folder.mkdir(exist_ok=True)
+    final = folder / f"{name}.h5"
+    tmp = folder / f".{name}.h5.{os.getpid()}.tmp"
+    try:
+        with h5py.File(tmp, "w") as handle:
+            group = handle.create_group("result")
+            for key, value in arrays.items():
+                value = np.asarray(value)
+                if value.dtype.kind in "OU":
+                    group.create_dataset(key, data=value.astype(object), dtype=h5py.string_dtype("utf-8"))
+                else:
+                    group.create_dataset(key, data=value)
+            for key, value in attrs.items():
+                group.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
+        _fsync_path(tmp)
+        os.replace(tmp, final)
+        _fsync_dir(folder)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return final
 
 
 def _allocate(group: h5py.Group, name: str, shape: tuple, dtype: np.dtype, fill: float,

@@ -286,6 +286,7 @@ def test_html_report_diffusion_grid_in_chromium(demo, browser, tmp_path):
 
     store = tmp_path / "store.h5"
     shutil.copyfile(demo / "store.h5", store)
+    shutil.copytree(demo / "store.h5.results", tmp_path / "store.h5.results")
     with open_store(store) as s:
         images, members = s.images(), s.task_members()
     seeds = members.loc[(members["task_id"] == 0) & (members["role"] == ROLE_SEED), "image_id"].to_numpy()

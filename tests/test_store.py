@@ -143,3 +143,21 @@ def test_missing_embeddings_error_names_command(tmp_path):
     with open_store(path) as store:
         with pytest.raises(StoreError, match="swsa embed --store"):
             store.embeddings("resnet18")
+
+
+def test_results_are_saved_beside_the_store_without_rewriting_it(tmp_path):
+    from swsa_store.store import save_result
+
+    path = create_store(tmp_path / "s.h5")
+    before = path.stat()
+    save_result(path, "cube", {"a": np.arange(3)}, {"k": 3})
+    save_result(path, "cube", {"a": np.arange(4)}, {"k": 5})  # replaces atomically
+    after = path.stat()
+    assert (before.st_ino, before.st_mtime_ns) == (after.st_ino, after.st_mtime_ns)
+    assert sorted(p.name for p in (tmp_path / "s.h5.results").iterdir()) == ["cube.h5"]
+    with open_store(path) as store:
+        assert store.results() == ["cube"]
+        group = store.result_group("cube")
+        assert group["a"].shape == (4,) and group.attrs["k"] == 5
+    with pytest.raises(StoreError, match="plain file name"):
+        save_result(path, "../x", {}, {})

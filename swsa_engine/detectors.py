@@ -69,18 +69,33 @@ def list_detectors() -> list[str]:
     return DETECTORS.names()
 
 
+class Detector:
+    """Defaults of the detector interface (see the module docstring): detectors compare
+    features as given (``prepare`` is the identity) and need no abnormal references."""
+
+    needs: ClassVar[str] = "features"
+    needs_abnormal: ClassVar[bool] = False
+
+    def prepare(self, features: np.ndarray) -> np.ndarray:
+        """(N, D) features as the detector compares them."""
+        return features
+
+
+def check_int_setting(detector: str, name: str, value, minimum: int, why: str = "") -> None:
+    """One-line ValueError unless ``value`` is an integer >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{detector} needs an integer {name} >= {minimum}{why}, got {value!r}")
+
+
 @dataclass(frozen=True)
-class KnnDetector:
+class KnnDetector(Detector):
     """kNN anomaly score. ``k`` neighbours; ``metric`` "l2" (squared L2) or "cosine"."""
 
     k: int = 3
     metric: str = "l2"
-    needs: ClassVar[str] = "features"
-    needs_abnormal: ClassVar[bool] = False
 
     def __post_init__(self):
-        if not isinstance(self.k, (int, np.integer)) or self.k < 1:
-            raise ValueError(f"knn needs an integer k >= 1, got {self.k!r}")
+        check_int_setting("knn", "k", self.k, 1)
         if self.metric not in ("l2", "cosine"):
             raise ValueError(f"knn metric must be 'l2' or 'cosine', got {self.metric!r}")
 
@@ -338,7 +353,7 @@ def ledoit_wolf_from_gram(trace, frob2, diag4, n, dim: int):
 
 
 @dataclass(frozen=True)
-class MahalanobisDetector:
+class MahalanobisDetector(Detector):
     """Rippel et al.'s Gaussian detector: squared Mahalanobis distance to mean + Ledoit–Wolf covariance.
 
     With the bank's centred rows E (n × D), scatter M = EᵀE and Σ = α M + β I (Ledoit–Wolf), the
@@ -349,8 +364,6 @@ class MahalanobisDetector:
     inverted by Sherman–Morrison: no refit, no loop.
     """
 
-    needs: ClassVar[str] = "features"
-    needs_abnormal: ClassVar[bool] = False
 
     @property
     def label(self) -> str:
@@ -359,9 +372,6 @@ class MahalanobisDetector:
     @property
     def family(self) -> str:
         return "gaussian"
-
-    def prepare(self, features: np.ndarray) -> np.ndarray:
-        return features
 
     def min_bank(self, has_heldout: bool) -> int:
         """3 rows (2 centred rows give no shrinkage and a singular covariance); 4 for leave-one-out."""
@@ -454,7 +464,7 @@ def mahalanobis() -> MahalanobisDetector:
 
 
 @dataclass(frozen=True)
-class ResidualDetector:
+class ResidualDetector(Detector):
     """InCTRL's image-level residual without training: ``K`` normal references per task.
 
     References are the ``K`` usable bank rows with the smallest ``hash_uniform(seed, task_id,
@@ -467,12 +477,9 @@ class ResidualDetector:
     K: int = 4
     reduce: str = "mean"
     seed: int = 0
-    needs: ClassVar[str] = "features"
-    needs_abnormal: ClassVar[bool] = False
 
     def __post_init__(self):
-        if not isinstance(self.K, (int, np.integer)) or self.K < 2:
-            raise ValueError(f"residual needs an integer K >= 2 (a reference scored leave-one-out keeps K-1), got {self.K!r}")
+        check_int_setting("residual", "K", self.K, 2, " (a reference scored leave-one-out keeps K-1)")
         if self.reduce not in ("mean", "min"):
             raise ValueError(f"residual reduce must be 'mean' or 'min', got {self.reduce!r}")
 
@@ -483,9 +490,6 @@ class ResidualDetector:
     @property
     def family(self) -> str:
         return "residual"
-
-    def prepare(self, features: np.ndarray) -> np.ndarray:
-        return features
 
     def min_bank(self, has_heldout: bool) -> int:
         return self.K
@@ -570,7 +574,7 @@ def _as_float(value, what: str) -> float:
 
 
 @dataclass(frozen=True)
-class NaglDetector:
+class NaglDetector(Detector):
     """NAGL's normal–abnormal guided score without training: kNN score (sum of the ``k`` smallest
     squared L2 distances) to the normal bank minus ``beta`` × the same against the task's abnormal
     references (held-apart synthetic anomalies, :mod:`swsa_store.references`). ``metric="cosine"``
@@ -579,12 +583,10 @@ class NaglDetector:
     k: int = 3
     beta: float = 1.0
     metric: str = "l2"
-    needs: ClassVar[str] = "features"
     needs_abnormal: ClassVar[bool] = True
 
     def __post_init__(self):
-        if not isinstance(self.k, (int, np.integer)) or self.k < 1:
-            raise ValueError(f"nagl needs an integer k >= 1, got {self.k!r}")
+        check_int_setting("nagl", "k", self.k, 1)
         if not np.isfinite(self.beta) or self.beta < 0:
             raise ValueError(f"nagl needs a finite beta >= 0, got {self.beta!r}")
         if self.metric not in ("l2", "cosine"):
@@ -640,7 +642,7 @@ def nagl(k: int = 3, beta: float = 1.0, metric: str = "l2") -> NaglDetector:
 
 
 @dataclass(frozen=True)
-class PcaDetector:
+class PcaDetector(Detector):
     """Squared reconstruction error of the query from the bank mean and the top ``n`` principal
     axes of the bank (fitted on the bank only; a leave-one-out query refits without its row).
 
@@ -651,14 +653,11 @@ class PcaDetector:
     """
 
     n: int = 8
-    needs: ClassVar[str] = "features"
-    needs_abnormal: ClassVar[bool] = False
     #: memory that one batch of leave-one-out refits may take (bytes)
     refit_bytes: ClassVar[int] = 128 << 20
 
     def __post_init__(self):
-        if not isinstance(self.n, (int, np.integer)) or self.n < 1:
-            raise ValueError(f"pca needs an integer n >= 1 (principal axes), got {self.n!r}")
+        check_int_setting("pca", "n", self.n, 1, " (principal axes)")
 
     @property
     def label(self) -> str:
@@ -667,9 +666,6 @@ class PcaDetector:
     @property
     def family(self) -> str:
         return "pca"
-
-    def prepare(self, features: np.ndarray) -> np.ndarray:
-        return features
 
     def min_bank(self, has_heldout: bool) -> int:
         return self.n + 1 + int(bool(has_heldout))

@@ -925,7 +925,9 @@ def knn_score_bounded(queries, features, bank_index, k: int = 3, *, device="cpu"
     if n_t == 0 or n_q == 0:
         return scores, bounds
     used = np.unique(bi[valid])
+    _check_finite(q, "queries")
     f64 = np.asarray(f[used], dtype=np.float64)
+    _check_finite(f64, "features rows used by a bank")
     centre = f64.mean(axis=0)
     fc = f64 - centre
     qc = np.asarray(q, dtype=np.float64) - centre
@@ -1032,6 +1034,8 @@ def knn_score_batched_bounded(queries, banks, k: int = 3, *, query_mask=None, ba
         low = np.where(qmask, usable, np.iinfo(np.int64).max).min(axis=1)
         raise ValueError(_too_small_message(k, [(int(t), int(low[t])) for t in np.flatnonzero(short.any(axis=1))],
                                             "= real bank rows minus an excluded row"))
+    _check_finite(q, "queries", qmask, ("task", "row"))
+    _check_finite(b, "banks", bmask, ("task", "row"))
     scores = np.full((n_t, n_q), np.nan)
     bounds = np.zeros((n_t, n_q))
     if n_t == 0 or n_q == 0 or not qmask.any():

@@ -35,7 +35,7 @@ import numpy as np
 
 from swsa_store.store import DONE_WRITTEN
 
-from .detectors import register_detector
+from .detectors import Detector, register_detector
 
 _U32 = 2.0 ** -24
 
@@ -80,7 +80,7 @@ def load_patch_features(store_path, name: str, image_ids: np.ndarray | None = No
 
 
 @dataclass(frozen=True)
-class PatchDetector:
+class PatchDetector(Detector):
     """Patch-level residual. ``K`` normal reference images per task (``0`` = the whole bank),
     drawn with ``seed``; ``device`` ("cpu", "cuda") and ``chunk_bytes`` (the size of one block of
     float32 distances) change speed, never the scores."""
@@ -91,7 +91,6 @@ class PatchDetector:
     chunk_bytes: int = field(default=64 << 20, compare=False, repr=False)
 
     needs: ClassVar[str] = "patches"  # the sweep feeds (T, W, P, D) patch tokens, see load_patch_features
-    needs_abnormal: ClassVar[bool] = False
 
     def __post_init__(self):
         if isinstance(self.K, bool) or not isinstance(self.K, (int, np.integer)) or self.K < 0:
@@ -107,10 +106,6 @@ class PatchDetector:
     @property
     def family(self) -> str:
         return "patch"
-
-    def prepare(self, features: np.ndarray) -> np.ndarray:
-        """Patch tokens as compared: unchanged (squared L2 on the stored tokens)."""
-        return features
 
     def min_bank(self, has_heldout: bool) -> int:
         """Usable bank images a task needs: ``K`` (``K + 1`` when held-out normals are in the bank,

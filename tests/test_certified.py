@@ -58,6 +58,17 @@ def test_bounded_scores_validate_their_input():
         knn_score_bounded(np.zeros((2, 4)), features, np.array([[0, 1, -1]]), 3)
     with pytest.raises(ValueError, match="must share D"):
         knn_score_bounded(np.zeros((2, 5)), features, np.array([[0, 1, 2]]), 1)
+    bad = features.copy()
+    bad[1, 2] = np.nan
+    with pytest.raises(ValueError, match="features rows used by a bank contains NaN or inf"):
+        knn_score_bounded(np.zeros((2, 4)), bad, np.array([[0, 1, 2]]), 1)
+    queries = np.zeros((1, 2, 4))
+    queries[0, 1, 0] = np.inf
+    with pytest.raises(ValueError, match="queries contains NaN or inf at task 0, row 1"):
+        knn_score_batched_bounded(queries, np.zeros((1, 3, 4)), 1)
+    # a masked-out query may hold anything
+    scores, _ = knn_score_batched_bounded(queries, np.zeros((1, 3, 4)), 1, query_mask=np.array([[True, False]]))
+    assert scores[0, 0] == 0.0 and np.isnan(scores[0, 1])
 
 
 def _naive_uncertain(scores, bounds, labels):

@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import logging
 import operator
+import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -56,7 +58,8 @@ _U32 = 2.0**-24
 _U64 = 2.0**-53
 _INF = float("inf")
 
-__all__ = ["knn_score", "knn_score_batched", "knn_score_batched_bounded", "knn_score_gathered", "knn_score_bounded"]
+__all__ = ["knn_score", "knn_score_batched", "knn_score_batched_bounded", "knn_score_gathered", "knn_score_bounded",
+           "CentredRows", "centre_rows", "bounded_knn_shared", "bounded_knn_tasks", "exact_knn_candidates"]
 
 
 # --------------------------------------------------------------------------- validation
@@ -876,10 +879,327 @@ def knn_score_gathered(
     return out
 
 
-#: features per float32 partial dot product in :func:`knn_score_bounded`; the partial sums are
-#: added separately, so each product passes through at most ``DOT_CHUNK + D / DOT_CHUNK``
-#: roundings instead of ``D`` and the a priori error bound is ~D/(2·sqrt(D)) times tighter.
+#: features per float32 partial dot product of the bounded kernels; the partial sums are added
+#: separately, so each product passes through at most ``DOT_CHUNK + D / DOT_CHUNK`` roundings
+#: instead of ``D`` and the a priori error bound is that much tighter (see :func:`_score_bounds`).
 DOT_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class CentredRows:
+    """Feature rows prepared for the bounded float32 kernels (:func:`bounded_knn_shared`,
+    :func:`bounded_knn_tasks`): every distance is taken between rows ``fl32(row - centre)``.
+
+    Attributes
+    ----------
+    values : (N, D) float32 tensor; float32 input rows as they are (centred inside the kernels,
+        one exact-up-to-rounding subtraction), float64 input rows already centred in float64.
+    centre : (D,) float32 tensor subtracted from ``values`` (zeros when they are centred).
+    sq_norms : (N,) float64 ``||row - centre||²`` from float64 arithmetic; NaN for rows not prepared.
+    source : (N, D) the input array, for the exact fall-back when float32 is not safe.
+    safe : whether every prepared squared norm lies in float32's safe range.
+    """
+
+    values: torch.Tensor
+    centre: torch.Tensor
+    sq_norms: np.ndarray
+    source: np.ndarray
+    safe: bool
+
+    @property
+    def dim(self) -> int:
+        return int(self.values.shape[1])
+
+    def gather(self, ids: torch.Tensor) -> torch.Tensor:
+        """``fl32(values[ids] - centre)`` for an integer tensor of any shape (-1 → a zero row)."""
+        padding = ids < 0
+        rows = self.values.index_select(0, ids.clamp(min=0).reshape(-1)).sub_(self.centre)
+        rows = rows.view(*ids.shape, self.dim)
+        return rows.masked_fill_(padding[..., None], 0.0) if bool(padding.any()) else rows
+
+
+#: features per float32 partial sum of a squared norm in :func:`centre_rows` (see :func:`_score_bounds`).
+NORM_CHUNK = 32
+
+
+def centre_rows(features: np.ndarray, rows: np.ndarray, centre_on: np.ndarray, *, name: str = "features",
+                device="cpu") -> CentredRows:
+    """Prepare ``features[rows]`` for the bounded kernels, centred on the mean of ``features[centre_on]``.
+
+    ``features`` (N, D) float32 (kept as is: no copy on CPU) or float64 (centred in float64, then
+    rounded).  Centring shrinks the norms the error bound grows with.  Squared norms are those of
+    the float32 centred rows the kernels use, summed in float32 over :data:`NORM_CHUNK` features
+    and in float64 across chunks (relative error below ``γ_40``).  Raises a one-line error naming
+    the first prepared row that holds NaN or inf.
+    """
+    f = _as_real(features, name, 2, "(N, D)")
+    rows = np.unique(np.asarray(rows, dtype=np.int64))
+    centre_on = np.unique(np.asarray(centre_on, dtype=np.int64))
+    dev = _resolve_device(device)
+    n, dim = f.shape
+    centre64 = f[centre_on].astype(np.float64).mean(axis=0) if centre_on.size else np.zeros(dim)
+    if f.dtype == np.float32:
+        centre = torch.from_numpy(centre64.astype(np.float32)).to(dev)
+        with warnings.catch_warnings():  # a read-only input is fine: the kernels never write to it
+            warnings.simplefilter("ignore", UserWarning)
+            values = torch.from_numpy(np.ascontiguousarray(f)).to(dev)
+    else:
+        centre = torch.zeros(dim, dtype=torch.float32, device=dev)
+        values = torch.zeros((n, dim), dtype=torch.float32, device=dev)
+    prepared = CentredRows(values, centre, np.full(n, np.nan), f, True)
+    pad = -dim % NORM_CHUNK
+    per = max(1, (2 << 20) // max(1, 4 * dim))  # blocks that stay in cache: one pass over memory
+    for lo in range(0, rows.size, per):
+        block = rows[lo : lo + per]
+        ids = torch.from_numpy(block).to(dev)
+        if f.dtype != np.float32:
+            with np.errstate(over="ignore", invalid="ignore"):
+                values[ids] = torch.from_numpy((f[block].astype(np.float64) - centre64).astype(np.float32)).to(dev)
+        centred = prepared.gather(ids)
+        if pad:
+            centred = torch.nn.functional.pad(centred, (0, pad))
+        partial = torch.linalg.vector_norm(centred.view(len(block), -1, NORM_CHUNK), dim=-1)
+        prepared.sq_norms[block] = partial.to(torch.float64).square_().sum(-1).cpu().numpy()
+    norms = prepared.sq_norms[rows]
+    finite = np.isfinite(norms)
+    if not finite.all():
+        raw_bad = rows[~finite][~np.isfinite(f[rows[~finite]]).all(axis=1)]
+        if raw_bad.size:
+            raise ValueError(f"{name} row {int(raw_bad[0])} contains NaN or inf ({raw_bad.size} such row(s)); "
+                             "re-embed or drop those rows")
+    return CentredRows(values, centre, prepared.sq_norms, f, bool(finite.all()) and _f32_safe(norms))
+
+
+def bounded_knn_shared(rows: CentredRows, query_ids, bank_ids, k: int = 3, *, block_size: int | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Float32 kNN scores of shared queries against many banks, each with a rigorous error bound.
+
+    Parameters
+    ----------
+    rows : prepared features (:func:`centre_rows`) holding every query and bank row.
+    query_ids : (Q,) row ids of the queries (never in the banks: no leave-one-out).
+    bank_ids : (T, S) row ids of each task's bank, -1 = padding; every task has >= k rows.
+
+    Returns
+    -------
+    scores : (T, Q) float64, the sum of the k smallest squared L2 distances, computed as
+        ``||q||² + ||b||² - 2 q·b`` with the dot products in float32 (one product per query block
+        against the union of the banks, then a gather per task).
+    bounds : (T, Q) float64 with ``|scores - exact| <= bounds``, ``exact`` the brute-force float64
+        score.  Where float32 is not safe for these rows the scores are exact and the bounds 0.
+    """
+    query_ids = np.asarray(query_ids, dtype=np.int64)
+    bank_ids = np.asarray(bank_ids, dtype=np.int64)
+    n_t, s = bank_ids.shape
+    n_q = query_ids.size
+    valid = bank_ids >= 0
+    scores = np.empty((n_t, n_q))
+    bounds = np.zeros((n_t, n_q))
+    if n_t == 0 or n_q == 0:
+        return scores, bounds
+    if not rows.safe:
+        return knn_score_gathered(rows.source[query_ids], rows.source, bank_ids, k, precision="float64"), bounds
+    dev = rows.values.device
+    used = np.unique(bank_ids[valid])
+    n_u, dim = used.size, rows.dim
+    local = np.full((n_t, s), n_u, dtype=np.int64)
+    local[valid] = np.searchsorted(used, bank_ids[valid])
+    direct = n_t * s <= 1.25 * n_u
+    cols = torch.from_numpy(local.T.reshape(-1)).to(dev)  # slot-major: (S*T,)
+    bank = torch.zeros((n_u + 1, dim), dtype=torch.float32, device=dev)  # last row: padding, never a neighbour
+    bank[:n_u] = rows.gather(torch.from_numpy(used).to(dev))
+    norms = torch.from_numpy(np.append(rows.sq_norms[used], _INF).astype(np.float32)).to(dev)
+    if direct:
+        bank, norms = bank[cols], norms[cols]
+    n_cols = bank.shape[0]
+    bank_t = bank.T.contiguous()  # (D, n_cols): each DOT_CHUNK slice of rows is one operand
+    del bank
+    per_query = 4 * (2 * n_cols + n_t * s * (0 if direct else 1) + dim) + 16 * n_t * k
+    qb = block_size or max(1, min(n_q, int(BLOCK_BYTES // per_query)))
+    nq = rows.sq_norms[query_ids]
+    nq_t = torch.from_numpy(nq.astype(np.float32)).to(dev)
+    q_ids = torch.from_numpy(query_ids).to(dev)
+    for q0 in range(0, n_q, qb):
+        q1 = min(n_q, q0 + qb)
+        block = rows.gather(q_ids[q0:q1])
+        dot = block[:, :DOT_CHUNK] @ bank_t[:DOT_CHUNK]
+        part = torch.empty_like(dot) if dim > DOT_CHUNK else None
+        for lo in range(DOT_CHUNK, dim, DOT_CHUNK):  # fresh product per slice, added after
+            dot.add_(torch.mm(block[:, lo : lo + DOT_CHUNK], bank_t[lo : lo + DOT_CHUNK], out=part))
+        dist = dot.mul_(-2.0).add_(norms[None, :]).add_(nq_t[q0:q1, None])
+        g = dist.view(q1 - q0, s, n_t) if direct else dist.index_select(1, cols).view(q1 - q0, s, n_t)
+        del dot, dist, part
+        scores[:, q0:q1] = _k_smallest_mid(g, k).to(torch.float64).sum(-1).T.cpu().numpy()
+    max_nb = np.where(valid, rows.sq_norms[np.maximum(bank_ids, 0)], 0.0).max(axis=1)
+    bounds[:] = _score_bounds(k, dim, nq[None, :], max_nb[:, None], scores, _matmul_input_roundoff(dev))
+    return scores, bounds
+
+
+def bounded_knn_tasks(rows: CentredRows, query_ids, bank_ids, k: int = 3, *, exclude=None,
+                      block_bytes: int = BLOCK_BYTES) -> tuple[np.ndarray, np.ndarray]:
+    """Float32 kNN scores of per-task queries against per-task banks, each with an error bound.
+
+    Parameters
+    ----------
+    rows : prepared features (:func:`centre_rows`) holding every query and bank row.
+    query_ids : (T, W) row ids, -1 = padding (its score is NaN, its bound 0).
+    bank_ids : (T, S) row ids, -1 = padding; every task with a query has >= k usable rows.
+    exclude : (T, W) position in the task's bank of a row each query must not count (leave-one-out), or -1.
+
+    Returns ``scores`` (T, W) float64 and ``bounds`` (T, W) with ``|scores - exact| <= bounds``
+    (see :func:`bounded_knn_shared`); chunks of tasks keep memory under ``block_bytes``.
+    """
+    query_ids = np.asarray(query_ids, dtype=np.int64)
+    bank_ids = np.asarray(bank_ids, dtype=np.int64)
+    n_t, n_w = query_ids.shape
+    s = bank_ids.shape[1]
+    scores = np.full((n_t, n_w), np.nan)
+    bounds = np.zeros((n_t, n_w))
+    present = query_ids >= 0
+    if n_t == 0 or n_w == 0 or not present.any():
+        return scores, bounds
+    excl = np.full((n_t, n_w), -1, dtype=np.int64) if exclude is None else np.asarray(exclude, dtype=np.int64)
+    if not rows.safe:
+        scores[:] = knn_score_batched(rows.source[np.maximum(query_ids, 0)], rows.source[np.maximum(bank_ids, 0)], k,
+                                      query_mask=present, bank_mask=bank_ids >= 0, exclude=excl, precision="float64")
+        return scores, bounds
+    dim = rows.dim
+    u_in = _matmul_input_roundoff(rows.values.device)
+    for tasks, cols, _, dist, nq, max_nb in _task_distances(rows, query_ids, bank_ids, excl, block_bytes):
+        smallest = torch.topk(dist, k, dim=2, largest=False, sorted=False).values.to(torch.float64).sum(-1).cpu().numpy()
+        del dist
+        mine = present[tasks[:, None], cols]
+        scores[tasks[:, None], cols] = np.where(mine, smallest, np.nan)
+        bounds[tasks[:, None], cols] = np.where(mine, _score_bounds(k, dim, nq, max_nb, np.nan_to_num(smallest), u_in), 0.0)
+    return scores, bounds
+
+
+def _task_chunks(n_queries: np.ndarray, n_bank: np.ndarray, dim: int, block_bytes: int) -> list[np.ndarray]:
+    """Tasks grouped into chunks of similar size (sorted by query count) whose trimmed float32
+    operands and distance block fit ``block_bytes``."""
+    order = np.lexsort((n_bank, n_queries))
+    chunks, current, top_w, top_s = [], [], 0, 0
+    for t in order:
+        w, s = max(top_w, int(n_queries[t])), max(top_s, int(n_bank[t]))
+        if current and (len(current) + 1) * (8 * dim * (w + s) + 12 * w * s) > block_bytes:
+            chunks.append(np.array(current))
+            current, w, s = [], int(n_queries[t]), int(n_bank[t])
+        current.append(t)
+        top_w, top_s = w, s
+    if current:
+        chunks.append(np.array(current))
+    return chunks
+
+
+def _task_distances(rows: CentredRows, query_ids: np.ndarray, bank_ids: np.ndarray, excl: np.ndarray, block_bytes: int):
+    """Yield ``(tasks, cols, bank_cols, dist, nq, max_nb)`` per chunk of tasks.
+
+    Each task's queries and bank rows are packed to the front (padding removed) and tasks of
+    similar size share a chunk, so no product is spent on padding beyond the chunk's largest
+    task.  ``tasks`` (t,) rows of the input; ``cols`` (t, W') and ``bank_cols`` (t, S') the input
+    columns of the packed queries and bank rows; ``dist`` (t, W', S') float32 squared distances
+    of the bounded kernels (+inf for padding and excluded rows); ``nq`` (t, W') the queries'
+    squared norms; ``max_nb`` (t, 1) each task's largest bank squared norm.
+    """
+    dev = rows.values.device
+    present = query_ids >= 0
+    in_bank = bank_ids >= 0
+    q_order = np.argsort(~present, axis=1, kind="stable")
+    b_order = np.argsort(~in_bank, axis=1, kind="stable")
+    b_position = np.argsort(b_order, axis=1)  # input bank column → packed column
+    packed_excl = np.where(excl >= 0, np.take_along_axis(b_position, np.maximum(excl, 0), axis=1), -1)
+    n_present, n_bank = present.sum(axis=1), in_bank.sum(axis=1)
+    for tasks in _task_chunks(n_present, n_bank, rows.dim, block_bytes):
+        w, s = int(n_present[tasks].max()), int(n_bank[tasks].max())
+        if w == 0:
+            continue
+        cols, bank_cols = q_order[tasks, :w], b_order[tasks, :s]
+        q_ids = query_ids[tasks[:, None], cols]
+        b_ids = bank_ids[tasks[:, None], bank_cols]
+        q32 = rows.gather(torch.from_numpy(q_ids).to(dev))
+        b32 = rows.gather(torch.from_numpy(b_ids).to(dev))
+        dist = _chunked_dots(q32, b32).mul_(-2.0)
+        del q32, b32
+        nb = np.where(b_ids >= 0, rows.sq_norms[np.maximum(b_ids, 0)], _INF)
+        nq = np.where(q_ids >= 0, rows.sq_norms[np.maximum(q_ids, 0)], 0.0)
+        dist.add_(torch.from_numpy(nb.astype(np.float32)).to(dev)[:, None, :])
+        dist.add_(torch.from_numpy(nq.astype(np.float32)).to(dev)[:, :, None])
+        ex = packed_excl[tasks[:, None], cols]
+        ti, wi = np.nonzero((ex >= 0) & (ex < s) & (q_ids >= 0))
+        if ti.size:
+            dist[torch.from_numpy(ti).to(dev), torch.from_numpy(wi).to(dev), torch.from_numpy(ex[ti, wi]).to(dev)] = _INF
+        max_nb = np.where(b_ids >= 0, nb, 0.0).max(axis=1, initial=0.0)[:, None]
+        yield tasks, cols, bank_cols, dist, nq, max_nb
+
+
+def exact_knn_candidates(rows: CentredRows, query_ids, bank_ids, k: int, *, exclude=None, extra: int = EXTRA_CANDIDATES,
+                         block_bytes: int = BLOCK_BYTES) -> tuple[np.ndarray, np.ndarray]:
+    """Exact kNN scores of per-task queries from float32 candidates, certified one by one.
+
+    The ``k + extra`` nearest bank rows by the float32 distances of :func:`bounded_knn_tasks`
+    are the candidates; their distances are recomputed in float64 from the input rows
+    (``((q - b) ** 2).sum()``, as brute force does) and the ``k`` smallest summed.  The score is
+    exact when no other row can be closer than the ``k``-th exact candidate distance: the
+    next float32 distance minus its error bound is not below it.
+
+    Parameters as :func:`bounded_knn_tasks`.  Returns ``scores`` (T, W) float64 (NaN for padding)
+    and ``certified`` (T, W) bool (True for padding); uncertified scores need the full
+    computation (rare: near-duplicate bank rows).  Float32 must be safe for ``rows``.
+    """
+    query_ids = np.asarray(query_ids, dtype=np.int64)
+    bank_ids = np.asarray(bank_ids, dtype=np.int64)
+    n_t, n_w = query_ids.shape
+    s = bank_ids.shape[1]
+    present = query_ids >= 0
+    scores = np.full((n_t, n_w), np.nan)
+    certified = ~present
+    if not present.any():
+        return scores, certified
+    if not rows.safe:
+        raise ValueError("exact_knn_candidates needs rows that are safe in float32 (rows.safe); use knn_score_batched")
+    excl = np.full((n_t, n_w), -1, dtype=np.int64) if exclude is None else np.asarray(exclude, dtype=np.int64)
+    m = min(k + extra, s)
+    dim = rows.dim
+    u_in = _matmul_input_roundoff(rows.values.device)
+    for tasks, cols, bank_cols, dist, nq, max_nb in _task_distances(rows, query_ids, bank_ids, excl, block_bytes):
+        width = dist.shape[2]
+        ranked = torch.topk(dist, min(m + 1, width), dim=2, largest=False, sorted=True)
+        del dist
+        values = ranked.values.to(torch.float64).cpu().numpy()
+        positions = ranked.indices[..., :m].cpu().numpy()
+        boundary = values[..., m] if m < width else np.full(values.shape[:2], _INF)
+        tt, ww = np.nonzero(query_ids[tasks[:, None], cols] >= 0)
+        cand_ids = bank_ids[tasks[tt, None], bank_cols[tt[:, None], positions[tt, ww]]]  # (n, m')
+        usable = np.isfinite(values[tt, ww, : positions.shape[2]])  # padding / excluded rows are +inf
+        exact = _exact_distances(rows, query_ids[tasks[tt], cols[tt, ww]], cand_ids, usable, block_bytes)
+        exact.sort(axis=1)
+        error = _score_bounds(1, dim, nq[tt, ww], max_nb[tt, 0], 0.0, u_in)  # one distance's bound
+        scores[tasks[tt], cols[tt, ww]] = exact[:, :k].sum(axis=1)
+        certified[tasks[tt], cols[tt, ww]] = boundary[tt, ww] - error >= exact[:, k - 1]
+    return scores, certified
+
+
+def _exact_distances(rows: CentredRows, query_ids: np.ndarray, candidate_ids: np.ndarray, usable: np.ndarray,
+                     block_bytes: int) -> np.ndarray:
+    """(n, m) float64 squared distances ``((q - b) ** 2).sum()`` from the input rows (+inf where not usable)."""
+    n, m = candidate_ids.shape
+    out = np.full((n, m), _INF)
+    # small blocks: the float64 temporaries stay in cache and their memory is reused
+    per = max(1, min(int(block_bytes // max(1, 16 * rows.dim * (m + 1))), (8 << 20) // max(1, 8 * rows.dim * m)))
+    raw = rows.source.dtype == np.float32  # rows.values are the input rows themselves
+    dev = rows.values.device
+    for lo in range(0, n, per):
+        hi = min(n, lo + per)
+        if raw:
+            q = rows.values.index_select(0, torch.from_numpy(query_ids[lo:hi]).to(dev)).double()
+            b = rows.values.index_select(0, torch.from_numpy(np.maximum(candidate_ids[lo:hi], 0).reshape(-1)).to(dev))
+            diff = torch.sub(b.view(hi - lo, m, -1), q[:, None, :])  # float64: the difference of float32 rows is exact
+            dist = torch.linalg.vector_norm(diff, dim=-1).square_().cpu().numpy()
+        else:
+            diff = rows.source[np.maximum(candidate_ids[lo:hi], 0)].astype(np.float64) - rows.source[query_ids[lo:hi], None, :]
+            dist = np.einsum("nmd,nmd->nm", diff, diff)
+        out[lo:hi] = np.where(usable[lo:hi], dist, _INF)
+    return out
 
 
 def knn_score_bounded(queries, features, bank_index, k: int = 3, *, device="cpu", block_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -888,7 +1208,8 @@ def knn_score_bounded(queries, features, bank_index, k: int = 3, *, device="cpu"
     The float32 form of :func:`knn_score_gathered` without its exact refinement: for rank
     statistics (AUROC) most scores need no more, and the caller refines only the scores whose
     bound makes an order uncertain (``swsa_engine.sweep``).  Queries are never in the banks
-    (no leave-one-out).
+    (no leave-one-out).  Validates its input, then runs :func:`bounded_knn_shared` on rows
+    centred on the banks' mean.
 
     Parameters
     ----------
@@ -898,15 +1219,10 @@ def knn_score_bounded(queries, features, bank_index, k: int = 3, *, device="cpu"
 
     Returns
     -------
-    scores : (T, Q) float64, the sum of the k smallest squared L2 distances, computed as
-        ``||q||² + ||b||² - 2 q·b`` with the dot products in float32.
-    bounds : (T, Q) float64 with ``|scores - exact| <= bounds``, ``exact`` the brute-force float64
-        score.  Rows are centred on the banks' mean (in float64) and their norms taken in float64
-        before rounding to float32, and the dot products are summed in chunks of
-        :data:`DOT_CHUNK` features, so the bound is ``≈ 2 k γ_h ||q|| max||b||`` with
-        ``h = DOT_CHUNK + D / DOT_CHUNK`` (Higham's ``γ_h = h u / (1 - h u)`` holds for any
-        summation order inside a BLAS kernel).  Where features are outside float32's safe range
-        the scores are exact and the bounds 0.
+    scores : (T, Q) float64; bounds : (T, Q) float64 with ``|scores - exact| <= bounds``:
+        ``≈ 2 k γ_h ||q|| max||b||`` with ``h = DOT_CHUNK + D / DOT_CHUNK`` (Higham's
+        ``γ_h = h u / (1 - h u)`` holds for any summation order inside a BLAS kernel), plus the
+        rounding of the centred rows and their norms to float32.
     """
     k = _check_k(k)
     q = _as_real(queries, "queries", 2, "(Q, D)")
@@ -914,96 +1230,56 @@ def knn_score_bounded(queries, features, bank_index, k: int = 3, *, device="cpu"
     if np.ndim(bank_index) != 2 or q.shape[1] != f.shape[1]:
         raise ValueError(f"bank_index must be (T, S) and queries/features must share D; got {np.shape(bank_index)}, {q.shape}, {f.shape}")
     bi = _as_index(bank_index, "bank_index", np.shape(bank_index), "(T, S)", high=f.shape[0], what="a row of features")
-    n_t, s = bi.shape
-    n_q, dim = q.shape
     valid = bi >= 0
     short = np.flatnonzero(valid.sum(axis=1) < k)
     if short.size:
         raise ValueError(_too_small_message(k, [(int(t), int(valid[t].sum())) for t in short], "= bank rows"))
-    scores = np.empty((n_t, n_q))
-    bounds = np.zeros((n_t, n_q))
-    if n_t == 0 or n_q == 0:
-        return scores, bounds
+    block_size = _check_block(block_size)
+    if bi.shape[0] == 0 or q.shape[0] == 0:
+        return np.empty((bi.shape[0], q.shape[0])), np.zeros((bi.shape[0], q.shape[0]))
     used = np.unique(bi[valid])
     _check_finite(q, "queries")
-    f64 = np.asarray(f[used], dtype=np.float64)
-    _check_finite(f64, "features rows used by a bank")
-    centre = f64.mean(axis=0)
-    fc = f64 - centre
-    qc = np.asarray(q, dtype=np.float64) - centre
-    nq = _sq_norms(qc, "queries")
-    nf = _sq_norms(fc, "features")
-    if not _f32_safe(nq, nf):
-        return knn_score_gathered(queries, features, bank_index, k, device=device, precision="float64"), bounds
-    dev = _resolve_device(device)
-    n_u = used.size
-    local = np.full((n_t, s), n_u, dtype=np.int64)
-    local[valid] = np.searchsorted(used, bi[valid])
-    direct = n_t * s <= 1.25 * n_u
-    cols = torch.from_numpy(local.T.reshape(-1)).to(dev)  # slot-major: (S*T,)
-    n_chunks = -(-dim // DOT_CHUNK)
-    width = n_chunks * DOT_CHUNK if n_chunks > 1 else dim
-    bank = np.zeros((n_u + 1, width), dtype=np.float32)  # last row: padding slot, never a neighbour
-    bank[:n_u, :dim] = fc
-    bank_t = torch.from_numpy(bank).to(dev)
-    norms = torch.from_numpy(np.append(nf, _INF).astype(np.float32)).to(dev)
-    if direct:
-        bank_t, norms = bank_t[cols], norms[cols]
-    n_cols = bank_t.shape[0]
-    bank_chunks = bank_t.T.reshape(n_chunks, width // n_chunks, n_cols).contiguous()  # (P, c, n_cols)
-    del bank_t
-    per_query = 4 * (n_cols * (n_chunks + 1) + n_t * s * (0 if direct else 1)) + 16 * n_t * k
-    qb = block_size or max(1, min(n_q, int(BLOCK_BYTES // per_query)))
-    queries32 = np.zeros((n_q, width), dtype=np.float32)
-    queries32[:, :dim] = qc
-    q_t = torch.from_numpy(queries32).to(dev)
-    nq_t = torch.from_numpy(nq.astype(np.float32)).to(dev)
-    for q0 in range(0, n_q, qb):
-        q1 = min(n_q, q0 + qb)
-        q_chunks = q_t[q0:q1].reshape(q1 - q0, n_chunks, -1).transpose(0, 1)  # (P, Qb, c)
-        dot = torch.bmm(q_chunks, bank_chunks).sum(0) if n_chunks > 1 else q_chunks[0] @ bank_chunks[0]
-        dist = dot.mul_(-2.0).add_(norms[None, :]).add_(nq_t[q0:q1, None])
-        g = dist.view(q1 - q0, s, n_t) if direct else dist.index_select(1, cols).view(q1 - q0, s, n_t)
-        del dot, dist
-        scores[:, q0:q1] = _k_smallest_mid(g, k).to(torch.float64).sum(-1).T.cpu().numpy()
-    max_nf = np.where(valid, np.append(nf, 0.0)[local], 0.0).max(axis=1)
-    bounds[:] = _score_bounds(k, dim, nq[None, :], max_nf[:, None], scores, _matmul_input_roundoff(dev))
-    return scores, bounds
+    _check_finite(f[used], "features rows used by a bank")
+    dtype = np.result_type(q.dtype, f.dtype, np.float32)
+    stacked = np.concatenate([f[used].astype(dtype, copy=False), q.astype(dtype, copy=False)])
+    local = np.where(valid, np.searchsorted(used, np.maximum(bi, 0)), -1)
+    rows = centre_rows(stacked, np.arange(len(stacked)), np.arange(used.size), device=device)
+    return bounded_knn_shared(rows, used.size + np.arange(q.shape[0]), local, k, block_size=block_size)
 
 
 def _score_bounds(k: int, dim: int, nq: np.ndarray, max_nb: np.ndarray, scores: np.ndarray, u_in: float = 0.0) -> np.ndarray:
     """Bound on ``|score - exact|`` for the chunked float32 expanded form (broadcasting arrays).
 
-    Per distance: the dot product (``γ_h``, ``h`` roundings per product) and the rounding of the
-    inputs to float32 (``2u``) on ``2 ||q|| ||b||``; the norms rounded to float32 and the two
-    additions (``3u``); the float64 centring (a few ``u64``).  Times ``k`` for the sum of the
-    ``k`` smallest (each order statistic moves by at most the largest error), plus its float64 sum.
-    ``u_in``: the rounding of the inputs inside the product (TF32 on CUDA, see
-    :func:`_matmul_input_roundoff`).
+    The kernels compute exactly with the float32 centred rows ``x' = fl32(x - c)``; per distance:
+    the dot product of ``x'`` rows (``γ_h``, ``h`` roundings per product, on ``2 ||q|| ||b||``);
+    their squared norms (``γ_40``, :func:`centre_rows`); the norms rounded to float32 and the two
+    additions (``3u``); and the distance between the ``x'`` rows against the one between the
+    exact centred rows (``|x' - x| <= u |x|`` elementwise: ``2u (||q|| + ||b||)²``).  Times ``k``
+    for the sum of the ``k`` smallest (each order statistic moves by at most the largest error),
+    plus its float64 sum.  ``u_in``: the rounding of the inputs inside the product (TF32 on
+    CUDA, see :func:`_matmul_input_roundoff`).
     """
     n_chunks = -(-dim // DOT_CHUNK)
     depth = (DOT_CHUNK + n_chunks + 1) if n_chunks > 1 else dim + 1
     u = _U32
     gamma = depth * u / (1.0 - depth * u)
+    gamma_norm = 40 * u / (1.0 - 40 * u)
     cross = 2.0 * np.sqrt(nq * max_nb)
-    per_distance = (gamma + 2.1 * u + 2.02 * u_in) * cross + (3.1 * u + 8 * _U64) * (nq + max_nb + cross)
+    per_distance = ((gamma + 2.02 * u_in) * cross + gamma_norm * (nq + max_nb)
+                    + (5.2 * u + 8 * _U64) * (nq + max_nb + cross))
     return 1.01 * k * per_distance + 4.0 * k * _U64 * np.abs(scores)
 
 
 def _chunked_dots(q: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(B, W, D) · (B, S, D) → (B, W, S) float32 dot products summed over :data:`DOT_CHUNK`-feature
-    chunks separately, then across chunks (see :func:`_score_bounds`)."""
-    n_b, n_w, dim = q.shape
-    n_chunks = -(-dim // DOT_CHUNK)
-    if n_chunks == 1:
-        return torch.bmm(q, b.transpose(1, 2))
-    width = n_chunks * DOT_CHUNK
-    if width != dim:
-        q = torch.nn.functional.pad(q, (0, width - dim))
-        b = torch.nn.functional.pad(b, (0, width - dim))
-    qs = q.reshape(n_b, n_w, n_chunks, DOT_CHUNK).transpose(1, 2).reshape(n_b * n_chunks, n_w, DOT_CHUNK)
-    bs = b.reshape(n_b, -1, n_chunks, DOT_CHUNK).transpose(1, 2).reshape(n_b * n_chunks, -1, DOT_CHUNK)
-    return torch.bmm(qs, bs.transpose(1, 2)).view(n_b, n_chunks, n_w, -1).sum(1)
+    """(B, W, D) · (B, S, D) → (B, W, S) float32 dot products: one fresh product per
+    :data:`DOT_CHUNK`-feature slice (strided views, no copies), the slices' results added one
+    after another, so each product passes through at most ``DOT_CHUNK + D / DOT_CHUNK`` roundings
+    (see :func:`_score_bounds`)."""
+    dim = q.shape[-1]
+    out = torch.bmm(q[..., :DOT_CHUNK], b[..., :DOT_CHUNK].transpose(1, 2))
+    for lo in range(DOT_CHUNK, dim, DOT_CHUNK):
+        out.add_(torch.bmm(q[..., lo : lo + DOT_CHUNK], b[..., lo : lo + DOT_CHUNK].transpose(1, 2)))
+    return out
 
 
 def knn_score_batched_bounded(queries, banks, k: int = 3, *, query_mask=None, bank_mask=None, exclude=None,
@@ -1012,8 +1288,8 @@ def knn_score_batched_bounded(queries, banks, k: int = 3, *, query_mask=None, ba
 
     The bounded form of :func:`knn_score_batched` (same parameters, leave-one-out included):
     returns ``scores`` (T, Q) float64 (NaN where ``query_mask`` is False) and ``bounds`` (T, Q)
-    with ``|scores - exact| <= bounds`` (0 where masked).  Each task's rows are centred on its
-    bank's mean in float64 first; see :func:`knn_score_bounded` for the error model.
+    with ``|scores - exact| <= bounds`` (0 where masked).  Validates its input, then runs
+    :func:`bounded_knn_tasks` on rows centred on the mean of all banks; ``block_size`` tasks per chunk.
     """
     k = _check_k(k)
     q = _as_real(queries, "queries", 3, "(T, Q, D)")
@@ -1024,6 +1300,7 @@ def knn_score_batched_bounded(queries, banks, k: int = 3, *, query_mask=None, ba
     s = b.shape[1]
     qmask = _as_mask(query_mask, "query_mask", (n_t, n_q), "(T, Q)")
     bmask = _as_mask(bank_mask, "bank_mask", (n_t, s), "(T, S)")
+    block_size = _check_block(block_size)
     excl = np.full((n_t, n_q), -1, dtype=np.int64)
     if exclude is not None:
         excl = _as_index(exclude, "exclude", (n_t, n_q), "(T, Q)", high=s, what="a row of that task's bank")
@@ -1036,44 +1313,16 @@ def knn_score_batched_bounded(queries, banks, k: int = 3, *, query_mask=None, ba
                                             "= real bank rows minus an excluded row"))
     _check_finite(q, "queries", qmask, ("task", "row"))
     _check_finite(b, "banks", bmask, ("task", "row"))
-    scores = np.full((n_t, n_q), np.nan)
-    bounds = np.zeros((n_t, n_q))
     if n_t == 0 or n_q == 0 or not qmask.any():
-        return scores, bounds
-    dev = _resolve_device(device)
-    n_chunks = -(-dim // DOT_CHUNK)
-    per_task = 8 * dim * (n_q + s) * 2 + 4 * n_q * s * (n_chunks + 2)
-    tc = block_size or max(1, int(BLOCK_BYTES // per_task))
-    for t0 in range(0, n_t, tc):
-        t1 = min(n_t, t0 + tc)
-        qm, bm = qmask[t0:t1], bmask[t0:t1]
-        if not qm.any():
-            continue
-        b64 = np.where(bm[..., None], b[t0:t1], 0.0)
-        centre = b64.sum(axis=1) / np.maximum(bm.sum(axis=1), 1)[:, None]
-        b64 = np.where(bm[..., None], b64 - centre[:, None, :], 0.0)
-        q64 = np.where(qm[..., None], q[t0:t1] - centre[:, None, :], 0.0)
-        nb = _sq_norms(b64, "banks")
-        nq = _sq_norms(q64, "queries")
-        if not _f32_safe(nq, nb):
-            exact = knn_score_batched(q[t0:t1], b[t0:t1], k, query_mask=qm, bank_mask=bm, exclude=excl[t0:t1],
-                                      device=device, precision="float64")
-            scores[t0:t1] = exact
-            continue
-        q32 = torch.from_numpy(q64.astype(np.float32)).to(dev)
-        b32 = torch.from_numpy(b64.astype(np.float32)).to(dev)
-        nb32 = torch.from_numpy(np.where(bm, nb, np.inf).astype(np.float32)).to(dev)
-        dist = _chunked_dots(q32, b32).mul_(-2.0).add_(nb32[:, None, :]).add_(torch.from_numpy(nq.astype(np.float32)).to(dev)[:, :, None])
-        ex = torch.from_numpy(excl[t0:t1]).to(dev)
-        hit = ex >= 0
-        if bool(hit.any()):
-            ti, wi = torch.nonzero(hit, as_tuple=True)
-            dist[ti, wi, ex[ti, wi]] = _INF
-        smallest = torch.topk(dist, k, dim=2, largest=False, sorted=False).values.to(torch.float64).sum(-1).cpu().numpy()
-        scores[t0:t1] = np.where(qm, smallest, np.nan)
-        max_nb = nb.max(axis=1, initial=0.0)[:, None]
-        bounds[t0:t1] = np.where(qm, _score_bounds(k, dim, nq, max_nb, np.nan_to_num(smallest), _matmul_input_roundoff(dev)), 0.0)
-    return scores, bounds
+        return np.full((n_t, n_q), np.nan), np.zeros((n_t, n_q))
+    dtype = np.result_type(q.dtype, b.dtype, np.float32)
+    stacked = np.concatenate([b.reshape(-1, dim).astype(dtype, copy=False), q.reshape(-1, dim).astype(dtype, copy=False)])
+    bank_ids = np.where(bmask, np.arange(n_t * s).reshape(n_t, s), -1)
+    query_ids = np.where(qmask, n_t * s + np.arange(n_t * n_q).reshape(n_t, n_q), -1)
+    rows = centre_rows(stacked, np.r_[bank_ids[bmask], query_ids[qmask]], bank_ids[bmask], device=device)
+    per_task = 4 * dim * (n_q + s) * 2 + 4 * n_q * s * 3
+    budget = BLOCK_BYTES if block_size is None else block_size * per_task
+    return bounded_knn_tasks(rows, query_ids, bank_ids, k, exclude=excl, block_bytes=budget)
 
 
 def _k_smallest_mid(g: torch.Tensor, k: int) -> torch.Tensor:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from swsa_store.references import REFERENCES_TABLE, read_references
 
 from .detectors import KnnDetector, candidate_name, parse_detector
-from .knn import knn_score_batched, knn_score_batched_bounded, knn_score_bounded
+from .knn import bounded_knn_shared, bounded_knn_tasks, centre_rows, exact_knn_candidates, knn_score_batched
 from .loader import TaskGroup, build_task_groups
 from .metrics import UndefinedMetricWarning, auroc
 
@@ -262,8 +262,13 @@ def score_group(
     if rows.size == 0:
         return out
     support = support[rows]
-    # ---- real validation
+    heldout = heldout[rows]
+    queries, widths = synthetic_queries(group, rows, sources, keep)
     real_ok = usable[group.real_ids]
+    # one centre and one float64 norm per row for every kernel call of this group
+    prepared = centre_rows(features, np.r_[support[support >= 0], group.real_ids[real_ok], queries[queries >= 0]],
+                           support[support >= 0], device=device)
+    # ---- real validation
     member = (group.real_label[rows] >= 0) & real_ok[None, :]
     union = np.unique(support[support >= 0])
     real_scores = np.full((len(rows), len(group.real_ids)), np.nan)
@@ -273,36 +278,33 @@ def score_group(
     if dense_cost <= sparse_cost:
         # tasks share their real validation images (one-vs-rest over classes): one distance
         # block of every query against the union of the banks, gathered per task
-        bank_index = np.where(support >= 0, np.searchsorted(union, np.maximum(support, 0)), -1)
         query_ids = group.real_ids[real_ok]
-        approx, bounds = knn_score_bounded(features[query_ids], features[union], bank_index, k=k, device=device)
+        approx, bounds = bounded_knn_shared(prepared, query_ids, support, k)
         out["knn_flops"] += 2.0 * dense_cost * features.shape[1]
         labels = np.where(member[:, real_ok], group.real_label[rows][:, real_ok], -1)
         uncertain = order_uncertain(approx, bounds, labels)
-        queries = np.broadcast_to(query_ids, approx.shape)
-        refined += _refine(features, queries, support, None, approx, uncertain, k, device, chunk_bytes, out)
+        every_task = np.broadcast_to(query_ids, approx.shape)
+        refined += _refine(features, prepared, every_task, support, None, approx, uncertain, k, device, chunk_bytes, out)
         real_scores[:, real_ok] = approx
     else:
         # each task has its own real images (a product's test set): per-task queries
         order = np.argsort(~member, axis=1, kind="stable")[:, : int(member.sum(axis=1).max(initial=0))]
         present = np.take_along_axis(member, order, axis=1)
         own_queries = np.where(present, group.real_ids[order], -1)
-        scores, bounds = _batched_knn(features, own_queries, support, None, k, device, chunk_bytes, out)
+        scores, bounds = _batched_knn(prepared, own_queries, support, None, k, device, chunk_bytes, out)
         labels = np.where(present, np.take_along_axis(group.real_label[rows], order, axis=1), -1)
-        refined += _refine(features, own_queries, support, None, scores, order_uncertain(scores, bounds, labels),
+        refined += _refine(features, prepared, own_queries, support, None, scores, order_uncertain(scores, bounds, labels),
                            k, device, chunk_bytes, out)
         np.put_along_axis(real_scores, order, np.where(present, scores, np.nan), axis=1)
         real_scores[~member] = np.nan
     # ---- synthetic validation: per-task queries (held-out normals + each source's anomalies)
-    heldout = heldout[rows]
-    queries, widths = synthetic_queries(group, rows, sources, keep)
     # the held-out normal's own bank row is left out (leave-one-out)
     exclude = np.full(queries.shape, -1, dtype=np.int64)
     match = (heldout[:, :, None] == support[:, None, :]) & (heldout[:, :, None] >= 0)
     exclude[:, : widths[0]] = np.where(match.any(axis=2), match.argmax(axis=2), -1)
-    synth_scores, synth_bounds = _batched_knn(features, queries, support, exclude, k, device, chunk_bytes, out)
+    synth_scores, synth_bounds = _batched_knn(prepared, queries, support, exclude, k, device, chunk_bytes, out)
     uncertain = synthetic_uncertain(synth_scores, synth_bounds, queries >= 0, widths, hardest)
-    refined += _refine(features, queries, support, exclude, synth_scores, uncertain, k, device, chunk_bytes, out)
+    refined += _refine(features, prepared, queries, support, exclude, synth_scores, uncertain, k, device, chunk_bytes, out)
     out["refined_scores"] = refined
     aurocs = validation_aurocs(group, rows, real_scores, queries, synth_scores, widths, sources, hardest)
     for key in ("real", "synthetic", "per_class"):
@@ -314,15 +316,19 @@ def _batched_knn(features, queries, support, exclude, k, device, chunk_bytes, ou
     """kNN scores of per-task queries ``(T, W)`` (image ids, -1 padded) against per-task banks
     ``(T, S)``, in chunks of tasks that bound memory; NaN for padding.
 
-    Returns ``(scores, bounds)`` (T, W) from the float32 form with error bounds
-    (:func:`~swsa_engine.knn.knn_score_batched_bounded`), or, with ``exact``, exact scores and
-    zero bounds.  Adds the floating-point operations to ``out["knn_flops"]``.
+    ``features``: the prepared rows (:class:`~swsa_engine.knn.CentredRows`) → ``(scores, bounds)``
+    (T, W) from the float32 kernel with error bounds (:func:`~swsa_engine.knn.bounded_knn_tasks`);
+    with ``exact``, the (N, D) array → exact scores and zero bounds.  Adds the floating-point
+    operations to ``out["knn_flops"]``.
     """
-    dim = features.shape[1]
     scores = np.full(queries.shape, np.nan)
     bounds = np.zeros(queries.shape)
     if queries.shape[1] == 0 or len(queries) == 0:
         return scores, bounds
+    if not exact:
+        out["knn_flops"] += 2.0 * (queries >= 0).sum() * support.shape[1] * features.dim
+        return bounded_knn_tasks(features, queries, support, k, exclude=exclude, block_bytes=chunk_bytes)
+    dim = features.shape[1]
     per_task_bytes = max(1, (queries.shape[1] + support.shape[1]) * dim * 4 * 3)
     chunk = max(1, chunk_bytes // per_task_bytes)
     for lo in range(0, len(queries), chunk):
@@ -332,15 +338,24 @@ def _batched_knn(features, queries, support, exclude, k, device, chunk_bytes, ou
         args = (_features_for(features, q_ids), _features_for(features, b_ids))
         kwargs = dict(k=k, query_mask=q_ids >= 0, bank_mask=b_ids >= 0,
                       exclude=None if exclude is None else exclude[lo:hi], device=device)
-        if exact:
-            scores[lo:hi] = knn_score_batched(*args, **kwargs)
-        else:
-            scores[lo:hi], bounds[lo:hi] = knn_score_batched_bounded(*args, **kwargs)
+        scores[lo:hi] = knn_score_batched(*args, **kwargs)
     return scores, bounds
 
 
-def _refine(features, queries, support, exclude, scores, uncertain, k, device, chunk_bytes, out) -> int:
-    """Replace ``scores[uncertain]`` (T, W) in place by exact ones; returns how many."""
+#: banks up to this size are refined by the float64 product over the whole bank, larger ones
+#: from float32 candidates (:func:`~swsa_engine.knn.exact_knn_candidates`): with few bank rows
+#: the product moves less memory than gathering ``k + 3`` candidate rows per score.
+SMALL_BANK = 64
+
+
+def _refine(features, prepared, queries, support, exclude, scores, uncertain, k, device, chunk_bytes, out) -> int:
+    """Replace ``scores[uncertain]`` (T, W) in place by exact ones; returns how many.
+
+    With banks larger than :data:`SMALL_BANK`, exact scores come from float32 candidates
+    recomputed in float64 (:func:`~swsa_engine.knn.exact_knn_candidates`); the few it cannot
+    certify, scores against small banks and every score where float32 is not safe, from the
+    float64 computation over the whole bank.
+    """
     rows = np.flatnonzero(uncertain.any(axis=1))
     if rows.size == 0:
         return 0
@@ -349,7 +364,20 @@ def _refine(features, queries, support, exclude, scores, uncertain, k, device, c
     present = np.take_along_axis(uncertain[rows], order, axis=1)
     query_ids = np.where(present, np.take_along_axis(queries[rows], order, axis=1), -1)
     excluded = None if exclude is None else np.where(present, np.take_along_axis(exclude[rows], order, axis=1), -1)
-    exact, _ = _batched_knn(features, query_ids, support[rows], excluded, k, device, chunk_bytes, out, exact=True)
+    if prepared.safe and support.shape[1] > SMALL_BANK:
+        exact, certified = exact_knn_candidates(prepared, query_ids, support[rows], k, exclude=excluded, block_bytes=chunk_bytes)
+        out["knn_flops"] += 2.0 * present.sum() * support.shape[1] * prepared.dim
+        left = present & ~certified
+    else:
+        exact, left = np.full(query_ids.shape, np.nan), present
+    if left.any():
+        again = np.flatnonzero(left.any(axis=1))
+        redo = np.where(left[again], query_ids[again], -1)
+        redo_excluded = None if excluded is None else np.where(left[again], excluded[again], -1)
+        full, _ = _batched_knn(features, redo, support[rows][again], redo_excluded, k, device, chunk_bytes, out, exact=True)
+        exact[again] = np.where(left[again], full, exact[again])
+        if prepared.safe and support.shape[1] > SMALL_BANK:
+            out["uncertified_refinements"] = out.get("uncertified_refinements", 0) + int(left.sum())
     block = scores[rows]
     np.put_along_axis(block, order, np.where(present, exact, np.take_along_axis(block, order, axis=1)), axis=1)
     scores[rows] = block
@@ -583,6 +611,7 @@ def run_sweep(
         entries += [(n, n, None) for n in names if n not in held]
         info = candidate_info(store, entries)
         n_images = store.n_images
+        matrix_sizes = [store.file["embeddings"][n]["features"].size for n in names if n in held]
         references, reference_attrs = read_references(store), store.table_attrs(REFERENCES_TABLE)
     if task_ids is not None:
         tasks = tasks[tasks["task_id"].isin(np.asarray(task_ids))]
@@ -598,6 +627,7 @@ def run_sweep(
     read_seconds = knn_flops = 0.0
     refined_scores = 0
     column_of = {entry[0]: c for c, entry in enumerate(entries)}
+    buffer = np.empty(max(matrix_sizes, default=0), dtype=np.float32)  # one matrix at a time, reused
     for name in tqdm(names, desc="score", unit="source", disable=not progress):
         if name not in held:  # imported scores: no kNN, the AUROCs of the given scores
             c = column_of[name]
@@ -613,7 +643,7 @@ def run_sweep(
         read_started = time.perf_counter()
         with open_store(store_path) as store:
             done = store.done_mask(name)
-            features = store.embeddings(name)
+            features = store.embeddings(name, buffer=buffer)
         read_seconds += time.perf_counter() - read_started
         pending = np.flatnonzero(usable_images & (done == DONE_TODO))
         if pending.size:

@@ -148,6 +148,30 @@ class TextEmbeddings(NamedTuple):
     attrs: dict
 
 
+def _read_contiguous(file: h5py.File, dataset: h5py.Dataset, out: np.ndarray | None = None) -> np.ndarray | None:
+    """The whole of an unfiltered, contiguous little-endian float32 dataset, read straight from
+    the file with ``readinto`` (several times faster than h5py's read of GB-sized matrices);
+    None where the layout does not allow it (chunked, compressed, in memory, not yet written)."""
+    if dataset.chunks is not None or dataset.compression is not None or dataset.dtype != np.dtype("<f4"):
+        return None
+    offset = dataset.id.get_offset()
+    if offset is None or file.driver not in ("sec2", "stdio") or dataset.size == 0:
+        return None
+    if file.mode != "r":
+        file.flush()  # what h5py wrote must be on disk before the file is read around it
+    out = np.empty(dataset.shape, dtype=np.float32) if out is None else out
+    view = memoryview(out).cast("B")
+    with open(file.filename, "rb", buffering=0) as handle:
+        handle.seek(offset)
+        done = 0
+        while done < view.nbytes:
+            got = handle.readinto(view[done:])
+            if not got:
+                return None  # shorter than HDF5 says: let h5py read (and report) it
+            done += got
+    return out
+
+
 class Store:
     """A handle on an HDF5 store. Get one from :func:`open_store` or :func:`edit_store`.
 
@@ -279,11 +303,28 @@ class Store:
         rows = tokens[unique_ids] if len(unique_ids) else np.empty((0,) + tokens.shape[1:], dtype=tokens.dtype)
         return rows[inverse.reshape(-1)]
 
-    def embeddings(self, name: str, image_ids: np.ndarray | None = None) -> np.ndarray:
-        """``(N, D)`` (or ``(len(image_ids), D)``) float32 features; rows not done are NaN."""
+    def embeddings(self, name: str, image_ids: np.ndarray | None = None, *, buffer: np.ndarray | None = None) -> np.ndarray:
+        """``(N, D)`` (or ``(len(image_ids), D)``) float32 features; rows not done are NaN.
+
+        ``buffer``: a float32 array of at least ``N * D`` elements that the whole matrix is read
+        into (its leading elements, returned as an ``(N, D)`` view), so that reading one matrix
+        after another reuses memory instead of faulting in fresh pages each time.
+        """
         features = self._embedding_group(name)["features"]
         if image_ids is None:
-            return features[...].astype(np.float32, copy=False)
+            out = None
+            if buffer is not None:
+                if buffer.dtype != np.float32 or not buffer.flags.c_contiguous or buffer.size < features.size:
+                    raise ValueError(f"buffer must be a C-contiguous float32 array of at least {features.size} elements "
+                                     f"for embeddings {name!r} {features.shape}; got {buffer.dtype} with {buffer.size}")
+                out = buffer.reshape(-1)[: features.size].reshape(features.shape)
+            whole = _read_contiguous(self.file, features, out)
+            if whole is not None:
+                return whole
+            if out is None:
+                return features[...].astype(np.float32, copy=False)
+            features.read_direct(out)
+            return out
         ids = np.asarray(image_ids, dtype=np.int64)
         order = np.argsort(ids, kind="stable")
         sorted_ids = ids[order]

@@ -121,3 +121,18 @@ def test_tv_table_on_small_store(small_store):
     assert set(table["dataset"]) <= {"cub", "flowers", "mvtec", "visa"} and len(table) > 0
     assert ((table["total_variation"] >= 0) & (table["total_variation"] <= 2)).all()
     assert (table["candidate"] == "vit_b_16").all()
+
+
+def test_reference_extrapolation_weights_each_dataset_by_its_tasks():
+    import pandas as pd
+
+    from swsa_engine.bench import extrapolate_reference
+
+    tasks = pd.DataFrame({"task_id": [1, 2, 3, 4, 5, 6], "dataset": ["a", "a", "a", "a", "b", "b"]})
+    reference = {"task_seconds": {1: 2.0, 2: 4.0, 5: 1.0}, "read_seconds": 10.0}
+    out = extrapolate_reference(reference, kendall_seconds=0.3, tasks=tasks)
+    # a: mean 3 s × 4 tasks, b: 1 s × 2 tasks, reading once, Kendall 0.1 s per task
+    assert out["extrapolated_seconds"] == pytest.approx(10.0 + 12.0 + 2.0 + 0.6)
+    assert out["seconds_per_task_by_dataset"] == {"a": 3.0, "b": 1.0}
+    with pytest.raises(ValueError, match=r"no task of dataset\(s\) \['b'\]"):
+        extrapolate_reference({"task_seconds": {1: 2.0}, "read_seconds": 0.0}, 0.0, tasks)

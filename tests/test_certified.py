@@ -139,3 +139,52 @@ def test_sweep_refines_tied_scores_and_matches_sklearn():
             for got, kept in ((out["synthetic"][t, column], anomalies), (out["synthetic"][t, 2 + column], np.sort(anomalies)[:3])):
                 want = roc_auc_score(np.r_[np.zeros(len(normal)), np.ones(len(kept))], np.r_[normal, kept])
                 assert got == pytest.approx(want, abs=1e-12)
+
+
+def _naive_tasks(features, query_ids, bank_ids, exclude, k):
+    out = np.full(query_ids.shape, np.nan)
+    for t, w in zip(*np.nonzero(query_ids >= 0)):
+        rows = [b for j, b in enumerate(bank_ids[t]) if b >= 0 and j != exclude[t, w]]
+        out[t, w] = _naive_knn(features[query_ids[t, w]], features[rows], k)
+    return out
+
+
+@pytest.mark.parametrize("dtype, dim", [(np.float32, 300), (np.float64, 520), (np.float32, 7)])
+def test_exact_candidates_equal_brute_force_and_certify(dtype, dim):
+    from swsa_engine.knn import bounded_knn_tasks, centre_rows, exact_knn_candidates
+
+    rng = np.random.default_rng(dim)
+    features = (5.0 + rng.standard_normal((200, dim))).astype(dtype)
+    features[150] = features[3]  # an exact duplicate bank row: ties among candidates
+    bank_ids = rng.permutation(150)[:60].reshape(4, 15)
+    bank_ids[0, 3] = 3
+    bank_ids[1, 5] = 150
+    bank_ids[1, 6] = 3
+    bank_ids[2, 12:] = -1
+    query_ids = rng.integers(0, 200, (4, 25))
+    query_ids[:, 20:] = -1
+    exclude = np.where(rng.random((4, 25)) < 0.4, rng.integers(0, 12, (4, 25)), -1)
+    exclude[query_ids < 0] = -1
+    rows = centre_rows(features, np.r_[query_ids[query_ids >= 0], bank_ids[bank_ids >= 0]], bank_ids[bank_ids >= 0])
+    expected = _naive_tasks(features.astype(np.float64), query_ids, bank_ids, exclude, 3)
+    approx, bounds = bounded_knn_tasks(rows, query_ids, bank_ids, 3, exclude=exclude)
+    assert (np.abs(approx - expected)[query_ids >= 0] <= bounds[query_ids >= 0]).all()
+    scores, certified = exact_knn_candidates(rows, query_ids, bank_ids, 3, exclude=exclude)
+    assert certified[query_ids < 0].all() and np.isnan(scores[query_ids < 0]).all()
+    assert certified.mean() > 0.9  # certification is the rule, not the exception
+    np.testing.assert_allclose(scores[certified & (query_ids >= 0)], expected[certified & (query_ids >= 0)], rtol=1e-12)
+
+
+def test_centre_rows_names_the_bad_row_and_falls_back_when_unsafe():
+    from swsa_engine.knn import bounded_knn_shared, centre_rows
+
+    features = np.ones((6, 4), dtype=np.float32)
+    features[4, 1] = np.inf
+    with pytest.raises(ValueError, match="features row 4 contains NaN or inf"):
+        centre_rows(features, np.arange(6), np.arange(3))
+    huge = np.random.default_rng(0).standard_normal((6, 4)) * 1e20  # squared norms beyond float32's safe range
+    rows = centre_rows(huge, np.arange(6), np.arange(4))
+    assert not rows.safe
+    scores, bounds = bounded_knn_shared(rows, np.array([4, 5]), np.array([[0, 1, 2, 3]]), 2)
+    assert (bounds == 0).all()
+    np.testing.assert_allclose(scores[0], [_naive_knn(huge[q], huge[:4], 2) for q in (4, 5)], rtol=1e-12)

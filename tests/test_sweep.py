@@ -221,3 +221,12 @@ def test_cube_save_and_load(tmp_path):
     np.testing.assert_array_equal(back.synthetic, cube.synthetic)
     assert back.sources == cube.sources and back.candidate_names == cube.candidate_names
     pd.testing.assert_frame_equal(back.tasks, cube.tasks, check_dtype=False)
+
+
+def test_score_group_refines_large_banks_from_candidates(monkeypatch):
+    """The candidate refinement (banks above SMALL_BANK) gives the naive loop's AUROCs too."""
+    import swsa_engine.sweep as sweep
+
+    monkeypatch.setattr(sweep, "SMALL_BANK", 0)
+    test_score_group_matches_naive_per_task_loop(3, "per-task")
+    test_score_group_matches_naive_per_task_loop(1, "shared")

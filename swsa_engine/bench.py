@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -498,6 +499,83 @@ def run_bench(
         (out / "bench.json").write_text(json.dumps(figures, indent=2, default=float))
         full.to_csv(out / "table1.csv", index=False)
     return figures
+
+
+#: the detector grid of issue 8, as ``swsa score --detector`` labels
+DETECTOR_GRID = (
+    "knn(k=1,l2)", "knn(k=3,l2)", "knn(k=5,l2)", "knn(k=10,l2)",
+    "knn(k=1,cosine)", "knn(k=3,cosine)", "knn(k=5,cosine)", "knn(k=10,cosine)",
+    "mahalanobis", "residual(K=2,mean)", "residual(K=4,mean)", "residual(K=8,mean)",
+    "residual(K=2,min)", "residual(K=4,min)", "residual(K=8,min)", "nagl", "pca(n=8)",
+)
+
+
+def bench_detectors(store: str | os.PathLike, detectors: tuple[str, ...] = DETECTOR_GRID, *, task_fraction: float = 0.1,
+                    device: str = "cpu", progress: bool = True) -> pd.DataFrame:
+    """Time each detector over every backbone of a paper-shaped store on a share of each
+    dataset's tasks, extrapolated to all tasks (cost is linear in tasks, see :func:`run_bench`).
+
+    Returns one row per detector: ``detector``, ``tasks_timed``, ``seconds`` (the timed sweep),
+    ``read_seconds`` (reading embeddings, paid once whatever the task count),
+    ``seconds_all_tasks`` (``read + (seconds - read) × tasks / tasks_timed``), ``candidates``
+    and ``status`` ("ok" or why it was not timed, e.g. NAGL without ``swsa split-refs``).
+    """
+    from swsa_store import open_store
+    from swsa_store.references import read_references
+
+    from .detectors import parse_detector
+    from .sweep import run_sweep
+
+    if not 0 < task_fraction <= 1:
+        raise ValueError(f"task_fraction must be in (0, 1], got {task_fraction}")
+    with open_store(store) as s:
+        tasks = s.tasks()
+        n_backbones = len(s.backbones())
+        references = read_references(s)
+        has_references = references is not None and len(references) > 0
+    tasks = tasks[tasks["status"] == "ok"]
+    sample = np.concatenate([rows["task_id"].to_numpy()[: max(1, int(round(len(rows) * task_fraction)))]
+                             for _, rows in tasks.groupby("dataset")])
+    out = []
+    for label in tqdm(detectors, desc="bench detectors", unit="detector", disable=not progress):
+        detector = parse_detector(label)
+        row = {"detector": detector.label, "tasks_timed": len(sample), "tasks": len(tasks), "candidates": n_backbones,
+               "seconds": np.nan, "read_seconds": np.nan, "seconds_all_tasks": np.nan, "status": "ok"}
+        if detector.needs_abnormal and not has_references:
+            row["status"] = "not timed: the store has no abnormal-reference split (run `swsa split-refs`)"
+            out.append(row)
+            continue
+        started = time.perf_counter()
+        cube = run_sweep(store, detectors=[detector], task_ids=sample, save=False, progress=False, device=device)
+        seconds = time.perf_counter() - started
+        read = float(cube.config["read_seconds"])
+        row.update(seconds=seconds, read_seconds=read,
+                   seconds_all_tasks=read + (seconds - read) * len(tasks) / len(sample))
+        if len(cube.skips):
+            row["status"] = f"ok ({len(cube.skips)} task × candidate cells skipped: {cube.skips['reason'].iloc[0]})"
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def format_detector_bench(table: pd.DataFrame, patch: dict | None = None) -> str:
+    """The detector bench as a Markdown table (+ the patch-level cost per task)."""
+    from .report import markdown_table
+
+    shown = table[["detector", "tasks_timed", "seconds", "seconds_all_tasks", "status"]]
+    lines = [
+        f"every detector over {int(table['candidates'].iloc[0])} backbones: timed on {int(table['tasks_timed'].iloc[0])} "
+        f"of {int(table['tasks'].iloc[0])} tasks, extrapolated to all",
+        markdown_table(shown, {"seconds": ".1f", "seconds_all_tasks": ".0f"}),
+    ]
+    total = table["seconds_all_tasks"].sum()
+    lines.append(f"all timed detectors, all tasks: {total / 60:.1f} min")
+    if patch is not None:
+        shape = patch["shape"]
+        lines.append(f"patch(K={shape['K']}): {patch['ms_per_task']:.0f} ms per task per backbone "
+                     f"({shape['queries']} queries × {shape['patches']} patches × {shape['dim']} dims, float16 tokens, "
+                     f"{patch['float32_gflop_per_task']:.1f} GFLOP) → {patch['ms_per_task'] * table['tasks'].iloc[0] / 1000 / 60:.1f} min "
+                     "per backbone for all tasks")
+    return "\n".join(lines)
 
 
 def _n_images(store: Path) -> int:

@@ -283,6 +283,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
         _print_summary("bench prompts and BLISS", bench_clip_rescoring(task_fraction=args.task_fraction,
                                                                        image_fraction=args.image_fraction))
         return 0
+    if args.detectors:
+        from .bench import bench_detectors, format_detector_bench
+        from .patch import patch_cost
+
+        if not Path(args.store).exists():
+            make_paper_store(args.store, task_fraction=args.task_fraction, image_fraction=args.image_fraction,
+                             progress=not args.quiet)
+        table = bench_detectors(args.store, task_fraction=args.detector_fraction, device=args.device, progress=not args.quiet)
+        patch = patch_cost(device=args.device, repeats=2)
+        print(format_detector_bench(table, patch))
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            table.to_csv(Path(args.out) / "detectors.csv", index=False)
+            (Path(args.out) / "patch_cost.json").write_text(json.dumps(patch, indent=2))
+            print(f"figures written: {Path(args.out) / 'detectors.csv'}, {Path(args.out) / 'patch_cost.json'}")
+        return 0
     if args.make_store:
         summary = make_paper_store(args.make_store, task_fraction=args.task_fraction, image_fraction=args.image_fraction,
                                    progress=not args.quiet)
@@ -513,7 +529,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-tasks", type=int, default=2, help="tasks per dataset recomputed by the reference loops")
     p.add_argument("--clip", action="store_true",
                    help="instead: time re-scoring every prompt (10 + ensemble) and the BLISS grid for the paper's tasks")
-    p.add_argument("--out", default=None, help="folder for bench.json and table1.csv")
+    p.add_argument("--detectors", action="store_true",
+                   help="instead: time every detector of the grid (kNN k/metric, Mahalanobis, residual K/reduce, NAGL, "
+                        "PCA) over all backbones of the store, and the patch-level score per task")
+    p.add_argument("--detector-fraction", type=float, default=0.1,
+                   help="--detectors: share of each dataset's tasks timed, extrapolated to all (default 0.1)")
+    p.add_argument("--out", default=None, help="folder for bench.json and table1.csv (detectors.csv with --detectors)")
     p.add_argument("--device", default="cpu")
     g = p.add_argument_group("--ingest: images/s of the embedding pipeline vs the model's forward pass alone")
     g.add_argument("--ingest", action="store_true",

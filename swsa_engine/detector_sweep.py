@@ -10,6 +10,7 @@ same skips, and memory bounded by chunking over tasks (and over shared queries).
 from __future__ import annotations
 
 import numpy as np
+from scipy.special import expit
 
 from .loader import TaskGroup
 from .sweep import _features_for, empty_result, synthetic_queries, validation_aurocs
@@ -25,6 +26,7 @@ def score_group_detector(
     hardest: tuple[int, ...] = (10, 5),
     device: str = "cpu",
     chunk_bytes: int = 256 << 20,
+    prior=None,
 ) -> dict:
     """AUROCs of one (feature source, detector) candidate for the tasks of one dataset.
 
@@ -37,6 +39,9 @@ def score_group_detector(
     group : the dataset's tasks; ``group.abnormal`` (T, R) feeds detectors with ``needs_abnormal``.
     sources : synthetic sources to evaluate (missing ones give NaN).
     device : unused by the float64 NumPy detectors (kept for the sweep's signature).
+    prior : for detectors with a ``text_prior`` weight, ``prior(rows, query_ids)`` → CLIP's
+        two-prompt probabilities of the queries for the group's tasks ``rows`` (ids (Q,) shared
+        or (T', W) per task; :meth:`TextPrior.for_group`); ``weight × prior`` is added to every score.
 
     Returns a dict like :func:`swsa_engine.sweep.score_group`: ``real`` (T, 2), ``synthetic``
     (T, V) over ``sources`` then their hardest variants, ``per_class`` (T, G), ``skips``
@@ -108,6 +113,12 @@ def score_group_detector(
     exclude[:, : widths[0]] = np.where(match.any(axis=2), match.argmax(axis=2), -1)
     synth_scores = _task_chunks(detector, features, queries, support, exclude, abnormal, task_ids, chunk_bytes, flops)
     out["knn_flops"] = flops[0]
+    weight = float(getattr(detector, "text_prior", 0.0))
+    if weight:
+        if prior is None:
+            raise ValueError(f"{label} adds a CLIP text prior; pass prior= (run_sweep builds it from the store's CLIP embeddings)")
+        real_scores[:, real_ok] += weight * prior(rows, group.real_ids[real_ok])
+        synth_scores += weight * np.where(queries >= 0, prior(rows, np.maximum(queries, 0)), 0.0)
 
     # ---- a score that should exist but is not finite (a singular fit): skip the task, say why
     broken = (member & ~np.isfinite(real_scores)).any(axis=1) | ((queries >= 0) & ~np.isfinite(synth_scores)).any(axis=1)
@@ -242,3 +253,59 @@ class ReferenceLog:
             out["abnormal_references"] = {k: (v.item() if hasattr(v, "item") else v) for k, v in abnormal_attrs.items()
                                           if k in ("source", "share", "seed", "rule")}
         return out
+
+
+class TextPrior:
+    """InCTRL's text prior without training: CLIP's two-prompt anomaly probability per (task, image).
+
+    ``p = sigmoid(s · (cos(z, t_a) − cos(z, t_n)))`` with the prompt ensembles ``t_n``, ``t_a`` of
+    the task's class in ``prompt_set`` (:func:`swsa_engine.clip_scores.two_prompt_score`), ``z`` the
+    image's embedding by the same CLIP model and ``s`` its logit scale.  Built once per sweep from
+    the store (:meth:`from_store`); :attr:`usable` marks the images with a CLIP embedding.
+    """
+
+    def __init__(self, unit: np.ndarray, usable: np.ndarray, text, logit_scale: float, model: str):
+        self.unit, self.usable, self.text, self.logit_scale, self.model = unit, usable, text, logit_scale, model
+        self.n_templates = int(text.attrs.get("n_templates") or (text.table["template"].max() + 1))
+
+    @classmethod
+    def from_store(cls, store_path, model: str | None = None, prompt_set: str = "paper") -> "TextPrior":
+        from swsa_store import StoreError, open_store
+        from swsa_store.store import DONE_WRITTEN
+
+        from .clip_scores import l2_normalize
+        from .prompt_sweep import _text_model
+
+        fix = (f"run `swsa embed --store {store_path} --backbone clip/MODEL` and `swsa embed-text --store {store_path} "
+               "--model clip/MODEL` first")
+        with open_store(store_path) as store:
+            if not store.text_models():
+                raise StoreError(f"the residual detector's text prior needs CLIP text embeddings, and store {store_path} "
+                                 f"has none; {fix}")
+            name = _text_model(store, model)
+            if name not in store.backbones():
+                raise StoreError(f"the residual detector's text prior needs image embeddings {name!r}; {fix}")
+            if prompt_set not in store.text_sets(name):
+                raise StoreError(f"store {store_path} has no prompt set {prompt_set!r} for {name} "
+                                 f"(held: {store.text_sets(name)}); {fix}")
+            text = store.text_embeddings(name, prompt_set)
+            features = store.embeddings(name)
+            usable = (store.done_mask(name) == DONE_WRITTEN) & np.isfinite(features).all(axis=1)
+        unit = l2_normalize(np.where(usable[:, None], features, 0.0).astype(np.float64))
+        return cls(unit, usable, text, float(text.attrs.get("logit_scale", 100.0)), name)
+
+    def for_group(self, group: TaskGroup):
+        """``prior(rows, query_ids)`` for tasks ``group.task_ids[rows]``: query ids (Q,) shared by
+        every task → (T', Q), or (T', W) per task → (T', W) probabilities."""
+        from .prompt_sweep import _per_task_text, prompt_directions
+
+        normal, anomaly = _per_task_text(self.text, group.task_ids, self.n_templates)
+        direction = prompt_directions(normal, anomaly, self.logit_scale)[:, -1, :]  # the ensemble's (T, D)
+
+        def prior(rows: np.ndarray, query_ids: np.ndarray) -> np.ndarray:
+            w = direction[rows]
+            if query_ids.ndim == 1:
+                return expit(self.unit[query_ids] @ w.T).T
+            return expit(np.einsum("twd,td->tw", self.unit[query_ids], w))
+
+        return prior

@@ -472,20 +472,36 @@ class ResidualDetector(Detector):
     the sweep. ``reduce="mean"``: squared L2 distance of the query to the references' mean;
     ``"min"``: to the nearest reference. A query whose excluded bank row is a reference is
     scored against the other ``K − 1`` references.
+
+    ``text`` > 0 adds InCTRL's text prior, training-free: ``text ×`` CLIP's two-prompt anomaly
+    probability of the image (the "paper" prompt set's ensemble, the store's CLIP model; see
+    :class:`swsa_engine.detector_sweep.TextPrior`), in the units of the squared residual, so a
+    weight near the typical residual of a normal image balances the two.  The sweep adds it;
+    :meth:`score_tasks` is the image-level residual alone.
     """
 
     K: int = 4
     reduce: str = "mean"
     seed: int = 0
+    text: float = 0.0
 
     def __post_init__(self):
         check_int_setting("residual", "K", self.K, 2, " (a reference scored leave-one-out keeps K-1)")
         if self.reduce not in ("mean", "min"):
             raise ValueError(f"residual reduce must be 'mean' or 'min', got {self.reduce!r}")
+        if not (np.isfinite(self.text) and self.text >= 0):
+            raise ValueError(f"residual text (the weight of the CLIP text prior) must be a finite number >= 0, got {self.text!r}")
 
     @property
     def label(self) -> str:
-        return f"residual(K={self.K},{self.reduce}" + (f",seed={self.seed})" if self.seed else ")")
+        settings = [f"K={self.K}", self.reduce] + ([f"seed={self.seed}"] if self.seed else []) + \
+            ([f"text={self.text:g}"] if self.text else [])
+        return f"residual({','.join(settings)})"
+
+    @property
+    def text_prior(self) -> float:
+        """Weight of the CLIP two-prompt probability added to the score (0: none)."""
+        return float(self.text)
 
     @property
     def family(self) -> str:
@@ -552,8 +568,8 @@ class ResidualDetector(Detector):
 
 
 @register_detector("residual")
-def residual(K: int = 4, reduce: str = "mean", seed: int = 0) -> ResidualDetector:
-    return ResidualDetector(_as_int(K, "residual K"), reduce, _as_int(seed, "residual seed"))
+def residual(K: int = 4, reduce: str = "mean", seed: int = 0, text: float = 0.0) -> ResidualDetector:
+    return ResidualDetector(_as_int(K, "residual K"), reduce, _as_int(seed, "residual seed"), _as_float(text, "residual text"))
 
 
 def _as_int(value, what: str) -> int:

@@ -591,7 +591,7 @@ def run_sweep(
     from swsa_store import StoreError, open_store
     from swsa_store.store import DONE_TODO, DONE_WRITTEN
 
-    from .detector_sweep import ReferenceLog, detector_features, score_group_detector
+    from .detector_sweep import ReferenceLog, TextPrior, detector_features, score_group_detector
 
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
@@ -627,6 +627,8 @@ def run_sweep(
     read_seconds = knn_flops = 0.0
     refined_scores = 0
     column_of = {entry[0]: c for c, entry in enumerate(entries)}
+    text_prior = TextPrior.from_store(store_path) if any(getattr(d, "text_prior", 0) for d in detectors) else None
+    priors = [text_prior.for_group(g) for g in groups] if text_prior is not None else [None] * len(groups)
     buffer = np.empty(max(matrix_sizes, default=0), dtype=np.float32)  # one matrix at a time, reused
     for name in tqdm(names, desc="score", unit="source", disable=not progress):
         if name not in held:  # imported scores: no kNN, the AUROCs of the given scores
@@ -662,7 +664,10 @@ def run_sweep(
                 if isinstance(detector, KnnDetector):
                     result = score_group(prepared, usable_rows, group, base_sources, k=detector.k, hardest=hardest, device=device)
                 else:
-                    result = score_group_detector(prepared, usable_rows, group, base_sources, detector, hardest=hardest, device=device)
+                    with_prior = getattr(detector, "text_prior", 0) and text_prior is not None
+                    result = score_group_detector(prepared, usable_rows & text_prior.usable if with_prior else usable_rows,
+                                                  group, base_sources, detector, hardest=hardest, device=device,
+                                                  prior=priors[g])
                     reference_log.add(entries[c][0], detector, group.task_ids, result.get("references"))
                 span = slice(offsets[g], offsets[g + 1])
                 real[span, c] = result["real"]
@@ -679,7 +684,9 @@ def run_sweep(
         skips=pd.DataFrame(skips, columns=["task_id", "candidate", "reason"]),
         config={"k": k, "detectors": [d.label for d in detectors], "hardest": list(hardest), "base_sources": base_sources, "device": device,
                 "seconds": round(time.perf_counter() - started, 3), "read_seconds": round(read_seconds, 3),
-                "knn_flops": knn_flops, "refined_scores": refined_scores, **reference_log.config(reference_attrs if references is not None else None)},
+                "knn_flops": knn_flops, "refined_scores": refined_scores,
+                **({"text_prior": {"model": text_prior.model, "prompt_set": "paper", "score": "sigmoid(s*(cos(z,t_a)-cos(z,t_n))), "
+                                   "prompt ensembles"}} if text_prior is not None else {}), **reference_log.config(reference_attrs if references is not None else None)},
     )
     if save:
         cube.save(store_path)

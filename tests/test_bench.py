@@ -136,3 +136,19 @@ def test_reference_extrapolation_weights_each_dataset_by_its_tasks():
     assert out["seconds_per_task_by_dataset"] == {"a": 3.0, "b": 1.0}
     with pytest.raises(ValueError, match=r"no task of dataset\(s\) \['b'\]"):
         extrapolate_reference({"task_seconds": {1: 2.0}, "read_seconds": 0.0}, 0.0, tasks)
+
+
+def test_detector_bench_times_each_detector_and_reports_skips(small_store, tmp_path):
+    from swsa_engine.bench import bench_detectors, format_detector_bench
+    from swsa_engine.patch import patch_cost
+
+    table = bench_detectors(small_store, ("knn(k=1,l2)", "mahalanobis", "nagl"), task_fraction=0.5, progress=False)
+    assert list(table["detector"]) == ["knn(k=1,l2)", "mahalanobis", "nagl(k=3,beta=1.0)"]
+    timed = table[table["status"].str.startswith("ok")]
+    assert len(timed) == 2 and (timed["seconds"] > 0).all()
+    assert (timed["seconds_all_tasks"] >= timed["seconds"] - 1e-9).all()  # extrapolated up to every task
+    assert "swsa split-refs" in table.loc[2, "status"]
+    text = format_detector_bench(table, patch_cost(n_tasks=1, n_queries=4, n_patches=9, dim=16, bank_size=5))
+    assert "| knn(k=1,l2) |" in text and "patch(K=4)" in text
+    with pytest.raises(ValueError, match=r"task_fraction must be in \(0, 1\]"):
+        bench_detectors(small_store, ("knn",), task_fraction=0)

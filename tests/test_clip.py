@@ -342,3 +342,57 @@ def test_clip_weights_resolution_offline(tmp_path, monkeypatch):
 
     with pytest.raises(UnknownNameError, match="no pretrained tag"):
         get_backbone_cfg("clip/ViT-B-16-plus-240@nope")
+
+
+def test_residual_text_prior_adds_clips_two_prompt_probability(tiny_store):
+    """residual(text=w): the image-level residual plus w × CLIP's two-prompt probability, against a per-task loop."""
+    from swsa_engine.clip_scores import prompt_ensemble, two_prompt_score
+    from swsa_engine.detectors import parse_detector
+    from swsa_engine.prompt_sweep import _per_task_text
+    from swsa_engine.sweep import run_sweep
+    from swsa_store import open_store
+    from swsa_store.tasks import ROLE_HELDOUT, ROLE_REAL_ANOMALY, ROLE_REAL_NORMAL, ROLE_SEED
+
+    store, _ = tiny_store
+    name = MODEL.replace("/", "-")
+    labels = ["residual(K=2,mean)", "residual(K=2,mean,text=0.5)"]
+    cube = run_sweep(store, backbones=[name], detectors=labels, save=False, progress=False)
+    assert cube.candidate_names == [f"{name}/{label}" for label in labels]
+    assert cube.config["text_prior"]["model"] == name
+    assert np.nanmax(np.abs(cube.real[:, 0, 0] - cube.real[:, 1, 0])) > 1e-6  # the prior changes the ranking
+    with open_store(store) as s:
+        features = s.embeddings(name).astype(np.float64)
+        text = s.text_embeddings(name, "paper")
+        members = s.task_members()
+    n_templates = int(text.attrs["n_templates"])
+    for row, task_id in enumerate(cube.tasks["task_id"].to_numpy()[:3]):
+        mine = members[members["task_id"] == task_id]
+        ids = {r: np.sort(mine.loc[mine["role"] == r, "image_id"].to_numpy()) for r in
+               (ROLE_SEED, ROLE_HELDOUT, ROLE_REAL_NORMAL, ROLE_REAL_ANOMALY)}
+        support = np.union1d(ids[ROLE_SEED], ids[ROLE_HELDOUT])
+        normal_t, anomaly_t = _per_task_text(text, np.array([task_id]), n_templates)
+        images = np.r_[ids[ROLE_REAL_NORMAL], ids[ROLE_REAL_ANOMALY]]
+        y = np.r_[np.zeros(len(ids[ROLE_REAL_NORMAL])), np.ones(len(ids[ROLE_REAL_ANOMALY]))]
+        for c, label in enumerate(labels):
+            detector = parse_detector(label)
+            refs = support[detector.references(np.ones((1, len(support)), bool), np.array([task_id]))[0]]
+            centre = features[refs].mean(axis=0)
+            scores = [((features[i] - centre) ** 2).sum() for i in images]
+            z = features[images] / np.linalg.norm(features[images], axis=1, keepdims=True)
+            prior = two_prompt_score(z, prompt_ensemble(normal_t[0]), prompt_ensemble(anomaly_t[0]), text.attrs["logit_scale"])
+            expected = roc_auc_score(y, np.array(scores) + detector.text * prior)
+            assert cube.real[row, c, 0] == pytest.approx(expected, abs=1e-12)
+
+
+def test_residual_text_prior_needs_clip_text(tmp_path):
+    from swsa_engine.sweep import run_sweep
+    from swsa_store.catalog import catalog_dataset
+    from swsa_store.ingest import embed_store
+
+    store = tmp_path / "s.h5"
+    catalog_dataset(store, "digits", image_dir=tmp_path / "digits", image_size=16, n_seed=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        embed_store(store, "pixels@4", progress=False)
+    with pytest.raises(Exception, match="text prior needs CLIP text embeddings.*swsa embed-text"):
+        run_sweep(store, detectors=["residual(K=2,mean,text=1)"], save=False, progress=False)

@@ -136,6 +136,49 @@ def test_pca_equals_svd_reconstruction(n_tasks, width, n_bank, dim, n):
     _assert_shared(detector, b, lambda t, x: _ref_pca(x, b["bank"][t][b["bank_mask"][t]], n))
 
 
+@pytest.mark.parametrize("n_bank, dim, n", [(40, 60, 8), (25, 10, 4), (60, 300, 3)])
+def test_pca_leave_one_out_downdate_equals_refit(monkeypatch, n_bank, dim, n):
+    """The secular-equation downdate against the plain eigendecomposition refit, every query leave-one-out."""
+    from swsa_engine import detectors
+
+    rng = np.random.default_rng(n_bank + dim)
+    bank = rng.normal(size=(3, n_bank, dim)) * rng.uniform(0.2, 4.0, size=dim) + 1.0
+    bank_mask = np.ones((3, n_bank), dtype=bool)
+    bank_mask[1, -3:] = False
+    exclude = np.tile(np.arange(n_bank), (3, 1))
+    exclude[1, -3:] = -1
+    queries = bank + 0.1 * rng.normal(size=bank.shape)
+    args = (queries, np.ones((3, n_bank), dtype=bool), bank, bank_mask, exclude)
+    fast = PcaDetector(n).score_tasks(*args, task_ids=np.arange(3))
+    lam = np.linalg.eigvalsh(np.cov(bank[0].T) * (n_bank - 1))[::-1]
+    assert lam[n] > 1e-3 * lam[0]  # no deflation here: the downdate path did the work
+    monkeypatch.setattr(detectors, "DEFLATION_TOL", np.inf)  # every fit deflates: plain refits
+    refit = PcaDetector(n).score_tasks(*args, task_ids=np.arange(3))
+    np.testing.assert_allclose(fast, refit, rtol=1e-10)
+
+
+def test_pca_leave_one_out_deflation_falls_back_to_refit():
+    """Tied top eigenvalues and a left-out row orthogonal to a top axis deflate the secular
+    equation: those fits are flagged and refitted, and the scores still equal the SVD reference."""
+    from swsa_engine.detectors import _downdated_top_axes
+
+    cross = np.array([[3, 0, 0], [-3, 0, 0], [0, 3, 0], [0, -3, 0], [0, 0, 1], [0, 0, -1]], dtype=float)
+    bank = np.concatenate([cross, cross * 0.5])[None] + 5.0  # λ1 = λ2 (tied), λ3 smaller
+    n_bank = bank.shape[1]
+    gram = (bank[0] - bank[0].mean(0)) @ (bank[0] - bank[0].mean(0)).T
+    lam, basis = np.linalg.eigh(gram)
+    lam, basis = lam[::-1], basis[:, ::-1]
+    rows = np.arange(n_bank)
+    _, ok = _downdated_top_axes(np.tile(np.where(lam > 1e-9, lam, 0.0), (n_bank, 1)), basis[rows], np.zeros((n_bank, n_bank)),
+                                np.full(n_bank, n_bank / (n_bank - 1)), 2)
+    assert not ok.any()
+    queries = bank + np.array([0.3, -0.2, 0.7])
+    exclude = rows[None]
+    b = dict(queries=queries, query_mask=np.ones((1, n_bank), dtype=bool), bank=bank,
+             bank_mask=np.ones((1, n_bank), dtype=bool), exclude=exclude, task_ids=np.array([7]))
+    _assert_tasks(PcaDetector(2), b, lambda t, w: _ref_pca(queries[t, w], _fit_rows(b, t, w), 2))
+
+
 def _ref_residual_refs(detector, bank_mask, task_id):
     """The documented draw: the K usable positions with the smallest hash_uniform(seed, task, position)."""
     positions = np.flatnonzero(bank_mask)

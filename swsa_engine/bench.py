@@ -502,6 +502,9 @@ def run_bench(
 
 
 #: the detector grid of issue 8, as ``swsa score --detector`` labels
+#: the abnormal-reference split the detector bench makes in memory for NAGL when the store has none
+BENCH_REFERENCES = {"source": "cutpaste", "share": 0.25}
+
 DETECTOR_GRID = (
     "knn(k=1,l2)", "knn(k=3,l2)", "knn(k=5,l2)", "knn(k=10,l2)",
     "knn(k=1,cosine)", "knn(k=3,cosine)", "knn(k=5,cosine)", "knn(k=10,cosine)",
@@ -518,10 +521,11 @@ def bench_detectors(store: str | os.PathLike, detectors: tuple[str, ...] = DETEC
     Returns one row per detector: ``detector``, ``tasks_timed``, ``seconds`` (the timed sweep),
     ``read_seconds`` (reading embeddings, paid once whatever the task count),
     ``seconds_all_tasks`` (``read + (seconds - read) × tasks / tasks_timed``), ``candidates``
-    and ``status`` ("ok" or why it was not timed, e.g. NAGL without ``swsa split-refs``).
+    and ``status`` ("ok", or why it was not timed). NAGL needs abnormal references: without the
+    store's own split (``swsa split-refs``) it is timed on :data:`BENCH_REFERENCES` made in memory.
     """
     from swsa_store import open_store
-    from swsa_store.references import read_references
+    from swsa_store.references import make_references, read_references
 
     from .detectors import parse_detector
     from .sweep import run_sweep
@@ -532,7 +536,15 @@ def bench_detectors(store: str | os.PathLike, detectors: tuple[str, ...] = DETEC
         tasks = s.tasks()
         n_backbones = len(s.backbones())
         references = read_references(s)
-        has_references = references is not None and len(references) > 0
+        images = s.images(columns=["image_id", "kind", "status", "task_id"])
+    split, split_note = None, ""  # None: the store's own split
+    if references is None or not len(references):  # NAGL is timed on a split made in memory; the store is not written
+        source, share = BENCH_REFERENCES["source"], BENCH_REFERENCES["share"]
+        try:
+            split = make_references(images, source, share, store_path=store)
+            split_note = f" (on an in-memory split: {share:g} of each task's {source} anomalies; the store has none)"
+        except ValueError as error:
+            split_note = f"not timed: the store has no abnormal-reference split and {error}"
     tasks = tasks[tasks["status"] == "ok"]
     sample = np.concatenate([rows["task_id"].to_numpy()[: max(1, int(round(len(rows) * task_fraction)))]
                              for _, rows in tasks.groupby("dataset")])
@@ -541,18 +553,21 @@ def bench_detectors(store: str | os.PathLike, detectors: tuple[str, ...] = DETEC
         detector = parse_detector(label)
         row = {"detector": detector.label, "tasks_timed": len(sample), "tasks": len(tasks), "candidates": n_backbones,
                "seconds": np.nan, "read_seconds": np.nan, "seconds_all_tasks": np.nan, "status": "ok"}
-        if detector.needs_abnormal and not has_references:
-            row["status"] = "not timed: the store has no abnormal-reference split (run `swsa split-refs`)"
+        if detector.needs_abnormal and split_note.startswith("not timed"):
+            row["status"] = split_note
             out.append(row)
             continue
         started = time.perf_counter()
-        cube = run_sweep(store, detectors=[detector], task_ids=sample, save=False, progress=False, device=device)
+        cube = run_sweep(store, detectors=[detector], task_ids=sample, save=False, progress=False, device=device,
+                         references=split if detector.needs_abnormal else None)
         seconds = time.perf_counter() - started
         read = float(cube.config["read_seconds"])
         row.update(seconds=seconds, read_seconds=read,
                    seconds_all_tasks=read + (seconds - read) * len(tasks) / len(sample))
         if len(cube.skips):
             row["status"] = f"ok ({len(cube.skips)} task × candidate cells skipped: {cube.skips['reason'].iloc[0]})"
+        if detector.needs_abnormal:
+            row["status"] += split_note
         out.append(row)
     return pd.DataFrame(out)
 

@@ -42,6 +42,8 @@ def score_group_detector(
     prior : for detectors with a ``text_prior`` weight, ``prior(rows, query_ids)`` → CLIP's
         two-prompt probabilities of the queries for the group's tasks ``rows`` (ids (Q,) shared
         or (T', W) per task; :meth:`TextPrior.for_group`); ``weight × prior`` is added to every score.
+        Images that ``prior.usable`` (N,) bool marks False (no CLIP embedding) are left out of the
+        candidate like unusable rows, and each task that loses some gets a skip saying how many.
 
     Returns a dict like :func:`swsa_engine.sweep.score_group`: ``real`` (T, 2), ``synthetic``
     (T, V) over ``sources`` then their hardest variants, ``per_class`` (T, G), ``skips``
@@ -49,10 +51,17 @@ def score_group_detector(
     for detectors with ``references`` (the few-shot residual) ``references`` (T, K) image ids of
     each task's drawn references (-1 where none).
     """
+    label = detector.label
+    weight = float(getattr(detector, "text_prior", 0.0))
+    text_skips = []
+    if weight and getattr(prior, "usable", None) is not None:
+        # the prior cannot score an image without a CLIP embedding: leave it out, and say so per task
+        text_skips = _text_prior_skips(group, sources, usable & ~prior.usable, detector, prior)
+        usable = usable & prior.usable
+
     def keep(ids: np.ndarray) -> np.ndarray:
         return np.where((ids >= 0) & usable[np.maximum(ids, 0)], ids, -1)
 
-    label = detector.label
     n_tasks = len(group.task_ids)
     support = keep(group.support)
     heldout = keep(group.heldout)
@@ -61,8 +70,8 @@ def score_group_detector(
     needed = np.where(has_heldout, detector.min_bank(True), detector.min_bank(False))
     scoreable = n_bank >= needed
     hint = getattr(detector, "bank_hint", "use a larger support set or other settings")
-    skips = [(int(t), f"{label} needs at least {need} usable support images, the task has {n}; {hint}")
-             for t, n, need in zip(group.task_ids[~scoreable], n_bank[~scoreable], needed[~scoreable])]
+    skips = text_skips + [(int(t), f"{label} needs at least {need} usable support images, the task has {n}; {hint}")
+                          for t, n, need in zip(group.task_ids[~scoreable], n_bank[~scoreable], needed[~scoreable])]
     abnormal = None
     if getattr(detector, "needs_abnormal", False):
         abnormal = keep(getattr(group, "abnormal", np.full((n_tasks, 0), -1, dtype=np.int64)))
@@ -113,7 +122,6 @@ def score_group_detector(
     exclude[:, : widths[0]] = np.where(match.any(axis=2), match.argmax(axis=2), -1)
     synth_scores = _task_chunks(detector, features, queries, support, exclude, abnormal, task_ids, chunk_bytes, flops)
     out["knn_flops"] = flops[0]
-    weight = float(getattr(detector, "text_prior", 0.0))
     if weight:
         if prior is None:
             raise ValueError(f"{label} adds a CLIP text prior; pass prior= (run_sweep builds it from the store's CLIP embeddings)")
@@ -129,6 +137,26 @@ def score_group_detector(
         aurocs[key][broken] = np.nan
         out[key][rows] = aurocs[key]
     return out
+
+
+def _text_prior_skips(group: TaskGroup, sources: list[str], missing: np.ndarray, detector, prior) -> list:
+    """``[(task_id, reason)]`` for each task of ``group`` with images (support, real or synthetic
+    validation of ``sources``, abnormal references if the detector uses them) that ``missing``
+    (N,) bool marks: usable by the backbone but without the CLIP embedding the text prior needs."""
+    if not missing.any():
+        return []
+    parts = [group.support, np.where(group.real_label >= 0, group.real_ids[None, :], -1)]
+    parts += [group.synthetic[s] for s in sources if s in group.synthetic]
+    if getattr(detector, "needs_abnormal", False):
+        parts.append(group.abnormal)
+    ids = np.concatenate([np.asarray(part, dtype=np.int64) for part in parts], axis=1)  # (T, W), -1 padded
+    ids = np.sort(np.where((ids >= 0) & missing[np.maximum(ids, 0)], ids, -1), axis=1)
+    counts = ((ids >= 0) & (np.diff(ids, axis=1, prepend=-1) != 0)).sum(axis=1)  # distinct ids per task
+    model = getattr(prior, "model", "the text prior's CLIP model")
+    return [(int(t), f"{detector.label} left out {n} of the task's images that have no CLIP embedding {model!r}, which "
+                     f"its text prior needs; embed them with `swsa embed --store STORE --backbone "
+                     f"{model.replace('clip-', 'clip/', 1)}`")
+            for t, n in zip(group.task_ids[counts > 0], counts[counts > 0])]
 
 
 def _task_chunks(detector, features, queries, support, exclude, abnormal, task_ids, chunk_bytes, flops) -> np.ndarray:
@@ -270,33 +298,20 @@ class TextPrior:
 
     @classmethod
     def from_store(cls, store_path, model: str | None = None, prompt_set: str = "paper") -> "TextPrior":
-        from swsa_store import StoreError, open_store
-        from swsa_store.store import DONE_WRITTEN
+        """The prior of CLIP ``model`` (``None``: the store's only one) and ``prompt_set``, read by
+        :func:`swsa_store.clip.read_text_prior_inputs` (one-line errors for what is missing)."""
+        from swsa_store.clip import read_text_prior_inputs
 
         from .clip_scores import l2_normalize
-        from .prompt_sweep import _text_model
 
-        fix = (f"run `swsa embed --store {store_path} --backbone clip/MODEL` and `swsa embed-text --store {store_path} "
-               "--model clip/MODEL` first")
-        with open_store(store_path) as store:
-            if not store.text_models():
-                raise StoreError(f"the residual detector's text prior needs CLIP text embeddings, and store {store_path} "
-                                 f"has none; {fix}")
-            name = _text_model(store, model)
-            if name not in store.backbones():
-                raise StoreError(f"the residual detector's text prior needs image embeddings {name!r}; {fix}")
-            if prompt_set not in store.text_sets(name):
-                raise StoreError(f"store {store_path} has no prompt set {prompt_set!r} for {name} "
-                                 f"(held: {store.text_sets(name)}); {fix}")
-            text = store.text_embeddings(name, prompt_set)
-            features = store.embeddings(name)
-            usable = (store.done_mask(name) == DONE_WRITTEN) & np.isfinite(features).all(axis=1)
-        unit = l2_normalize(np.where(usable[:, None], features, 0.0).astype(np.float64))
-        return cls(unit, usable, text, float(text.attrs.get("logit_scale", 100.0)), name)
+        inputs = read_text_prior_inputs(store_path, model, prompt_set)
+        unit = l2_normalize(np.where(inputs.usable[:, None], inputs.features, 0.0).astype(np.float64))
+        return cls(unit, inputs.usable, inputs.text, float(inputs.text.attrs.get("logit_scale", 100.0)), inputs.model)
 
     def for_group(self, group: TaskGroup):
         """``prior(rows, query_ids)`` for tasks ``group.task_ids[rows]``: query ids (Q,) shared by
-        every task → (T', Q), or (T', W) per task → (T', W) probabilities."""
+        every task → (T', Q), or (T', W) per task → (T', W) probabilities; ``prior.usable`` (N,)
+        bool and ``prior.model`` are :attr:`usable` and :attr:`model`."""
         from .prompt_sweep import _per_task_text, prompt_directions
 
         normal, anomaly = _per_task_text(self.text, group.task_ids, self.n_templates)
@@ -308,4 +323,6 @@ class TextPrior:
                 return expit(self.unit[query_ids] @ w.T).T
             return expit(np.einsum("twd,td->tw", self.unit[query_ids], w))
 
+        # score_group_detector leaves out the images without a CLIP embedding and names the model
+        prior.usable, prior.model = self.usable, self.model
         return prior

@@ -255,26 +255,13 @@ def bliss_scorer(features_unit: np.ndarray, topv: np.ndarray, topi: np.ndarray, 
 # --------------------------------------------------------------------------------------------
 
 
-def _text_model(store, model: str | None) -> str:
-    held = store.text_models()
-    if model is None:
-        if len(held) != 1:
-            raise ValueError(f"store {store.path} holds text embeddings of {held or 'no model'}; pass --model "
-                             f"(run `swsa embed-text` first if none)")
-        return held[0]
-    name = model.replace("/", "-")
-    if name not in held:
-        raise ValueError(f"store {store.path} has no text embeddings of {model!r} (held: {held or 'none'}); "
-                         f"run `swsa embed-text --store {store.path} --model {model}`")
-    return name
-
-
 def _inputs(store_path, model):
     from swsa_store import StoreError, open_store
+    from swsa_store.clip import text_model_name
     from swsa_store.store import DONE_TODO, DONE_WRITTEN
 
     with open_store(store_path) as store:
-        name = _text_model(store, model)
+        name = text_model_name(store, model)
         images, tasks, members = store.images(), store.tasks(), store.task_members()
         from swsa_store.references import read_references
 

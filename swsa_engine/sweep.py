@@ -131,7 +131,8 @@ class AurocCube:
     synthetic : (T, C, V) synthetic-validation AUROC
     per_class : (T, C, G) real AUROC against each out-class alone (NaN padded)
     class_names : (T, G) the out-class of each ``per_class`` column ("" padded)
-    skips : DataFrame (task_id, candidate, reason) of (task, candidate) cells left NaN
+    skips : DataFrame (task_id, candidate, reason) of (task, candidate) cells left NaN, or scored
+        with some images left out (the reason says how many and why)
     config : settings of the sweep (k, hardest counts, ...)
     """
 
@@ -573,6 +574,7 @@ def run_sweep(
     save: bool = True,
     task_ids: list[int] | np.ndarray | None = None,
     detectors: list | None = None,
+    references: tuple[pd.DataFrame, dict] | None = None,
 ) -> AurocCube:
     """Score every task with every candidate backbone of the store and return the AUROC cube.
 
@@ -585,6 +587,8 @@ def run_sweep(
     kNN detectors are scored by :func:`score_group`, every other detector by
     :func:`swsa_engine.detector_sweep.score_group_detector`; the store's abnormal-reference split
     (``swsa split-refs``) feeds NAGL and is left out of every candidate's synthetic validation set.
+    ``references`` (``(table, attrs)`` of :func:`swsa_store.references.make_references`) is a split
+    used instead of the store's, e.g. one made in memory without writing the store.
     ``task_ids`` restricts the sweep to those tasks. ``cube.config`` records the time spent
     reading embeddings and scoring, and the kNN floating-point operations.
     """
@@ -612,7 +616,9 @@ def run_sweep(
         info = candidate_info(store, entries)
         n_images = store.n_images
         matrix_sizes = [store.file["embeddings"][n]["features"].size for n in names if n in held]
-        references, reference_attrs = read_references(store), store.table_attrs(REFERENCES_TABLE)
+        if references is None:
+            references = (read_references(store), store.table_attrs(REFERENCES_TABLE))
+    references, reference_attrs = references
     if task_ids is not None:
         tasks = tasks[tasks["task_id"].isin(np.asarray(task_ids))]
     groups = build_task_groups(images, tasks, members, references)
@@ -664,10 +670,8 @@ def run_sweep(
                 if isinstance(detector, KnnDetector):
                     result = score_group(prepared, usable_rows, group, base_sources, k=detector.k, hardest=hardest, device=device)
                 else:
-                    with_prior = getattr(detector, "text_prior", 0) and text_prior is not None
-                    result = score_group_detector(prepared, usable_rows & text_prior.usable if with_prior else usable_rows,
-                                                  group, base_sources, detector, hardest=hardest, device=device,
-                                                  prior=priors[g])
+                    result = score_group_detector(prepared, usable_rows, group, base_sources, detector, hardest=hardest,
+                                                  device=device, prior=priors[g])
                     reference_log.add(entries[c][0], detector, group.task_ids, result.get("references"))
                 span = slice(offsets[g], offsets[g + 1])
                 real[span, c] = result["real"]

@@ -42,7 +42,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -55,12 +55,16 @@ from .backbones import (
 )
 from .registry import UnknownNameError
 
+if TYPE_CHECKING:
+    from .store import TextEmbeddings
+
 log = logging.getLogger(__name__)
 
 __all__ = [
     "BLISS_TEMPLATE", "CLIP_PREFIX", "PAPER_CLIP", "PAPER_TEMPLATES", "GENERIC_TEMPLATES", "ClipModel", "PromptSet",
     "bliss_dictionary", "clip_backbone_cfg", "embed_text_store", "embed_texts", "load_clip", "load_prompt_file",
-    "paper_prompt_set", "register_clip_architecture", "resolve_clip_weights", "task_prompt_table",
+    "paper_prompt_set", "read_text_prior_inputs", "register_clip_architecture", "resolve_clip_weights",
+    "task_prompt_table", "text_model_name", "TextPriorInputs",
 ]
 
 CLIP_PREFIX = "clip/"
@@ -569,3 +573,70 @@ def embed_text_store(store_path: str | os.PathLike, model: str = PAPER_CLIP, *, 
                                                     {"template": BLISS_TEMPLATE, "kind": "dictionary"}))
             counts["dictionary"] = len(dictionary_strings)
     return {"model": clip.embedding_name, "weights": clip.weights.kind, "strings_embedded": len(unique), **counts}
+
+
+# --------------------------------------------------------------------------------------------
+# Reading text and image embeddings back for the engine
+# --------------------------------------------------------------------------------------------
+
+
+def text_model_name(store, model: str | None) -> str:
+    """The embedding name (``clip-<arch>[@<tag>]``) of the text embeddings of CLIP ``model`` in
+    the open ``store``; ``None`` picks the only model held (a one-line error if none or several)."""
+    held = store.text_models()
+    if model is None:
+        if len(held) != 1:
+            raise ValueError(f"store {store.path} holds text embeddings of {held or 'no model'}; pass --model "
+                             f"(run `swsa embed-text` first if none)")
+        return held[0]
+    name = model.replace("/", "-")
+    if name not in held:
+        raise ValueError(f"store {store.path} has no text embeddings of {model!r} (held: {held or 'none'}); "
+                         f"run `swsa embed-text --store {store.path} --model {model}`")
+    return name
+
+
+@dataclass(frozen=True, eq=False)
+class TextPriorInputs:
+    """What the residual detector's CLIP text prior is built from
+    (:meth:`swsa_engine.detector_sweep.TextPrior.from_store`).
+
+    ``model``: the CLIP embedding name; ``text``: its prompt set
+    (:class:`~swsa_store.store.TextEmbeddings`: strings, (U, D) unit rows, row table, attrs);
+    ``features``: (N, D) float32 image embeddings by the same model, indexed by image id (NaN
+    where not written); ``usable``: (N,) bool, images whose CLIP embedding is written and finite.
+    """
+
+    model: str
+    text: TextEmbeddings
+    features: np.ndarray
+    usable: np.ndarray
+
+
+def read_text_prior_inputs(store_path: str | os.PathLike, model: str | None = None,
+                           prompt_set: str = "paper") -> TextPriorInputs:
+    """Read CLIP ``model``'s prompt set ``prompt_set`` and image embeddings from the store.
+
+    ``model=None`` takes the only CLIP model with text embeddings. A store without text
+    embeddings, without that model's image embeddings, or without the prompt set is a one-line
+    :class:`~swsa_store.StoreError` saying which ``swsa embed`` / ``swsa embed-text`` to run.
+    Images without a written CLIP embedding are not an error: ``usable`` is False for them.
+    """
+    from .store import DONE_WRITTEN, StoreError, open_store
+
+    fix = (f"run `swsa embed --store {store_path} --backbone clip/MODEL` and `swsa embed-text --store {store_path} "
+           "--model clip/MODEL` first")
+    with open_store(store_path) as store:
+        if not store.text_models():
+            raise StoreError(f"the residual detector's text prior needs CLIP text embeddings, and store {store_path} "
+                             f"has none; {fix}")
+        name = text_model_name(store, model)
+        if name not in store.backbones():
+            raise StoreError(f"the residual detector's text prior needs image embeddings {name!r}; {fix}")
+        if prompt_set not in store.text_sets(name):
+            raise StoreError(f"store {store_path} has no prompt set {prompt_set!r} for {name} "
+                             f"(held: {store.text_sets(name)}); {fix}")
+        text = store.text_embeddings(name, prompt_set)
+        features = store.embeddings(name)
+        usable = (store.done_mask(name) == DONE_WRITTEN) & np.isfinite(features).all(axis=1)
+    return TextPriorInputs(name, text, features, usable)

@@ -56,34 +56,42 @@ def choose_references(task_ids: np.ndarray, image_ids: np.ndarray, share: float,
     return hash_uniform(seed, task_ids, image_ids) < share
 
 
+def make_references(images: pd.DataFrame, source: str, share: float, seed: int = 0,
+                    store_path: str | os.PathLike = "STORE") -> tuple[pd.DataFrame, dict]:
+    """The split :func:`split_references` writes, computed from an images table (``image_id,
+    kind, status, task_id``) without writing it: ``(table (task_id, image_id, source), attrs)``.
+    Only images whose status is ``ok`` are considered; ``store_path`` names the store in errors."""
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 < float(share) < 1.0:
+        raise ValueError(f"share must be a number in (0, 1), got {share!r}; e.g. --share 0.25 keeps 75% of each "
+                         "task's anomalies for validation")
+    synthetic = images[images["kind"] != "real"]
+    held = sorted(synthetic["kind"].unique())
+    if source not in held:
+        raise ValueError(f"store {store_path} holds no synthetic anomalies of source {source!r} (held: "
+                         f"{', '.join(held) or 'none'}); run `swsa synth --store {store_path} --method ...` first "
+                         "or pick a held source")
+    chosen = synthetic[(synthetic["kind"] == source) & (synthetic["status"] == "ok") & (synthetic["task_id"] >= 0)]
+    task_ids = chosen["task_id"].to_numpy(dtype=np.int64)
+    image_ids = chosen["image_id"].to_numpy(dtype=np.int64)
+    keep = choose_references(task_ids, image_ids, float(share), int(seed))
+    table = pd.DataFrame({"task_id": task_ids[keep], "image_id": image_ids[keep],
+                          "source": np.full(int(keep.sum()), source, dtype=object)})
+    return table, {"source": source, "share": float(share), "seed": int(seed), "rule": _RULE}
+
+
 def split_references(store_path: str | os.PathLike, source: str, share: float, seed: int = 0) -> pd.DataFrame:
     """Hold apart a ``share`` of every task's synthetic anomalies of ``source`` as abnormal references.
 
     Writes (replacing any earlier split) the table ``/abnormal_references`` with one row per
-    reference (``task_id, image_id, source``) and the attributes ``source, share, seed, rule``;
-    returns the table. Only images whose status is ``ok`` are considered.
+    reference (``task_id, image_id, source``) and the attributes ``source, share, seed, rule``
+    (:func:`make_references`); returns the table. Only images whose status is ``ok`` are considered.
     """
     from .store import edit_store
 
-    if not isinstance(share, (int, float)) or not 0.0 < float(share) < 1.0:
-        raise ValueError(f"share must be a number in (0, 1), got {share!r}; e.g. --share 0.25 keeps 75% of each "
-                         "task's anomalies for validation")
     with edit_store(store_path) as store:
         images = store.images(columns=["image_id", "kind", "status", "task_id"])
-        synthetic = images[images["kind"] != "real"]
-        held = sorted(synthetic["kind"].unique())
-        if source not in held:
-            raise ValueError(f"store {store_path} holds no synthetic anomalies of source {source!r} (held: "
-                             f"{', '.join(held) or 'none'}); run `swsa synth --store {store_path} --method ...` first "
-                             "or pick a held source")
-        chosen = synthetic[(synthetic["kind"] == source) & (synthetic["status"] == "ok") & (synthetic["task_id"] >= 0)]
-        task_ids = chosen["task_id"].to_numpy(dtype=np.int64)
-        image_ids = chosen["image_id"].to_numpy(dtype=np.int64)
-        keep = choose_references(task_ids, image_ids, float(share), int(seed))
-        table = pd.DataFrame({"task_id": task_ids[keep], "image_id": image_ids[keep],
-                              "source": np.full(int(keep.sum()), source, dtype=object)})
-        store.replace_table(REFERENCES_TABLE, table, {"source": source, "share": float(share), "seed": int(seed),
-                                                      "rule": _RULE})
+        table, attrs = make_references(images, source, share, seed, store_path)
+        store.replace_table(REFERENCES_TABLE, table, attrs)
     return table
 
 

@@ -449,36 +449,12 @@ class Store:
         self._require_writable()
         for name in self.patch_sets():
             group = self.file["patches"][name]
-            old_tokens, old_done = group["tokens"], group["done"]
-            if old_tokens.shape[0] >= n_rows:
-                continue
-            shape = (n_rows,) + old_tokens.shape[1:]
-            _allocate(group, "tokens_new", shape, old_tokens.dtype, np.nan, chunks=(1,) + shape[1:])
-            _allocate(group, "done_new", (n_rows,), np.dtype(np.uint8), 0)
-            block = max(1, (64 << 20) // max(1, int(np.prod(shape[1:])) * old_tokens.dtype.itemsize))
-            for lo in range(0, old_tokens.shape[0], block):
-                hi = min(lo + block, old_tokens.shape[0])
-                group["tokens_new"][lo:hi] = old_tokens[lo:hi]
-            group["done_new"][: old_done.shape[0]] = old_done[...]
-            del group["tokens"], group["done"]
-            group.move("tokens_new", "tokens")
-            group.move("done_new", "done")
+            if group["tokens"].shape[0] < n_rows:  # one image per chunk, as create_patches lays them out
+                _grow_rows(group, "tokens", n_rows, chunks=(1,) + group["tokens"].shape[1:])
         for name in self.backbones():
             group = self.file["embeddings"][name]
-            old_features, old_done = group["features"], group["done"]
-            if old_features.shape[0] >= n_rows:
-                continue
-            dim = old_features.shape[1]
-            _allocate(group, "features_new", (n_rows, dim), old_features.dtype, np.nan)
-            _allocate(group, "done_new", (n_rows,), np.dtype(np.uint8), 0)
-            block = max(1, (64 << 20) // max(1, dim * old_features.dtype.itemsize))
-            for lo in range(0, old_features.shape[0], block):
-                hi = min(lo + block, old_features.shape[0])
-                group["features_new"][lo:hi] = old_features[lo:hi]
-            group["done_new"][: old_done.shape[0]] = old_done[...]
-            del group["features"], group["done"]
-            group.move("features_new", "features")
-            group.move("done_new", "done")
+            if group["features"].shape[0] < n_rows:
+                _grow_rows(group, "features", n_rows)
 
     def write_text_embeddings(self, model: str, prompt_set: str, strings, embeddings: np.ndarray,
                               table: pd.DataFrame | None = None, attrs: dict | None = None) -> None:
@@ -553,6 +529,27 @@ def _allocate(group: h5py.Group, name: str, shape: tuple, dtype: np.dtype, fill:
     dcpl.set_fill_time(h5py.h5d.FILL_TIME_ALLOC)
     dcpl.set_fill_value(np.array(fill, dtype=dtype))
     return group.create_dataset(name, shape=shape, dtype=dtype, dcpl=dcpl)
+
+
+def _grow_rows(group: h5py.Group, name: str, n_rows: int, chunks: tuple | None = None) -> None:
+    """Replace ``group[name]`` (N, ...) and ``group["done"]`` (N,) by copies with ``n_rows`` rows:
+    the first N rows as they were, the new ones NaN with done = 0 (to embed).
+
+    Written under ``<name>_new`` / ``done_new`` first and copied in blocks of about 64 MiB (a
+    patch-token set does not fit in memory), then moved over the old names.
+    """
+    old, old_done = group[name], group["done"]
+    shape = (n_rows,) + old.shape[1:]
+    _allocate(group, f"{name}_new", shape, old.dtype, np.nan, chunks=chunks)
+    _allocate(group, "done_new", (n_rows,), np.dtype(np.uint8), 0)
+    block = max(1, (64 << 20) // max(1, int(np.prod(shape[1:])) * old.dtype.itemsize))
+    for lo in range(0, old.shape[0], block):
+        hi = min(lo + block, old.shape[0])
+        group[f"{name}_new"][lo:hi] = old[lo:hi]
+    group["done_new"][: old_done.shape[0]] = old_done[...]
+    del group[name], group["done"]
+    group.move(f"{name}_new", name)
+    group.move("done_new", "done")
 
 
 # --------------------------------------------------------------------------- opening

@@ -12,6 +12,7 @@ from swsa_engine.bench import (MVTEC, PAPER_BACKBONES, VISA, format_figures, mak
 from swsa_engine.distribution import cluster_histogram_tv, total_variation, tv_table
 from swsa_engine.sweep import AurocCube, run_sweep
 from swsa_store import open_store
+from swsa_store.references import read_references
 
 SMALL = {"resnet18": (512, 11), "vit_b_16": (768, 86), "resnet50": (2048, 25)}
 
@@ -145,9 +146,11 @@ def test_detector_bench_times_each_detector_and_reports_skips(small_store, tmp_p
     table = bench_detectors(small_store, ("knn(k=1,l2)", "mahalanobis", "nagl"), task_fraction=0.5, progress=False)
     assert list(table["detector"]) == ["knn(k=1,l2)", "mahalanobis", "nagl(k=3,beta=1.0)"]
     timed = table[table["status"].str.startswith("ok")]
-    assert len(timed) == 2 and (timed["seconds"] > 0).all()
+    assert len(timed) == 3 and (timed["seconds"] > 0).all()
     assert (timed["seconds_all_tasks"] >= timed["seconds"] - 1e-9).all()  # extrapolated up to every task
-    assert "swsa split-refs" in table.loc[2, "status"]
+    assert "in-memory split: 0.25 of each task's cutpaste anomalies" in table.loc[2, "status"]
+    with open_store(small_store) as store:
+        assert read_references(store) is None  # timing NAGL wrote no split into the store
     text = format_detector_bench(table, patch_cost(n_tasks=1, n_queries=4, n_patches=9, dim=16, bank_size=5))
     assert "| knn(k=1,l2) |" in text and "patch(K=4)" in text
     with pytest.raises(ValueError, match=r"task_fraction must be in \(0, 1\]"):

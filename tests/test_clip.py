@@ -396,3 +396,40 @@ def test_residual_text_prior_needs_clip_text(tmp_path):
         embed_store(store, "pixels@4", progress=False)
     with pytest.raises(Exception, match="text prior needs CLIP text embeddings.*swsa embed-text"):
         run_sweep(store, detectors=["residual(K=2,mean,text=1)"], save=False, progress=False)
+
+
+def test_residual_text_prior_reports_images_without_clip_embedding(tiny_store, tmp_path):
+    """An image the backbone embedded but CLIP did not (its done flag never written) is left out of
+    residual(text=w) and recorded as a skip of that task naming the reason; the plain residual keeps it."""
+    import shutil
+
+    import h5py
+
+    from swsa_engine.sweep import run_sweep
+    from swsa_store import open_store
+    from swsa_store.ingest import embed_store
+    from swsa_store.tasks import ROLE_SEED
+
+    source, _ = tiny_store
+    shutil.copytree(source.parent, tmp_path / "copy")  # the module's store stays whole
+    store = tmp_path / "copy" / source.name
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        embed_store(store, "pixels@4", progress=False)
+    name = MODEL.replace("/", "-")
+    with open_store(store) as s:
+        members = s.task_members()
+    seed = members[members["role"] == ROLE_SEED].iloc[0]
+    image_id, task_id = int(seed["image_id"]), int(seed["task_id"])
+    with h5py.File(store, "r+") as f:  # as if CLIP's ingest stopped before this image
+        f["embeddings"][name]["done"][image_id] = 0
+        f["embeddings"][name]["features"][image_id] = np.nan
+    labels = ["residual(K=2,mean)", "residual(K=2,mean,text=0.5)"]
+    cube = run_sweep(store, backbones=["pixels@4"], detectors=labels, save=False, progress=False)
+    assert np.isfinite(cube.real).all() and np.isfinite(cube.synthetic[:, :, 0]).all()  # still scored
+    skips = cube.skips
+    assert len(skips) == (members["image_id"] == image_id).sum() == 1
+    row = skips.iloc[0]
+    assert row["task_id"] == task_id and row["candidate"] == f"pixels@4/{labels[1]}"
+    assert f"left out 1 of the task's images that have no CLIP embedding {name!r}" in row["reason"]
+    assert f"swsa embed --store STORE --backbone {MODEL}" in row["reason"]

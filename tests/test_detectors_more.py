@@ -392,6 +392,31 @@ def _reference_aurocs(path, task_id, name, score):
     return real, synthetic
 
 
+def test_sweep_with_an_in_memory_split_equals_the_written_split(store, tmp_path):
+    """run_sweep(references=make_references(...)) scores NAGL as a written split does, and writes nothing."""
+    from swsa_store.references import make_references
+
+    path = tmp_path / "s.h5"
+    path.write_bytes(store.read_bytes())
+    with open_store(path) as s:
+        images, tasks = s.images(columns=["image_id", "kind", "status", "task_id"]), s.tasks()
+    chosen = tasks[tasks["status"] == "ok"].groupby("dataset")["task_id"].first().tolist()[:2]
+    split = make_references(images, "cutpaste", 0.3, seed=4, store_path=path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        memory = run_sweep(path, progress=False, save=False, detectors=["nagl(k=2,beta=0.5)"], task_ids=chosen,
+                           references=split)
+        with open_store(path) as s:
+            assert read_references(s) is None
+        split_references(path, "cutpaste", 0.3, seed=4)
+        written = run_sweep(path, progress=False, save=False, detectors=["nagl(k=2,beta=0.5)"], task_ids=chosen)
+    np.testing.assert_array_equal(memory.synthetic, written.synthetic)
+    np.testing.assert_array_equal(memory.real, written.real)
+    assert memory.config["abnormal_references"] == written.config["abnormal_references"]
+    with pytest.raises(ValueError, match=r"holds no synthetic anomalies of source 'nope' \(held: .*cutpaste"):
+        make_references(images, "nope", 0.3, store_path=path)
+
+
 def test_sweep_with_several_detectors_equals_per_task_references(store, tmp_path):
     path = tmp_path / "s.h5"
     path.write_bytes(store.read_bytes())

@@ -76,8 +76,10 @@ def test_grow_embeddings_keeps_rows(tmp_path):
     with edit_store(path) as store:
         store.replace_table("images", _table(3))
         store.create_embeddings("bb", 2, {})
-    with writer_lock(path), EmbeddingRowWriter(path, "bb") as writer:
-        writer.write(np.array([0, 1, 2]), np.ones((3, 2), np.float32), np.ones(3, np.uint8))
+        store.create_patches("bb", 4, 2, {})
+    with writer_lock(path), EmbeddingRowWriter(path, "bb", patches=True) as writer:
+        writer.write(np.array([0, 1, 2]), np.ones((3, 2), np.float32), np.ones(3, np.uint8),
+                     patch_rows=np.full((3, 4, 2), 2.0, np.float32))
     with edit_store(path, compact=True) as store:
         store.replace_table("images", _table(5))
         store.grow_embeddings(5)
@@ -87,6 +89,13 @@ def test_grow_embeddings_keeps_rows(tmp_path):
         np.testing.assert_array_equal(features[:3], 1.0)
         assert np.isnan(features[3:]).all()
         np.testing.assert_array_equal(store.done_mask("bb"), [1, 1, 1, 0, 0])
+        # patch tokens grow the same way and keep one image per chunk
+        tokens = store.patches("bb")
+        assert tokens.shape == (5, 4, 2) and tokens.dtype == np.float16
+        np.testing.assert_array_equal(tokens[:3], 2.0)
+        assert np.isnan(tokens[3:]).all()
+        np.testing.assert_array_equal(store.patch_done_mask("bb"), [1, 1, 1, 0, 0])
+        assert store.file["patches"]["bb"]["tokens"].chunks == (1, 4, 2)
 
 
 def test_failed_edit_leaves_store_unchanged(tmp_path):

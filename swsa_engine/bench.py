@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -406,6 +407,71 @@ def _sweep_worker(store: str, task_fraction: float | None, device: str) -> None:
                       "peak_rss_bytes": peak, "tasks": len(cube.tasks)}))
 
 
+def _prepare_bench_store(store: Path, make: bool, task_fraction: float, image_fraction: float, progress: bool) -> dict:
+    """Make the paper-shaped ``store`` if it is missing (and ``make``), then read it once so that
+    the page cache is warm; returns ``make_store`` (when made) and ``store_bytes`` figures."""
+    figures = {}
+    if not store.exists():
+        if not make:
+            raise FileNotFoundError(f"bench store {store} does not exist; run `swsa bench --make-store {store}`")
+        figures["make_store"] = make_paper_store(store, task_fraction=task_fraction, image_fraction=image_fraction,
+                                                 progress=progress)
+    figures["store_bytes"] = store.stat().st_size
+    with open(store, "rb") as handle:  # warm the page cache: the targets are for a warm store
+        while handle.read(64 << 20):
+            pass
+    return figures
+
+
+def _time_selection(cube) -> tuple[dict, pd.DataFrame]:
+    """Milliseconds to evaluate a new strategy, and the whole Table 1, over the cached ``cube``;
+    returns those figures and Table 1."""
+    from .selection import STRATEGIES, register_strategy, selection_table
+
+    if "bench_median_synthetic" not in STRATEGIES:
+        @register_strategy("bench_median_synthetic")
+        def _median(**_):
+            return lambda ctx: np.nanmedian(ctx.synthetic_base, axis=2).argmax(axis=1)
+    figures = {}
+    started = time.perf_counter()
+    table = selection_table(cube, [("median of sources", "bench_median_synthetic", {})])
+    figures["new_strategy_ms"] = 1000 * (time.perf_counter() - started)
+    figures["new_strategy_rows"] = len(table)
+    started = time.perf_counter()
+    full = selection_table(cube)
+    figures["table1_ms"] = 1000 * (time.perf_counter() - started)
+    return figures, full
+
+
+def _reference_figures(store: Path, cube, reference_tasks: int, progress: bool) -> dict:
+    """The naive reference on ``reference_tasks`` tasks per dataset: its cost, extrapolated to
+    every task, and its largest differences from the cube's AUROCs and Kendall taus."""
+    from .metrics import kendall_tau
+
+    sample = np.concatenate([rows["task_id"].to_numpy()[:reference_tasks] for _, rows in cube.tasks.groupby("dataset")])
+    if progress:
+        print(f"[bench] reference loops on {len(sample)} tasks ...", flush=True)
+    reference = reference_sweep(store, list(map(int, sample)), k=cube.config["k"], hardest=tuple(cube.config["hardest"]))
+    row_of = {int(t): i for i, t in enumerate(cube.tasks["task_id"])}
+    names = cube.candidate_names
+    max_diff = 0.0
+    for (task_id, name), ref in reference["results"].items():
+        t, c = row_of[task_id], names.index(name)
+        max_diff = max(max_diff, float(np.max(np.abs(np.array(ref["real"]) - cube.real[t, c]))))
+        for source, value in ref["synthetic"].items():
+            max_diff = max(max_diff, abs(value - cube.synthetic[t, c, cube.sources.index(source)]))
+    rows = np.array([row_of[int(t)] for t in sample])
+    ref_tau, kendall_seconds = reference_kendall(cube, rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # constant AUROC rows: NaN in both implementations
+        ours_tau, _ = kendall_tau(cube.synthetic[rows].transpose(0, 2, 1), np.broadcast_to(cube.real[rows, :, 0][:, None, :], (len(rows), len(cube.sources), len(names))))
+    return {
+        "tasks_sampled": int(len(sample)), "seconds": reference["seconds"] + kendall_seconds,
+        **extrapolate_reference(reference, kendall_seconds, cube.tasks),
+        "max_abs_auroc_difference": max_diff, "max_abs_tau_difference": float(np.nanmax(np.abs(ref_tau - ours_tau))),
+    }
+
+
 def run_bench(
     store: str | os.PathLike,
     *,
@@ -422,20 +488,11 @@ def run_bench(
     ``reference_tasks`` tasks per dataset are recomputed naively; their cost is extrapolated to
     all tasks. Returns the figures (also written as JSON to ``out`` when given).
     """
-    from .selection import STRATEGIES, register_strategy, selection_table
     from .sweep import AurocCube
 
     store = Path(store)
     figures: dict = {"machine": {"cpu_count": os.cpu_count()}}
-    if not store.exists():
-        if not make:
-            raise FileNotFoundError(f"bench store {store} does not exist; run `swsa bench --make-store {store}`")
-        figures["make_store"] = make_paper_store(store, task_fraction=task_fraction, image_fraction=image_fraction,
-                                                 progress=progress)
-    figures["store_bytes"] = store.stat().st_size
-    with open(store, "rb") as handle:  # warm the page cache: the targets are for a warm store
-        while handle.read(64 << 20):
-            pass
+    figures.update(_prepare_bench_store(store, make, task_fraction, image_fraction, progress))
     if progress:
         print("[bench] full sweep ...", flush=True)
     figures["sweep"] = _sweep_subprocess(store, None, device)
@@ -446,52 +503,15 @@ def run_bench(
     largest_dim = max(int(d) for d in cube.candidates["feature_dim"])
     figures["largest_matrix_bytes"] = int(largest_dim * _n_images(store) * 4)
     figures["memory_budget_bytes"] = 2 * figures["largest_matrix_bytes"] + (1 << 30)
-
-    # a new strategy over the cached cube
-    if "bench_median_synthetic" not in STRATEGIES:
-        @register_strategy("bench_median_synthetic")
-        def _median(**_):
-            return lambda ctx: np.nanmedian(ctx.synthetic_base, axis=2).argmax(axis=1)
-    started = time.perf_counter()
-    table = selection_table(cube, [("median of sources", "bench_median_synthetic", {})])
-    figures["new_strategy_ms"] = 1000 * (time.perf_counter() - started)
-    figures["new_strategy_rows"] = len(table)
-    started = time.perf_counter()
-    full = selection_table(cube)
-    figures["table1_ms"] = 1000 * (time.perf_counter() - started)
-
-    # the naive reference on a sample of tasks
-    sample = np.concatenate([rows["task_id"].to_numpy()[:reference_tasks] for _, rows in cube.tasks.groupby("dataset")])
-    if progress:
-        print(f"[bench] reference loops on {len(sample)} tasks ...", flush=True)
-    reference = reference_sweep(store, list(map(int, sample)), k=cube.config["k"], hardest=tuple(cube.config["hardest"]))
-    row_of = {int(t): i for i, t in enumerate(cube.tasks["task_id"])}
-    names = cube.candidate_names
-    max_diff = 0.0
-    for (task_id, name), ref in reference["results"].items():
-        t, c = row_of[task_id], names.index(name)
-        max_diff = max(max_diff, float(np.max(np.abs(np.array(ref["real"]) - cube.real[t, c]))))
-        for source, value in ref["synthetic"].items():
-            max_diff = max(max_diff, abs(value - cube.synthetic[t, c, cube.sources.index(source)]))
-    from .metrics import kendall_tau
-
-    rows = np.array([row_of[int(t)] for t in sample])
-    ref_tau, kendall_seconds = reference_kendall(cube, rows)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # constant AUROC rows: NaN in both implementations
-        ours_tau, _ = kendall_tau(cube.synthetic[rows].transpose(0, 2, 1), np.broadcast_to(cube.real[rows, :, 0][:, None, :], (len(rows), len(cube.sources), len(names))))
-    tau_diff = float(np.nanmax(np.abs(ref_tau - ours_tau)))
-    figures["reference"] = {
-        "tasks_sampled": int(len(sample)), "seconds": reference["seconds"] + kendall_seconds,
-        **extrapolate_reference(reference, kendall_seconds, cube.tasks),
-        "max_abs_auroc_difference": max_diff, "max_abs_tau_difference": tau_diff,
-    }
+    selection_figures, full = _time_selection(cube)  # a new strategy over the cached cube
+    figures.update(selection_figures)
+    figures["reference"] = _reference_figures(store, cube, reference_tasks, progress)
     sweep_seconds = figures["sweep"]["seconds"]
     figures["speedup"] = figures["reference"]["extrapolated_seconds"] / sweep_seconds
     figures["knn_gflops"] = figures["sweep"]["knn_flops"] / max(1e-9, sweep_seconds - figures["sweep"]["read_seconds"]) / 1e9
     figures["matmul_peak_gflops"] = {"float64": matmul_peak_gflops("float64"), "float32": matmul_peak_gflops("float32")}
     figures["tasks"] = len(cube.tasks)
-    figures["candidates"] = len(names)
+    figures["candidates"] = len(cube.candidate_names)
     figures["sources"] = len(cube.sources)
     if out is not None:
         out = Path(out)
@@ -646,6 +666,67 @@ def make_ingest_catalog(root: str | os.PathLike, n_images: int, *, source_size: 
     return store
 
 
+def _forward_seconds(embedder, input_size: tuple[int, ...], n_images: int, batch_size: int) -> float:
+    """Seconds of ``embedder``'s forward pass alone over ``n_images`` ready random inputs
+    ``(batch_size, *input_size)``, after one warm-up batch (kernel selection, allocations)."""
+    import torch
+
+    sizes = [batch_size] * (n_images // batch_size) + ([n_images % batch_size] if n_images % batch_size else [])
+    generator = torch.Generator().manual_seed(0)
+    inputs = {n: torch.randn((n, *input_size), generator=generator) for n in set(sizes)}
+    embedder(inputs[sizes[0]])  # warm-up (kernel selection, allocations)
+    sync = torch.cuda.synchronize if embedder.device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for n in sizes:
+        embedder(inputs[n])
+    sync()
+    return time.perf_counter() - start
+
+
+def _quiet_embed(store: Path, backbone: str, **options):
+    """``embed_store(store, backbone, **options)`` with warnings silenced: the bench reports its own figures."""
+    from swsa_store.ingest import embed_store
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return embed_store(store, backbone, **options)
+
+
+def _local_pipeline(catalog: Path, copy: Path, backbone: str, **options) -> tuple[object, float]:
+    """``embed_store`` on a copy of the ``catalog`` store: its report and the seconds of the run
+    itself (the model load excluded)."""
+    from swsa_store.ingest import run_ingest
+
+    timings: dict = {}
+
+    def timed(*args, **kwargs):
+        begin = time.perf_counter()
+        result = run_ingest(*args, **kwargs)
+        timings["seconds"] = time.perf_counter() - begin
+        return result
+
+    shutil.copyfile(catalog, copy)
+    report = _quiet_embed(copy, backbone, runner=timed, **options)
+    return report, timings["seconds"]
+
+
+def _ray_pipeline(catalog: Path, copy: Path, backbone: str, ray: str, ray_kwargs: dict, **options) -> dict:
+    """``embed_store`` on Ray (``ray``: an address or ``"local"``) on a copy of the ``catalog``
+    store, end to end; its figures, with the time to the first result apart."""
+    from swsa_store.distributed import RayIngestRunner, ray_session
+
+    shutil.copyfile(catalog, copy)
+    runner = RayIngestRunner(**ray_kwargs)
+    with ray_session(None if ray == "local" else ray):
+        report = _quiet_embed(copy, backbone, device="cpu", runner=runner, **options)
+    stats = runner.stats
+    return {
+        "seconds": stats["seconds"], "images_per_s": report.written / stats["seconds"], "actors": stats["actors"],
+        "seconds_to_first_result": stats["seconds"] - stats["seconds_after_first_result"],
+    }
+
+
 def bench_ingest(
     work_dir: str | os.PathLike,
     *,
@@ -671,12 +752,10 @@ def bench_ingest(
     reported apart as the time to the first result).
     Returns ``{"forward": {...}, "pipeline": {...}, ["ray": {...}], "ratio", ...}``.
     """
-    import shutil
-
     import torch
 
     from swsa_store.backbones import create_backbone
-    from swsa_store.ingest import Embedder, embed_store, run_ingest
+    from swsa_store.ingest import Embedder
 
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -686,56 +765,19 @@ def bench_ingest(
         loaded = create_backbone(backbone, weights=weights, image_size=image_size, device=device)
     embedder = Embedder(loaded.model, device=device)
     input_size = tuple(loaded.preprocess.input_size)
-    sizes = [batch_size] * (n_images // batch_size) + ([n_images % batch_size] if n_images % batch_size else [])
-    generator = torch.Generator().manual_seed(0)
-    inputs = {n: torch.randn((n, *input_size), generator=generator) for n in set(sizes)}
-    embedder(inputs[sizes[0]])  # warm-up (kernel selection, allocations)
-    sync = torch.cuda.synchronize if embedder.device.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    for n in sizes:
-        embedder(inputs[n])
-    sync()
-    forward_s = time.perf_counter() - start
-
-    timings: dict = {}
-
-    def timed(*args, **kwargs):
-        begin = time.perf_counter()
-        result = run_ingest(*args, **kwargs)
-        timings["seconds"] = time.perf_counter() - begin
-        return result
-
-    local_store = work_dir / "local.h5"
-    shutil.copyfile(store, local_store)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        report = embed_store(local_store, backbone, weights=weights, image_size=image_size, batch_size=batch_size,
-                             num_workers=workers, device=device, progress=progress, runner=timed)
+    forward_s = _forward_seconds(embedder, input_size, n_images, batch_size)
+    options = {"weights": weights, "image_size": image_size, "batch_size": batch_size, "progress": progress}
+    report, pipeline_s = _local_pipeline(store, work_dir / "local.h5", backbone, num_workers=workers, device=device, **options)
     figures = {
         "backbone": backbone, "weights": weights, "input_size": list(input_size), "images": n_images,
         "source_size": source_size, "batch_size": batch_size, "workers": workers, "device": device,
         "torch_threads": torch.get_num_threads(),
         "forward": {"seconds": forward_s, "images_per_s": n_images / forward_s},
-        "pipeline": {"seconds": timings["seconds"], "images_per_s": report.written / timings["seconds"],
-                     "written": report.written},
+        "pipeline": {"seconds": pipeline_s, "images_per_s": report.written / pipeline_s, "written": report.written},
     }
     figures["ratio"] = figures["pipeline"]["images_per_s"] / figures["forward"]["images_per_s"]
     if ray is not None:
-        from swsa_store.distributed import RayIngestRunner, ray_session
-
-        ray_store = work_dir / "ray.h5"
-        shutil.copyfile(store, ray_store)
-        runner = RayIngestRunner(**ray_kwargs)
-        with ray_session(None if ray == "local" else ray), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            report = embed_store(ray_store, backbone, weights=weights, image_size=image_size, batch_size=batch_size,
-                                 device="cpu", progress=progress, runner=runner)
-        stats = runner.stats
-        figures["ray"] = {
-            "seconds": stats["seconds"], "images_per_s": report.written / stats["seconds"], "actors": stats["actors"],
-            "seconds_to_first_result": stats["seconds"] - stats["seconds_after_first_result"],
-        }
+        figures["ray"] = _ray_pipeline(store, work_dir / "ray.h5", backbone, ray, ray_kwargs, **options)
         figures["ray_ratio"] = figures["ray"]["images_per_s"] / figures["forward"]["images_per_s"]
     return figures
 

@@ -391,14 +391,46 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # in the order `swsa --help` lists them
+    for add_command in (_add_demo_command, _add_catalog_command, _add_synth_command, _add_embed_command,
+                        _add_score_command, _add_embed_text_command, _add_report_command, _add_import_scores_command,
+                        _add_bench_command, _add_split_refs_command, _add_info_command, _add_export_validation_command):
+        add_command(sub)
+    return parser
 
-    def add(name, func, help_text):
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(func=func)
-        p.add_argument("--quiet", action="store_true", help="no progress bars")
-        return p
 
-    p = add("demo", cmd_demo, "run the whole SWSA loop on scikit-learn's digits and write a report")
+def _add_command(sub: argparse._SubParsersAction, name: str, func, help_text: str) -> argparse.ArgumentParser:
+    """A subcommand running ``func(args)``, with the --quiet every command takes."""
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    p.set_defaults(func=func)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _add_store_option(p: argparse.ArgumentParser, help: str | None = None) -> None:
+    p.add_argument("--store", required=True, help=help)
+
+
+def _add_device_option(p: argparse.ArgumentParser | argparse._ArgumentGroup, default: str | None = "cpu",
+                       help: str | None = None) -> None:
+    p.add_argument("--device", default=default, help=help)
+
+
+def _add_loader_options(p: argparse.ArgumentParser) -> None:
+    """--batch-size and --workers of the local embedding DataLoader (demo, embed)."""
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+
+
+def _add_weights_options(p: argparse.ArgumentParser, weights_help: str, weights_dir_help: str) -> None:
+    """Where a model's weights come from (embed, embed-text)."""
+    p.add_argument("--weights", default=None, help=weights_help)
+    p.add_argument("--weights-dir", default=None, help=weights_dir_help)
+    p.add_argument("--allow-download", action="store_true", help="allow downloading weights (offline by default)")
+
+
+def _add_demo_command(sub: argparse._SubParsersAction) -> None:
+    p = _add_command(sub, "demo", cmd_demo, "run the whole SWSA loop on scikit-learn's digits and write a report")
     p.add_argument("--out", default="swsa-demo", help="output folder (store, images, report); default: swsa-demo")
     p.add_argument("--backbones", default=",".join(DEMO_BACKBONES), help="comma-separated candidate backbones")
     p.add_argument("--detectors", default=";".join(DEMO_DETECTORS),
@@ -407,14 +439,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=50, help="CutPaste anomalies per task and variant (paper: 100; default 50)")
     p.add_argument("--n-seed", type=int, default=20, help="seed images per task (default 20)")
     p.add_argument("--seed", type=int, default=0, help="base seed (split and generators)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    _add_loader_options(p)
     p.add_argument("--weights-dir", default=None, help="folder with pretrained weights (else: caches, else random init)")
-    p.add_argument("--device", default="cpu")
+    _add_device_option(p)
 
-    p = add("catalog", cmd_catalog, "catalog a dataset into a store and build its tasks")
+
+def _add_catalog_command(sub: argparse._SubParsersAction) -> None:
+    p = _add_command(sub, "catalog", cmd_catalog, "catalog a dataset into a store and build its tasks")
     p.add_argument("dataset", help="registered dataset: digits, folder, cub, flowers, mvtec, visa, tinyimagenet, ...")
-    p.add_argument("--store", required=True, help="the HDF5 store (created if missing)")
+    _add_store_option(p, help="the HDF5 store (created if missing)")
     p.add_argument("--root", help="dataset root folder (folder: root/<class>/... or root/{train,test}/<class>/...)")
     p.add_argument("--name", help="dataset name in the store (folder: default the root's name; paper datasets: default "
                    "cub, flowers, mvtec, visa, tinyimagenet)")
@@ -428,8 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-seed", type=int, default=20, help="seed images per task (default 20, the paper's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/test and seed/held-out splits")
 
-    p = add("synth", cmd_synth, "make each task's synthetic anomalies from its seed images")
-    p.add_argument("--store", required=True)
+
+def _add_synth_command(sub: argparse._SubParsersAction) -> None:
+    p = _add_command(sub, "synth", cmd_synth, "make each task's synthetic anomalies from its seed images")
+    _add_store_option(p)
     p.add_argument("--method", default="cutpaste", help="registered generator (default cutpaste)")
     p.add_argument("--variant", help="generator variant, e.g. cutpaste: normal | scar")
     p.add_argument("--texture-dir", help="--method perlin: folder of texture images (e.g. DTD's images/); "
@@ -441,6 +476,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "auxiliary: tinyimagenet or auxiliary)")
     p.add_argument("--root", help="--method auxiliary: Tiny-ImageNet root or any image folder to sample outliers from "
                    "(--count per task; Flowers tasks 25, as in the paper)")
+    _add_diffusion_options(p)
+    _add_ray_options(p)
+
+
+def _add_diffusion_options(p: argparse.ArgumentParser) -> None:
+    # no defaults here: cmd_synth passes only what was given, so each generator keeps its own
     g = p.add_argument_group("--method diffusion (DiffStyle h-space content injection)")
     g.add_argument("--model", help="256x256_diffusion_uncond.pt (local file) or a diffusers UNet2DModel directory "
                    "(default: $SWSA_DIFFUSION_MODEL)")
@@ -449,37 +490,38 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--t-edit", dest="t_edit", type=int, help="inject content only at steps t >= t_edit (default 400)")
     g.add_argument("--interpolation", choices=["linear", "slerp"], help="h-space interpolation (default linear, the paper's)")
     g.add_argument("--t-boost", dest="t_boost", type=int, help="stochastic quality boosting at steps t < t_boost (default 0: off)")
-    g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    _add_device_option(g, default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     g.add_argument("--batch-size", dest="batch_size", type=int, help="pairs per batch (default 8)")
-    _add_ray_options(p)
 
-    p = add("embed", cmd_embed, "embed every catalogued image with a backbone (resumable)")
-    p.add_argument("--store", required=True)
+
+def _add_embed_command(sub: argparse._SubParsersAction) -> None:
+    p = _add_command(sub, "embed", cmd_embed, "embed every catalogued image with a backbone (resumable)")
+    _add_store_option(p)
     p.add_argument("--backbone", required=True, help="registered backbone(s), comma-separated, or timm/<name>")
-    p.add_argument("--weights", default=None,
-                   help="weights file or folder, 'random' for random init (loudly), default: search the documented order")
-    p.add_argument("--weights-dir", default=None, help="folder searched for <backbone>.safetensors|.pth (or SWSA_WEIGHTS_DIR)")
-    p.add_argument("--allow-download", action="store_true", help="allow downloading weights (offline by default)")
+    _add_weights_options(
+        p, weights_help="weights file or folder, 'random' for random init (loudly), default: search the documented order",
+        weights_dir_help="folder searched for <backbone>.safetensors|.pth (or SWSA_WEIGHTS_DIR)")
     p.add_argument("--image-size", type=int, default=None, help="override the model's input resolution")
     p.add_argument("--name", help="name of the embedding matrix (default: the backbone name)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (with --ray: the actors' GPUs)")
+    _add_loader_options(p)
+    _add_device_option(p, help="cpu, cuda, cuda:1, ... (with --ray: the actors' GPUs)")
     _add_ray_options(p)
     p.add_argument("--patch-tokens", dest="patch_tokens", action="store_true",
                    help="also store the patch tokens (ViT tokens, or a CNN's layer3 map) as float16 in "
                         "/patches/<name>, for the patch detector; costs P x D' x 2 bytes per image "
                         "(ViT-B/16 at 224: 196 x 768 x 2 = 301 KB)")
 
-    p = add("score", cmd_score, "compute the AUROC cube for all tasks, candidates and sources")
-    p.add_argument("--store", required=True)
+
+def _add_score_command(sub: argparse._SubParsersAction) -> None:
+    p = _add_command(sub, "score", cmd_score, "compute the AUROC cube for all tasks, candidates and sources")
+    _add_store_option(p)
     p.add_argument("--backbones", help="comma-separated candidates (default: every embedding in the store)")
     p.add_argument("--k", type=int, default=3, help="neighbours in the kNN score (default 3, the paper's)")
     p.add_argument("--detectors", help="detectors applied to every embedding, ';'-separated, e.g. "
                                        "'knn(k=3);knn(k=5,cosine);mahalanobis;residual(K=4,mean);residual(K=4,min);"
                                        "nagl(k=3,beta=1.0);pca(n=8)' (default: knn(k=K)); nagl needs `swsa split-refs`")
     p.add_argument("--hardest", default="10,5", help="also validate on the N hardest synthetic anomalies (default 10,5)")
-    p.add_argument("--device", default="cpu")
+    _add_device_option(p)
     p.add_argument("--prompts", action="store_true",
                    help="score CLIP prompts instead of kNN backbones: /results/prompt_cube (needs `swsa embed-text` "
                         "and `swsa embed --backbone clip/...`)")
@@ -489,22 +531,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lambdas", default="", help="--bliss: lambda grid (default 0.1,0.25,0.5,0.75,1,2)")
     p.add_argument("--ks", default="", help="--bliss: K grid (default 1,5,10,20)")
 
-    p = add("embed-text", cmd_embed_text,
-            "embed every task's CLIP prompts, the BLISS class prompts and the BLISS dictionary into the store")
-    p.add_argument("--store", required=True)
+
+def _add_embed_text_command(sub: argparse._SubParsersAction) -> None:
+    p = _add_command(sub, "embed-text", cmd_embed_text,
+                     "embed every task's CLIP prompts, the BLISS class prompts and the BLISS dictionary into the store")
+    _add_store_option(p)
     p.add_argument("--model", default="clip/ViT-B-16-plus-240@laion400m_e32",
                    help="clip/<open_clip architecture>[@<pretrained tag>] (default: the paper's ViT-B-16-plus-240@laion400m_e32)")
     p.add_argument("--prompts", action="append", metavar="FILE",
                    help="extra prompt set from a TOML/JSON file (repeatable); the paper's set is always embedded")
-    p.add_argument("--weights", default=None, help="weights file or folder, 'random' for random init (loudly)")
-    p.add_argument("--weights-dir", default=None, help="folder searched for <arch>@<tag>.pt etc. (or SWSA_WEIGHTS_DIR)")
-    p.add_argument("--allow-download", action="store_true", help="allow downloading weights (offline by default)")
+    _add_weights_options(p, weights_help="weights file or folder, 'random' for random init (loudly)",
+                         weights_dir_help="folder searched for <arch>@<tag>.pt etc. (or SWSA_WEIGHTS_DIR)")
     p.add_argument("--no-dictionary", action="store_true", help="skip the BLISS dictionary")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="cpu")
+    _add_device_option(p)
 
-    p = add("report", cmd_report, "write Markdown/CSV/JSON tables and figures from the scored store")
-    p.add_argument("--store", required=True)
+
+def _add_report_command(sub: argparse._SubParsersAction) -> None:
+    p = _add_command(sub, "report", cmd_report, "write Markdown/CSV/JSON tables and figures from the scored store")
+    _add_store_option(p)
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--table3-tasks", type=int, default=0,
                    help="add Table 3 (total variation) over this many tasks per dataset (default 0: off)")
@@ -512,16 +557,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidate", help="embedding used by Table 3 and Figure 4 (default vit_b_16, else the first)")
     p.add_argument("--html", metavar="PATH", help="also write one self-contained HTML report (opens offline in a browser)")
 
-    p = add("import-scores", cmd_import_scores,
-            "import anomaly scores computed by any tool (CSV/Parquet: task, image_id or path, score) as a candidate")
-    p.add_argument("--store", required=True)
+
+def _add_import_scores_command(sub: argparse._SubParsersAction) -> None:
+    p = _add_command(sub, "import-scores", cmd_import_scores,
+                     "import anomaly scores computed by any tool (CSV/Parquet: task, image_id or path, score) as a candidate")
+    _add_store_option(p)
     p.add_argument("--candidate", required=True, help="name of the candidate in tables and figures")
     p.add_argument("file", help="CSV or Parquet file with columns task (or task_id), image_id (or path), score")
     p.add_argument("--allow-missing", action="store_true",
                    help="skip (and record) tasks whose validation images are not all scored, instead of failing")
     p.add_argument("--replace", action="store_true", help="overwrite imported scores of the same name")
 
-    p = add("bench", cmd_bench, "time the engine on a paper-shaped store (329 tasks, 10 backbones) against reference loops")
+
+def _add_bench_command(sub: argparse._SubParsersAction) -> None:
+    p = _add_command(sub, "bench", cmd_bench,
+                     "time the engine on a paper-shaped store (329 tasks, 10 backbones) against reference loops")
     p.add_argument("--store", default="swsa-bench/paper.h5", help="bench store (made if missing; default swsa-bench/paper.h5)")
     p.add_argument("--make-store", metavar="PATH", help="only write a paper-shaped store of random embeddings to PATH")
     p.add_argument("--task-fraction", type=float, default=1.0, help="share of each dataset's classes (scale knob, default 1)")
@@ -535,7 +585,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detector-fraction", type=float, default=0.1,
                    help="--detectors: share of each dataset's tasks timed, extrapolated to all (default 0.1)")
     p.add_argument("--out", default=None, help="folder for bench.json and table1.csv (detectors.csv with --detectors)")
-    p.add_argument("--device", default="cpu")
+    _add_device_option(p)
+    _add_bench_ingest_options(p)
+    _add_ray_options(p)
+
+
+def _add_bench_ingest_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("--ingest: images/s of the embedding pipeline vs the model's forward pass alone")
     g.add_argument("--ingest", action="store_true",
                    help="instead: time embedding a generated catalog of JPEGs (read, preprocess, forward, write) "
@@ -546,26 +601,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--images", type=int, default=512, help="--ingest: images in the generated catalog (default 512)")
     g.add_argument("--batch-size", dest="batch_size", type=int, default=64, help="--ingest: batch size (default 64)")
     g.add_argument("--workers", type=int, default=0, help="--ingest: DataLoader workers of the local path (default 0)")
-    _add_ray_options(p)
 
-    p = add("split-refs", cmd_split_refs,
-            "hold a seeded share of each task's synthetic anomalies of one source apart as abnormal references "
-            "(for the nagl detector); they leave the synthetic validation set of every candidate")
-    p.add_argument("--store", required=True)
+
+def _add_split_refs_command(sub: argparse._SubParsersAction) -> None:
+    p = _add_command(sub, "split-refs", cmd_split_refs,
+                     "hold a seeded share of each task's synthetic anomalies of one source apart as abnormal references "
+                     "(for the nagl detector); they leave the synthetic validation set of every candidate")
+    _add_store_option(p)
     p.add_argument("--source", required=True, help="synthetic source (image kind), e.g. cutpaste")
     p.add_argument("--share", type=float, required=True,
                    help="share of each task's anomalies of --source used as references, in (0, 1), e.g. 0.25")
     p.add_argument("--seed", type=int, default=0, help="seed of the per-image hash that picks references (default 0)")
 
-    p = add("info", cmd_info, "show what a store holds: datasets, tasks, backbones and their completeness")
-    p.add_argument("--store", required=True)
+
+def _add_info_command(sub: argparse._SubParsersAction) -> None:
+    p = _add_command(sub, "info", cmd_info, "show what a store holds: datasets, tasks, backbones and their completeness")
+    _add_store_option(p)
     p.add_argument("--json", action="store_true", help="print JSON")
 
-    p = add("export-validation", cmd_export_validation,
-            "export each task's validation set (support, held-out normals, synthetic anomalies) as folders "
-            "anomalib's Folder datamodule reads: <task>/train/good, <task>/val/good, <task>/val/<generator>")
+
+def _add_export_validation_command(sub: argparse._SubParsersAction) -> None:
+    p = _add_command(sub, "export-validation", cmd_export_validation,
+                     "export each task's validation set (support, held-out normals, synthetic anomalies) as folders "
+                     "anomalib's Folder datamodule reads: <task>/train/good, <task>/val/good, <task>/val/<generator>")
     p.add_argument("out", help="output folder (one sub-folder per task, plus manifest.csv)")
-    p.add_argument("--store", required=True)
+    _add_store_option(p)
     p.add_argument("--format", default="anomalib-folder", help="layout: anomalib-folder (the default and only one for now)")
     p.add_argument("--tasks", help="comma-separated task ids or task folder names (default: every task that is not skipped)")
     p.add_argument("--train", default="disjoint",
@@ -573,7 +633,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "image) or the whole support set (as swsa's kNN bank)")
     p.add_argument("--no-test", action="store_true", help="leave out the real test images (test/good, test/<group>)")
     p.add_argument("--copy", action="store_true", help="copy the files instead of hard-linking them")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

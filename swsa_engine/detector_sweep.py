@@ -9,11 +9,14 @@ same skips, and memory bounded by chunking over tasks (and over shared queries).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 from scipy.special import expit
 
 from .loader import TaskGroup
-from .sweep import _features_for, empty_result, synthetic_queries, validation_aurocs
+from .sweep import (_features_for, _keep_usable, _leave_one_out, _own_real_queries, _put_real, _usable_banks, empty_result,
+                    synthetic_queries, validation_aurocs)
 
 
 def score_group_detector(
@@ -51,92 +54,116 @@ def score_group_detector(
     for detectors with ``references`` (the few-shot residual) ``references`` (T, K) image ids of
     each task's drawn references (-1 where none).
     """
-    label = detector.label
     weight = float(getattr(detector, "text_prior", 0.0))
-    text_skips = []
-    if weight and getattr(prior, "usable", None) is not None:
-        # the prior cannot score an image without a CLIP embedding: leave it out, and say so per task
-        text_skips = _text_prior_skips(group, sources, usable & ~prior.usable, detector, prior)
-        usable = usable & prior.usable
-
-    def keep(ids: np.ndarray) -> np.ndarray:
-        return np.where((ids >= 0) & usable[np.maximum(ids, 0)], ids, -1)
-
-    n_tasks = len(group.task_ids)
-    support = keep(group.support)
-    heldout = keep(group.heldout)
-    n_bank = (support >= 0).sum(axis=1)
-    has_heldout = (heldout >= 0).any(axis=1)
-    needed = np.where(has_heldout, detector.min_bank(True), detector.min_bank(False))
-    scoreable = n_bank >= needed
+    usable, text_skips = _without_clip_gaps(group, sources, usable, detector, prior, weight)
+    keep = _keep_usable(usable)
     hint = getattr(detector, "bank_hint", "use a larger support set or other settings")
-    skips = text_skips + [(int(t), f"{label} needs at least {need} usable support images, the task has {n}; {hint}")
-                          for t, n, need in zip(group.task_ids[~scoreable], n_bank[~scoreable], needed[~scoreable])]
-    abnormal = None
-    if getattr(detector, "needs_abnormal", False):
-        abnormal = keep(getattr(group, "abnormal", np.full((n_tasks, 0), -1, dtype=np.int64)))
-        n_abnormal = (abnormal >= 0).sum(axis=1)
-        short = scoreable & (n_abnormal < detector.min_abnormal)
-        skips += [(int(t), f"{label} needs at least {detector.min_abnormal} abnormal references, the task has {n}; "
-                           "hold some synthetic anomalies apart with `swsa split-refs --store STORE --source SOURCE "
-                           "--share 0.25` (or a larger share)")
-                  for t, n in zip(group.task_ids[short], n_abnormal[short])]
-        scoreable &= ~short
-    out = empty_result(group, sources, hardest, skips)
+    support, heldout, scoreable, bank_skips = _usable_banks(
+        group, keep, (detector.min_bank(False), detector.min_bank(True)), detector.label, f"; {hint}")
+    abnormal, scoreable, abnormal_skips = _abnormal_references(group, keep, detector, scoreable)
+    out = empty_result(group, sources, hardest, text_skips + bank_skips + abnormal_skips)
     rows = np.flatnonzero(scoreable)
     if rows.size == 0:
         return out
     support = support[rows]
     task_ids = group.task_ids[rows]
-    abnormal = None if abnormal is None else abnormal[rows]
     if hasattr(detector, "references"):  # record the drawn references as image ids
-        positions = np.asarray(detector.references(support >= 0, task_ids), dtype=np.int64)
-        out["references"] = np.full((n_tasks, positions.shape[1]), -1, dtype=np.int64)
-        out["references"][rows] = np.where(positions >= 0, np.take_along_axis(support, np.maximum(positions, 0), 1), -1)
-    flops = [0.0]
-
-    # ---- real validation
+        out["references"] = _drawn_references(detector, support, task_ids, rows, len(group.task_ids))
+    scorer = _DetectorPass(detector, features, support, None if abnormal is None else abnormal[rows], task_ids, chunk_bytes)
     real_ok = usable[group.real_ids]
     member = (group.real_label[rows] >= 0) & real_ok[None, :]
-    widest = int(member.sum(axis=1).max(initial=0))
-    real_scores = np.full((len(rows), len(group.real_ids)), np.nan)
-    if hasattr(detector, "score_shared") and widest and int(real_ok.sum()) <= 1.5 * widest:
-        # tasks share their real validation images (one-vs-rest): one set of queries, every bank
-        query_ids = group.real_ids[real_ok]
-        real_scores[:, real_ok] = _shared_chunks(detector, features, query_ids, support, abnormal, task_ids, chunk_bytes, flops)
-        real_scores[~member] = np.nan
-    elif widest:
-        # each task has its own real images (a product's test set): per-task queries
-        order = np.argsort(~member, axis=1, kind="stable")[:, :widest]
-        present = np.take_along_axis(member, order, axis=1)
-        own = np.where(present, group.real_ids[order], -1)
-        scores = _task_chunks(detector, features, own, support, None, abnormal, task_ids, chunk_bytes, flops)
-        np.put_along_axis(real_scores, order, np.where(present, scores, np.nan), axis=1)
-        real_scores[~member] = np.nan
-
-    # ---- synthetic validation: held-out normals (leave-one-out) + each source's anomalies
+    real_scores = _real_detector_scores(scorer, group, real_ok, member)
+    # synthetic validation: held-out normals (leave-one-out) + each source's anomalies
     queries, widths = synthetic_queries(group, rows, sources, keep)
-    exclude = np.full(queries.shape, -1, dtype=np.int64)
-    held = heldout[rows]
-    match = (held[:, :, None] == support[:, None, :]) & (held[:, :, None] >= 0)
-    exclude[:, : widths[0]] = np.where(match.any(axis=2), match.argmax(axis=2), -1)
-    synth_scores = _task_chunks(detector, features, queries, support, exclude, abnormal, task_ids, chunk_bytes, flops)
-    out["knn_flops"] = flops[0]
+    synth_scores = scorer.task_scores(queries, _leave_one_out(heldout[rows], support, queries, widths[0]))
+    out["knn_flops"] = scorer.flops[0]
     if weight:
         if prior is None:
-            raise ValueError(f"{label} adds a CLIP text prior; pass prior= (run_sweep builds it from the store's CLIP embeddings)")
+            raise ValueError(f"{detector.label} adds a CLIP text prior; pass prior= (run_sweep builds it from the store's CLIP embeddings)")
         real_scores[:, real_ok] += weight * prior(rows, group.real_ids[real_ok])
         synth_scores += weight * np.where(queries >= 0, prior(rows, np.maximum(queries, 0)), 0.0)
-
-    # ---- a score that should exist but is not finite (a singular fit): skip the task, say why
+    # a score that should exist but is not finite (a singular fit): skip the task, say why
     broken = (member & ~np.isfinite(real_scores)).any(axis=1) | ((queries >= 0) & ~np.isfinite(synth_scores)).any(axis=1)
-    out["skips"] += [(int(t), f"{label} gave non-finite scores (a degenerate support set, e.g. duplicate images); "
+    out["skips"] += [(int(t), f"{detector.label} gave non-finite scores (a degenerate support set, e.g. duplicate images); "
                               "use another detector or a larger support set") for t in task_ids[broken]]
     aurocs = validation_aurocs(group, rows, real_scores, queries, synth_scores, widths, sources, hardest)
     for key in ("real", "synthetic", "per_class"):
         aurocs[key][broken] = np.nan
         out[key][rows] = aurocs[key]
     return out
+
+
+def _without_clip_gaps(group: TaskGroup, sources: list[str], usable: np.ndarray, detector, prior, weight: float):
+    """``usable`` (N,) less the images the text prior cannot score (no CLIP embedding), and a skip
+    for each task that loses some; ``usable`` as it is without a prior or its ``usable`` mask."""
+    if not (weight and getattr(prior, "usable", None) is not None):
+        return usable, []
+    # the prior cannot score an image without a CLIP embedding: leave it out, and say so per task
+    text_skips = _text_prior_skips(group, sources, usable & ~prior.usable, detector, prior)
+    return usable & prior.usable, text_skips
+
+
+def _abnormal_references(group: TaskGroup, keep, detector, scoreable: np.ndarray):
+    """For detectors with ``needs_abnormal``: the usable abnormal references (T, R) of every task,
+    ``scoreable`` (T,) less the tasks with fewer than ``detector.min_abnormal``, and their skips;
+    otherwise ``(None, scoreable, [])``."""
+    if not getattr(detector, "needs_abnormal", False):
+        return None, scoreable, []
+    abnormal = keep(getattr(group, "abnormal", np.full((len(group.task_ids), 0), -1, dtype=np.int64)))
+    n_abnormal = (abnormal >= 0).sum(axis=1)
+    short = scoreable & (n_abnormal < detector.min_abnormal)
+    skips = [(int(t), f"{detector.label} needs at least {detector.min_abnormal} abnormal references, the task has {n}; "
+                      "hold some synthetic anomalies apart with `swsa split-refs --store STORE --source SOURCE "
+                      "--share 0.25` (or a larger share)")
+             for t, n in zip(group.task_ids[short], n_abnormal[short])]
+    return abnormal, scoreable & ~short, skips
+
+
+def _drawn_references(detector, support: np.ndarray, task_ids: np.ndarray, rows: np.ndarray, n_tasks: int) -> np.ndarray:
+    """(n_tasks, K) image ids of the references ``detector.references`` draws from the banks
+    ``support`` (T', S) of tasks ``rows`` (-1 where none, and for every other task)."""
+    positions = np.asarray(detector.references(support >= 0, task_ids), dtype=np.int64)
+    drawn = np.full((n_tasks, positions.shape[1]), -1, dtype=np.int64)
+    drawn[rows] = np.where(positions >= 0, np.take_along_axis(support, np.maximum(positions, 0), 1), -1)
+    return drawn
+
+
+@dataclass
+class _DetectorPass:
+    """What every scoring call of one candidate over the scoreable tasks of one group shares."""
+
+    detector: object
+    features: np.ndarray  # prepared rows, indexed by image id on the first axis
+    support: np.ndarray  # (T', S) bank image ids, -1 padded
+    abnormal: np.ndarray | None  # (T', R) abnormal reference ids, for detectors that need them
+    task_ids: np.ndarray  # (T',)
+    chunk_bytes: int
+    flops: list = field(default_factory=lambda: [0.0])  # distance-like multiply-adds so far
+
+    def task_scores(self, queries: np.ndarray, exclude: np.ndarray | None) -> np.ndarray:
+        """Scores of per-task queries (T', W): :func:`_task_chunks`."""
+        return _task_chunks(self.detector, self.features, queries, self.support, exclude, self.abnormal, self.task_ids,
+                            self.chunk_bytes, self.flops)
+
+    def shared_scores(self, query_ids: np.ndarray) -> np.ndarray:
+        """Scores of queries (Q,) shared by every task: :func:`_shared_chunks`."""
+        return _shared_chunks(self.detector, self.features, query_ids, self.support, self.abnormal, self.task_ids,
+                              self.chunk_bytes, self.flops)
+
+
+def _real_detector_scores(scorer: _DetectorPass, group: TaskGroup, real_ok: np.ndarray, member: np.ndarray) -> np.ndarray:
+    """(T', Q) scores of ``group.real_ids`` for the scorer's tasks, NaN off ``member`` (T', Q)."""
+    widest = int(member.sum(axis=1).max(initial=0))
+    real_scores = np.full(member.shape, np.nan)
+    if hasattr(scorer.detector, "score_shared") and widest and int(real_ok.sum()) <= 1.5 * widest:
+        # tasks share their real validation images (one-vs-rest): one set of queries, every bank
+        real_scores[:, real_ok] = scorer.shared_scores(group.real_ids[real_ok])
+        real_scores[~member] = np.nan
+    elif widest:
+        # each task has its own real images (a product's test set): per-task queries
+        order, present, own = _own_real_queries(group, member, widest)
+        _put_real(real_scores, order, present, scorer.task_scores(own, None), member)
+    return real_scores
 
 
 def _text_prior_skips(group: TaskGroup, sources: list[str], missing: np.ndarray, detector, prior) -> list:

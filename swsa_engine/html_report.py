@@ -28,12 +28,13 @@ import io
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .report import table1_display
+from .report import _all_skips, _random_candidates, _ReportTables, table1_display
 from .selection import per_task_picks, ranking_table, selection_table
 from .sweep import SETTINGS, AurocCube
 
@@ -189,120 +190,197 @@ def _sample(ids: np.ndarray, n: int) -> np.ndarray:
     return ids[np.linspace(0, len(ids) - 1, n).round().astype(int)]
 
 
+class _StoreImages:
+    """What the task sections read from the store: the images (their thumbnails, cached by id),
+    each task's members and synthetic images, and the store's task table. Without a store
+    (``store_path`` None or missing) every lookup is empty and every thumbnail None."""
+
+    def __init__(self, store_path: str | os.PathLike | None, thumb_size: int):
+        from swsa_store import open_store
+
+        images = members = self.store_tasks = None
+        if store_path is not None and Path(store_path).exists():
+            with open_store(store_path) as store:
+                images, members, self.store_tasks = store.images(), store.task_members(), store.tasks()
+        self.store_path, self.thumb_size = store_path, thumb_size
+        self.paths = images["path"].to_numpy() if images is not None else np.empty(0, dtype=object)
+        self.status = images["status"].to_numpy() if images is not None else np.empty(0, dtype=object)
+        self.members_by_task = _groups(members, "task_id")
+        synthetic = images[(images["kind"] != "real") & (images["task_id"] >= 0)] if images is not None else None
+        self.synthetic_by_task = _groups(synthetic, "task_id")
+        #: synthetic image id -> the task it was made for
+        self.task_of_synthetic = dict(zip(synthetic["image_id"], synthetic["task_id"])) if synthetic is not None else {}
+        self._thumbs: dict[int, str | None] = {}
+
+    def thumb(self, image_id: int) -> str | None:
+        """The thumbnail data URI of ``image_id``; None when it has no readable file."""
+        from swsa_store.catalog import resolve_path
+
+        image_id = int(image_id)
+        if image_id not in self._thumbs:
+            paths, status = self.paths, self.status
+            ok = 0 <= image_id < len(paths) and status[image_id] == "ok" and paths[image_id]
+            self._thumbs[image_id] = thumbnail(resolve_path(self.store_path, paths[image_id]), self.thumb_size) if ok else None
+        return self._thumbs[image_id]
+
+
+class _TaskThumbs:
+    """The thumbnails one task's payload carries, keyed by image id (a string), in the order the
+    payload first names them."""
+
+    def __init__(self, images: _StoreImages):
+        self.images = images
+        self.by_id: dict[str, str | None] = {}
+
+    def use(self, image_id) -> int:
+        """Carry ``image_id``'s thumbnail; returns the id as an int."""
+        self.by_id[str(int(image_id))] = self.images.thumb(image_id)
+        return int(image_id)
+
+
+def _groups(frame: pd.DataFrame | None, column: str) -> dict:
+    """``frame``'s rows grouped by ``column``: value -> sub-frame; empty for None or no rows."""
+    if frame is None or not len(frame):
+        return {}
+    return {k: g for k, g in frame.groupby(column)}
+
+
+def _records(groups: dict, task_id: int) -> list[dict]:
+    """The rows of ``task_id``'s group as dicts; none when it has no group."""
+    return groups[task_id].to_dict(orient="records") if task_id in groups else []
+
+
+def _task_entry(task_id: int, dataset, normal_class, state: str) -> dict:
+    """A task's line in the task index (and the head of its payload)."""
+    return {"id": task_id, "dataset": str(dataset), "cls": str(normal_class), "status": state}
+
+
+def _skips_by_task(skips: pd.DataFrame, task_of_synthetic: dict) -> dict:
+    """The skips grouped by task: a skip of a synthetic image (task_id -1) counts for the task
+    the image was made for."""
+    skips = skips.copy()
+    if len(skips):
+        skips["task_of"] = [int(t) if int(t) >= 0 else int(task_of_synthetic.get(int(i), -1))
+                            for t, i in zip(skips["task_id"], skips["image_id"])]
+    return _groups(skips, "task_of")
+
+
+def _skip_rows(skips_by_task: dict, task_id: int) -> list[list]:
+    """[stage, image id, candidate, reason] per skip recorded for ``task_id``."""
+    return [[str(r["stage"]), int(r["image_id"]), str(r["candidate"]), str(r["reason"])]
+            for r in _records(skips_by_task, task_id)]
+
+
+def _real_images(members: pd.DataFrame | None, thumbs: _TaskThumbs, n_real: int) -> tuple[list, list, list]:
+    """A task's seed ids, ``n_real`` sampled real normal ids and ``n_real`` sampled
+    [real anomaly id, its group]; all empty without the task's ``members``."""
+    from swsa_store.tasks import ROLE_REAL_ANOMALY, ROLE_REAL_NORMAL, ROLE_SEED
+
+    if members is None:
+        return [], [], []
+    use = thumbs.use
+    seeds = [use(i) for i in np.sort(members.loc[members["role"] == ROLE_SEED, "image_id"].to_numpy())]
+    normals = [use(i) for i in _sample(np.sort(members.loc[members["role"] == ROLE_REAL_NORMAL, "image_id"].to_numpy()), n_real)]
+    anomaly_rows = members[members["role"] == ROLE_REAL_ANOMALY].sort_values(["group", "image_id"])
+    chosen = _sample(np.arange(len(anomaly_rows)), n_real)
+    anomalies = [[use(i), str(g)] for i, g in zip(anomaly_rows["image_id"].to_numpy()[chosen],
+                                                  anomaly_rows["group"].to_numpy()[chosen])]
+    return seeds, normals, anomalies
+
+
+def _generators(made: pd.DataFrame | None, thumbs: _TaskThumbs, max_per_generator: int) -> list[dict]:
+    """Per generator (image kind, sorted) of a task's synthetic images ``made``: its first
+    ``max_per_generator`` images, their layout and its total count."""
+    generators = []
+    if made is None:
+        return generators
+    for source, rows in made.groupby("kind", sort=True):
+        rows = rows.sort_values(["source_index", "image_id"])
+        items, layout = _generator_items(rows.head(max_per_generator), thumbs)
+        generators.append({"source": str(source), "layout": layout, "total": int(len(rows)), "items": items})
+    return generators
+
+
+def _generator_items(rows: pd.DataFrame, thumbs: _TaskThumbs) -> tuple[list[dict], str]:
+    """One item per synthetic image (its id, parents, and style and content ids for diffusion)
+    and the generator's layout: "diffusion" (style × content grid), "pairs" (beside its parents)
+    or "plain"."""
+    use = thumbs.use
+    items, layout = [], "plain"
+    for image_id, parents, params in zip(rows["image_id"], rows["parent_ids"], rows["params"]):
+        try:
+            parents = [int(p) for p in json.loads(parents or "[]")]
+            params = json.loads(params or "{}")
+        except (ValueError, TypeError):
+            parents, params = [], {}
+        item = {"id": use(image_id), "parents": [use(p) for p in parents]}
+        if "style_id" in params and "content_id" in params:
+            item["style"], item["content"] = use(params["style_id"]), use(params["content_id"])
+            layout = "diffusion"
+        elif parents and layout == "plain":
+            layout = "pairs"
+        items.append(item)
+    return items, layout
+
+
+def _auroc_payload(cube: AurocCube, t: int, closest: np.ndarray, base: list[str]) -> dict:
+    """Task row ``t``'s formatted AUROCs: per candidate, per source (synthetic) and setting (real)."""
+    return {
+        "candidates": cube.candidate_names,
+        "synthetic": {src: [fmt_number(v) for v in cube.synthetic[t, :, i]] for i, src in enumerate(cube.sources)},
+        "real": {setting: [fmt_number(v) for v in cube.real[t, :, s]] for s, setting in enumerate(SETTINGS)},
+        "closest": [str(c) for c in closest[t]],
+        "base": list(base),
+    }
+
+
+def _picks_payload(picks: list[dict]) -> list[dict]:
+    """A task's rows of ``tasks.csv`` (one per setting and source), formatted."""
+    return [{
+        "setting": row["setting"], "source": row["source"], "swsa": row["swsa_pick"],
+        "swsa_synth": fmt_number(row["swsa_pick_synthetic_auroc"]), "swsa_real": fmt_number(row["swsa_pick_real_auroc"]),
+        "oracle": row["oracle_pick"], "oracle_real": fmt_number(row["oracle_real_auroc"]), "hit": bool(row["hit"]),
+    } for row in picks]
+
+
 def _task_payloads(cube, store_path, picks, skips, *, thumb_size, max_per_generator, n_real, tsne_tasks):
     """Yield (task_id, index entry, JSON payload) per task, in the cube's task order, then the
     store's skipped tasks."""
-    from swsa_store import open_store
-    from swsa_store.catalog import resolve_path
-    from swsa_store.tasks import ROLE_REAL_ANOMALY, ROLE_REAL_NORMAL, ROLE_SEED
-
-    images = members = store_tasks = None
-    if store_path is not None and Path(store_path).exists():
-        with open_store(store_path) as store:
-            images, members, store_tasks = store.images(), store.task_members(), store.tasks()
-    paths = images["path"].to_numpy() if images is not None else np.empty(0, dtype=object)
-    status = images["status"].to_numpy() if images is not None else np.empty(0, dtype=object)
-    cache: dict[int, str | None] = {}
-
-    def thumb(image_id: int) -> str | None:
-        image_id = int(image_id)
-        if image_id not in cache:
-            ok = 0 <= image_id < len(paths) and status[image_id] == "ok" and paths[image_id]
-            cache[image_id] = thumbnail(resolve_path(store_path, paths[image_id]), thumb_size) if ok else None
-        return cache[image_id]
-
-    by_task_members = {k: g for k, g in members.groupby("task_id")} if members is not None else {}
-    synthetic = images[(images["kind"] != "real") & (images["task_id"] >= 0)] if images is not None else None
-    by_task_synth = {k: g for k, g in synthetic.groupby("task_id")} if synthetic is not None else {}
-    picks_by_task = {k: g for k, g in picks.groupby("task_id")} if len(picks) else {}
-    synth_task = dict(zip(synthetic["image_id"], synthetic["task_id"])) if synthetic is not None else {}
-    skips = skips.copy()
-    if len(skips):
-        skips["task_of"] = [int(t) if int(t) >= 0 else int(synth_task.get(int(i), -1))
-                            for t, i in zip(skips["task_id"], skips["image_id"])]
-    skips_by_task = {k: g for k, g in skips.groupby("task_of")} if len(skips) else {}
+    images = _StoreImages(store_path, thumb_size)
+    picks_by_task = _groups(picks, "task_id")
+    skips_by_task = _skips_by_task(skips, images.task_of_synthetic)
     closest = cube.closest_class()
-    names = cube.candidate_names
     base = cube.config.get("base_sources", [s for s in cube.sources if "@" not in s])
-
-    def entry(task_id, dataset, normal_class, state):
-        return {"id": task_id, "dataset": str(dataset), "cls": str(normal_class), "status": state}
-
     for t in range(len(cube.tasks)):
         task_id = int(cube.tasks["task_id"].iloc[t])
-        dataset, normal_class = cube.tasks["dataset"].iloc[t], cube.tasks["normal_class"].iloc[t]
-        thumbs: dict[str, str | None] = {}
-
-        def use(image_id):
-            thumbs[str(int(image_id))] = thumb(image_id)
-            return int(image_id)
-
-        mine = by_task_members.get(task_id)
-        seeds, normals, anomalies = [], [], []
-        if mine is not None:
-            seeds = [use(i) for i in np.sort(mine.loc[mine["role"] == ROLE_SEED, "image_id"].to_numpy())]
-            normals = [use(i) for i in _sample(np.sort(mine.loc[mine["role"] == ROLE_REAL_NORMAL, "image_id"].to_numpy()), n_real)]
-            anomaly_rows = mine[mine["role"] == ROLE_REAL_ANOMALY].sort_values(["group", "image_id"])
-            chosen = _sample(np.arange(len(anomaly_rows)), n_real)
-            anomalies = [[use(i), str(g)] for i, g in zip(anomaly_rows["image_id"].to_numpy()[chosen],
-                                                          anomaly_rows["group"].to_numpy()[chosen])]
-        generators = []
-        made = by_task_synth.get(task_id)
-        if made is not None:
-            for source, rows in made.groupby("kind", sort=True):
-                rows = rows.sort_values(["source_index", "image_id"])
-                total = len(rows)
-                rows = rows.head(max_per_generator)
-                items, layout = [], "plain"
-                for image_id, parents, params in zip(rows["image_id"], rows["parent_ids"], rows["params"]):
-                    try:
-                        parents = [int(p) for p in json.loads(parents or "[]")]
-                        params = json.loads(params or "{}")
-                    except (ValueError, TypeError):
-                        parents, params = [], {}
-                    item = {"id": use(image_id), "parents": [use(p) for p in parents]}
-                    if "style_id" in params and "content_id" in params:
-                        item["style"], item["content"] = use(params["style_id"]), use(params["content_id"])
-                        layout = "diffusion"
-                    elif parents and layout == "plain":
-                        layout = "pairs"
-                    items.append(item)
-                generators.append({"source": str(source), "layout": layout, "total": int(total), "items": items})
-        auroc = {
-            "candidates": names,
-            "synthetic": {src: [fmt_number(v) for v in cube.synthetic[t, :, i]] for i, src in enumerate(cube.sources)},
-            "real": {setting: [fmt_number(v) for v in cube.real[t, :, s]] for s, setting in enumerate(SETTINGS)},
-            "closest": [str(c) for c in closest[t]],
-            "base": list(base),
-        }
-        task_picks = []
-        for row in (picks_by_task.get(task_id, pd.DataFrame()).to_dict(orient="records")):
-            task_picks.append({
-                "setting": row["setting"], "source": row["source"], "swsa": row["swsa_pick"],
-                "swsa_synth": fmt_number(row["swsa_pick_synthetic_auroc"]), "swsa_real": fmt_number(row["swsa_pick_real_auroc"]),
-                "oracle": row["oracle_pick"], "oracle_real": fmt_number(row["oracle_real_auroc"]), "hit": bool(row["hit"]),
-            })
-        task_skips = [[str(r["stage"]), int(r["image_id"]), str(r["candidate"]), str(r["reason"])]
-                      for r in skips_by_task.get(task_id, pd.DataFrame()).to_dict(orient="records")]
+        entry = _task_entry(task_id, cube.tasks["dataset"].iloc[t], cube.tasks["normal_class"].iloc[t], "ok")
+        thumbs = _TaskThumbs(images)
+        seeds, normals, anomalies = _real_images(images.members_by_task.get(task_id), thumbs, n_real)
+        generators = _generators(images.synthetic_by_task.get(task_id), thumbs, max_per_generator)
         payload = {
-            **entry(task_id, dataset, normal_class, "ok"), "seeds": seeds, "generators": generators,
-            "normals": normals, "anomalies": anomalies, "auroc": auroc, "picks": task_picks, "skips": task_skips,
-            "tsne": task_id in tsne_tasks, "thumbs": thumbs,
+            **entry, "seeds": seeds, "generators": generators, "normals": normals, "anomalies": anomalies,
+            "auroc": _auroc_payload(cube, t, closest, base), "picks": _picks_payload(_records(picks_by_task, task_id)),
+            "skips": _skip_rows(skips_by_task, task_id), "tsne": task_id in tsne_tasks, "thumbs": thumbs.by_id,
         }
-        yield task_id, entry(task_id, dataset, normal_class, "ok"), payload
-    if store_tasks is not None:
-        scored = set(int(i) for i in cube.tasks["task_id"])
-        for row in store_tasks.to_dict(orient="records"):
-            if int(row["task_id"]) in scored:
-                continue
-            task_id = int(row["task_id"])
-            state = "skipped" if row.get("status", "ok") != "ok" else "not scored"
-            payload = {**entry(task_id, row["dataset"], row["normal_class"], state), "reason": str(row.get("skip_reason", "")),
-                       "seeds": [], "generators": [], "normals": [], "anomalies": [], "auroc": None, "picks": [],
-                       "skips": [[str(r["stage"]), int(r["image_id"]), str(r["candidate"]), str(r["reason"])]
-                                 for r in skips_by_task.get(task_id, pd.DataFrame()).to_dict(orient="records")],
-                       "tsne": False, "thumbs": {}}
-            yield task_id, entry(task_id, row["dataset"], row["normal_class"], state), payload
+        yield task_id, entry, payload
+    if images.store_tasks is not None:
+        yield from _unscored_payloads(cube, images.store_tasks, skips_by_task)
+
+
+def _unscored_payloads(cube: AurocCube, store_tasks: pd.DataFrame, skips_by_task: dict):
+    """Yield (task_id, index entry, JSON payload) per store task that ``cube`` has no AUROCs for:
+    skipped, or not scored yet."""
+    scored = set(int(i) for i in cube.tasks["task_id"])
+    for row in store_tasks.to_dict(orient="records"):
+        if int(row["task_id"]) in scored:
+            continue
+        task_id = int(row["task_id"])
+        state = "skipped" if row.get("status", "ok") != "ok" else "not scored"
+        entry = _task_entry(task_id, row["dataset"], row["normal_class"], state)
+        payload = {**entry, "reason": str(row.get("skip_reason", "")),
+                   "seeds": [], "generators": [], "normals": [], "anomalies": [], "auroc": None, "picks": [],
+                   "skips": _skip_rows(skips_by_task, task_id), "tsne": False, "thumbs": {}}
+        yield task_id, entry, payload
 
 
 def _json_script(element_id: str, value) -> str:
@@ -336,9 +414,40 @@ def write_html_report(
     of ``thumb_size`` px) and the tasks' members; ``max_per_generator`` synthetic images per
     generator and ``n_real`` real normal / anomalous images are shown per task.
     """
-    from .report import _all_skips
-
     report_dir = Path(report_dir) if report_dir is not None else None
+    tables = _report_tables(cube, report_dir, store_skips)
+    figures = _ReportFigures.read(cube, report_dir)
+    index, sections = [], []
+    for task_id, entry, payload in _task_payloads(
+        cube, store_path, tables.picks, tables.skips, thumb_size=thumb_size, max_per_generator=max_per_generator,
+        n_real=n_real, tsne_tasks=figures.tsne_tasks,
+    ):
+        index.append(entry)
+        sections.append(_json_script(f"task-{task_id}", payload))
+    random_candidates = _random_candidates(cube)
+    meta = {
+        "title": title, "candidates": cube.candidate_names, "sources": list(cube.sources), "settings": list(SETTINGS),
+        "random_candidates": random_candidates, "k": cube.config.get("k"), "n_tasks": len(cube.tasks),
+        "thumb_size": thumb_size, "max_per_generator": max_per_generator,
+    }
+    parts = [
+        *_page_head(title), *_intro_html(cube, notes, random_candidates), *_tables_html(tables), *_figures_html(figures),
+        *_tasks_html(thumb_size, max_per_generator, n_real),
+        _json_script("meta", meta), _json_script("task-index", index), _json_script("fig3-data", _figure3_data(cube)),
+        *sections,
+        f"<script>{_JS}</script></body></html>",
+    ]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(parts), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _report_tables(cube: AurocCube, report_dir: Path | None, store_skips: pd.DataFrame | None) -> _ReportTables:
+    """The tables as ``write_report`` wrote them to ``report_dir``; each one missing there is
+    computed from ``cube`` (and ``store_skips``), except Table 3, which stays None."""
     table1 = _read_csv(report_dir, "table1.csv")
     table1 = selection_table(cube) if table1 is None else table1
     table2 = _read_csv(report_dir, "table2.csv")
@@ -350,37 +459,45 @@ def write_html_report(
     if skips is None:
         skips = _all_skips(cube, store_skips)
     skips = skips.fillna({"candidate": "", "reason": "", "stage": ""})
-    figure3_png = _file_uri(report_dir / "figure3.png") if report_dir else None
-    figure4_png = _file_uri(report_dir / "figure4.png") if report_dir else None
-    tsne_tasks: set[int] = set()
-    if figure4_png:
-        from .distribution import sample_tasks
+    return _ReportTables(table1, table2, picks, skips, table3)
 
-        tsne_tasks = {int(cube.tasks["task_id"].iloc[r]) for r in sample_tasks(cube, 1, 0)}
 
-    shown1 = table1_display(table1)
-    shown1.insert(4, "pick_rate", table1["pick_rate"].to_numpy())
-    random_candidates = cube.candidates.loc[cube.candidates["weights_kind"] == "random", "name"].tolist()
-    index, sections = [], []
-    for task_id, entry, payload in _task_payloads(
-        cube, store_path, picks, skips, thumb_size=thumb_size, max_per_generator=max_per_generator, n_real=n_real,
-        tsne_tasks=tsne_tasks,
-    ):
-        index.append(entry)
-        sections.append(_json_script(f"task-{task_id}", payload))
+@dataclass
+class _ReportFigures:
+    """``report_dir``'s Figure 3 and Figure 4 PNGs as data URIs (None where absent) and the ids
+    of the tasks Figure 4 shows."""
 
-    meta = {
-        "title": title, "candidates": cube.candidate_names, "sources": list(cube.sources), "settings": list(SETTINGS),
-        "random_candidates": random_candidates, "k": cube.config.get("k"), "n_tasks": len(cube.tasks),
-        "thumb_size": thumb_size, "max_per_generator": max_per_generator,
-    }
-    parts = [
+    figure3_png: str | None
+    figure4_png: str | None
+    tsne_tasks: set[int]
+
+    @classmethod
+    def read(cls, cube: AurocCube, report_dir: Path | None) -> _ReportFigures:
+        figure3_png = _file_uri(report_dir / "figure3.png") if report_dir else None
+        figure4_png = _file_uri(report_dir / "figure4.png") if report_dir else None
+        tsne_tasks: set[int] = set()
+        if figure4_png:
+            from .distribution import sample_tasks
+
+            tsne_tasks = {int(cube.tasks["task_id"].iloc[r]) for r in sample_tasks(cube, 1, 0)}
+        return cls(figure3_png, figure4_png, tsne_tasks)
+
+
+def _page_head(title: str) -> list[str]:
+    """From the doctype to the opening of the overview section."""
+    return [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         '<link rel="icon" href="data:,">', f"<title>{html.escape(title)}</title>", f"<style>{_CSS}</style></head><body>",
         f'<header><h1>{html.escape(title)}</h1><nav><a href="#overview">Overview</a> · <a href="#tasks">Tasks</a></nav></header>',
         '<main><section id="overview"><h2>Overview</h2>',
     ]
+
+
+def _intro_html(cube: AurocCube, notes: list[str] | None, random_candidates: list[str]) -> list[str]:
+    """The warning about random candidates, the notes, one sentence on what was scored and the
+    (script-filled) filter bar."""
+    parts = []
     if random_candidates:
         parts.append(f'<p class="warn"><b>Randomly initialised candidates:</b> {html.escape(", ".join(random_candidates))}. '
                      "No pretrained weights were found for them, so their AUROCs describe random networks.</p>")
@@ -392,7 +509,14 @@ def write_html_report(
         f"kNN score with k = {html.escape(str(cube.config.get('k')))}.</p>"
     )
     parts.append('<div id="filters" class="filters"></div>')
-    parts += [
+    return parts
+
+
+def _tables_html(tables: _ReportTables) -> list[str]:
+    """Tables 1 and 2, and Table 3 when it was computed, with their captions."""
+    shown1 = table1_display(tables.table1)
+    shown1.insert(4, "pick_rate", tables.table1["pick_rate"].to_numpy())
+    parts = [
         "<h3>Table 1 — model selection</h3>",
         "<p class=cap>Pick rate = tasks where the strategy picks a candidate with the best real AUROC (ties count); "
         "AUROC of pick = mean real AUROC of the picked candidate; best possible = mean best real AUROC.</p>",
@@ -400,27 +524,38 @@ def write_html_report(
         "<h3>Table 2 — ranking agreement (Kendall's tau)</h3>",
         "<p class=cap>Kendall's tau-b between the candidates' synthetic and real AUROCs (averaged over tasks), its "
         "p-value and significance after Bonferroni correction; mean_task_tau averages the per-task taus.</p>",
-        html_table(table2, "table2"),
+        html_table(tables.table2, "table2"),
     ]
-    if table3 is not None:
+    if tables.table3 is not None:
         parts += [
             "<h3>Table 3 — total variation between real and synthetic validation sets</h3>",
             "<p class=cap>TV = Σ|p_i − q_i| of k-means cluster histograms (0 = same, 2 = disjoint).</p>",
-            html_table(table3, "table3"),
+            html_table(tables.table3, "table3"),
         ]
-    parts += [
+    return parts
+
+
+def _figures_html(figures: _ReportFigures) -> list[str]:
+    """Figure 3 (drawn by the script, plus the PNG when present), Figure 4 when present, and the
+    end of the overview section."""
+    parts = [
         "<h3>Figure 3 — real vs synthetic AUROC per candidate</h3>",
         '<p class=cap>Mean over each dataset\'s tasks; one panel per dataset and setting; the dashed line is y = x. '
         'Synthetic source: <select id="fig3-source"></select></p>',
         '<div id="fig3" class="panels"></div>',
     ]
-    if figure3_png:
-        parts.append(f'<details><summary>Figure 3 as rendered for the Markdown report</summary><img class="fig" alt="figure 3" src="{figure3_png}"></details>')
-    if figure4_png:
+    if figures.figure3_png:
+        parts.append(f'<details><summary>Figure 3 as rendered for the Markdown report</summary><img class="fig" alt="figure 3" src="{figures.figure3_png}"></details>')
+    if figures.figure4_png:
         parts += ["<h3>Figure 4 — t-SNE of one task per dataset</h3>",
-                  f'<img id="figure4" class="fig" alt="figure 4" src="{figure4_png}">']
-    parts += [
-        "</section>",
+                  f'<img id="figure4" class="fig" alt="figure 4" src="{figures.figure4_png}">']
+    parts.append("</section>")
+    return parts
+
+
+def _tasks_html(thumb_size: int, max_per_generator: int, n_real: int) -> list[str]:
+    """The tasks section (filled by the script from the task payloads) and the footer."""
+    return [
         '<section id="tasks"><h2>Tasks</h2>',
         '<p><input id="task-search" type="search" placeholder="search a class name…" autocomplete="off" size="40"> '
         '<span id="task-count"></span></p>',
@@ -428,16 +563,7 @@ def write_html_report(
         "images and results.</p></div></div></section></main>",
         f'<footer>Written by swsa. Thumbnails {thumb_size} px; up to {max_per_generator} synthetic images per generator '
         f"and {n_real} real normal / anomalous images per task are shown.</footer>",
-        _json_script("meta", meta), _json_script("task-index", index), _json_script("fig3-data", _figure3_data(cube)),
-        *sections,
-        f"<script>{_JS}</script></body></html>",
     ]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 _CSS = """

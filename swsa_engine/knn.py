@@ -217,6 +217,65 @@ def _too_small_message(k: int, details: list[tuple[int, int]], tail: str) -> str
     )
 
 
+def _check_same_dim(dim: int, other_dim: int, other: str) -> None:
+    if dim != other_dim:
+        raise ValueError(
+            f"queries have D={dim} features per row but {other} have D={other_dim}; "
+            f"both must come from the same backbone / feature layer"
+        )
+
+
+def _drop_if_unused(excl: np.ndarray) -> np.ndarray | None:
+    """``excl``, or None when it excludes nothing (the kernels then skip the exclusion work)."""
+    return excl if (excl >= 0).any() else None
+
+
+def _check_run_options(block_size: Any, device: Any, precision: Any, default_precision: str | None = None
+                       ) -> tuple[int | None, torch.device, str]:
+    """Validated ``(block_size, device, precision)``; ``precision=None`` means ``default_precision``,
+    or, when that is None too, float64 on CPU and float32 on CUDA."""
+    block_size = _check_block(block_size)
+    dev = _resolve_device(device)
+    if precision is None and default_precision is not None:
+        return block_size, dev, default_precision
+    return block_size, dev, _resolve_precision(precision, dev)
+
+
+def _task_exclusions(exclude: Any, query_mask: np.ndarray, bank_mask: np.ndarray) -> np.ndarray:
+    """Validated (T, Q) per-task exclusions; excluding for a masked query, or a padding row, is a no-op (-1)."""
+    excl = _as_index(exclude, "exclude", query_mask.shape, "(T, Q)", high=bank_mask.shape[1], what="a row of that task's bank")
+    excl_hit = query_mask & (excl >= 0) & np.take_along_axis(bank_mask, np.maximum(excl, 0), axis=1)
+    return np.where(excl_hit, excl, -1)
+
+
+def _check_task_rows(k: int, q: np.ndarray, b: np.ndarray, query_mask: np.ndarray, bank_mask: np.ndarray,
+                     excl: np.ndarray | None) -> None:
+    """Raise unless every real query (T, Q) keeps >= k usable rows of its bank and every real row is finite."""
+    usable = bank_mask.sum(axis=1)[:, None] - (excl >= 0 if excl is not None else 0)
+    short = query_mask & (usable < k)
+    if short.any():
+        tasks = np.flatnonzero(short.any(axis=1))
+        low = np.where(query_mask, usable, np.iinfo(np.int64).max).min(axis=1)
+        raise ValueError(_too_small_message(k, [(int(t), int(low[t])) for t in tasks], "= real bank rows minus an excluded row"))
+    _check_finite(q, "queries", query_mask, ("task", "row"))
+    _check_finite(b, "banks", bank_mask, ("task", "row"))
+
+
+def _safe_precision(mode: str, *norm_arrays: np.ndarray, caller: str | None = None) -> str:
+    """``mode``, or float64 where float32 would overflow or underflow on these squared norms
+    (said at DEBUG level when ``caller`` names the public function)."""
+    if mode == "float32" and not _f32_safe(*norm_arrays):
+        if caller:
+            LOG.debug("%s: squared norms outside the float32-safe range; using float64", caller)
+        return "float64"
+    return mode
+
+
+def _log_plan(work: float, message: str, *args: Any) -> None:
+    """Say how the work is split into blocks: at INFO level when it is big enough to take a while."""
+    (LOG.info if work > 2e9 else LOG.debug)(message, *args)
+
+
 # --------------------------------------------------------------------------- error bounds
 
 
@@ -254,6 +313,11 @@ def _error_coefficient(dim: int, precision: str, u_in: float = 0.0) -> float:
     return 2.02 * gamma + 2.02 * u_in + 16.0 * u
 
 
+def _torch_error_coefficient(dim: int, precision: str, device: torch.device) -> float:
+    """:func:`_error_coefficient` of a torch matrix product on ``device`` in ``precision``."""
+    return _error_coefficient(dim, precision, _matmul_input_roundoff(device) if precision == "float32" else 0.0)
+
+
 # --------------------------------------------------------------------------- core (torch)
 
 
@@ -277,6 +341,34 @@ def _direct_certify(vals_k, err, k):
     slack = k * err
     ok = slack <= CERT_RTOL * (sums - slack)
     return sums, ok
+
+
+def _without_excluded(cand_valid, idx, n_real, ex):
+    """``(cand_valid, n_usable)`` once each query's excluded bank row is taken out.
+
+    cand_valid, idx (..., kc) whether each candidate is a real bank row, and its position;
+    n_real (broadcasting to ...) real bank rows; ex (...) excluded position (-1 none), or None.
+    """
+    if ex is None:
+        return cand_valid, n_real
+    return cand_valid & (idx != ex[..., None]), n_real - (ex >= 0).long()
+
+
+def _exact_candidates(b_tab, b_idx, q_rows, cand_valid):
+    """Float64 ``((q - b) ** 2).sum(-1)`` of the candidates ``b_tab[b_idx]`` (..., kc, D) against
+    ``q_rows`` (broadcasting, e.g. (..., 1, D)); +inf where ``cand_valid`` is False → (..., kc)."""
+    rows = b_tab[b_idx]  # a fresh gather, worked on in place
+    return rows.sub_(q_rows).square_().sum(-1).masked_fill_(~cand_valid, _INF)
+
+
+def _recompute_uncertified(sums, good, exact_scores) -> int:
+    """Overwrite the scores ``sums`` (A, B) whose certificate failed (``good`` False) with
+    ``exact_scores(i, j)`` for their positions; returns how many there were."""
+    if bool(good.all()):
+        return 0
+    i, j = torch.nonzero(~good, as_tuple=True)
+    sums[i, j] = exact_scores(i, j)
+    return int(i.numel())
 
 
 def _exact_rows(q_tab, q_idx, b_tab, b_idx, valid, k: int) -> torch.Tensor:
@@ -374,20 +466,31 @@ def knn_score(queries, bank, k: int = 3, *, exclude=None, block_size: int | None
     to ~1e-10 relative.
     """
     k = _check_k(k)
+    q, b, excl = _check_one_bank(queries, bank, k, exclude)
+    block_size, dev, mode = _check_run_options(block_size, device, precision, default_precision="float32")
+    _check_finite(q, "queries")
+    _check_finite(b, "bank")
+    if q.shape[0] == 0:
+        return np.zeros(0, dtype=np.float64)
+    one = _OneBank.prepare(q, b, excl, k, dev)
+    mode = _safe_precision(mode, one.nq, one.nb, caller="knn_score")
+    use_faiss = mode == "float32" and _use_faiss(dev)
+    kc, qb = _plan_one_bank(one, mode, use_faiss, block_size)
+    coef, search = _faiss_search(one, kc) if use_faiss else _torch_search(one, mode, kc, qb)
+    out, ok = _first_tier(one, mode, coef, search, qb)
+    _recertify_in_float64(one, out, ok, kc)
+    return out.numpy()
+
+
+def _check_one_bank(queries, bank, k: int, exclude) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Validated (Q, D) queries, (S, D) bank and (Q,) exclusions (None when none) of :func:`knn_score`."""
     q = _as_real(queries, "queries", 2, "(Q, D)")
     b = _as_real(bank, "bank", 2, "(S, D)")
-    n_q, dim = q.shape
-    s, dim_b = b.shape
-    if dim != dim_b:
-        raise ValueError(
-            f"queries have D={dim} features per row but bank rows have D={dim_b}; "
-            f"both must come from the same backbone / feature layer"
-        )
+    s = b.shape[0]
+    _check_same_dim(q.shape[1], b.shape[1], "bank rows")
     excl = None
     if exclude is not None:
-        excl = _as_index(exclude, "exclude", (n_q,), "(Q,)", high=s, what="a row of bank")
-        if not (excl >= 0).any():
-            excl = None
+        excl = _drop_if_unused(_as_index(exclude, "exclude", (q.shape[0],), "(Q,)", high=s, what="a row of bank"))
     if k > s:
         hint = f"use k <= {s}" if s > 0 else "the bank is empty: give it at least k rows"
         raise ValueError(f"k={k} is larger than the support set ({s} rows); {hint}")
@@ -396,109 +499,147 @@ def knn_score(queries, bank, k: int = 3, *, exclude=None, block_size: int | None
             f"k={k} is larger than the support set minus the excluded row ({s} rows - 1 = {s - 1} usable "
             f"for leave-one-out queries); use k <= {s - 1}"
         )
-    block_size = _check_block(block_size)
-    dev = _resolve_device(device)
-    if precision is not None:
-        _resolve_precision(precision, dev)
-    _check_finite(q, "queries")
-    _check_finite(b, "bank")
-    if n_q == 0:
-        return np.zeros(0, dtype=np.float64)
-    q64 = np.ascontiguousarray(q, dtype=np.float64)
-    b64 = np.ascontiguousarray(b, dtype=np.float64)
-    nq = _sq_norms(q64, "queries")
-    nb = _sq_norms(b64, "bank")
-    mode = precision or "float32"
-    if mode == "float32" and not _f32_safe(nq, nb):
-        LOG.debug("knn_score: squared norms outside the float32-safe range; using float64")
-        mode = "float64"
+    return q, b, excl
 
-    use_faiss = False
-    if mode == "float32":
-        use_faiss = _use_faiss(dev)
-    kc = min(s, k + EXTRA_CANDIDATES + (1 if excl is not None else 0))
+
+@dataclass(frozen=True)
+class _OneBank:
+    """The queries and the bank of :func:`knn_score` in float64.
+
+    q64 (Q, D), b64 (S, D) and their squared norms nq (Q,), nb (S,) on the CPU; bank_dev the bank
+    on ``dev``; excl (Q,) the bank row each query must not count (-1 none), None when none does.
+    """
+
+    q64: np.ndarray
+    b64: np.ndarray
+    nq: np.ndarray
+    nb: np.ndarray
+    excl: np.ndarray | None
+    k: int
+    dev: torch.device
+    bank_dev: torch.Tensor
+
+    @classmethod
+    def prepare(cls, q: np.ndarray, b: np.ndarray, excl: np.ndarray | None, k: int, dev: torch.device) -> "_OneBank":
+        q64 = np.ascontiguousarray(q, dtype=np.float64)
+        b64 = np.ascontiguousarray(b, dtype=np.float64)
+        nq = _sq_norms(q64, "queries")
+        nb = _sq_norms(b64, "bank")
+        return cls(q64, b64, nq, nb, excl, k, dev, torch.from_numpy(b64).to(dev))
+
+    @property
+    def dim(self) -> int:
+        return self.b64.shape[1]
+
+    @property
+    def max_nb(self) -> float:
+        return float(self.nb.max())
+
+    @property
+    def excl_t(self) -> torch.Tensor | None:
+        return torch.from_numpy(self.excl) if self.excl is not None else None
+
+
+def _plan_one_bank(one: _OneBank, mode: str, use_faiss: bool, block_size: int | None) -> tuple[int, int]:
+    """``(kc, qb)``: candidates per query and queries per block of :func:`knn_score`, logged."""
+    n_q = one.q64.shape[0]
+    s, dim = one.b64.shape
+    kc = min(s, one.k + EXTRA_CANDIDATES + (1 if one.excl is not None else 0))
     per_query = 8 * kc * dim * 2 + 4 * dim * 2 + 8 * max(kc, 1) * 4
     if not use_faiss:
         per_query += 8 * min(s, 4096) * 3
     qb = block_size or max(1, min(n_q, int(BLOCK_BYTES // per_query)))
-    est = qb * per_query
-    (LOG.info if n_q * s * dim > 2e9 else LOG.debug)(
-        "knn_score: Q=%d S=%d D=%d k=%d %s %s; blocks of %d queries, ~%.1f MiB per block",
-        n_q, s, dim, k, mode, "faiss" if use_faiss else "torch", qb, est / 2**20,
+    _log_plan(
+        n_q * s * dim, "knn_score: Q=%d S=%d D=%d k=%d %s %s; blocks of %d queries, ~%.1f MiB per block",
+        n_q, s, dim, one.k, mode, "faiss" if use_faiss else "torch", qb, qb * per_query / 2**20,
     )
+    return kc, qb
 
-    bank_t = torch.from_numpy(b64).to(dev)
-    q_t = torch.from_numpy(q64)
-    b64_t = torch.from_numpy(b64)
-    excl_t = torch.from_numpy(excl) if excl is not None else None
-    nq_t = torch.from_numpy(nq)
-    max_nb = float(nb.max())
+
+def _faiss_search(one: _OneBank, kc: int):
+    """First-tier candidates from a FAISS flat index (float32): ``(coef, search)``, the error
+    coefficient of their distances and ``search(q0, q1, ex)`` → (dist, idx) (n, kc') CPU tensors
+    for queries ``q0:q1`` (``ex`` is left to the refinement)."""
+    faiss_index = _faiss_index(one.b64.astype(np.float32), one.dev)  # (index, GPU resources it needs alive)
+    q32 = one.q64.astype(np.float32)
+    n_found = min(one.b64.shape[0], kc)
+
+    def search(q0: int, q1: int, ex):
+        dist, idx = faiss_index[0].search(q32[q0:q1], n_found)
+        return torch.from_numpy(dist), torch.from_numpy(idx.astype(np.int64))
+
+    return _error_coefficient(one.dim, "float32", 2.0**-11 if one.dev.type == "cuda" else 0.0), search
+
+
+def _torch_search(one: _OneBank, mode: str, kc: int, qb: int):
+    """First-tier candidates from torch in ``mode`` on the device, as :func:`_faiss_search`
+    (excluded rows are +inf; float64 finds just the k nearest, certified without refinement)."""
+    dtype = torch.float64 if mode == "float64" else torch.float32
+    bank = one.bank_dev.to(dtype)
+    norms = (bank * bank).sum(-1)
+    s = bank.shape[0]
+    block_s = max(1, min(s, int(BLOCK_BYTES // max(1, 24 * qb))))
+    n_found = kc if mode == "float32" else one.k
+    q_t = torch.from_numpy(one.q64)
+
+    def search(q0: int, q1: int, ex):
+        qc = q_t[q0:q1].to(one.dev, dtype)
+        vals, idx = _torch_candidates(qc, bank, norms, n_found, ex.to(one.dev) if ex is not None else None, block_s)
+        return vals.cpu(), idx.cpu()
+
+    return _torch_error_coefficient(one.dim, mode, one.dev), search
+
+
+def _first_tier(one: _OneBank, mode: str, coef: float, search, qb: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scores, certified)`` (Q,) float64 and bool of every query from its ``search`` candidates,
+    block by block: refined exactly and certified (float32), or certified directly (float64)."""
+    n_q = one.q64.shape[0]
+    q_t, b64_t, excl_t = torch.from_numpy(one.q64), torch.from_numpy(one.b64), one.excl_t
+    nq_t = torch.from_numpy(one.nq)
     out = torch.empty(n_q, dtype=torch.float64)
     ok = torch.ones(n_q, dtype=torch.bool)
-    if use_faiss:
-        index, _gpu_res = _faiss_index(b64.astype(np.float32), dev)
-        q32 = q64.astype(np.float32)
-        coef = _error_coefficient(dim, "float32", 2.0**-11 if dev.type == "cuda" else 0.0)
-        kc_search = min(s, kc)
-    else:
-        comp_dtype = torch.float64 if mode == "float64" else torch.float32
-        coef = _error_coefficient(dim, mode, _matmul_input_roundoff(dev) if mode == "float32" else 0.0)
-        b_comp = bank_t.to(comp_dtype)
-        nb_comp = (b_comp * b_comp).sum(-1)
-        block_s = max(1, min(s, int(BLOCK_BYTES // max(1, 24 * qb))))
-
     for q0 in range(0, n_q, qb):
         q1 = min(n_q, q0 + qb)
         ex = excl_t[q0:q1] if excl_t is not None else None
-        n_usable = s - (ex >= 0).long() if ex is not None else torch.full((q1 - q0,), s)
-        err = coef * (nq_t[q0:q1] + max_nb)
-        if use_faiss:
-            dist, idx = index.search(q32[q0:q1], kc_search)
-            vals = torch.from_numpy(dist)
-            idx = torch.from_numpy(idx.astype(np.int64))
-        else:
-            qc = q_t[q0:q1].to(dev, comp_dtype)
-            vals, idx = _torch_candidates(qc, b_comp, nb_comp, kc if mode == "float32" else k, ex.to(dev) if ex is not None else None, block_s)
-            vals, idx = vals.cpu(), idx.cpu()
+        err = coef * (nq_t[q0:q1] + one.max_nb)
+        vals, idx = search(q0, q1, ex)
         if mode == "float64":
-            sums, good = _direct_certify(vals.to(torch.float64), err, k)
+            out[q0:q1], ok[q0:q1] = _direct_certify(vals.to(torch.float64), err, one.k)
         else:
-            boundary = vals.max(dim=1).values
-            cand_valid = idx >= 0
-            if ex is not None:
-                cand_valid &= idx != ex[:, None]
-            safe = idx.clamp(min=0)
-            rows = b64_t[safe]  # (qb, kc, D) float64, a fresh gather
-            exact = rows.sub_(q_t[q0:q1, None, :]).square_().sum(-1).masked_fill_(~cand_valid, _INF)
-            del rows
-            sums, good = _refine_certify(exact, cand_valid, boundary, n_usable, err, k)
-        out[q0:q1] = sums
-        ok[q0:q1] = good
+            out[q0:q1], ok[q0:q1] = _certify_one_bank(vals, idx, ex, b64_t, q_t[q0:q1], err, one.k)
+    return out, ok
 
+
+def _certify_one_bank(vals, idx, ex, bank64, q64, err, k: int):
+    """Float32 route against one bank: candidates (vals, idx) (n, kc) of queries q64 (n, D)
+    refined exactly against the float64 bank64 (S, D) and certified → (sums, ok) (n,)."""
+    s = bank64.shape[0]
+    n_all = torch.full((idx.shape[0],), s, device=idx.device)
+    cand_valid, n_usable = _without_excluded(idx >= 0, idx, n_all, ex)
+    exact = _exact_candidates(bank64, idx.clamp(min=0), q64[:, None, :], cand_valid)
+    return _refine_certify(exact, cand_valid, vals.max(dim=1).values, n_usable, err, k)
+
+
+def _recertify_in_float64(one: _OneBank, out: torch.Tensor, ok: torch.Tensor, kc: int) -> None:
+    """Rescore the queries ``ok`` leaves uncertified, in place in ``out``: float64 candidates (a
+    much tighter bound) refined exactly; failing that, exactly against the whole bank."""
     bad = torch.nonzero(~ok).flatten()
-    if bad.numel():
-        # second tier: float64 candidates (a much tighter bound), refined exactly and certified
-        LOG.debug("knn_score: %d of %d scores not certified; re-selecting them in float64", bad.numel(), n_q)
-        qf = q_t[bad].to(dev)
-        exf = excl_t[bad].to(dev) if excl_t is not None else None
-        coef64 = _error_coefficient(dim, "float64")
-        nb64 = torch.from_numpy(nb).to(dev)
-        kc2 = min(s, k + EXTRA_CANDIDATES + (1 if excl is not None else 0))
-        block_s2 = max(1, min(s, int(BLOCK_BYTES // max(1, 24 * bad.numel()))))
-        vals, idx = _torch_candidates(qf, bank_t, nb64, kc2, exf, block_s2)
-        cand_valid = idx >= 0
-        if exf is not None:
-            cand_valid &= idx != exf[:, None]
-        exact = bank_t[idx.clamp(min=0)].sub_(qf[:, None, :]).square_().sum(-1).masked_fill_(~cand_valid, _INF)
-        n_usable = s - (exf >= 0).long() if exf is not None else torch.full((bad.numel(),), s, device=dev)
-        err = coef64 * (torch.from_numpy(nq).to(dev)[bad.to(dev)] + max_nb)
-        sums, good = _refine_certify(exact, cand_valid, vals.max(dim=1).values, n_usable, err, k)
-        out[bad] = sums.cpu()
-        still = bad[~good.cpu()]
-        if still.numel():
-            LOG.debug("knn_score: %d scores recomputed exactly against the whole bank", still.numel())
-            out[still] = _exact_shared(q_t[still].to(dev), bank_t, excl_t[still].to(dev) if excl_t is not None else None, k).cpu()
-    return out.numpy()
+    if not bad.numel():
+        return
+    LOG.debug("knn_score: %d of %d scores not certified; re-selecting them in float64", bad.numel(), one.q64.shape[0])
+    dev, bank_t, k = one.dev, one.bank_dev, one.k
+    q_t, excl_t = torch.from_numpy(one.q64), one.excl_t
+    qf = q_t[bad].to(dev)
+    exf = excl_t[bad].to(dev) if excl_t is not None else None
+    block_s = max(1, min(bank_t.shape[0], int(BLOCK_BYTES // max(1, 24 * bad.numel()))))
+    vals, idx = _torch_candidates(qf, bank_t, torch.from_numpy(one.nb).to(dev), kc, exf, block_s)
+    err = _error_coefficient(one.dim, "float64") * (torch.from_numpy(one.nq).to(dev)[bad.to(dev)] + one.max_nb)
+    sums, good = _certify_one_bank(vals, idx, exf, bank_t, qf, err, k)
+    out[bad] = sums.cpu()
+    still = bad[~good.cpu()]
+    if still.numel():
+        LOG.debug("knn_score: %d scores recomputed exactly against the whole bank", still.numel())
+        out[still] = _exact_shared(q_t[still].to(dev), bank_t, excl_t[still].to(dev) if excl_t is not None else None, k).cpu()
 
 
 def _use_faiss(dev: torch.device) -> bool:
@@ -557,126 +698,150 @@ def knn_score_batched(
     (T, Q) float64; NaN where ``query_mask`` is False.
     """
     k = _check_k(k)
+    q, b, qmask, bmask, excl = _check_task_arrays(queries, banks, query_mask, bank_mask, exclude)
+    block_size, dev, mode = _check_run_options(block_size, device, precision)
+    _check_task_rows(k, q, b, qmask, bmask, excl)
+    out = np.full(qmask.shape, np.nan)
+    if not qmask.any():  # also when there are no tasks or no queries
+        return out
+    n_t, n_q = qmask.shape
+    kc, tc, qc = _plan_task_chunks(q.shape, b.shape[1], k, mode, dev, block_size)
+    n_fail = 0
+    for t0 in range(0, n_t, tc):
+        if not qmask[t0 : t0 + tc].any():
+            continue
+        chunk = _TaskChunk.prepare(b[t0 : t0 + tc], bmask[t0 : t0 + tc], mode, dev)
+        for q0 in range(0, n_q, qc):
+            block = np.s_[t0 : t0 + tc, q0 : q0 + qc]
+            if not qmask[block].any():
+                continue
+            sums, failed = _score_task_block(chunk, q[block], qmask[block], excl[block] if excl is not None else None, k, kc)
+            out[block] = np.where(qmask[block], sums.cpu().numpy(), np.nan)
+            n_fail += failed
+    if n_fail:
+        LOG.debug("knn_score_batched: %d scores not certified; recomputed exactly", n_fail)
+    return out
+
+
+def _check_task_arrays(queries, banks, query_mask, bank_mask, exclude):
+    """Validated (T, Q, D) queries, (T, S, D) banks, their masks and the (T, Q) exclusions of
+    :func:`knn_score_batched` (None when no real query excludes a real row)."""
     q = _as_real(queries, "queries", 3, "(T, Q, D)")
     b = _as_real(banks, "banks", 3, "(T, S, D)")
     n_t, n_q, dim = q.shape
-    n_tb, s, dim_b = b.shape
-    if n_tb != n_t:
-        raise ValueError(f"queries hold T={n_t} tasks but banks hold T={n_tb}; both must have one entry per task along axis 0")
-    if dim != dim_b:
-        raise ValueError(f"queries have D={dim} features per row but bank rows have D={dim_b}; both must come from the same backbone / feature layer")
+    if b.shape[0] != n_t:
+        raise ValueError(f"queries hold T={n_t} tasks but banks hold T={b.shape[0]}; both must have one entry per task along axis 0")
+    _check_same_dim(dim, b.shape[2], "bank rows")
     qmask = _as_mask(query_mask, "query_mask", (n_t, n_q), "(T, Q)")
-    bmask = _as_mask(bank_mask, "bank_mask", (n_t, s), "(T, S)")
-    excl = None
-    if exclude is not None:
-        excl = _as_index(exclude, "exclude", (n_t, n_q), "(T, Q)", high=s, what="a row of that task's bank")
-        excl = np.where(qmask, excl, -1)
-        excl_hit = (excl >= 0) & np.take_along_axis(bmask, np.maximum(excl, 0), axis=1)
-        excl = np.where(excl_hit, excl, -1)
-        if not (excl >= 0).any():
-            excl = None
-    block_size = _check_block(block_size)
-    dev = _resolve_device(device)
-    mode = _resolve_precision(precision, dev)
-    # usable bank rows per real query
-    n_valid = bmask.sum(axis=1)
-    usable = np.broadcast_to(n_valid[:, None], (n_t, n_q)) - (excl >= 0 if excl is not None else 0)
-    short = qmask & (usable < k)
-    if short.any():
-        tasks = np.flatnonzero(short.any(axis=1))
-        low = np.where(qmask, usable, np.iinfo(np.int64).max).min(axis=1)
-        raise ValueError(_too_small_message(k, [(int(t), int(low[t])) for t in tasks], "= real bank rows minus an excluded row"))
-    _check_finite(q, "queries", qmask, ("task", "row"))
-    _check_finite(b, "banks", bmask, ("task", "row"))
-    out = np.full((n_t, n_q), np.nan)
-    if n_t == 0 or n_q == 0 or not qmask.any():
-        return out
+    bmask = _as_mask(bank_mask, "bank_mask", (n_t, b.shape[1]), "(T, S)")
+    excl = _drop_if_unused(_task_exclusions(exclude, qmask, bmask)) if exclude is not None else None
+    return q, b, qmask, bmask, excl
 
+
+def _plan_task_chunks(q_shape: tuple[int, int, int], s: int, k: int, mode: str, dev: torch.device,
+                      block_size: int | None) -> tuple[int, int, int]:
+    """``(kc, tc, qc)``: candidates per query, tasks per chunk and queries per block of
+    :func:`knn_score_batched`, logged."""
+    n_t, n_q, dim = q_shape
     kc = min(s, k + EXTRA_CANDIDATES)
     per_query = dim * 8 * 2 + s * 8 * 3 + (kc * (dim * 8 * 2 + 40) if mode == "float32" else 0)
     qc = max(1, min(n_q, int(BLOCK_BYTES // per_query)))
     per_task = qc * per_query + s * dim * 8 * 3
     tc = block_size or max(1, min(n_t, int(BLOCK_BYTES // per_task)))
-    (LOG.info if n_t * n_q * s * dim > 2e9 else LOG.debug)(
+    _log_plan(
+        n_t * n_q * s * dim,
         "knn_score_batched: T=%d Q=%d S=%d D=%d k=%d %s on %s; chunks of %d tasks x %d queries, ~%.1f MiB per chunk",
         n_t, n_q, s, dim, k, mode, dev, tc, qc, tc * per_task / 2**20,
     )
-    u_in = _matmul_input_roundoff(dev) if mode == "float32" else 0.0
-    n_fail = 0
-    for t0 in range(0, n_t, tc):
-        t1 = min(n_t, t0 + tc)
-        if not qmask[t0:t1].any():
-            continue
-        bm_np = bmask[t0:t1]
-        b_np = np.array(b[t0:t1], dtype=np.float64)  # a copy: padding rows are zeroed below
-        b_np[~bm_np] = 0.0  # padding may hold anything, NaN included
+    return kc, tc, qc
+
+
+@dataclass(frozen=True)
+class _TaskChunk:
+    """The banks of one chunk of tasks on the device, in float64 with padding rows zeroed.
+
+    bank (t, S, D); real (t, S) True = real row; norms (t, S) squared norms; max_norm (t,) the
+    largest; n_real (t,) real rows; mode: the chunk's arithmetic (float64 where float32 is not safe).
+    """
+
+    bank: torch.Tensor
+    real: torch.Tensor
+    norms: torch.Tensor
+    max_norm: torch.Tensor
+    n_real: torch.Tensor
+    mode: str
+
+    @classmethod
+    def prepare(cls, banks: np.ndarray, bank_mask: np.ndarray, mode: str, dev: torch.device) -> "_TaskChunk":
+        b_np = np.array(banks, dtype=np.float64)  # a copy: padding rows are zeroed below
+        b_np[~bank_mask] = 0.0  # padding may hold anything, NaN included
         nb_np = np.einsum("tsd,tsd->ts", b_np, b_np)
-        chunk_mode = mode if (mode == "float64" or _f32_safe(nb_np)) else "float64"
-        bm = torch.from_numpy(bm_np).to(dev)
-        b64 = torch.from_numpy(b_np).to(dev)
-        nb = torch.from_numpy(nb_np).to(dev)
-        max_nb = nb.max(dim=1).values  # padding rows are zero
-        n_real = bm.sum(1)
-        for q0 in range(0, n_q, qc):
-            q1 = min(n_q, q0 + qc)
-            nqc = q1 - q0
-            qm_np = qmask[t0:t1, q0:q1]
-            if not qm_np.any():
-                continue
-            q_np = np.array(q[t0:t1, q0:q1], dtype=np.float64)
-            q_np[~qm_np] = 0.0
-            nq_np = np.einsum("tqd,tqd->tq", q_np, q_np)
-            cmode = chunk_mode if (chunk_mode == "float64" or _f32_safe(nq_np)) else "float64"
-            cdt = torch.float64 if cmode == "float64" else torch.float32
-            coef = _error_coefficient(dim, cmode, u_in if cmode == "float32" else 0.0)
-            qm = torch.from_numpy(qm_np).to(dev)
-            q64 = torch.from_numpy(q_np).to(dev)
-            nq = torch.from_numpy(nq_np).to(dev)
-            if cdt == torch.float64:
-                bc, qcmp, nbc, nqc_ = b64, q64, nb, nq
-            else:
-                bc, qcmp = b64.to(cdt), q64.to(cdt)
-                nbc, nqc_ = (bc * bc).sum(-1), (qcmp * qcmp).sum(-1)
-            nbc = nbc.masked_fill(~bm, _INF)
-            dist = torch.baddbmm(nbc[:, None, :], qcmp, bc.transpose(1, 2), alpha=-2.0).add_(nqc_[:, :, None])
-            ex = None
-            if excl is not None:
-                ex_np = excl[t0:t1, q0:q1]
-                if (ex_np >= 0).any():
-                    ex = torch.from_numpy(ex_np).to(dev)
-                    col = ex.clamp(min=0)[:, :, None]
-                    cur = dist.gather(2, col)
-                    dist.scatter_(2, col, torch.where(ex[:, :, None] >= 0, torch.full_like(cur, _INF), cur))
-            err = coef * (nq + max_nb[:, None])
-            if cmode == "float64":
-                vals = torch.topk(dist, k, dim=-1, largest=False, sorted=True).values
-                sums, good = _direct_certify(vals, err, k)
-            else:
-                vals, idx = torch.topk(dist, kc, dim=-1, largest=False, sorted=True)
-                cand_valid = torch.gather(bm[:, None, :].expand(-1, nqc, -1), 2, idx)
-                if ex is not None:
-                    cand_valid &= idx != ex[:, :, None]
-                tix = torch.arange(t1 - t0, device=dev)[:, None, None]
-                rows = b64[tix, idx]  # (tc, qc, kc, D), a fresh gather
-                exact = rows.sub_(q64[:, :, None, :]).square_().sum(-1).masked_fill_(~cand_valid, _INF)
-                del rows
-                n_usable = n_real[:, None] - (ex >= 0).long() if ex is not None else n_real[:, None].expand(-1, nqc)
-                sums, good = _refine_certify(exact, cand_valid, vals.max(dim=-1).values, n_usable, err, k)
-            good = good | ~qm
-            if not bool(good.all()):
-                ti, qi = torch.nonzero(~good, as_tuple=True)
-                valid = bm[ti]
-                if ex is not None:
-                    valid = valid & (torch.arange(s, device=dev)[None, :] != ex[ti, qi][:, None])
-                sums[ti, qi] = _exact_rows(
-                    q64.reshape(-1, dim), ti * nqc + qi, b64.reshape(-1, dim),
-                    ti[:, None] * s + torch.arange(s, device=dev)[None, :], valid, k,
-                )
-                n_fail += int(ti.numel())
-            out[t0:t1, q0:q1] = np.where(qm_np, sums.cpu().numpy(), np.nan)
-    if n_fail:
-        LOG.debug("knn_score_batched: %d scores not certified; recomputed exactly", n_fail)
-    return out
+        real = torch.from_numpy(bank_mask).to(dev)
+        norms = torch.from_numpy(nb_np).to(dev)
+        max_norm = norms.max(dim=1).values  # padding rows are zero
+        return cls(torch.from_numpy(b_np).to(dev), real, norms, max_norm, real.sum(1), _safe_precision(mode, nb_np))
+
+    def distances(self, q64: torch.Tensor, nq: torch.Tensor, mode: str) -> torch.Tensor:
+        """(t, q, S) expanded-form squared distances of queries q64 (t, q, D) with squared norms
+        nq (t, q), in ``mode``; +inf for padding rows."""
+        if mode == "float64":
+            bank, queries, nb, nq_c = self.bank, q64, self.norms, nq
+        else:
+            bank, queries = self.bank.to(torch.float32), q64.to(torch.float32)
+            nb, nq_c = (bank * bank).sum(-1), (queries * queries).sum(-1)
+        nb = nb.masked_fill(~self.real, _INF)
+        return torch.baddbmm(nb[:, None, :], queries, bank.transpose(1, 2), alpha=-2.0).add_(nq_c[:, :, None])
+
+    def exact_scores(self, q64: torch.Tensor, ex: torch.Tensor | None, ti: torch.Tensor, qi: torch.Tensor, k: int) -> torch.Tensor:
+        """Exact scores of queries ``(ti, qi)`` of q64 (t, q, D) from the differences against
+        every usable row of their bank."""
+        n_qb, dim = q64.shape[1], q64.shape[2]
+        s = self.bank.shape[1]
+        slots = torch.arange(s, device=q64.device)[None, :]
+        usable = self.real[ti]
+        if ex is not None:
+            usable = usable & (slots != ex[ti, qi][:, None])
+        return _exact_rows(q64.reshape(-1, dim), ti * n_qb + qi, self.bank.reshape(-1, dim), ti[:, None] * s + slots, usable, k)
+
+
+def _score_task_block(chunk: _TaskChunk, queries: np.ndarray, query_mask: np.ndarray, excl: np.ndarray | None,
+                      k: int, kc: int) -> tuple[torch.Tensor, int]:
+    """Certified scores (t, q) of a block of queries (t, q, D) against their chunk's banks, and
+    how many needed the exact fall-back.  Masked queries hold anything; excl (t, q) or None."""
+    dev = chunk.bank.device
+    q_np = np.array(queries, dtype=np.float64)
+    q_np[~query_mask] = 0.0
+    nq_np = np.einsum("tqd,tqd->tq", q_np, q_np)
+    mode = _safe_precision(chunk.mode, nq_np)
+    q64 = torch.from_numpy(q_np).to(dev)
+    nq = torch.from_numpy(nq_np).to(dev)
+    dist = chunk.distances(q64, nq, mode)
+    ex = _exclude_in_place(dist, excl)
+    err = _torch_error_coefficient(q64.shape[2], mode, dev) * (nq + chunk.max_norm[:, None])
+    if mode == "float64":
+        vals = torch.topk(dist, k, dim=-1, largest=False, sorted=True).values
+        sums, good = _direct_certify(vals, err, k)
+    else:
+        vals, idx = torch.topk(dist, kc, dim=-1, largest=False, sorted=True)
+        real = torch.gather(chunk.real[:, None, :].expand(-1, idx.shape[1], -1), 2, idx)
+        cand_valid, n_usable = _without_excluded(real, idx, chunk.n_real[:, None], ex)
+        tasks = torch.arange(idx.shape[0], device=dev)[:, None, None]
+        exact = _exact_candidates(chunk.bank, (tasks, idx), q64[:, :, None, :], cand_valid)
+        sums, good = _refine_certify(exact, cand_valid, vals.max(dim=-1).values, n_usable, err, k)
+    good = good | ~torch.from_numpy(query_mask).to(dev)
+    return sums, _recompute_uncertified(sums, good, lambda ti, qi: chunk.exact_scores(q64, ex, ti, qi, k))
+
+
+def _exclude_in_place(dist: torch.Tensor, excl: np.ndarray | None) -> torch.Tensor | None:
+    """Set each query's excluded bank column of dist (t, q, S) to +inf; returns the exclusions
+    (t, q) as a tensor, None when this block has none."""
+    if excl is None or not (excl >= 0).any():
+        return None
+    ex = torch.from_numpy(excl).to(dist.device)
+    col = ex.clamp(min=0)[:, :, None]
+    cur = dist.gather(2, col)
+    dist.scatter_(2, col, torch.where(ex[:, :, None] >= 0, torch.full_like(cur, _INF), cur))
+    return ex
 
 
 # --------------------------------------------------------------------------- knn_score_gathered
@@ -719,164 +884,246 @@ def knn_score_gathered(
     2 CPU cores.
     """
     k = _check_k(k)
+    q, f, bi, excl = _check_gathered_arrays(queries, features, bank_index, exclude)
+    block_size, dev, mode = _check_run_options(block_size, device, precision)
+    _check_gathered_support(k, bi, excl, q.shape[0])
+    _check_finite(q, "queries")
+    used = _used_bank_rows(f, bi)
+    out = np.empty((bi.shape[0], q.shape[0]), dtype=np.float64)
+    if out.size == 0:
+        return out
+    q64 = np.ascontiguousarray(q, dtype=np.float64)
+    nq = _sq_norms(q64, "queries")
+    rows64 = np.concatenate([np.asarray(f[used], dtype=np.float64), np.zeros((1, q.shape[1]))], axis=0)  # + padding row
+    norms = np.append(_sq_norms(rows64[:-1], "features"), _INF)
+    mode = _safe_precision(mode, nq, norms[:-1], caller="knn_score_gathered")
+    direct, kc, qb = _plan_gathered(q.shape, used.size, bi.shape, k, mode, dev, block_size)
+    banks = _GatheredBanks.prepare(rows64, norms, bi, used, mode, dev, direct)
+    excl_t = torch.from_numpy(excl).to(dev) if excl is not None else None
+    n_fail = 0
+    for q0 in range(0, q.shape[0], qb):
+        q1 = min(q.shape[0], q0 + qb)
+        ex = excl_t[:, q0:q1].T if excl_t is not None else None
+        sums, failed = _score_gathered_block(banks, q64[q0:q1], nq[q0:q1], ex, k, kc)
+        out[:, q0:q1] = sums.T.cpu().numpy()
+        n_fail += failed
+    if n_fail:
+        LOG.debug("knn_score_gathered: %d of %d scores not certified; recomputed exactly", n_fail, out.size)
+    return out
+
+
+def _check_gathered_arrays(queries, features, bank_index, exclude):
+    """Validated (Q, D) queries, (N, D) features, (T, S) bank_index and the (T, Q) exclusions of
+    :func:`knn_score_gathered` (None when none)."""
     q = _as_real(queries, "queries", 2, "(Q, D)")
     f = _as_real(features, "features", 2, "(N, D)")
-    n_q, dim = q.shape
-    n_f, dim_f = f.shape
-    if dim != dim_f:
-        raise ValueError(f"queries have D={dim} features per row but features rows have D={dim_f}; both must come from the same backbone / feature layer")
+    n_f = f.shape[0]
+    _check_same_dim(q.shape[1], f.shape[1], "features rows")
     if isinstance(bank_index, torch.Tensor):
         bank_index = bank_index.detach().cpu().numpy()
     bi = np.asarray(bank_index)
     if bi.ndim != 2:
         raise ValueError(f"bank_index must have shape (T, S) (2 dimensions), got shape {bi.shape}; use -1 to pad shorter banks")
-    n_t, s = bi.shape
-    bi = _as_index(bi, "bank_index", (n_t, s), "(T, S)", high=n_f, what="a row of features")
+    bi = _as_index(bi, "bank_index", bi.shape, "(T, S)", high=n_f, what="a row of features")
     excl = None
     if exclude is not None:
-        excl = _as_index(exclude, "exclude", (n_t, n_q), "(T, Q)", high=n_f, what="a row of features")
-        if not (excl >= 0).any():
-            excl = None
-    block_size = _check_block(block_size)
-    dev = _resolve_device(device)
-    mode = _resolve_precision(precision, dev)
+        excl = _as_index(exclude, "exclude", (bi.shape[0], q.shape[0]), "(T, Q)", high=n_f, what="a row of features")
+        excl = _drop_if_unused(excl)
+    return q, f, bi, excl
+
+
+def _check_gathered_support(k: int, bi: np.ndarray, excl: np.ndarray | None, n_q: int) -> None:
+    """Raise unless every task keeps >= k usable bank rows for each of its ``n_q`` queries."""
+    if n_q == 0:
+        return
+    low = _fewest_usable_rows(k, bi, excl)
+    short = np.flatnonzero(low < k)
+    if short.size:
+        raise ValueError(_too_small_message(k, [(int(t), int(low[t])) for t in short], "= bank rows minus excluded row(s)"))
+
+
+def _fewest_usable_rows(k: int, bi: np.ndarray, excl: np.ndarray | None) -> np.ndarray:
+    """(T,) the fewest usable bank rows of any query per task, exact wherever it is below k."""
     valid = bi >= 0
     n_valid = valid.sum(axis=1)
-    if n_q > 0:
-        low = n_valid.copy()
-        if excl is not None:
-            # usable = valid slots minus the slots holding the excluded row (more than one only
-            # when a task lists a row twice); exact per-query counts only where that can bite
-            mult = np.ones(n_t, dtype=np.int64)
-            srt = np.sort(np.where(valid, bi, -1), axis=1)
-            for t in np.flatnonzero(((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any(axis=1)):
-                mult[t] = np.unique(bi[t][valid[t]], return_counts=True)[1].max()
-            for t in np.flatnonzero(n_valid - mult < k):
-                hits = (bi[t][None, :] == excl[t][:, None]) & valid[t][None, :]
-                low[t] = n_valid[t] - int(hits.sum(axis=1).max())
-        short = np.flatnonzero(low < k)
-        if short.size:
-            raise ValueError(_too_small_message(k, [(int(t), int(low[t])) for t in short], "= bank rows minus excluded row(s)"))
-    _check_finite(q, "queries")
-    used = np.unique(bi[valid])
-    if used.size:
-        fin = np.isfinite(f[used]).all(axis=1) if f.dtype.kind == "f" else np.ones(used.size, bool)
-        if not fin.all():
-            row = int(used[np.argmin(fin)])
-            task = int(np.argwhere(bi == row)[0, 0])
-            raise ValueError(
-                f"features contains NaN or inf at row {row} (first bad row used by a bank, e.g. task {task}; "
-                f"{int((~fin).sum())} bad row(s) in use); re-embed those rows or drop them from bank_index"
-            )
-    out = np.empty((n_t, n_q), dtype=np.float64)
-    if n_t == 0 or n_q == 0:
-        return out
+    low = n_valid.copy()
+    if excl is not None:
+        # usable = valid slots minus the slots holding the excluded row (more than one only
+        # when a task lists a row twice); exact per-query counts only where that can bite
+        mult = np.ones(bi.shape[0], dtype=np.int64)
+        srt = np.sort(np.where(valid, bi, -1), axis=1)
+        for t in np.flatnonzero(((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any(axis=1)):
+            mult[t] = np.unique(bi[t][valid[t]], return_counts=True)[1].max()
+        for t in np.flatnonzero(n_valid - mult < k):
+            hits = (bi[t][None, :] == excl[t][:, None]) & valid[t][None, :]
+            low[t] = n_valid[t] - int(hits.sum(axis=1).max())
+    return low
 
-    n_u = used.size
-    local = np.full((n_t, s), n_u, dtype=np.int64)  # padding → a zero row whose distance is +inf
-    local[valid] = np.searchsorted(used, bi[valid])
-    f64 = np.concatenate([np.asarray(f[used], dtype=np.float64), np.zeros((1, dim))], axis=0)
-    q64 = np.ascontiguousarray(q, dtype=np.float64)
-    nq = _sq_norms(q64, "queries")
-    nf = np.append(_sq_norms(f64[:n_u], "features"), _INF)
-    if mode == "float32" and not _f32_safe(nq, nf[:n_u]):
-        LOG.debug("knn_score_gathered: squared norms outside the float32-safe range; using float64")
-        mode = "float64"
-    # Distances are laid out (Qb, S, T): slot-major, so the k smallest per task reduce over a
-    # middle axis with elementwise min/max (fast for small k).  When the banks barely overlap,
-    # the matrix product is taken directly against the T*S bank slots in that order (no gather);
-    # otherwise against the distinct rows once, then gathered.
+
+def _used_bank_rows(f: np.ndarray, bi: np.ndarray) -> np.ndarray:
+    """The sorted distinct rows of ``f`` that the banks ``bi`` (T, S) use; raise naming the first
+    that holds NaN or inf."""
+    used = np.unique(bi[bi >= 0])
+    if not used.size:
+        return used
+    fin = np.isfinite(f[used]).all(axis=1) if f.dtype.kind == "f" else np.ones(used.size, bool)
+    if not fin.all():
+        row = int(used[np.argmin(fin)])
+        task = int(np.argwhere(bi == row)[0, 0])
+        raise ValueError(
+            f"features contains NaN or inf at row {row} (first bad row used by a bank, e.g. task {task}; "
+            f"{int((~fin).sum())} bad row(s) in use); re-embed those rows or drop them from bank_index"
+        )
+    return used
+
+
+def _local_bank_index(bank_ids: np.ndarray, used: np.ndarray) -> np.ndarray:
+    """(T, S) position of each bank row among the sorted distinct rows ``used``; padding → ``used.size``."""
+    valid = bank_ids >= 0
+    local = np.full(bank_ids.shape, used.size, dtype=np.int64)
+    local[valid] = np.searchsorted(used, bank_ids[valid])
+    return local
+
+
+def _plan_gathered(q_shape: tuple[int, int], n_u: int, bank_shape: tuple[int, int], k: int, mode: str,
+                   dev: torch.device, block_size: int | None) -> tuple[bool, int, int]:
+    """``(direct, kc, qb)`` of :func:`knn_score_gathered`, logged: whether the product is taken
+    against the bank slots directly, candidates per query and task, and queries per block."""
+    (n_q, dim), (n_t, s) = q_shape, bank_shape
+    # When the banks barely overlap, the matrix product is taken directly against the T*S bank
+    # slots (no gather); otherwise against the distinct rows once, then gathered.
     direct = n_t * s <= 1.25 * n_u
-    cols = local.T.reshape(-1)  # (S*T,) slot-major
     n_cols = n_t * s if direct else n_u + 1
     kc = min(s, k + EXTRA_CANDIDATES)
     csize = 8 if mode == "float64" else 4
     per_query = n_cols * csize + n_t * s * (csize * (1 if direct else 2) + 1) + n_t * (8 * 2 * k + 16) + dim * 8
     if mode == "float32":
         per_query += n_t * kc * (dim * 8 * 2 + 40)
-    if block_size:
-        qb = block_size
-    else:
-        budget = BLOCK_BYTES
-        if dev.type == "cuda":
-            try:
-                budget = max(budget, min(int(torch.cuda.mem_get_info(dev)[0] // 4), 4 * 2**30))
-            except Exception:  # pragma: no cover
-                pass
-        qb = max(1, min(n_q, int(budget // per_query)))
-    fixed = (n_cols if direct else n_u + 1) * dim * (8 + csize)
-    (LOG.info if n_q * n_cols * dim > 2e9 else LOG.debug)(
+    qb = block_size or max(1, min(n_q, int(_block_budget(dev) // per_query)))
+    _log_plan(
+        n_q * n_cols * dim,
         "knn_score_gathered: Q=%d N_used=%d D=%d T=%d S=%d k=%d %s on %s (%s); blocks of %d queries, "
         "~%.1f MiB per block + %.1f MiB for the bank rows",
         n_q, n_u, dim, n_t, s, k, mode, dev, "slot columns" if direct else "distinct rows + gather",
-        qb, qb * per_query / 2**20, fixed / 2**20,
+        qb, qb * per_query / 2**20, n_cols * dim * (8 + csize) / 2**20,
     )
+    return direct, kc, qb
 
-    cdt = torch.float64 if mode == "float64" else torch.float32
-    coef = _error_coefficient(dim, mode, _matmul_input_roundoff(dev) if mode == "float32" else 0.0)
-    f64_t = torch.from_numpy(f64).to(dev)  # distinct rows + zero row (exact refinement / fall-back)
-    cols_t = torch.from_numpy(cols).to(dev)
-    if direct:
-        fc = f64_t[cols_t].to(cdt)
-        nfc = torch.from_numpy(nf).to(dev)[cols_t].to(cdt)
+
+def _block_budget(dev: torch.device) -> int:
+    """Bytes one block may use: ``BLOCK_BYTES``, on CUDA up to a quarter of the free memory (4 GiB at most)."""
+    budget = BLOCK_BYTES
+    if dev.type == "cuda":
+        try:
+            budget = max(budget, min(int(torch.cuda.mem_get_info(dev)[0] // 4), 4 * 2**30))
+        except Exception:  # pragma: no cover
+            pass
+    return budget
+
+
+@dataclass(frozen=True)
+class _GatheredBanks:
+    """The banks of :func:`knn_score_gathered` on the device, laid out for the distance blocks.
+
+    Distances are laid out (Qb, S, T): slot-major, so the k smallest per task reduce over a
+    middle axis with elementwise min/max (fast for small k).
+
+    rows64 (N_used + 1, D) float64: the distinct bank rows and a zero row for padding (exact
+    refinement and fall-back); operand (n_cols, D), operand_norms (n_cols,): what the matrix
+    product takes in ``mode``, the S*T slots slot-major when ``direct``, else ``rows64``
+    (gathered into slots after, by ``slots`` (S*T,)); local (T, S) positions in ``rows64``
+    (padding → the zero row); valid (T, S) real slots; slot_rows (S, T) the feature row of each
+    slot (to match exclusions); max_norm (T,) each bank's largest squared norm.
+    """
+
+    rows64: torch.Tensor
+    operand: torch.Tensor
+    operand_norms: torch.Tensor
+    slots: torch.Tensor
+    local: torch.Tensor
+    valid: torch.Tensor
+    slot_rows: torch.Tensor
+    max_norm: torch.Tensor
+    direct: bool
+    mode: str
+
+    @classmethod
+    def prepare(cls, rows64: np.ndarray, norms: np.ndarray, bi: np.ndarray, used: np.ndarray, mode: str,
+                dev: torch.device, direct: bool) -> "_GatheredBanks":
+        """From the distinct rows plus the padding row ``rows64`` and their squared ``norms`` (+inf for padding)."""
+        dtype = torch.float64 if mode == "float64" else torch.float32
+        valid = bi >= 0
+        local = _local_bank_index(bi, used)
+        rows_t = torch.from_numpy(rows64).to(dev)
+        slots = torch.from_numpy(local.T.reshape(-1)).to(dev)  # (S*T,) slot-major
+        norms_t = torch.from_numpy(norms).to(dev)
+        operand, operand_norms = (rows_t[slots], norms_t[slots]) if direct else (rows_t, norms_t)
+        max_norm = np.where(valid, norms[local], 0.0).max(axis=1) if bi.shape[1] else np.zeros(bi.shape[0])
+        return cls(
+            rows_t, operand.to(dtype), operand_norms.to(dtype), slots, torch.from_numpy(local).to(dev),
+            torch.from_numpy(valid).to(dev), torch.from_numpy(np.ascontiguousarray(bi.T)).to(dev),
+            torch.from_numpy(max_norm).to(dev), direct, mode,
+        )
+
+    def distances(self, qd: torch.Tensor) -> torch.Tensor:
+        """(Qb, S, T) expanded-form squared distances of queries qd (Qb, D) float64, in ``mode``."""
+        n_t, s = self.valid.shape
+        queries = qd.to(self.operand.dtype)
+        dist = torch.addmm(self.operand_norms[None, :], queries, self.operand.T, alpha=-2.0)
+        dist.add_((queries * queries).sum(-1)[:, None])
+        return dist.view(qd.shape[0], s, n_t) if self.direct else dist.index_select(1, self.slots).view(qd.shape[0], s, n_t)
+
+    def exact_scores(self, qd: torch.Tensor, hit: torch.Tensor | None, qi: torch.Tensor, ti: torch.Tensor, k: int) -> torch.Tensor:
+        """Exact scores of queries ``qi`` of qd (Qb, D) in tasks ``ti`` from the differences
+        against every usable row of their bank (``hit`` (Qb, S, T): excluded slots)."""
+        usable = self.valid[ti]
+        if hit is not None:
+            usable = usable & ~hit[qi, :, ti]
+        return _exact_rows(qd, qi, self.rows64, self.local[ti], usable, k)
+
+
+def _score_gathered_block(banks: _GatheredBanks, q64: np.ndarray, nq: np.ndarray, ex: torch.Tensor | None,
+                          k: int, kc: int) -> tuple[torch.Tensor, int]:
+    """Certified scores (Qb, T) of a block of queries q64 (Qb, D) with squared norms nq against
+    every bank, and how many needed the exact fall-back; ex (Qb, T) the feature row each query
+    must not count (-1 none), or None."""
+    dev = banks.rows64.device
+    qd = torch.from_numpy(q64).to(dev)
+    g = banks.distances(qd)
+    hit = None
+    if ex is not None:
+        hit = (banks.slot_rows[None, :, :] == ex[:, None, :]) & (ex[:, None, :] >= 0)  # (Qb, S, T)
+        g.masked_fill_(hit, _INF)
+    coef = _torch_error_coefficient(qd.shape[1], banks.mode, dev)
+    err = coef * (torch.from_numpy(nq).to(dev)[:, None] + banks.max_norm[None, :])
+    if banks.mode == "float64":
+        vals = _k_smallest_mid(g, k) if k <= 8 else torch.topk(g, k, dim=1, largest=False, sorted=True).values.transpose(1, 2)
+        sums, good = _direct_certify(vals, err, k)
     else:
-        fc = f64_t.to(cdt)
-        nfc = torch.from_numpy(nf).to(dev).to(cdt)
-    fcT = fc.T
-    local_t = torch.from_numpy(local).to(dev)
-    valid_t = torch.from_numpy(valid).to(dev)
-    bi_sT = torch.from_numpy(np.ascontiguousarray(bi.T)).to(dev)  # (S, T)
-    max_nf = torch.from_numpy(np.where(valid, nf[local], 0.0).max(axis=1) if s else np.zeros(n_t)).to(dev)
-    excl_t = torch.from_numpy(excl).to(dev) if excl is not None else None
-    use_net = mode == "float64" and k <= 8
-    n_fail = 0
-    for q0 in range(0, n_q, qb):
-        q1 = min(n_q, q0 + qb)
-        nb_ = q1 - q0
-        qd = torch.from_numpy(q64[q0:q1]).to(dev)
-        qcmp = qd.to(cdt)
-        dist = torch.addmm(nfc[None, :], qcmp, fcT, alpha=-2.0).add_((qcmp * qcmp).sum(-1)[:, None])
-        g = dist.view(nb_, s, n_t) if direct else dist.index_select(1, cols_t).view(nb_, s, n_t)
-        del dist
-        hit = None
-        if excl_t is not None:
-            ex = excl_t[:, q0:q1].T  # (Qb, T)
-            hit = (bi_sT[None, :, :] == ex[:, None, :]) & (ex[:, None, :] >= 0)  # (Qb, S, T)
-            g.masked_fill_(hit, _INF)
-        err = coef * (torch.from_numpy(nq[q0:q1]).to(dev)[:, None] + max_nf[None, :])
-        if mode == "float64":
-            vals = _k_smallest_mid(g, k) if use_net else torch.topk(g, k, dim=1, largest=False, sorted=True).values.transpose(1, 2)
-            sums, good = _direct_certify(vals, err, k)
-        else:
-            vals, idx = torch.topk(g, kc, dim=1, largest=False, sorted=True)  # (Qb, kc, T)
-            valid_sT = valid_t.T[None].expand(nb_, -1, -1)
-            cand_valid = torch.gather(valid_sT, 1, idx)
-            if hit is not None:
-                cand_valid &= ~torch.gather(hit, 1, idx)
-                n_usable = (valid_sT & ~hit).sum(1)
-            else:
-                n_usable = valid_t.sum(1)[None, :].expand(nb_, -1)
-            rows_local = torch.gather(local_t.T[None].expand(nb_, -1, -1), 1, idx)  # (Qb, kc, T)
-            exact = torch.empty(nb_, kc, n_t, dtype=torch.float64, device=dev)
-            sub = max(1, int(BLOCK_BYTES // max(1, n_t * kc * dim * 16)))
-            for a in range(0, nb_, sub):
-                rows = f64_t[rows_local[a : a + sub]]  # (sub, kc, T, D), a fresh gather
-                exact[a : a + sub] = rows.sub_(qd[a : a + sub, None, None, :]).square_().sum(-1)
-            exact.masked_fill_(~cand_valid, _INF)
-            sums, good = _refine_certify(
-                exact.transpose(1, 2), cand_valid.transpose(1, 2), vals.max(dim=1).values, n_usable, err, k
-            )
-        if not bool(good.all()):
-            qi, ti = torch.nonzero(~good, as_tuple=True)
-            ok_rows = valid_t[ti]
-            if hit is not None:
-                ok_rows = ok_rows & ~hit[qi, :, ti]
-            sums[qi, ti] = _exact_rows(qd, qi, f64_t, local_t[ti], ok_rows, k)
-            n_fail += int(qi.numel())
-        out[:, q0:q1] = sums.T.cpu().numpy()
-    if n_fail:
-        LOG.debug("knn_score_gathered: %d of %d scores not certified; recomputed exactly", n_fail, n_t * n_q)
-    return out
+        sums, good = _refine_gathered(banks, g, qd, hit, err, k, kc)
+    return sums, _recompute_uncertified(sums, good, lambda qi, ti: banks.exact_scores(qd, hit, qi, ti, k))
+
+
+def _refine_gathered(banks: _GatheredBanks, g: torch.Tensor, qd: torch.Tensor, hit: torch.Tensor | None,
+                     err: torch.Tensor, k: int, kc: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 route of :func:`_score_gathered_block`: the kc nearest slots per task of g (Qb, S, T)
+    refined exactly and certified → (sums, ok) (Qb, T)."""
+    nb_, n_t = g.shape[0], g.shape[2]
+    vals, idx = torch.topk(g, kc, dim=1, largest=False, sorted=True)  # (Qb, kc, T)
+    valid_sT = banks.valid.T[None].expand(nb_, -1, -1)
+    cand_valid = torch.gather(valid_sT, 1, idx)
+    if hit is not None:
+        cand_valid &= ~torch.gather(hit, 1, idx)
+        n_usable = (valid_sT & ~hit).sum(1)
+    else:
+        n_usable = banks.valid.sum(1)[None, :].expand(nb_, -1)
+    rows_local = torch.gather(banks.local.T[None].expand(nb_, -1, -1), 1, idx)  # (Qb, kc, T)
+    exact = torch.empty(nb_, kc, n_t, dtype=torch.float64, device=g.device)
+    sub = max(1, int(BLOCK_BYTES // max(1, n_t * kc * qd.shape[1] * 16)))
+    for a in range(0, nb_, sub):
+        block = slice(a, a + sub)
+        exact[block] = _exact_candidates(banks.rows64, rows_local[block], qd[block, None, None, :], cand_valid[block])
+    return _refine_certify(exact.transpose(1, 2), cand_valid.transpose(1, 2), vals.max(dim=1).values, n_usable, err, k)
 
 
 #: features per float32 partial dot product of the bounded kernels; the partial sums are added
@@ -1002,8 +1249,7 @@ def bounded_knn_shared(rows: CentredRows, query_ids, bank_ids, k: int = 3, *, bl
     dev = rows.values.device
     used = np.unique(bank_ids[valid])
     n_u, dim = used.size, rows.dim
-    local = np.full((n_t, s), n_u, dtype=np.int64)
-    local[valid] = np.searchsorted(used, bank_ids[valid])
+    local = _local_bank_index(bank_ids, used)
     direct = n_t * s <= 1.25 * n_u
     cols = torch.from_numpy(local.T.reshape(-1)).to(dev)  # slot-major: (S*T,)
     bank = torch.zeros((n_u + 1, dim), dtype=torch.float32, device=dev)  # last row: padding, never a neighbour
@@ -1301,18 +1547,8 @@ def knn_score_batched_bounded(queries, banks, k: int = 3, *, query_mask=None, ba
     qmask = _as_mask(query_mask, "query_mask", (n_t, n_q), "(T, Q)")
     bmask = _as_mask(bank_mask, "bank_mask", (n_t, s), "(T, S)")
     block_size = _check_block(block_size)
-    excl = np.full((n_t, n_q), -1, dtype=np.int64)
-    if exclude is not None:
-        excl = _as_index(exclude, "exclude", (n_t, n_q), "(T, Q)", high=s, what="a row of that task's bank")
-        excl = np.where(qmask & (excl >= 0) & np.take_along_axis(bmask, np.maximum(excl, 0), axis=1), excl, -1)
-    usable = bmask.sum(axis=1)[:, None] - (excl >= 0)
-    short = qmask & (usable < k)
-    if short.any():
-        low = np.where(qmask, usable, np.iinfo(np.int64).max).min(axis=1)
-        raise ValueError(_too_small_message(k, [(int(t), int(low[t])) for t in np.flatnonzero(short.any(axis=1))],
-                                            "= real bank rows minus an excluded row"))
-    _check_finite(q, "queries", qmask, ("task", "row"))
-    _check_finite(b, "banks", bmask, ("task", "row"))
+    excl = np.full((n_t, n_q), -1, dtype=np.int64) if exclude is None else _task_exclusions(exclude, qmask, bmask)
+    _check_task_rows(k, q, b, qmask, bmask, excl)
     if n_t == 0 or n_q == 0 or not qmask.any():
         return np.full((n_t, n_q), np.nan), np.zeros((n_t, n_q))
     dtype = np.result_type(q.dtype, b.dtype, np.float32)

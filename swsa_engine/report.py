@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +132,27 @@ def figure3(cube: AurocCube, path: str | os.PathLike) -> Path:
     return path
 
 
+#: Markdown formats of Table 2's p-value columns (the other floats get 3 decimals).
+_TABLE2_FORMATS = {"p_value": ".3g", "bonferroni_threshold": ".3g"}
+
+
+@dataclass
+class _ReportTables:
+    """The DataFrames a report shows: Tables 1 and 2 and the per-task picks (one row per task ×
+    setting), every recorded skip, and Table 3 where it was computed (None otherwise)."""
+
+    table1: pd.DataFrame
+    table2: pd.DataFrame
+    picks: pd.DataFrame
+    skips: pd.DataFrame
+    table3: pd.DataFrame | None = None
+
+
+def _random_candidates(cube: AurocCube) -> list[str]:
+    """The candidates scored with randomly initialised weights (no pretrained weights found)."""
+    return cube.candidates.loc[cube.candidates["weights_kind"] == "random", "name"].tolist()
+
+
 def write_report(
     cube: AurocCube,
     out_dir: str | os.PathLike,
@@ -151,32 +173,64 @@ def write_report(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    table1 = selection_table(cube)
-    table2 = ranking_table(cube)
-    picks = per_task_picks(cube)
     paths = {
         "table1_csv": out / "table1.csv", "table2_csv": out / "table2.csv", "tasks_csv": out / "tasks.csv",
         "figure3": out / "figure3.png", "summary": out / "summary.json", "report": out / "report.md",
         "skips_csv": out / "skips.csv",
     }
-    table1.to_csv(paths["table1_csv"], index=False)
-    table2.to_csv(paths["table2_csv"], index=False)
-    picks.to_csv(paths["tasks_csv"], index=False)
+    tables = _write_cube_tables(cube, store_skips, paths)
+    if store_path is not None:
+        tables.table3 = _write_store_figures(cube, store_path, out, paths, table3_tasks=table3_tasks,
+                                             figure4=figure4, candidate=candidate)
+    random_candidates = _random_candidates(cube)
+    lines = _intro_lines(cube, title, notes, random_candidates) + _table_lines(tables)
+    if "figure4" in paths:
+        lines += ["## Figure 4 — t-SNE of one task per dataset", "", "![figure 4](figure4.png)", ""]
+    if store_path is not None:  # prompt selection and BLISS blocks, when those cubes exist
+        from .prompt_sweep import clip_report_lines
+
+        lines += clip_report_lines(store_path, out, paths)
+    lines += _picks_lines(cube, tables.picks) + _skips_lines(tables.skips)
+    paths["report"].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    _write_summary(cube, tables, random_candidates, paths["summary"])
+    (out / "table1.md").write_text(markdown_table(table1_display(tables.table1)) + "\n", encoding="utf-8")
+    (out / "table2.md").write_text(markdown_table(tables.table2, _TABLE2_FORMATS) + "\n", encoding="utf-8")
+    return paths
+
+
+def _write_cube_tables(cube: AurocCube, store_skips: pd.DataFrame | None, paths: dict[str, Path]) -> _ReportTables:
+    """Compute Tables 1 and 2, the per-task picks and the skips from ``cube`` (and the store's
+    ``store_skips``), and write them and Figure 3 to ``paths``."""
+    tables = _ReportTables(selection_table(cube), ranking_table(cube), per_task_picks(cube), _all_skips(cube, store_skips))
+    tables.table1.to_csv(paths["table1_csv"], index=False)
+    tables.table2.to_csv(paths["table2_csv"], index=False)
+    tables.picks.to_csv(paths["tasks_csv"], index=False)
     figure3(cube, paths["figure3"])
-    skips = _all_skips(cube, store_skips)
-    skips.to_csv(paths["skips_csv"], index=False)
+    tables.skips.to_csv(paths["skips_csv"], index=False)
+    return tables
+
+
+def _write_store_figures(cube: AurocCube, store_path: str | os.PathLike, out: Path, paths: dict[str, Path], *,
+                         table3_tasks: int, figure4: bool, candidate: str | None) -> pd.DataFrame | None:
+    """Write Table 3 (when ``table3_tasks > 0``) and Figure 4 (when ``figure4``), which read the
+    store's embeddings, adding their paths to ``paths``; returns Table 3 or None."""
     table3 = None
-    if store_path is not None and table3_tasks > 0:
+    if table3_tasks > 0:
         from .distribution import tv_table
 
         table3 = tv_table(store_path, cube, candidate=candidate, tasks_per_dataset=table3_tasks)
         paths["table3_csv"] = out / "table3.csv"
         table3.to_csv(paths["table3_csv"], index=False)
-    if store_path is not None and figure4:
+    if figure4:
         from .distribution import figure4 as draw_figure4
 
         paths["figure4"] = draw_figure4(store_path, cube, out / "figure4.png", candidate=candidate)
-    random_candidates = cube.candidates.loc[cube.candidates["weights_kind"] == "random", "name"].tolist()
+    return table3
+
+
+def _intro_lines(cube: AurocCube, title: str, notes: list[str] | None, random_candidates: list[str]) -> list[str]:
+    """The report's title, its warning about random candidates, the notes and one sentence on
+    what was scored."""
     lines = [f"# {title}", ""]
     if random_candidates:
         lines += [
@@ -185,19 +239,26 @@ def write_report(
         ]
     for note in notes or []:
         lines += [note, ""]
-    n_tasks = len(cube.tasks)
     lines += [
-        f"{n_tasks} tasks over {cube.tasks['dataset'].nunique()} dataset(s); {len(cube.candidates)} candidates: "
+        f"{len(cube.tasks)} tasks over {cube.tasks['dataset'].nunique()} dataset(s); {len(cube.candidates)} candidates: "
         f"{', '.join(cube.candidate_names)}; synthetic validation sources: {', '.join(cube.sources)}. "
         + (f"Detectors: {', '.join(cube.config['detectors'])}." if cube.config.get("detectors")
          else f"kNN score with k = {cube.config.get('k')}."),
         "",
+    ]
+    return lines
+
+
+def _table_lines(tables: _ReportTables) -> list[str]:
+    """Tables 1 and 2, Figure 3, and Table 3 when it was computed, as Markdown sections."""
+    table2 = tables.table2
+    lines = [
         "## Table 1 — model selection",
         "",
         "Pick rate = tasks where the strategy picks a candidate with the best real AUROC (ties count), "
         "AUROC of pick = mean real AUROC of the picked candidate, best possible = mean of the best real AUROC.",
         "",
-        markdown_table(table1_display(table1)),
+        markdown_table(table1_display(tables.table1)),
         "",
         "## Table 2 — ranking agreement (Kendall's tau)",
         "",
@@ -205,30 +266,30 @@ def write_report(
         "with p-values; " + _significance_note(table2) + " `mean_task_tau` averages the per-task taus.",
         "",
         markdown_table(table2.assign(significant=table2["significant"].map({True: "**yes**", False: "no"})),
-                       {"p_value": ".3g", "bonferroni_threshold": ".3g"}),
+                       _TABLE2_FORMATS),
         "",
         "## Figure 3 — real vs synthetic AUROC per candidate",
         "",
         "![figure 3](figure3.png)",
         "",
     ]
-    if table3 is not None:
+    if tables.table3 is not None:
         lines += [
             "## Table 3 — total variation between real and synthetic validation sets",
             "",
             "TV = Σ|p_i − q_i| of the k-means cluster histograms (k = √(|D1|+|D2|), mean of 10 runs) with "
             "D1 = support ∪ real one-vs-closest anomalies and D2 = support ∪ synthetic anomalies; 0 = same, 2 = disjoint.",
             "",
-            markdown_table(table3),
+            markdown_table(tables.table3),
             "",
         ]
-    if "figure4" in paths:
-        lines += ["## Figure 4 — t-SNE of one task per dataset", "", "![figure 4](figure4.png)", ""]
-    if store_path is not None:  # prompt selection and BLISS blocks, when those cubes exist
-        from .prompt_sweep import clip_report_lines
+    return lines
 
-        lines += clip_report_lines(store_path, out, paths)
-    lines += [
+
+def _picks_lines(cube: AurocCube, picks: pd.DataFrame) -> list[str]:
+    """The per-task picks section: what ``tasks.csv`` holds, and its rows when there are at
+    most 40 tasks."""
+    lines = [
         "## Per-task picks",
         "",
         f"`tasks.csv` has {len(picks)} rows: per task and setting, SWSA's pick on `{picks['source'].iloc[0] if len(picks) else ''}`, "
@@ -240,7 +301,12 @@ def write_report(
         lines += [markdown_table(shown.rename(columns={"normal_class": "normal class", "swsa_pick": "SWSA pick",
                                                         "swsa_pick_real_auroc": "its real AUROC", "oracle_pick": "oracle pick",
                                                         "oracle_real_auroc": "best real AUROC"})), ""]
-    lines += [
+    return lines
+
+
+def _skips_lines(skips: pd.DataFrame) -> list[str]:
+    """The recorded-skips section: the first 50 skips and how many more ``skips.csv`` holds."""
+    lines = [
         "## Recorded skips",
         "",
     ]
@@ -250,17 +316,18 @@ def write_report(
             lines.append(f"\n… and {len(skips) - 50} more in skips.csv")
     else:
         lines.append("None: every image was read and every task was scored.")
-    paths["report"].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return lines
+
+
+def _write_summary(cube: AurocCube, tables: _ReportTables, random_candidates: list[str], path: Path) -> None:
+    """``summary.json``: the run's shape and config, and Tables 1 to 3 as lists of records."""
     summary = {
-        "tasks": n_tasks, "candidates": cube.candidate_names, "sources": cube.sources, "config": cube.config,
-        "random_candidates": random_candidates, "skips": int(len(skips)),
-        "table3": None if table3 is None else table3.to_dict(orient="records"),
-        "table1": table1.to_dict(orient="records"), "table2": table2.to_dict(orient="records"),
+        "tasks": len(cube.tasks), "candidates": cube.candidate_names, "sources": cube.sources, "config": cube.config,
+        "random_candidates": random_candidates, "skips": int(len(tables.skips)),
+        "table3": None if tables.table3 is None else tables.table3.to_dict(orient="records"),
+        "table1": tables.table1.to_dict(orient="records"), "table2": tables.table2.to_dict(orient="records"),
     }
-    paths["summary"].write_text(json.dumps(summary, indent=2, default=_json_default), encoding="utf-8")
-    (out / "table1.md").write_text(markdown_table(table1_display(table1)) + "\n", encoding="utf-8")
-    (out / "table2.md").write_text(markdown_table(table2, {"p_value": ".3g", "bonferroni_threshold": ".3g"}) + "\n", encoding="utf-8")
-    return paths
+    path.write_text(json.dumps(summary, indent=2, default=_json_default), encoding="utf-8")
 
 
 def _significance_note(table2: pd.DataFrame) -> str:

@@ -217,6 +217,84 @@ def empty_result(group: TaskGroup, sources: list[str], hardest: tuple[int, ...],
     }
 
 
+def _keep_usable(usable: np.ndarray):
+    """``keep(ids)``: image ids (any shape, -1 padded) with those of rows that ``usable`` (N,) marks False set to -1."""
+    def keep(ids: np.ndarray) -> np.ndarray:
+        return np.where((ids >= 0) & usable[np.maximum(ids, 0)], ids, -1)
+
+    return keep
+
+
+def _usable_banks(group: TaskGroup, keep, min_bank: tuple[int, int], who: str, advice: str = ""):
+    """Each task's usable support and held-out ids, and which tasks have a bank large enough.
+
+    ``min_bank`` is the bank rows needed without and with held-out queries (scored leave-one-out,
+    which takes one row from the bank); ``who`` and ``advice`` word the skip of a task with fewer.
+    Returns ``support`` (T, S), ``heldout`` (T, H) (-1 padded), ``scoreable`` (T,) bool and
+    ``skips`` [(task_id, reason)].
+    """
+    support = keep(group.support)
+    heldout = keep(group.heldout)
+    n_bank = (support >= 0).sum(axis=1)
+    needed = np.where((heldout >= 0).any(axis=1), min_bank[1], min_bank[0])
+    scoreable = n_bank >= needed
+    skips = [(int(t), f"{who} needs at least {need} usable support images, the task has {n}{advice}")
+             for t, n, need in zip(group.task_ids[~scoreable], n_bank[~scoreable], needed[~scoreable])]
+    return support, heldout, scoreable, skips
+
+
+def _own_real_queries(group: TaskGroup, member: np.ndarray, widest: int):
+    """Per-task real validation queries, for tasks that each have their own real images.
+
+    ``member`` (T', Q) marks each task's usable images of ``group.real_ids``; ``widest`` is the
+    largest count. Returns ``order`` (T', widest) their positions in ``group.real_ids``,
+    ``present`` (T', widest) bool and the image ids (T', widest), -1 padded.
+    """
+    order = np.argsort(~member, axis=1, kind="stable")[:, :widest]
+    present = np.take_along_axis(member, order, axis=1)
+    return order, present, np.where(present, group.real_ids[order], -1)
+
+
+def _put_real(real_scores: np.ndarray, order: np.ndarray, present: np.ndarray, scores: np.ndarray, member: np.ndarray) -> None:
+    """Write the scores of :func:`_own_real_queries` back into ``real_scores`` (T', Q), NaN off ``member``."""
+    np.put_along_axis(real_scores, order, np.where(present, scores, np.nan), axis=1)
+    real_scores[~member] = np.nan
+
+
+def _leave_one_out(heldout: np.ndarray, support: np.ndarray, queries: np.ndarray, n_heldout: int) -> np.ndarray:
+    """(T', W) the bank position of each query's own row in ``support`` (T', S), -1 for none.
+
+    The held-out normals (``heldout`` (T', H), the first ``n_heldout`` columns of ``queries``)
+    are also bank rows; each is scored without its own row.
+    """
+    exclude = np.full(queries.shape, -1, dtype=np.int64)
+    match = (heldout[:, :, None] == support[:, None, :]) & (heldout[:, :, None] >= 0)
+    exclude[:, :n_heldout] = np.where(match.any(axis=2), match.argmax(axis=2), -1)
+    return exclude
+
+
+@dataclass
+class _KnnPass:
+    """What every kNN call of one candidate over the scoreable tasks of one group shares."""
+
+    features: np.ndarray  # (N, D) the candidate's rows, for exact recomputation
+    prepared: object  # the rows the group uses, centred (swsa_engine.knn.CentredRows)
+    support: np.ndarray  # (T', S) bank image ids, -1 padded
+    k: int
+    device: str
+    chunk_bytes: int
+    out: dict  # the result being built: knn_flops add up in it
+
+    def scores(self, queries: np.ndarray, exclude: np.ndarray | None):
+        """Float32 scores with error bounds of per-task queries (T', W): :func:`_batched_knn`."""
+        return _batched_knn(self.prepared, queries, self.support, exclude, self.k, self.device, self.chunk_bytes, self.out)
+
+    def refine(self, queries: np.ndarray, exclude: np.ndarray | None, scores: np.ndarray, uncertain: np.ndarray) -> int:
+        """Exact scores in place of ``scores[uncertain]``: :func:`_refine`."""
+        return _refine(self.features, self.prepared, queries, self.support, exclude, scores, uncertain, self.k,
+                       self.device, self.chunk_bytes, self.out)
+
+
 def score_group(
     features: np.ndarray,
     usable: np.ndarray,
@@ -245,19 +323,8 @@ def score_group(
     :func:`hardest_uncertain`) are recomputed exactly (``refined_scores`` counts them), so every
     AUROC equals the one from exact float64 scores.
     """
-    def keep(ids: np.ndarray) -> np.ndarray:
-        return np.where((ids >= 0) & usable[np.maximum(ids, 0)], ids, -1)
-
-    support = keep(group.support)
-    heldout = keep(group.heldout)
-    n_bank = (support >= 0).sum(axis=1)
-    has_heldout = (heldout >= 0).any(axis=1)
-    needed = k + has_heldout.astype(int)  # leave-one-out removes one bank row for held-out queries
-    scoreable = n_bank >= needed
-    skips = [
-        (int(t), f"k={k} needs at least {need} usable support images, the task has {n}")
-        for t, n, need in zip(group.task_ids[~scoreable], n_bank[~scoreable], needed[~scoreable])
-    ]
+    keep = _keep_usable(usable)
+    support, heldout, scoreable, skips = _usable_banks(group, keep, (k, k + 1), f"k={k}")
     out = empty_result(group, sources, hardest, skips)
     rows = np.flatnonzero(scoreable)
     if rows.size == 0:
@@ -269,48 +336,55 @@ def score_group(
     # one centre and one float64 norm per row for every kernel call of this group
     prepared = centre_rows(features, np.r_[support[support >= 0], group.real_ids[real_ok], queries[queries >= 0]],
                            support[support >= 0], device=device)
-    # ---- real validation
-    member = (group.real_label[rows] >= 0) & real_ok[None, :]
-    union = np.unique(support[support >= 0])
-    real_scores = np.full((len(rows), len(group.real_ids)), np.nan)
-    dense_cost = int(real_ok.sum()) * len(union)
-    sparse_cost = int(member.sum(axis=1).max(initial=0)) * len(rows) * support.shape[1]
-    refined = 0
-    if dense_cost <= sparse_cost:
-        # tasks share their real validation images (one-vs-rest over classes): one distance
-        # block of every query against the union of the banks, gathered per task
-        query_ids = group.real_ids[real_ok]
-        approx, bounds = bounded_knn_shared(prepared, query_ids, support, k)
-        out["knn_flops"] += 2.0 * dense_cost * features.shape[1]
-        labels = np.where(member[:, real_ok], group.real_label[rows][:, real_ok], -1)
-        uncertain = order_uncertain(approx, bounds, labels)
-        every_task = np.broadcast_to(query_ids, approx.shape)
-        refined += _refine(features, prepared, every_task, support, None, approx, uncertain, k, device, chunk_bytes, out)
-        real_scores[:, real_ok] = approx
-    else:
-        # each task has its own real images (a product's test set): per-task queries
-        order = np.argsort(~member, axis=1, kind="stable")[:, : int(member.sum(axis=1).max(initial=0))]
-        present = np.take_along_axis(member, order, axis=1)
-        own_queries = np.where(present, group.real_ids[order], -1)
-        scores, bounds = _batched_knn(prepared, own_queries, support, None, k, device, chunk_bytes, out)
-        labels = np.where(present, np.take_along_axis(group.real_label[rows], order, axis=1), -1)
-        refined += _refine(features, prepared, own_queries, support, None, scores, order_uncertain(scores, bounds, labels),
-                           k, device, chunk_bytes, out)
-        np.put_along_axis(real_scores, order, np.where(present, scores, np.nan), axis=1)
-        real_scores[~member] = np.nan
-    # ---- synthetic validation: per-task queries (held-out normals + each source's anomalies)
-    # the held-out normal's own bank row is left out (leave-one-out)
-    exclude = np.full(queries.shape, -1, dtype=np.int64)
-    match = (heldout[:, :, None] == support[:, None, :]) & (heldout[:, :, None] >= 0)
-    exclude[:, : widths[0]] = np.where(match.any(axis=2), match.argmax(axis=2), -1)
-    synth_scores, synth_bounds = _batched_knn(prepared, queries, support, exclude, k, device, chunk_bytes, out)
-    uncertain = synthetic_uncertain(synth_scores, synth_bounds, queries >= 0, widths, hardest)
-    refined += _refine(features, prepared, queries, support, exclude, synth_scores, uncertain, k, device, chunk_bytes, out)
-    out["refined_scores"] = refined
+    knn = _KnnPass(features, prepared, support, k, device, chunk_bytes, out)
+    real_scores, refined_real = _real_knn_scores(knn, group, rows, real_ok)
+    synth_scores, refined_synthetic = _synthetic_knn_scores(knn, heldout, queries, widths, hardest)
+    out["refined_scores"] = refined_real + refined_synthetic
     aurocs = validation_aurocs(group, rows, real_scores, queries, synth_scores, widths, sources, hardest)
     for key in ("real", "synthetic", "per_class"):
         out[key][rows] = aurocs[key]
     return out
+
+
+def _real_knn_scores(knn: _KnnPass, group: TaskGroup, rows: np.ndarray, real_ok: np.ndarray) -> tuple[np.ndarray, int]:
+    """(T', Q) kNN scores of ``group.real_ids`` for tasks ``rows`` (NaN where not the task's or
+    ``real_ok`` (Q,) is False), exact wherever an AUROC depends on it; and how many were refined."""
+    support = knn.support
+    member = (group.real_label[rows] >= 0) & real_ok[None, :]
+    widest = int(member.sum(axis=1).max(initial=0))
+    real_scores = np.full((len(rows), len(group.real_ids)), np.nan)
+    dense_cost = int(real_ok.sum()) * len(np.unique(support[support >= 0]))
+    sparse_cost = widest * len(rows) * support.shape[1]
+    if dense_cost <= sparse_cost:
+        # tasks share their real validation images (one-vs-rest over classes): one distance
+        # block of every query against the union of the banks, gathered per task
+        query_ids = group.real_ids[real_ok]
+        approx, bounds = bounded_knn_shared(knn.prepared, query_ids, support, knn.k)
+        knn.out["knn_flops"] += 2.0 * dense_cost * knn.features.shape[1]
+        labels = np.where(member[:, real_ok], group.real_label[rows][:, real_ok], -1)
+        uncertain = order_uncertain(approx, bounds, labels)
+        refined = knn.refine(np.broadcast_to(query_ids, approx.shape), None, approx, uncertain)
+        real_scores[:, real_ok] = approx
+        return real_scores, refined
+    # each task has its own real images (a product's test set): per-task queries
+    order, present, own_queries = _own_real_queries(group, member, widest)
+    scores, bounds = knn.scores(own_queries, None)
+    labels = np.where(present, np.take_along_axis(group.real_label[rows], order, axis=1), -1)
+    refined = knn.refine(own_queries, None, scores, order_uncertain(scores, bounds, labels))
+    _put_real(real_scores, order, present, scores, member)
+    return real_scores, refined
+
+
+def _synthetic_knn_scores(knn: _KnnPass, heldout: np.ndarray, queries: np.ndarray, widths: list[int],
+                          hardest: tuple[int, ...]) -> tuple[np.ndarray, int]:
+    """(T', W) kNN scores of the :func:`synthetic_queries` ``queries`` (held-out normals
+    ``heldout`` (T', H) leave-one-out, then each source's anomalies), exact wherever a synthetic
+    AUROC or hardest-N set depends on it; and how many were refined."""
+    exclude = _leave_one_out(heldout, knn.support, queries, widths[0])
+    scores, bounds = knn.scores(queries, exclude)
+    uncertain = synthetic_uncertain(scores, bounds, queries >= 0, widths, hardest)
+    refined = knn.refine(queries, exclude, scores, uncertain)
+    return scores, refined
 
 
 def _batched_knn(features, queries, support, exclude, k, device, chunk_bytes, out: dict, exact: bool = False):
@@ -543,6 +617,13 @@ class CubeLayout:
                    np.full((n_tasks, n_candidates, 2), np.nan), np.full((n_tasks, n_candidates, len(sources)), np.nan),
                    np.full((n_tasks, n_candidates, max_groups), np.nan), class_names)
 
+    def put(self, g: int, group: TaskGroup, column: int, result: dict) -> None:
+        """Write one candidate's AUROCs for ``group`` (the ``g``-th), a ``score_group*`` result, into ``column``."""
+        span = slice(self.offsets[g], self.offsets[g + 1])
+        self.real[span, column] = result["real"]
+        self.synthetic[span, column] = result["synthetic"]
+        self.per_class[span, column, : len(group.group_names)] = result["per_class"]
+
 
 def candidate_info(store, entries: list[tuple[str, str, object]]) -> pd.DataFrame:
     """One row per candidate: ``entries`` are (candidate name, feature source, detector or None)."""
@@ -561,6 +642,142 @@ def candidate_info(store, entries: list[tuple[str, str, object]]) -> pd.DataFram
             "family": str(config.get("family", "")),
         })
     return pd.DataFrame(rows, columns=CANDIDATE_COLUMNS)
+
+
+@dataclass
+class _SweepInputs:
+    """What :func:`run_sweep` reads from the store before it scores."""
+
+    images: pd.DataFrame
+    tasks: pd.DataFrame
+    members: pd.DataFrame
+    held: list[str]  # feature sources with embeddings
+    names: list[str]  # the feature sources and imported score sets to score
+    detectors: list
+    entries: list[tuple[str, str, object]]  # (candidate name, feature source, detector or None)
+    info: pd.DataFrame  # candidate_info of entries
+    n_images: int
+    largest_matrix: int  # elements of the largest embedding matrix to read
+    references: pd.DataFrame | None  # the abnormal-reference split
+    reference_attrs: dict | None
+
+
+def _read_sweep_inputs(store_path, backbones, detectors, k: int, references) -> _SweepInputs:
+    """The catalog, tasks and candidates of :func:`run_sweep`; one-line errors for missing sources."""
+    from swsa_store import StoreError, open_store
+
+    with open_store(store_path) as store:
+        images = store.images(columns=["image_id", "kind", "status", "task_id"])
+        tasks, members = store.tasks(), store.task_members()
+        held, imported = store.backbones(), store.score_sets()
+        names = list(backbones) if backbones else held + [n for n in imported if n not in held]
+        if not names:
+            raise StoreError(f"store {store_path} holds no embeddings; run `swsa embed --store {store_path} --backbone NAME`")
+        unknown = [n for n in names if n not in held and n not in imported]
+        if unknown:
+            raise StoreError(f"store {store_path} has no embeddings or imported scores {unknown}; held: {held + imported}")
+        detectors = [parse_detector(d) if isinstance(d, str) else d for d in (detectors or [KnnDetector(k, "l2")])]
+        entries = [(candidate_name(n, d), n, d) for n in names if n in held for d in detectors]
+        entries += [(n, n, None) for n in names if n not in held]
+        info = candidate_info(store, entries)
+        n_images = store.n_images
+        matrix_sizes = [store.file["embeddings"][n]["features"].size for n in names if n in held]
+        if references is None:
+            references = (read_references(store), store.table_attrs(REFERENCES_TABLE))
+    references, reference_attrs = references
+    return _SweepInputs(images, tasks, members, held, names, detectors, entries, info, n_images,
+                        max(matrix_sizes, default=0), references, reference_attrs)
+
+
+@dataclass
+class _SweepRun:
+    """What :func:`run_sweep` carries from one feature source to the next: the groups every
+    candidate is scored on, the cube being filled (``layout``) and the running totals."""
+
+    store_path: str | os.PathLike
+    groups: list[TaskGroup]
+    layout: CubeLayout
+    entries: list[tuple[str, str, object]]  # (candidate name, feature source, detector or None)
+    hardest: tuple[int, ...]
+    device: str
+    priors: list  # per group: its text prior (detector_sweep.TextPrior.for_group) or None
+    reference_log: object  # detector_sweep.ReferenceLog
+    skips: list = field(default_factory=list)  # (task_id, candidate, reason)
+    read_seconds: float = 0.0
+    knn_flops: float = 0.0
+    refined_scores: int = 0
+
+    def __post_init__(self):
+        self.column_of = {entry[0]: c for c, entry in enumerate(self.entries)}
+
+    def score_imported(self, name: str, n_images: int) -> None:
+        """Fill the column of the imported score set ``name``: no kNN, the AUROCs of the given scores."""
+        from swsa_store import open_store
+
+        c = self.column_of[name]
+        with open_store(self.store_path) as store:
+            table, complete, _ = store.score_set(name)
+        for g, group in enumerate(self.groups):
+            result = score_group_imported(table, complete, n_images, group, self.layout.base_sources, hardest=self.hardest)
+            self.layout.put(g, group, c, result)
+
+    def read_features(self, name: str, usable_images: np.ndarray, buffer: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The embeddings ``name`` (N, D), read into ``buffer``, and their usable rows (N,) bool;
+        rows still to embed are an error."""
+        from swsa_store import StoreError, open_store
+        from swsa_store.store import DONE_TODO, DONE_WRITTEN
+
+        read_started = time.perf_counter()
+        with open_store(self.store_path) as store:
+            done = store.done_mask(name)
+            features = store.embeddings(name, buffer=buffer)
+        self.read_seconds += time.perf_counter() - read_started
+        pending = np.flatnonzero(usable_images & (done == DONE_TODO))
+        if pending.size:
+            raise StoreError(
+                f"embeddings {name!r} are incomplete: {pending.size} images still to embed; "
+                f"run `swsa embed --store {self.store_path} --backbone {name}` to finish"
+            )
+        return features, usable_images & (done == DONE_WRITTEN) & np.isfinite(features).all(axis=1)
+
+    def score_candidate(self, name: str, detector, features: np.ndarray, usable: np.ndarray) -> None:
+        """Fill the column of (feature source ``name``, ``detector``) for every group."""
+        from .detector_sweep import detector_features, score_group_detector
+
+        c = self.column_of[candidate_name(name, detector)]
+        candidate = self.entries[c][0]
+        prepared, usable_rows, missing = detector_features(self.store_path, name, detector, features, usable)
+        if missing:  # a patch detector on a backbone embedded without patch tokens
+            self.skips += [(int(t), candidate, missing) for group in self.groups for t in group.task_ids]
+            return
+        sources = self.layout.base_sources
+        for g, group in enumerate(self.groups):
+            if isinstance(detector, KnnDetector):
+                result = score_group(prepared, usable_rows, group, sources, k=detector.k, hardest=self.hardest, device=self.device)
+            else:
+                result = score_group_detector(prepared, usable_rows, group, sources, detector, hardest=self.hardest,
+                                              device=self.device, prior=self.priors[g])
+                self.reference_log.add(candidate, detector, group.task_ids, result.get("references"))
+            self.layout.put(g, group, c, result)
+            self.skips += [(t, candidate, reason) for t, reason in result["skips"]]
+            self.knn_flops += result["knn_flops"]
+            self.refined_scores += result.get("refined_scores", 0)
+
+    def cube(self, inputs: _SweepInputs, k: int, started: float, text_prior) -> AurocCube:
+        """The filled cube, its config recording the settings, the time spent and the kNN work."""
+        layout = self.layout
+        return AurocCube(
+            tasks=layout.tasks[["task_id", "dataset", "normal_class"]], candidates=inputs.info, sources=layout.sources,
+            real=layout.real, synthetic=layout.synthetic, per_class=layout.per_class, class_names=layout.class_names,
+            skips=pd.DataFrame(self.skips, columns=["task_id", "candidate", "reason"]),
+            config={"k": k, "detectors": [d.label for d in inputs.detectors], "hardest": list(self.hardest),
+                    "base_sources": layout.base_sources, "device": self.device,
+                    "seconds": round(time.perf_counter() - started, 3), "read_seconds": round(self.read_seconds, 3),
+                    "knn_flops": self.knn_flops, "refined_scores": self.refined_scores,
+                    **({"text_prior": {"model": text_prior.model, "prompt_set": "paper", "score": "sigmoid(s*(cos(z,t_a)-cos(z,t_n))), "
+                                       "prompt ensembles"}} if text_prior is not None else {}),
+                    **self.reference_log.config(inputs.reference_attrs if inputs.references is not None else None)},
+        )
 
 
 def run_sweep(
@@ -592,106 +809,33 @@ def run_sweep(
     ``task_ids`` restricts the sweep to those tasks. ``cube.config`` records the time spent
     reading embeddings and scoring, and the kNN floating-point operations.
     """
-    from swsa_store import StoreError, open_store
-    from swsa_store.store import DONE_TODO, DONE_WRITTEN
-
-    from .detector_sweep import ReferenceLog, TextPrior, detector_features, score_group_detector
+    from .detector_sweep import ReferenceLog, TextPrior
 
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     started = time.perf_counter()
-    with open_store(store_path) as store:
-        images = store.images(columns=["image_id", "kind", "status", "task_id"])
-        tasks, members = store.tasks(), store.task_members()
-        held, imported = store.backbones(), store.score_sets()
-        names = list(backbones) if backbones else held + [n for n in imported if n not in held]
-        if not names:
-            raise StoreError(f"store {store_path} holds no embeddings; run `swsa embed --store {store_path} --backbone NAME`")
-        unknown = [n for n in names if n not in held and n not in imported]
-        if unknown:
-            raise StoreError(f"store {store_path} has no embeddings or imported scores {unknown}; held: {held + imported}")
-        detectors = [parse_detector(d) if isinstance(d, str) else d for d in (detectors or [KnnDetector(k, "l2")])]
-        entries = [(candidate_name(n, d), n, d) for n in names if n in held for d in detectors]
-        entries += [(n, n, None) for n in names if n not in held]
-        info = candidate_info(store, entries)
-        n_images = store.n_images
-        matrix_sizes = [store.file["embeddings"][n]["features"].size for n in names if n in held]
-        if references is None:
-            references = (read_references(store), store.table_attrs(REFERENCES_TABLE))
-    references, reference_attrs = references
+    inputs = _read_sweep_inputs(store_path, backbones, detectors, k, references)
+    tasks = inputs.tasks
     if task_ids is not None:
         tasks = tasks[tasks["task_id"].isin(np.asarray(task_ids))]
-    groups = build_task_groups(images, tasks, members, references)
-    reference_log = ReferenceLog()
+    groups = build_task_groups(inputs.images, tasks, inputs.members, inputs.references)
     if not groups:
         raise ValueError(f"store {store_path} has no scoreable tasks; see `swsa info --store {store_path}`")
-    layout = CubeLayout.of(groups, tasks, len(entries), hardest)
-    base_sources, sources, ordered_tasks, offsets = layout.base_sources, layout.sources, layout.tasks, layout.offsets
-    real, synthetic, per_class, class_names = layout.real, layout.synthetic, layout.per_class, layout.class_names
-    skips = []
-    usable_images = (images["status"] == "ok").to_numpy()
-    read_seconds = knn_flops = 0.0
-    refined_scores = 0
-    column_of = {entry[0]: c for c, entry in enumerate(entries)}
-    text_prior = TextPrior.from_store(store_path) if any(getattr(d, "text_prior", 0) for d in detectors) else None
+    layout = CubeLayout.of(groups, tasks, len(inputs.entries), hardest)
+    text_prior = TextPrior.from_store(store_path) if any(getattr(d, "text_prior", 0) for d in inputs.detectors) else None
     priors = [text_prior.for_group(g) for g in groups] if text_prior is not None else [None] * len(groups)
-    buffer = np.empty(max(matrix_sizes, default=0), dtype=np.float32)  # one matrix at a time, reused
-    for name in tqdm(names, desc="score", unit="source", disable=not progress):
-        if name not in held:  # imported scores: no kNN, the AUROCs of the given scores
-            c = column_of[name]
-            with open_store(store_path) as store:
-                table, complete, _ = store.score_set(name)
-            for g, group in enumerate(groups):
-                result = score_group_imported(table, complete, n_images, group, base_sources, hardest=hardest)
-                span = slice(offsets[g], offsets[g + 1])
-                real[span, c] = result["real"]
-                synthetic[span, c] = result["synthetic"]
-                per_class[span, c, : len(group.group_names)] = result["per_class"]
+    run = _SweepRun(store_path, groups, layout, inputs.entries, hardest, device, priors, ReferenceLog())
+    usable_images = (inputs.images["status"] == "ok").to_numpy()
+    buffer = np.empty(inputs.largest_matrix, dtype=np.float32)  # one matrix at a time, reused
+    for name in tqdm(inputs.names, desc="score", unit="source", disable=not progress):
+        if name not in inputs.held:  # imported scores: no kNN, the AUROCs of the given scores
+            run.score_imported(name, inputs.n_images)
             continue
-        read_started = time.perf_counter()
-        with open_store(store_path) as store:
-            done = store.done_mask(name)
-            features = store.embeddings(name, buffer=buffer)
-        read_seconds += time.perf_counter() - read_started
-        pending = np.flatnonzero(usable_images & (done == DONE_TODO))
-        if pending.size:
-            raise StoreError(
-                f"embeddings {name!r} are incomplete: {pending.size} images still to embed; "
-                f"run `swsa embed --store {store_path} --backbone {name}` to finish"
-            )
-        usable = usable_images & (done == DONE_WRITTEN) & np.isfinite(features).all(axis=1)
-        for detector in detectors:
-            c = column_of[candidate_name(name, detector)]
-            prepared, usable_rows, missing = detector_features(store_path, name, detector, features, usable)
-            for g, group in enumerate(groups):
-                if missing:  # a patch detector on a backbone embedded without patch tokens
-                    skips += [(int(t), entries[c][0], missing) for t in group.task_ids]
-                    continue
-                if isinstance(detector, KnnDetector):
-                    result = score_group(prepared, usable_rows, group, base_sources, k=detector.k, hardest=hardest, device=device)
-                else:
-                    result = score_group_detector(prepared, usable_rows, group, base_sources, detector, hardest=hardest,
-                                                  device=device, prior=priors[g])
-                    reference_log.add(entries[c][0], detector, group.task_ids, result.get("references"))
-                span = slice(offsets[g], offsets[g + 1])
-                real[span, c] = result["real"]
-                synthetic[span, c] = result["synthetic"]
-                per_class[span, c, : len(group.group_names)] = result["per_class"]
-                skips += [(t, entries[c][0], reason) for t, reason in result["skips"]]
-                knn_flops += result["knn_flops"]
-                refined_scores += result.get("refined_scores", 0)
-            del prepared
+        features, usable = run.read_features(name, usable_images, buffer)
+        for detector in inputs.detectors:
+            run.score_candidate(name, detector, features, usable)
         del features
-    cube = AurocCube(
-        tasks=ordered_tasks[["task_id", "dataset", "normal_class"]], candidates=info, sources=sources,
-        real=real, synthetic=synthetic, per_class=per_class, class_names=class_names,
-        skips=pd.DataFrame(skips, columns=["task_id", "candidate", "reason"]),
-        config={"k": k, "detectors": [d.label for d in detectors], "hardest": list(hardest), "base_sources": base_sources, "device": device,
-                "seconds": round(time.perf_counter() - started, 3), "read_seconds": round(read_seconds, 3),
-                "knn_flops": knn_flops, "refined_scores": refined_scores,
-                **({"text_prior": {"model": text_prior.model, "prompt_set": "paper", "score": "sigmoid(s*(cos(z,t_a)-cos(z,t_n))), "
-                                   "prompt ensembles"}} if text_prior is not None else {}), **reference_log.config(reference_attrs if references is not None else None)},
-    )
+    cube = run.cube(inputs, k, started, text_prior)
     if save:
         cube.save(store_path)
     return cube

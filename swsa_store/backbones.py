@@ -440,76 +440,96 @@ def resolve_weights(
 
     # (1) an explicit path
     if weights is not None and not (isinstance(weights, str) and weights.lower() == "auto"):
-        path = Path(weights).expanduser()
-        if path.is_file():
-            _check_suffix(path)
-            return _weights_source_for(path, "file")
-        if path.is_dir():
-            candidates = _dir_weight_files(path, pcfg)
-            for candidate in candidates:
-                if candidate.is_file():
-                    return _weights_source_for(candidate, "directory")
-            raise WeightsNotFoundError(
-                f"weights directory {path} for backbone {cfg.name!r} holds none of "
-                f"{', '.join(c.name for c in candidates)}; pass the weights file itself "
-                f"(.safetensors/.pth/.pt/.bin) instead",
-                [str(c) for c in candidates],
-            )
-        raise WeightsNotFoundError(
-            f"weights {str(path)!r} for backbone {cfg.name!r} do not exist; pass an existing "
-            f"file or directory, None/'auto' to search the caches, or 'random' for an explicitly "
-            f"random model",
-            [str(path)],
-        )
+        return _explicit_weights(Path(weights).expanduser(), cfg, pcfg)
 
-    tried: list[str] = []
-
+    tried: list[str] = []  # every place looked at, for the error
     # (2) the weights directory
-    folder = weights_dir if weights_dir is not None else os.environ.get(WEIGHTS_DIR_ENV) or None
-    if folder is not None:
-        folder = Path(folder).expanduser()
-        candidates: list[Path] = []
-        stems = [cfg.name]
-        if cfg.timm_model_name != cfg.name:
-            stems.append(cfg.timm_model_name)
-        for stem in stems:
-            candidates += [folder / f"{stem}{suffix}" for suffix in WEIGHT_SUFFIXES]
-        subdirs = [folder / cfg.timm_model_name]
-        if pcfg is not None and pcfg.hf_hub_id:
-            subdirs.append(folder / _split_hf_id(pcfg.hf_hub_id)[0])
-        for sub in dict.fromkeys(subdirs):
-            candidates += _dir_weight_files(sub, pcfg)
-        url_name = _url_basename(pcfg)
-        if url_name:
-            candidates.append(folder / url_name)
-        for candidate in dict.fromkeys(candidates):
-            tried.append(str(candidate))
-            if candidate.is_file():
-                return _weights_source_for(candidate, "directory")
-    else:
-        tried.append(f"weights directory (none: no weights_dir given and ${WEIGHTS_DIR_ENV} not set)")
-
+    found = _find_in_weights_dir(cfg, pcfg, weights_dir, tried)
+    if found is not None:
+        return _weights_source_for(found, "directory")
     # (3) the Hugging Face cache
-    hf = _find_in_hf_cache(pcfg, tried)
-    if hf is not None:
-        return _weights_source_for(hf, "hf-cache")
-
+    found = _find_in_hf_cache(pcfg, tried)
+    if found is not None:
+        return _weights_source_for(found, "hf-cache")
     # (4) the torch hub cache
-    th = _find_in_torch_cache(pcfg, tried)
-    if th is not None:
-        return _weights_source_for(th, "torch-cache")
-
+    found = _find_in_torch_cache(pcfg, tried)
+    if found is not None:
+        return _weights_source_for(found, "torch-cache")
     # (5) download, when allowed
     if allow_download:
-        if pcfg is None or not (pcfg.hf_hub_id or pcfg.url):
-            raise WeightsNotFoundError(
-                f"backbone {cfg.name!r} (timm {cfg.timm_model_name}) has no downloadable weights "
-                f"in timm; pass a weights file or weights='random'",
-                tried,
-            )
-        return WeightsSource(kind="download")
+        return _download_source(cfg, pcfg, tried)
+    raise _weights_not_found(cfg, tried)
 
+
+def _explicit_weights(path: Path, cfg: BackboneCfg, pcfg) -> WeightsSource:
+    """Step (1): ``path`` is a weights file, or a directory holding one of :func:`_dir_weight_files`."""
+    if path.is_file():
+        _check_suffix(path)
+        return _weights_source_for(path, "file")
+    if path.is_dir():
+        candidates = _dir_weight_files(path, pcfg)
+        for candidate in candidates:
+            if candidate.is_file():
+                return _weights_source_for(candidate, "directory")
+        raise WeightsNotFoundError(
+            f"weights directory {path} for backbone {cfg.name!r} holds none of "
+            f"{', '.join(c.name for c in candidates)}; pass the weights file itself "
+            f"(.safetensors/.pth/.pt/.bin) instead",
+            [str(c) for c in candidates],
+        )
     raise WeightsNotFoundError(
+        f"weights {str(path)!r} for backbone {cfg.name!r} do not exist; pass an existing "
+        f"file or directory, None/'auto' to search the caches, or 'random' for an explicitly "
+        f"random model",
+        [str(path)],
+    )
+
+
+def _find_in_weights_dir(cfg: BackboneCfg, pcfg, weights_dir: str | os.PathLike | None, tried: list[str]) -> Path | None:
+    """Step (2): ``weights_dir``, else ``$SWSA_WEIGHTS_DIR``, in the layouts of the module docstring."""
+    folder = weights_dir if weights_dir is not None else os.environ.get(WEIGHTS_DIR_ENV) or None
+    if folder is None:
+        tried.append(f"weights directory (none: no weights_dir given and ${WEIGHTS_DIR_ENV} not set)")
+        return None
+    for candidate in _weights_dir_candidates(Path(folder).expanduser(), cfg, pcfg):
+        tried.append(str(candidate))
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _weights_dir_candidates(folder: Path, cfg: BackboneCfg, pcfg) -> list[Path]:
+    """The files looked for in a weights directory, in order, without repeats."""
+    candidates: list[Path] = []
+    stems = [cfg.name]
+    if cfg.timm_model_name != cfg.name:
+        stems.append(cfg.timm_model_name)
+    for stem in stems:
+        candidates += [folder / f"{stem}{suffix}" for suffix in WEIGHT_SUFFIXES]
+    subdirs = [folder / cfg.timm_model_name]
+    if pcfg is not None and pcfg.hf_hub_id:
+        subdirs.append(folder / _split_hf_id(pcfg.hf_hub_id)[0])
+    for sub in dict.fromkeys(subdirs):
+        candidates += _dir_weight_files(sub, pcfg)
+    url_name = _url_basename(pcfg)
+    if url_name:
+        candidates.append(folder / url_name)
+    return list(dict.fromkeys(candidates))
+
+
+def _download_source(cfg: BackboneCfg, pcfg, tried: list[str]) -> WeightsSource:
+    """Step (5): a download through timm, if timm knows where this model's weights are."""
+    if pcfg is None or not (pcfg.hf_hub_id or pcfg.url):
+        raise WeightsNotFoundError(
+            f"backbone {cfg.name!r} (timm {cfg.timm_model_name}) has no downloadable weights "
+            f"in timm; pass a weights file or weights='random'",
+            tried,
+        )
+    return WeightsSource(kind="download")
+
+
+def _weights_not_found(cfg: BackboneCfg, tried: list[str]) -> WeightsNotFoundError:
+    return WeightsNotFoundError(
         f"no weights for backbone {cfg.name!r} (timm {cfg.timm_model_name}); looked in: "
         + "; ".join(tried)
         + f". Fix: pass weights=<file or directory>, put the file in a folder named by "
@@ -766,8 +786,6 @@ def load_backbone(
     built for it (position embeddings resampled from the weights). ``weights="random"``
     builds a randomly initialised model, deterministically, and warns.
     """
-    from timm.data import create_transform, resolve_model_data_config
-
     if cfg.family == "pixels":
         return load_pixels_backbone(cfg, device=device)
     if cfg.family == "clip":  # open_clip image tower, its own preprocessing and weights search
@@ -778,31 +796,7 @@ def load_backbone(
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
         raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
     source = resolve_weights(cfg, weights, weights_dir=weights_dir, allow_download=allow_download)
-    model_kwargs = _model_kwargs(cfg, image_size)
-
-    if source.kind == "download":
-        log.info("downloading weights of %s (timm %s)", cfg.name, cfg.timm_model_name)
-        model = _create_model(cfg, model_kwargs, pretrained=True)
-        try:  # where timm put it, for the record
-            found = resolve_weights(cfg, None, weights_dir=weights_dir)
-            source = WeightsSource(kind="download", path=found.path, sha256=found.sha256)
-        except (WeightsNotFoundError, ValueError):
-            log.warning("downloaded weights of %s could not be located in the caches; "
-                        "their sha256 is not recorded", cfg.name)
-    else:
-        model = _create_model(cfg, model_kwargs)
-        if source.kind == "random":
-            message = (
-                f"backbone {cfg.name!r} (timm {cfg.timm_model_name}) has RANDOM weights "
-                f"(seed {RANDOM_INIT_SEED}): its features are meaningless for real images; "
-                f"use it only for tests and demos"
-            )
-            warnings.warn(message, RandomWeightsWarning, stacklevel=3)
-            log.warning(message)
-        else:
-            _load_weights_into(model, Path(source.path), cfg)
-            log.info("loaded %s weights from %s (%s)", cfg.name, source.path, source.kind)
-
+    model, source = _model_with_weights(cfg, source, _model_kwargs(cfg, image_size), weights_dir=weights_dir)
     model.reset_classifier(0)
     model.eval().requires_grad_(False)
     feature_dim = _model_feature_dim(model)
@@ -813,10 +807,7 @@ def load_backbone(
         )
     if cfg.feature_dim is None:
         cfg = dataclasses.replace(cfg, feature_dim=feature_dim)
-
-    args = {"input_size": (3, image_size, image_size)} if image_size is not None else None
-    preprocess = PreprocessCfg.from_data_config(resolve_model_data_config(model, args=args))
-    transform = create_transform(**preprocess.data_config(), is_training=False)
+    preprocess, transform = _test_preprocessing(model, image_size)
     model = model.to(device)
     return LoadedBackbone(
         cfg=cfg,
@@ -829,6 +820,47 @@ def load_backbone(
         device=str(device),
         image_size=image_size,
     )
+
+
+def _model_with_weights(cfg: BackboneCfg, source: WeightsSource, model_kwargs: dict[str, Any], *,
+                        weights_dir: str | os.PathLike | None) -> tuple[torch.nn.Module, WeightsSource]:
+    """The timm model of ``cfg`` with the weights of ``source``, and the source to record.
+
+    A download is recorded with the file timm left in the caches, when it can be found there.
+    """
+    if source.kind == "download":
+        log.info("downloading weights of %s (timm %s)", cfg.name, cfg.timm_model_name)
+        model = _create_model(cfg, model_kwargs, pretrained=True)
+        try:  # where timm put it, for the record
+            found = resolve_weights(cfg, None, weights_dir=weights_dir)
+            source = WeightsSource(kind="download", path=found.path, sha256=found.sha256)
+        except (WeightsNotFoundError, ValueError):
+            log.warning("downloaded weights of %s could not be located in the caches; "
+                        "their sha256 is not recorded", cfg.name)
+        return model, source
+    model = _create_model(cfg, model_kwargs)
+    if source.kind == "random":
+        message = (
+            f"backbone {cfg.name!r} (timm {cfg.timm_model_name}) has RANDOM weights "
+            f"(seed {RANDOM_INIT_SEED}): its features are meaningless for real images; "
+            f"use it only for tests and demos"
+        )
+        # stacklevel: past this helper and load_backbone, to the code that asked for the backbone
+        warnings.warn(message, RandomWeightsWarning, stacklevel=4)
+        log.warning(message)
+    else:
+        _load_weights_into(model, Path(source.path), cfg)
+        log.info("loaded %s weights from %s (%s)", cfg.name, source.path, source.kind)
+    return model, source
+
+
+def _test_preprocessing(model: torch.nn.Module, image_size: int | None) -> tuple[PreprocessCfg, Callable]:
+    """timm's test-time preprocessing of ``model`` (at ``image_size`` when given), and its transform."""
+    from timm.data import create_transform, resolve_model_data_config
+
+    args = {"input_size": (3, image_size, image_size)} if image_size is not None else None
+    preprocess = PreprocessCfg.from_data_config(resolve_model_data_config(model, args=args))
+    return preprocess, create_transform(**preprocess.data_config(), is_training=False)
 
 
 # --------------------------------------------------------------------------------------------

@@ -225,7 +225,7 @@ def embed_store(
     ``/patches/<name>`` (see :func:`~swsa_store.backbones.patch_token_model`), from the same
     forward pass and with the same resume rule; pooled rows are unchanged by it.
     """
-    from .backbones import create_backbone, patch_token_model
+    from .backbones import create_backbone
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -234,38 +234,18 @@ def embed_store(
         raise ValueError(f"embedding name {name!r} must not contain '/'; pass another --name")
     with open_store(store_path) as store:
         images = store.images()
-        held = store.backbones()
-        existing_attrs = store.embedding_attrs(name) if name in held else None
+        existing_attrs = store.embedding_attrs(name) if name in store.backbones() else None
         existing_patch_attrs = store.patch_attrs(name) if name in store.patch_sets() else None
     if len(images) == 0:
         raise StoreError(f"store {store_path} has no images; run `swsa catalog` first")
     loaded = create_backbone(backbone, weights=weights, weights_dir=weights_dir,
                              allow_download=allow_download, image_size=image_size, device=device)
-    attrs = _embedding_attrs(loaded, batch_size=batch_size, dtype=dtype)
-    model = loaded.model
-    if patch_tokens:
-        model, patch_attrs = patch_token_model(loaded)
-        patch_attrs["embedding_config"] = attrs["config"]
-        if existing_patch_attrs is not None:
-            _check_patch_compatible(name, existing_patch_attrs, patch_attrs)
-    if existing_attrs is not None:
-        _check_compatible(name, existing_attrs, attrs)
-    if existing_attrs is None or (patch_tokens and existing_patch_attrs is None):
-        with edit_store(store_path) as store:
-            if existing_attrs is None:
-                store.create_embeddings(name, loaded.feature_dim, attrs, dtype=dtype)
-            if patch_tokens and existing_patch_attrs is None:
-                store.create_patches(name, patch_attrs["n_patches"], patch_attrs["patch_dim"], patch_attrs)
+    model = _prepare_matrices(store_path, name, loaded, batch_size=batch_size, dtype=dtype, patch_tokens=patch_tokens,
+                              existing_attrs=existing_attrs, existing_patch_attrs=existing_patch_attrs)
     usable = images.loc[images["status"] == "ok", "image_id"].to_numpy()
     with writer_lock(store_path), EmbeddingRowWriter(store_path, name, patches=patch_tokens) as writer:
-        writer.reset_failed()
-        done = writer.done[...]
-        if patch_tokens:  # a row is done when its pooled features and its patch tokens are
-            done = np.where(writer.patch_done[...] == DONE_WRITTEN, done, 0)
-        batches = [b for b in fixed_batches(usable, batch_size) if (done[b] != DONE_WRITTEN).any()]
-        already = int((done[usable] == DONE_WRITTEN).sum())
-        if max_batches is not None:
-            batches = batches[:max_batches]
+        batches, already = _batches_to_embed(writer, usable, batch_size, patch_tokens=patch_tokens,
+                                             max_batches=max_batches)
         todo_ids = np.concatenate(batches) if batches else np.empty(0, dtype=np.int64)
         paths = images["path"].to_numpy()[todo_ids]
         reader = ImageReader(todo_ids, paths, loaded.transform, store_path)
@@ -276,11 +256,62 @@ def embed_store(
             reader, embedder, writer, batches, num_workers=num_workers, progress=progress, description=f"embed {name}"
         )
     if failures:
-        with edit_store(store_path) as store:
-            store.append_skips(pd.DataFrame(
-                [{"stage": "embed", "image_id": i, "task_id": -1, "backbone": name, "reason": r} for i, r in failures]
-            ))
+        _record_failures(store_path, name, failures)
     return IngestReport(name, len(usable), already, written, failed, tuple(failures))
+
+
+def _prepare_matrices(store_path: str | os.PathLike, name: str, loaded, *, batch_size: int, dtype: str,
+                      patch_tokens: bool, existing_attrs: dict | None, existing_patch_attrs: dict | None) -> torch.nn.Module:
+    """Create the store's matrices ``name`` (and patches), or check that those held fit ``loaded``.
+
+    Returns the module to run: ``loaded.model``, or with ``patch_tokens`` its
+    :class:`~swsa_store.backbones.PatchTokenModel`.
+    """
+    from .backbones import patch_token_model
+
+    attrs = _embedding_attrs(loaded, batch_size=batch_size, dtype=dtype)
+    model = loaded.model
+    if patch_tokens:
+        model, patch_attrs = patch_token_model(loaded)
+        patch_attrs["embedding_config"] = attrs["config"]
+        if existing_patch_attrs is not None:
+            _check_patch_compatible(name, existing_patch_attrs, patch_attrs)
+    if existing_attrs is not None:
+        _check_compatible(name, existing_attrs, attrs)
+    new_patches = patch_tokens and existing_patch_attrs is None
+    if existing_attrs is None or new_patches:
+        with edit_store(store_path) as store:
+            if existing_attrs is None:
+                store.create_embeddings(name, loaded.feature_dim, attrs, dtype=dtype)
+            if new_patches:
+                store.create_patches(name, patch_attrs["n_patches"], patch_attrs["patch_dim"], patch_attrs)
+    return model
+
+
+def _batches_to_embed(writer: EmbeddingRowWriter, usable: np.ndarray, batch_size: int, *, patch_tokens: bool,
+                      max_batches: int | None) -> tuple[list[np.ndarray], int]:
+    """The fixed batches not fully done (failed rows are retried), and how many usable rows are done.
+
+    Only whole fixed batches are redone, so a resumed run embeds the same compositions as an
+    uninterrupted one (the module's resume rule).
+    """
+    writer.reset_failed()
+    done = writer.done[...]
+    if patch_tokens:  # a row is done when its pooled features and its patch tokens are
+        done = np.where(writer.patch_done[...] == DONE_WRITTEN, done, 0)
+    batches = [b for b in fixed_batches(usable, batch_size) if (done[b] != DONE_WRITTEN).any()]
+    already = int((done[usable] == DONE_WRITTEN).sum())
+    if max_batches is not None:
+        batches = batches[:max_batches]
+    return batches, already
+
+
+def _record_failures(store_path: str | os.PathLike, name: str, failures: list[tuple[int, str]]) -> None:
+    """Append ``(image_id, reason)`` failures to the store's skips, as stage ``embed`` of ``name``."""
+    with edit_store(store_path) as store:
+        store.append_skips(pd.DataFrame(
+            [{"stage": "embed", "image_id": i, "task_id": -1, "backbone": name, "reason": r} for i, r in failures]
+        ))
 
 
 def embedding_name(backbone: str) -> str:

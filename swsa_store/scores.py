@@ -58,6 +58,31 @@ def validate_scores(store_path: str | os.PathLike, table: pd.DataFrame, *, allow
     Raises :class:`ScoreImportError` with the first offending row.
     """
     table = table.reset_index(drop=True)
+    task_column, id_column = _score_columns(table)
+    with open_store(store_path) as store:
+        images, tasks, members = store.images(), store.tasks(), store.task_members()
+        root = store.path.resolve().parent
+    if id_column == "path":
+        image_ids = _image_ids_from_paths(table, images, root)
+    else:
+        image_ids = _image_ids_from_ids(table, n_images=len(images))
+    task_ids = _known_task_ids(table, task_column, tasks)
+    scores = _finite_scores(table)
+    keys = task_ids * len(images) + image_ids  # one int per (task, image) pair
+    _check_no_duplicates(keys, task_ids, image_ids)
+    needed = _validation_pairs(images, tasks, members)
+    needed_keys = needed["task_id"].to_numpy() * len(images) + needed["image_id"].to_numpy()
+    skipped = _tasks_missing_scores(needed, np.isin(needed_keys, keys), allow_missing=allow_missing)
+    in_validation = np.isin(keys, needed_keys)
+    complete = sorted(set(map(int, needed["task_id"])) - {t for t, _ in skipped})
+    return {
+        "task_id": task_ids[in_validation], "image_id": image_ids[in_validation], "score": scores[in_validation],
+        "ignored_rows": int((~in_validation).sum()), "skipped_tasks": skipped, "complete_tasks": complete,
+    }
+
+
+def _score_columns(table: pd.DataFrame) -> tuple[str, str]:
+    """The names of the task and the image column ``table`` uses; raises when one is missing."""
     task_column = "task" if "task" in table else "task_id" if "task_id" in table else None
     id_column = "image_id" if "image_id" in table else "path" if "path" in table else None
     if task_column is None or id_column is None or "score" not in table:
@@ -66,74 +91,88 @@ def validate_scores(store_path: str | os.PathLike, table: pd.DataFrame, *, allow
         )
     if len(table) == 0:
         raise ScoreImportError("the score table has no rows")
-    with open_store(store_path) as store:
-        images, tasks, members = store.images(), store.tasks(), store.task_members()
-        root = store.path.resolve().parent
-    # ---- images
-    if id_column == "path":
-        known = {p: i for i, p in enumerate(images["path"])}
-        known.update({str(Path(p).resolve().relative_to(root)): i for i, p in enumerate(images["path"])
-                      if p and Path(p).resolve().is_relative_to(root)})
-        image_ids = np.array([known.get(str(p), -1) for p in table["path"]], dtype=np.int64)
-        bad = np.flatnonzero(image_ids < 0)
-        if bad.size:
-            raise ScoreImportError(f"{_row(bad[0])}: unknown image path {_show(table['path'].iloc[bad[0]])} (not in the catalog)")
-    else:
-        raw = pd.to_numeric(table["image_id"], errors="coerce")
-        bad = np.flatnonzero(raw.isna().to_numpy() | (raw.to_numpy() % 1 != 0))
-        if bad.size:
-            raise ScoreImportError(f"{_row(bad[0])}: image_id {_show(table['image_id'].iloc[bad[0]])} is not an integer")
-        image_ids = raw.to_numpy().astype(np.int64)
-        bad = np.flatnonzero((image_ids < 0) | (image_ids >= len(images)))
-        if bad.size:
-            raise ScoreImportError(f"{_row(bad[0])}: unknown image_id {image_ids[bad[0]]} (the catalog has ids 0..{len(images) - 1})")
-    # ---- tasks
+    return task_column, id_column
+
+
+def _image_ids_from_paths(table: pd.DataFrame, images: pd.DataFrame, root: Path) -> np.ndarray:
+    """``(len(table),)`` image ids of the ``path`` column: paths as catalogued or relative to ``root``."""
+    known = {p: i for i, p in enumerate(images["path"])}
+    known.update({str(Path(p).resolve().relative_to(root)): i for i, p in enumerate(images["path"])
+                  if p and Path(p).resolve().is_relative_to(root)})
+    image_ids = np.array([known.get(str(p), -1) for p in table["path"]], dtype=np.int64)
+    bad = np.flatnonzero(image_ids < 0)
+    if bad.size:
+        raise ScoreImportError(f"{_row(bad[0])}: unknown image path {_show(table['path'].iloc[bad[0]])} (not in the catalog)")
+    return image_ids
+
+
+def _image_ids_from_ids(table: pd.DataFrame, *, n_images: int) -> np.ndarray:
+    """``(len(table),)`` image ids of the ``image_id`` column, each an integer id of the catalog."""
+    raw = pd.to_numeric(table["image_id"], errors="coerce")
+    bad = np.flatnonzero(raw.isna().to_numpy() | (raw.to_numpy() % 1 != 0))
+    if bad.size:
+        raise ScoreImportError(f"{_row(bad[0])}: image_id {_show(table['image_id'].iloc[bad[0]])} is not an integer")
+    image_ids = raw.to_numpy().astype(np.int64)
+    bad = np.flatnonzero((image_ids < 0) | (image_ids >= n_images))
+    if bad.size:
+        raise ScoreImportError(f"{_row(bad[0])}: unknown image_id {image_ids[bad[0]]} (the catalog has ids 0..{n_images - 1})")
+    return image_ids
+
+
+def _known_task_ids(table: pd.DataFrame, task_column: str, tasks: pd.DataFrame) -> np.ndarray:
+    """``(len(table),)`` task ids, each one of the store's tasks."""
     raw_tasks = pd.to_numeric(table[task_column], errors="coerce")
     task_ids = raw_tasks.fillna(-1).to_numpy().astype(np.int64)
     bad = np.flatnonzero(~np.isin(task_ids, tasks["task_id"].to_numpy()) | raw_tasks.isna().to_numpy())
     if bad.size:
         raise ScoreImportError(f"{_row(bad[0])}: unknown task {_show(table[task_column].iloc[bad[0]])}")
-    # ---- scores
+    return task_ids
+
+
+def _finite_scores(table: pd.DataFrame) -> np.ndarray:
+    """``(len(table),)`` float64 scores, all finite."""
     scores = pd.to_numeric(table["score"], errors="coerce").to_numpy(dtype=np.float64)
     bad = np.flatnonzero(~np.isfinite(scores))
     if bad.size:
         raise ScoreImportError(f"{_row(bad[0])}: score {_show(table['score'].iloc[bad[0]])} is not a finite number")
-    # ---- duplicates
-    keys = task_ids * len(images) + image_ids
+    return scores
+
+
+def _check_no_duplicates(keys: np.ndarray, task_ids: np.ndarray, image_ids: np.ndarray) -> None:
     duplicated = pd.Series(keys).duplicated().to_numpy()
     if duplicated.any():
         first = int(np.flatnonzero(duplicated)[0])
         original = int(np.flatnonzero(keys == keys[first])[0])
         raise ScoreImportError(f"{_row(first)}: duplicate score for task {task_ids[first]}, image {image_ids[first]} "
                                f"(first given in {_row(original)})")
-    # ---- coverage of every task's validation images
+
+
+def _validation_pairs(images: pd.DataFrame, tasks: pd.DataFrame, members: pd.DataFrame) -> pd.DataFrame:
+    """``(task_id, image_id)`` of every usable validation image of every scoreable task."""
     needed = members[members["role"].isin([ROLE_HELDOUT, ROLE_REAL_NORMAL, ROLE_REAL_ANOMALY])][["task_id", "image_id"]]
     synthetic = images.loc[(images["kind"] != "real") & (images["task_id"] >= 0), ["task_id", "image_id"]]
     needed = pd.concat([needed, synthetic], ignore_index=True).drop_duplicates()
     ok_images = images["status"].to_numpy() == "ok"
     needed = needed[ok_images[needed["image_id"].to_numpy()]]
-    needed = needed[needed["task_id"].isin(tasks.loc[tasks["status"] == "ok", "task_id"])]
-    needed_keys = needed["task_id"].to_numpy() * len(images) + needed["image_id"].to_numpy()
-    given = np.isin(needed_keys, keys)
-    skipped = []
-    if not given.all():
-        missing = needed[~given]
-        per_task = missing.groupby("task_id")["image_id"].agg(["size", "first"])
-        if not allow_missing:
-            task_id = int(per_task.index[0])
-            total = int((needed["task_id"] == task_id).sum())
-            raise ScoreImportError(
-                f"task {task_id} lacks scores for {int(per_task['size'].iloc[0])} of its {total} validation images "
-                f"(first: image {int(per_task['first'].iloc[0])}); score every one, or pass --allow-missing to skip such tasks"
-            )
-        skipped = [(int(t), f"imported scores miss {int(r['size'])} validation images (first: image {int(r['first'])})")
-                   for t, r in per_task.iterrows()]
-    in_validation = np.isin(keys, needed_keys)
-    complete = sorted(set(map(int, needed["task_id"])) - {t for t, _ in skipped})
-    return {
-        "task_id": task_ids[in_validation], "image_id": image_ids[in_validation], "score": scores[in_validation],
-        "ignored_rows": int((~in_validation).sum()), "skipped_tasks": skipped, "complete_tasks": complete,
-    }
+    return needed[needed["task_id"].isin(tasks.loc[tasks["status"] == "ok", "task_id"])]
+
+
+def _tasks_missing_scores(needed: pd.DataFrame, given: np.ndarray, *, allow_missing: bool) -> list[tuple[int, str]]:
+    """``[(task_id, reason)]`` of the tasks with unscored validation images (``given``: per row of
+    ``needed``); without ``allow_missing`` the first such task is an error."""
+    if given.all():
+        return []
+    missing = needed[~given]
+    per_task = missing.groupby("task_id")["image_id"].agg(["size", "first"])
+    if not allow_missing:
+        task_id = int(per_task.index[0])
+        total = int((needed["task_id"] == task_id).sum())
+        raise ScoreImportError(
+            f"task {task_id} lacks scores for {int(per_task['size'].iloc[0])} of its {total} validation images "
+            f"(first: image {int(per_task['first'].iloc[0])}); score every one, or pass --allow-missing to skip such tasks"
+        )
+    return [(int(t), f"imported scores miss {int(r['size'])} validation images (first: image {int(r['first'])})")
+            for t, r in per_task.iterrows()]
 
 
 def import_scores(

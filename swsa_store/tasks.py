@@ -28,6 +28,7 @@ group — and is ``""`` for every other role.
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -134,13 +135,37 @@ def build_tasks(
         status ``"skipped"`` and a reason (no training images, one class in real validation).
     members : ``(task_id, image_id, role, group)`` rows.
     """
+    _check_task_options(images, n_seed, protocol)
+    class_labels = class_labels or {}
+    classes, usable_train, test = _usable_images(images, dataset, protocol)
+    task_rows, member_parts = [], []
+    for offset, normal_class in enumerate(classes):
+        task_id = first_task_id + offset
+        split = _split_task(usable_train, test, normal_class, protocol=protocol, n_seed=n_seed,
+                            rng=np.random.default_rng(stable_seed(seed, dataset, normal_class)))
+        label = str(class_labels.get(normal_class, normal_class))
+        task_rows.append(_task_row(split, task_id, dataset, normal_class, seed, label, protocol))
+        member_parts.extend(_member_frames(split, task_id))
+    tasks = pd.DataFrame(task_rows, columns=list(TASK_COLUMNS)).astype(empty_tasks_table().dtypes.to_dict())
+    members = pd.concat(member_parts, ignore_index=True) if member_parts else empty_members_table()
+    return tasks, members
+
+
+def _check_task_options(images: pd.DataFrame, n_seed: int, protocol: str) -> None:
     if n_seed < 1:
         raise ValueError(f"n_seed must be at least 1, got {n_seed}")
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {list(PROTOCOLS)}, got {protocol!r}")
     if protocol == "defect" and "defect" not in images:
         raise ValueError("the defect protocol needs a 'defect' column in the catalog (MVTec-AD / VisA loaders)")
-    class_labels = class_labels or {}
+
+
+def _usable_images(images: pd.DataFrame, dataset: str, protocol: str) -> tuple[list, pd.DataFrame, pd.DataFrame]:
+    """``(classes, support candidates, test images)`` of ``dataset``.
+
+    Classes come from every real catalogued image, failed ones included, so that a class whose
+    images all failed still gets a (skipped) task; support and test hold usable images only.
+    """
     usable = images[(images["dataset"] == dataset) & (images["kind"] == "real") & (images["status"] == "ok")]
     classes = sorted(images.loc[(images["dataset"] == dataset) & (images["kind"] == "real"), "class_name"].unique())
     if not classes:
@@ -150,70 +175,96 @@ def build_tasks(
         usable_train = usable[(usable["split"] == "train") & is_normal]
     else:
         usable_train = usable[usable["split"] == "train"]
-    test = usable[usable["split"] == "test"]
-    task_rows, member_parts = [], []
-    for offset, normal_class in enumerate(classes):
-        task_id = first_task_id + offset
-        support = np.sort(usable_train.loc[usable_train["class_name"] == normal_class, "image_id"].to_numpy())
-        if protocol == "defect":
-            mine = test[test["class_name"] == normal_class]
-            mine_normal = mine["defect"].astype(str) == NORMAL_DEFECT
-            real_normal = np.sort(mine.loc[mine_normal, "image_id"].to_numpy())
-            anomalies = mine[~mine_normal]
-            group_column = "defect"
-        else:
-            real_normal = np.sort(test.loc[test["class_name"] == normal_class, "image_id"].to_numpy())
-            anomalies = test[test["class_name"] != normal_class]
-            group_column = "class_name"
-        real_anomaly = np.sort(anomalies["image_id"].to_numpy())
-        rng = np.random.default_rng(stable_seed(seed, dataset, normal_class))
-        shuffled = rng.permutation(support)
-        seeds_are_heldout = len(support) <= n_seed
-        if seeds_are_heldout:
-            seeds, heldout = np.sort(shuffled), np.sort(shuffled)
-        else:
-            seeds, heldout = np.sort(shuffled[:n_seed]), np.sort(shuffled[n_seed:])
-        reasons = []
-        if len(support) == 0:
-            reasons.append("no training images of the normal class")
-        if len(real_normal) == 0 or len(real_anomaly) == 0:
-            missing = "normal" if len(real_normal) == 0 else "anomalous"
-            reasons.append(f"real validation has one class (no {missing} test images)")
-        task_rows.append(
-            {
-                "task_id": task_id,
-                "dataset": dataset,
-                "normal_class": normal_class,
-                "status": "skipped" if reasons else "ok",
-                "skip_reason": "; ".join(reasons),
-                "n_support": len(support),
-                "n_seed": len(seeds),
-                "n_heldout": len(heldout),
-                "n_real_normal": len(real_normal),
-                "n_real_anomaly": len(real_anomaly),
-                "n_out_classes": int(anomalies[group_column].nunique()),
-                "seeds_are_heldout": bool(seeds_are_heldout),
-                "split_seed": seed,
-                "class_label": str(class_labels.get(normal_class, normal_class)),
-                "protocol": protocol,
-            }
-        )
-        anomaly_class = anomalies.set_index("image_id").loc[real_anomaly, group_column].astype(str).to_numpy(dtype=object)
-        for ids, role, group in ((seeds, ROLE_SEED, ""), (heldout, ROLE_HELDOUT, ""), (real_normal, ROLE_REAL_NORMAL, ""),
-                                 (real_anomaly, ROLE_REAL_ANOMALY, anomaly_class)):
-            member_parts.append(
-                pd.DataFrame(
-                    {
-                        "task_id": np.full(len(ids), task_id, dtype=np.int64),
-                        "image_id": ids.astype(np.int64),
-                        "role": np.full(len(ids), role, dtype=np.int8),
-                        "group": np.broadcast_to(np.asarray(group, dtype=object), len(ids)).copy() if len(ids) else np.empty(0, object),
-                    }
-                )
+    return classes, usable_train, usable[usable["split"] == "test"]
+
+
+@dataclass(frozen=True)
+class _TaskSplit:
+    """One task's images: sorted id arrays, and the anomaly rows with the column naming their group."""
+
+    support: np.ndarray
+    seeds: np.ndarray
+    heldout: np.ndarray
+    seeds_are_heldout: bool
+    real_normal: np.ndarray
+    real_anomaly: np.ndarray
+    anomalies: pd.DataFrame
+    group_column: str
+
+
+def _split_task(usable_train: pd.DataFrame, test: pd.DataFrame, normal_class: str, *, protocol: str,
+                n_seed: int, rng: np.random.Generator) -> _TaskSplit:
+    support = np.sort(usable_train.loc[usable_train["class_name"] == normal_class, "image_id"].to_numpy())
+    if protocol == "defect":
+        mine = test[test["class_name"] == normal_class]
+        mine_normal = mine["defect"].astype(str) == NORMAL_DEFECT
+        real_normal = np.sort(mine.loc[mine_normal, "image_id"].to_numpy())
+        anomalies = mine[~mine_normal]
+        group_column = "defect"
+    else:
+        real_normal = np.sort(test.loc[test["class_name"] == normal_class, "image_id"].to_numpy())
+        anomalies = test[test["class_name"] != normal_class]
+        group_column = "class_name"
+    shuffled = rng.permutation(support)
+    seeds_are_heldout = len(support) <= n_seed
+    if seeds_are_heldout:
+        seeds, heldout = np.sort(shuffled), np.sort(shuffled)
+    else:
+        seeds, heldout = np.sort(shuffled[:n_seed]), np.sort(shuffled[n_seed:])
+    return _TaskSplit(support, seeds, heldout, seeds_are_heldout, real_normal,
+                      np.sort(anomalies["image_id"].to_numpy()), anomalies, group_column)
+
+
+def _skip_reasons(split: _TaskSplit) -> list[str]:
+    reasons = []
+    if len(split.support) == 0:
+        reasons.append("no training images of the normal class")
+    if len(split.real_normal) == 0 or len(split.real_anomaly) == 0:
+        missing = "normal" if len(split.real_normal) == 0 else "anomalous"
+        reasons.append(f"real validation has one class (no {missing} test images)")
+    return reasons
+
+
+def _task_row(split: _TaskSplit, task_id: int, dataset: str, normal_class: str, split_seed: int,
+              class_label: str, protocol: str) -> dict:
+    reasons = _skip_reasons(split)
+    return {
+        "task_id": task_id,
+        "dataset": dataset,
+        "normal_class": normal_class,
+        "status": "skipped" if reasons else "ok",
+        "skip_reason": "; ".join(reasons),
+        "n_support": len(split.support),
+        "n_seed": len(split.seeds),
+        "n_heldout": len(split.heldout),
+        "n_real_normal": len(split.real_normal),
+        "n_real_anomaly": len(split.real_anomaly),
+        "n_out_classes": int(split.anomalies[split.group_column].nunique()),
+        "seeds_are_heldout": bool(split.seeds_are_heldout),
+        "split_seed": split_seed,
+        "class_label": class_label,
+        "protocol": protocol,
+    }
+
+
+def _member_frames(split: _TaskSplit, task_id: int) -> list[pd.DataFrame]:
+    """One members frame per role; only real anomalies have a ``group``."""
+    anomaly_group = (split.anomalies.set_index("image_id").loc[split.real_anomaly, split.group_column]
+                     .astype(str).to_numpy(dtype=object))
+    frames = []
+    for ids, role, group in ((split.seeds, ROLE_SEED, ""), (split.heldout, ROLE_HELDOUT, ""),
+                             (split.real_normal, ROLE_REAL_NORMAL, ""), (split.real_anomaly, ROLE_REAL_ANOMALY, anomaly_group)):
+        frames.append(
+            pd.DataFrame(
+                {
+                    "task_id": np.full(len(ids), task_id, dtype=np.int64),
+                    "image_id": ids.astype(np.int64),
+                    "role": np.full(len(ids), role, dtype=np.int8),
+                    "group": np.broadcast_to(np.asarray(group, dtype=object), len(ids)).copy() if len(ids) else np.empty(0, object),
+                }
             )
-    tasks = pd.DataFrame(task_rows, columns=list(TASK_COLUMNS)).astype(empty_tasks_table().dtypes.to_dict())
-    members = pd.concat(member_parts, ignore_index=True) if member_parts else empty_members_table()
-    return tasks, members
+        )
+    return frames
 
 
 def select_tasks(tasks: pd.DataFrame, task_ids, store_path) -> pd.DataFrame:

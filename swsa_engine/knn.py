@@ -77,24 +77,25 @@ def _check_k(k: Any) -> int:
     return k
 
 
-def _as_real(x: Any, name: str, ndim: int, shape_doc: str) -> np.ndarray:
+def _as_numpy(x: Any) -> np.ndarray:
+    """An array or a torch tensor (any device) as a NumPy array, without copying a NumPy input."""
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
-    arr = np.asarray(x)
+    return np.asarray(x)
+
+
+def _as_real(x: Any, name: str, ndim: int, shape_doc: str) -> np.ndarray:
+    arr = _as_numpy(x)
     if arr.dtype.kind not in "fiu":
-        raise ValueError(
-            f"{name} must be a real numeric array of shape {shape_doc}, got dtype {arr.dtype}; "
-            f"convert it with np.asarray({name}, dtype=np.float32)"
-        )
+        raise ValueError(f"{name} must be a real numeric array of shape {shape_doc}, got dtype {arr.dtype}; "
+                         f"convert it with np.asarray({name}, dtype=np.float32)")
     if arr.ndim != ndim:
         raise ValueError(f"{name} must have shape {shape_doc} ({ndim} dimensions), got shape {arr.shape}; reshape it to {shape_doc}")
     return arr
 
 
 def _as_index(x: Any, name: str, shape: tuple[int, ...], shape_doc: str, high: int, what: str) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    arr = np.asarray(x)
+    arr = _as_numpy(x)
     if arr.dtype.kind not in "iu":
         raise ValueError(
             f"{name} must be an integer array of shape {shape_doc}, got dtype {arr.dtype}; "
@@ -117,9 +118,7 @@ def _as_index(x: Any, name: str, shape: tuple[int, ...], shape_doc: str, high: i
 def _as_mask(x: Any, name: str, shape: tuple[int, ...], shape_doc: str) -> np.ndarray:
     if x is None:
         return np.ones(shape, dtype=bool)
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    arr = np.asarray(x)
+    arr = _as_numpy(x)
     if arr.dtype != np.bool_:
         raise ValueError(f"{name} must be a boolean array of shape {shape_doc} (True = real), got dtype {arr.dtype}; pass {name}.astype(bool)")
     if arr.shape != shape:

@@ -406,16 +406,44 @@ def _dir_weight_files(directory: Path, pcfg=None) -> list[Path]:
     return [directory / n for n in names]
 
 
+def _stem_files(folder: Path, stems: list[str]) -> list[Path]:
+    """``folder/<stem><suffix>`` for each stem, then each of :data:`WEIGHT_SUFFIXES`."""
+    return [folder / f"{stem}{suffix}" for stem in stems for suffix in WEIGHT_SUFFIXES]
+
+
 def _weights_source_for(path: Path, kind: WeightsKind) -> WeightsSource:
     return WeightsSource(kind=kind, path=str(path), sha256=file_sha256(path))
 
 
-def _check_suffix(path: Path) -> None:
-    if path.suffix.lower() not in WEIGHT_SUFFIXES:
-        raise ValueError(
-            f"weights file {path} has an unsupported ending {path.suffix!r}; "
-            f"use one of {', '.join(WEIGHT_SUFFIXES)} (a torch state dict or safetensors)"
-        )
+def _weights_request(weights: str | os.PathLike | None) -> WeightsSource | str | os.PathLike | None:
+    """What ``weights`` asks for: a ``random`` source, a path to read (step 1), or ``None``: search."""
+    if isinstance(weights, str) and not weights.strip():
+        return None  # an empty option means "search"
+    if isinstance(weights, str) and weights.lower() == "random":
+        return WeightsSource(kind="random")
+    if isinstance(weights, str) and weights.lower() == "auto":
+        return None
+    return weights
+
+
+@dataclass(frozen=True)
+class _ExplicitWeightsErrors:
+    """The messages of step (1), ``str.format`` templates of ``path``, ``name`` (the backbone's),
+    ``files`` (the names looked for in a directory), ``suffix`` and ``suffixes`` (the endings allowed)."""
+
+    bad_suffix: str
+    empty_dir: str
+    missing: str
+
+
+_TIMM_EXPLICIT_ERRORS = _ExplicitWeightsErrors(
+    bad_suffix="weights file {path} has an unsupported ending {suffix!r}; use one of {suffixes} "
+               "(a torch state dict or safetensors)",
+    empty_dir="weights directory {path} for backbone {name!r} holds none of {files}; pass the weights file itself "
+              "(.safetensors/.pth/.pt/.bin) instead",
+    missing="weights {path!r} for backbone {name!r} do not exist; pass an existing file or directory, None/'auto' "
+            "to search the caches, or 'random' for an explicitly random model",
+)
 
 
 def resolve_weights(
@@ -432,80 +460,67 @@ def resolve_weights(
     of the file found; ``kind="download"`` (no path yet) when nothing is local and
     ``allow_download`` is set. Raises :class:`WeightsNotFoundError` when nothing is found.
     """
-    if isinstance(weights, str) and not weights.strip():
-        weights = None  # an empty option means "search"
-    if isinstance(weights, str) and weights.lower() == "random":
-        return WeightsSource(kind="random")
+    request = _weights_request(weights)
+    if isinstance(request, WeightsSource):
+        return request
     pcfg = cfg.pretrained_cfg()
 
     # (1) an explicit path
-    if weights is not None and not (isinstance(weights, str) and weights.lower() == "auto"):
-        return _explicit_weights(Path(weights).expanduser(), cfg, pcfg)
+    if request is not None:
+        path = Path(request).expanduser()
+        return _explicit_weights(path, cfg, _dir_weight_files(path, pcfg), _TIMM_EXPLICIT_ERRORS)
 
     tried: list[str] = []  # every place looked at, for the error
-    # (2) the weights directory
-    found = _find_in_weights_dir(cfg, pcfg, weights_dir, tried)
+    found = (  # (2) the weights directory, (3) the Hugging Face cache, (4) the torch hub cache
+        _find_in_weights_dir(weights_dir, lambda folder: _weights_dir_candidates(folder, cfg, pcfg), tried)
+        or _find_in_hf_cache(pcfg, tried)
+        or _find_in_torch_cache(pcfg, tried)
+    )
     if found is not None:
-        return _weights_source_for(found, "directory")
-    # (3) the Hugging Face cache
-    found = _find_in_hf_cache(pcfg, tried)
-    if found is not None:
-        return _weights_source_for(found, "hf-cache")
-    # (4) the torch hub cache
-    found = _find_in_torch_cache(pcfg, tried)
-    if found is not None:
-        return _weights_source_for(found, "torch-cache")
+        return found
     # (5) download, when allowed
     if allow_download:
         return _download_source(cfg, pcfg, tried)
     raise _weights_not_found(cfg, tried)
 
 
-def _explicit_weights(path: Path, cfg: BackboneCfg, pcfg) -> WeightsSource:
-    """Step (1): ``path`` is a weights file, or a directory holding one of :func:`_dir_weight_files`."""
+def _explicit_weights(path: Path, cfg: BackboneCfg, dir_files: list[Path],
+                      errors: _ExplicitWeightsErrors) -> WeightsSource:
+    """Step (1): ``path`` is a weights file, or a directory holding one of ``dir_files`` (the first found)."""
+    fields = {"path": str(path), "name": cfg.name, "files": ", ".join(f.name for f in dir_files),
+              "suffix": path.suffix, "suffixes": ", ".join(WEIGHT_SUFFIXES)}
     if path.is_file():
-        _check_suffix(path)
+        if path.suffix.lower() not in WEIGHT_SUFFIXES:
+            raise ValueError(errors.bad_suffix.format(**fields))
         return _weights_source_for(path, "file")
     if path.is_dir():
-        candidates = _dir_weight_files(path, pcfg)
-        for candidate in candidates:
+        for candidate in dir_files:
             if candidate.is_file():
                 return _weights_source_for(candidate, "directory")
-        raise WeightsNotFoundError(
-            f"weights directory {path} for backbone {cfg.name!r} holds none of "
-            f"{', '.join(c.name for c in candidates)}; pass the weights file itself "
-            f"(.safetensors/.pth/.pt/.bin) instead",
-            [str(c) for c in candidates],
-        )
-    raise WeightsNotFoundError(
-        f"weights {str(path)!r} for backbone {cfg.name!r} do not exist; pass an existing "
-        f"file or directory, None/'auto' to search the caches, or 'random' for an explicitly "
-        f"random model",
-        [str(path)],
-    )
+        raise WeightsNotFoundError(errors.empty_dir.format(**fields), [str(f) for f in dir_files])
+    raise WeightsNotFoundError(errors.missing.format(**fields), [str(path)])
 
 
-def _find_in_weights_dir(cfg: BackboneCfg, pcfg, weights_dir: str | os.PathLike | None, tried: list[str]) -> Path | None:
-    """Step (2): ``weights_dir``, else ``$SWSA_WEIGHTS_DIR``, in the layouts of the module docstring."""
+def _find_in_weights_dir(weights_dir: str | os.PathLike | None, candidates: Callable[[Path], list[Path]],
+                         tried: list[str]) -> WeightsSource | None:
+    """Step (2): the first of ``candidates(folder)`` that exists, in ``weights_dir``, else ``$SWSA_WEIGHTS_DIR``."""
     folder = weights_dir if weights_dir is not None else os.environ.get(WEIGHTS_DIR_ENV) or None
     if folder is None:
         tried.append(f"weights directory (none: no weights_dir given and ${WEIGHTS_DIR_ENV} not set)")
         return None
-    for candidate in _weights_dir_candidates(Path(folder).expanduser(), cfg, pcfg):
+    for candidate in candidates(Path(folder).expanduser()):
         tried.append(str(candidate))
         if candidate.is_file():
-            return candidate
+            return _weights_source_for(candidate, "directory")
     return None
 
 
 def _weights_dir_candidates(folder: Path, cfg: BackboneCfg, pcfg) -> list[Path]:
     """The files looked for in a weights directory, in order, without repeats."""
-    candidates: list[Path] = []
     stems = [cfg.name]
     if cfg.timm_model_name != cfg.name:
         stems.append(cfg.timm_model_name)
-    for stem in stems:
-        candidates += [folder / f"{stem}{suffix}" for suffix in WEIGHT_SUFFIXES]
+    candidates = _stem_files(folder, stems)
     subdirs = [folder / cfg.timm_model_name]
     if pcfg is not None and pcfg.hf_hub_id:
         subdirs.append(folder / _split_hf_id(pcfg.hf_hub_id)[0])
@@ -549,17 +564,23 @@ def _url_basename(pcfg) -> str | None:
     return name if name and Path(name).suffix.lower() in WEIGHT_SUFFIXES else None
 
 
-def _find_in_hf_cache(pcfg, tried: list[str]) -> Path | None:
+def _find_in_hf_cache(pcfg, tried: list[str]) -> WeightsSource | None:
+    """Step (3): the model's ``hf_hub_id`` repo (at its revision) in the Hugging Face cache."""
     if pcfg is None or not pcfg.hf_hub_id:
         tried.append("Hugging Face cache (no hf_hub_id for this model)")
         return None
+    repo_id, revision = _split_hf_id(pcfg.hf_hub_id)
+    filenames = [f.name for f in _dir_weight_files(Path("."), pcfg)]
+    repo_folder = _hf_hub_cache_dir() / ("models--" + repo_id.replace("/", "--"))
+    tried.append(f"Hugging Face cache {repo_folder} ({revision or 'main'}: {', '.join(filenames)})")
+    return _hf_cached_file(repo_id, filenames, revision)
+
+
+def _hf_cached_file(repo_id: str, filenames: list[str], revision: str | None = None) -> WeightsSource | None:
+    """The first of ``filenames`` of ``repo_id`` (``None``: main) in the Hugging Face cache."""
     from huggingface_hub import try_to_load_from_cache
 
     cache_dir = _hf_hub_cache_dir()
-    repo_id, revision = _split_hf_id(pcfg.hf_hub_id)
-    filenames = [f.name for f in _dir_weight_files(Path("."), pcfg)]
-    repo_folder = cache_dir / ("models--" + repo_id.replace("/", "--"))
-    tried.append(f"Hugging Face cache {repo_folder} ({revision or 'main'}: {', '.join(filenames)})")
     for filename in filenames:
         try:
             found = try_to_load_from_cache(repo_id=repo_id, filename=filename,
@@ -568,18 +589,23 @@ def _find_in_hf_cache(pcfg, tried: list[str]) -> Path | None:
             log.debug("HF cache lookup of %s/%s failed: %s", repo_id, filename, e)
             continue
         if isinstance(found, str) and os.path.isfile(found):
-            return Path(found)
+            return _weights_source_for(Path(found), "hf-cache")
     return None
 
 
-def _find_in_torch_cache(pcfg, tried: list[str]) -> Path | None:
+def _find_in_torch_cache(pcfg, tried: list[str]) -> WeightsSource | None:
+    """Step (4): timm's download of the model's url in the torch hub cache."""
     url_name = _url_basename(pcfg)
     if not url_name:
         tried.append("torch hub cache (no .pth/.bin url for this model)")
         return None
-    path = Path(torch.hub.get_dir()) / "checkpoints" / url_name
-    tried.append(f"torch hub cache {path}")
-    return path if path.is_file() else None
+    return _find_downloaded(Path(torch.hub.get_dir()) / "checkpoints" / url_name, "torch hub cache", tried)
+
+
+def _find_downloaded(path: Path, cache_name: str, tried: list[str]) -> WeightsSource | None:
+    """``path``, where a library's download cache (``cache_name``, for ``tried``) keeps a file."""
+    tried.append(f"{cache_name} {path}")
+    return _weights_source_for(path, "torch-cache") if path.is_file() else None
 
 
 # --------------------------------------------------------------------------------------------

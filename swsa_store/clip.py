@@ -49,9 +49,9 @@ import pandas as pd
 import torch
 
 from .backbones import (
-    RANDOM_INIT_SEED, WEIGHT_SUFFIXES, WEIGHTS_DIR_ENV, BackboneCfg, LoadedBackbone, PreprocessCfg,
-    RandomWeightsWarning, WeightsLoadError, WeightsNotFoundError, WeightsSource, _attr_value, _hf_hub_cache_dir,
-    file_sha256,
+    RANDOM_INIT_SEED, WEIGHTS_DIR_ENV, BackboneCfg, LoadedBackbone, PreprocessCfg, RandomWeightsWarning,
+    WeightsLoadError, WeightsNotFoundError, WeightsSource, _attr_value, _explicit_weights, _ExplicitWeightsErrors,
+    _find_downloaded, _find_in_weights_dir, _hf_cached_file, _stem_files, _weights_request,
 )
 from .registry import UnknownNameError
 
@@ -291,70 +291,95 @@ def _url_name(tag_cfg: dict) -> str | None:
     return os.path.basename(url) or None
 
 
+_CLIP_EXPLICIT_ERRORS = _ExplicitWeightsErrors(
+    bad_suffix="weights file {path} has an unsupported ending; use one of {suffixes}",
+    empty_dir="weights folder {path} for {name!r} holds none of {files}",
+    missing="weights {path!r} for {name!r} do not exist",
+)
+
+
 def resolve_clip_weights(cfg: BackboneCfg, weights: str | os.PathLike | None = None, *,
                          weights_dir: str | os.PathLike | None = None, allow_download: bool = False) -> WeightsSource:
     """Find the CLIP weights of ``cfg`` without the network (see the module docstring)."""
-    if isinstance(weights, str) and not weights.strip():
-        weights = None
-    if isinstance(weights, str) and weights.lower() == "random":
-        return WeightsSource(kind="random")
+    request = _weights_request(weights)
+    if isinstance(request, WeightsSource):
+        return request
     tag_cfg = _tag_cfg(cfg)
-    if weights is not None and not (isinstance(weights, str) and weights.lower() == "auto"):
-        path = Path(weights).expanduser()
-        if path.is_file():
-            if path.suffix.lower() not in WEIGHT_SUFFIXES:
-                raise ValueError(f"weights file {path} has an unsupported ending; use one of {', '.join(WEIGHT_SUFFIXES)}")
-            return WeightsSource("file", str(path), file_sha256(path))
-        if path.is_dir():
-            for name in CLIP_DIR_FILES:
-                if (path / name).is_file():
-                    return WeightsSource("directory", str(path / name), file_sha256(path / name))
-            raise WeightsNotFoundError(f"weights folder {path} for {cfg.name!r} holds none of {', '.join(CLIP_DIR_FILES)}",
-                                       [str(path / n) for n in CLIP_DIR_FILES])
-        raise WeightsNotFoundError(f"weights {str(path)!r} for {cfg.name!r} do not exist", [str(path)])
-    tried: list[str] = []
-    folder = weights_dir if weights_dir is not None else os.environ.get(WEIGHTS_DIR_ENV) or None
-    # open_clip's hf_hub entries are "org/repo/" (default file names) or "org/repo/<file>"
-    hf_hub = (tag_cfg.get("hf_hub") or "").strip("/")
-    parts = (tag_cfg.get("hf_hub") or "").split("/")
-    hf_repo = "/".join(parts[:2])
-    hf_file = parts[2] if len(parts) > 2 and parts[2] else None
-    if folder is not None:
-        folder = Path(folder).expanduser()
-        stems = [f"{cfg.timm_name}@{cfg.pretrained_tag}", f"{cfg.timm_name}.{cfg.pretrained_tag}"] if cfg.pretrained_tag \
-            else [cfg.timm_name]
-        candidates = [folder / f"{s}{suffix}" for s in stems for suffix in WEIGHT_SUFFIXES]
-        if _url_name(tag_cfg):
-            candidates.append(folder / _url_name(tag_cfg))
-        if hf_hub:
-            candidates += [folder / hf_repo.split("/")[-1] / n for n in ([hf_file] if hf_file else []) + list(CLIP_DIR_FILES)]
-        for candidate in candidates:
-            tried.append(str(candidate))
-            if candidate.is_file():
-                return WeightsSource("directory", str(candidate), file_sha256(candidate))
-    else:
-        tried.append(f"weights directory (none: no weights_dir given and ${WEIGHTS_DIR_ENV} not set)")
-    if hf_hub:
-        from huggingface_hub import try_to_load_from_cache
 
-        tried.append(f"Hugging Face cache {hf_repo}")
-        for filename in ([hf_file] if hf_file else []) + list(CLIP_DIR_FILES):
-            try:
-                found = try_to_load_from_cache(repo_id=hf_repo, filename=filename, cache_dir=str(_hf_hub_cache_dir()))
-            except Exception:
-                continue
-            if isinstance(found, str) and os.path.isfile(found):
-                return WeightsSource("hf-cache", found, file_sha256(found))
-    if _url_name(tag_cfg):
-        cached = Path(os.path.expanduser("~/.cache/clip")) / _url_name(tag_cfg)
-        tried.append(f"open_clip cache {cached}")
-        if cached.is_file():
-            return WeightsSource("torch-cache", str(cached), file_sha256(cached))
+    # (1) an explicit path
+    if request is not None:
+        path = Path(request).expanduser()
+        return _explicit_weights(path, cfg, [path / name for name in CLIP_DIR_FILES], _CLIP_EXPLICIT_ERRORS)
+
+    tried: list[str] = []  # every place looked at, for the error
+    found = (  # (2) the weights directory, (3) the Hugging Face cache, (4) open_clip's download cache
+        _find_in_weights_dir(weights_dir, lambda folder: _clip_weights_dir_candidates(folder, cfg, tag_cfg), tried)
+        or _find_in_clip_hf_cache(tag_cfg, tried)
+        or _find_in_open_clip_cache(tag_cfg, tried)
+    )
+    if found is not None:
+        return found
+    # (5) download through open_clip, when allowed
     if allow_download:
-        if not tag_cfg:
-            raise WeightsNotFoundError(f"{cfg.name!r} names no pretrained tag; nothing to download", tried)
-        return WeightsSource(kind="download")
-    raise WeightsNotFoundError(
+        return _clip_download_source(cfg, tag_cfg, tried)
+    raise _clip_weights_not_found(cfg, tried)
+
+
+def _open_clip_hf_files(tag_cfg: dict) -> tuple[str, list[str]] | None:
+    """The Hugging Face repo of a tag and the files looked for in it; ``None`` when it has none.
+
+    open_clip's ``hf_hub`` entries are ``"org/repo/"`` (default file names) or ``"org/repo/<file>"``.
+    """
+    hf_hub = tag_cfg.get("hf_hub") or ""
+    if not hf_hub.strip("/"):
+        return None
+    parts = hf_hub.split("/")
+    named_file = [parts[2]] if len(parts) > 2 and parts[2] else []
+    return "/".join(parts[:2]), named_file + list(CLIP_DIR_FILES)
+
+
+def _clip_weights_dir_candidates(folder: Path, cfg: BackboneCfg, tag_cfg: dict) -> list[Path]:
+    """The files looked for in a weights directory, in the module docstring's order."""
+    stems = [f"{cfg.timm_name}@{cfg.pretrained_tag}", f"{cfg.timm_name}.{cfg.pretrained_tag}"] if cfg.pretrained_tag \
+        else [cfg.timm_name]
+    candidates = _stem_files(folder, stems)
+    url_name = _url_name(tag_cfg)
+    if url_name:
+        candidates.append(folder / url_name)
+    hf_files = _open_clip_hf_files(tag_cfg)
+    if hf_files is not None:
+        repo_id, filenames = hf_files
+        candidates += [folder / repo_id.split("/")[-1] / name for name in filenames]
+    return candidates
+
+
+def _find_in_clip_hf_cache(tag_cfg: dict, tried: list[str]) -> WeightsSource | None:
+    """Step (3): the tag's ``hf_hub`` repo in the Hugging Face cache."""
+    hf_files = _open_clip_hf_files(tag_cfg)
+    if hf_files is None:
+        return None
+    repo_id, filenames = hf_files
+    tried.append(f"Hugging Face cache {repo_id}")
+    return _hf_cached_file(repo_id, filenames)
+
+
+def _find_in_open_clip_cache(tag_cfg: dict, tried: list[str]) -> WeightsSource | None:
+    """Step (4): open_clip's download of the tag's url, in ``~/.cache/clip``."""
+    url_name = _url_name(tag_cfg)
+    if not url_name:
+        return None
+    return _find_downloaded(Path(os.path.expanduser("~/.cache/clip")) / url_name, "open_clip cache", tried)
+
+
+def _clip_download_source(cfg: BackboneCfg, tag_cfg: dict, tried: list[str]) -> WeightsSource:
+    """Step (5): a download through open_clip, if open_clip knows the name's pretrained tag."""
+    if not tag_cfg:
+        raise WeightsNotFoundError(f"{cfg.name!r} names no pretrained tag; nothing to download", tried)
+    return WeightsSource(kind="download")
+
+
+def _clip_weights_not_found(cfg: BackboneCfg, tried: list[str]) -> WeightsNotFoundError:
+    return WeightsNotFoundError(
         f"no weights for CLIP {cfg.name!r}; looked in: " + "; ".join(tried)
         + f". Fix: pass weights=<file>, put it in ${WEIGHTS_DIR_ENV} (e.g. {cfg.timm_name}@{cfg.pretrained_tag}.pt), "
         "allow downloads, or pass weights='random' for an explicitly random model", tried)

@@ -137,6 +137,59 @@ def _mean_std(count, total, squares, ddof: int):
     return mean, np.sqrt(var)
 
 
+def _leading_topk(query_topk, query_topk_index, ks: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``max(ks)`` top similarities and indices, ``(B or 1, Q, max(ks))``; rejects a K out of range."""
+    topv = np.asarray(query_topk, dtype=np.float64)
+    topi = np.asarray(query_topk_index, dtype=np.int64)
+    if topv.ndim == 2:
+        topv, topi = topv[None], topi[None]
+    k_max = max(ks)
+    if min(ks) < 1 or k_max > topv.shape[-1]:
+        raise ValueError(f"every K must be in [1, {topv.shape[-1]}] (top entries given), got {ks}")
+    return topv[..., :k_max], topi[..., :k_max]
+
+
+def _class_sums_per_query(support_class: np.ndarray, support_mask: np.ndarray, query_shape) -> tuple:
+    """(count, sum, sum of squares) of sim(z', C_i) over the support images, repeated per query: ``(B, N, Q)`` each."""
+    count = support_mask.sum(axis=-1).astype(np.float64)  # (B, N)
+    total = np.where(support_mask, support_class, 0.0).sum(axis=-1)
+    squares = np.where(support_mask, support_class * support_class, 0.0).sum(axis=-1)
+    return tuple(np.broadcast_to(x[..., None], query_shape).copy() for x in (count, total, squares))
+
+
+def _dictionary_sums_at_topk(dict_count, dict_sum, dict_squares, topi: np.ndarray, query_shape) -> tuple:
+    """The support statistics of each query's top dictionary entries, gathered in one indexing step.
+
+    topi ``(B or 1, Q, K)``; query_shape ``(B, N, Q)`` → count, sum, sum of squares ``(B, N, Q, K)``.
+    """
+    d_count = np.asarray(dict_count, dtype=np.float64)
+    d_sum = np.asarray(dict_sum, dtype=np.float64)
+    d_sq = np.asarray(dict_squares, dtype=np.float64)
+    n_b, n_n, n_q = query_shape
+    b_idx = np.arange(n_b)[:, None, None, None]
+    n_idx = np.arange(n_n)[None, :, None, None]
+    gather_i = np.broadcast_to(topi[:, None], (n_b, n_n, n_q, topi.shape[-1]))
+    g_sum = d_sum[b_idx, n_idx, gather_i]
+    g_sq = d_sq[b_idx, n_idx, gather_i]
+    g_count = np.broadcast_to(d_count[:, :, None, None], g_sum.shape).copy()
+    return g_count, g_sum, g_sq
+
+
+def _without_own(count, total, squares, left_out, own) -> tuple:
+    """Sums with the left-out support image's own similarity ``own`` removed where ``left_out``."""
+    return (count - left_out, total - np.where(left_out, own, 0.0), squares - np.where(left_out, own * own, 0.0))
+
+
+def _min_over_classes(ic: np.ndarray, et: np.ndarray, lambdas, class_mask) -> np.ndarray:
+    """``min_i IC + λ·ET`` over the existing classes: ic ``(B, N, Q)``, et ``(KK, B, N, Q)`` → ``(L, KK, B, Q)``."""
+    lam = np.asarray(lambdas, dtype=np.float64)[:, None, None, None, None]
+    per_class = ic[None, None] + lam * et[None]  # (L, KK, B, N, Q)
+    if class_mask is not None:
+        cm = np.asarray(class_mask, dtype=bool)[None, None, :, :, None]
+        per_class = np.where(cm, per_class, np.inf)
+    return per_class.min(axis=3)
+
+
 def bliss_from_similarities(
     query_class, query_topk, query_topk_index, support_class, support_class_mask, dict_count, dict_sum, dict_squares,
     *, ks=(10,), lambdas=(0.5,), eps: float = DEFAULT_EPS, ddof: int = 0, exclude=None, class_mask=None,
@@ -164,59 +217,25 @@ def bliss_from_similarities(
     ``et`` (KK, B, N, Q), for ``L = len(lambdas)``, ``KK = len(ks)``.
     """
     qc = np.asarray(query_class, dtype=np.float64)
-    n_b, n_n, n_q = qc.shape
     sc = np.asarray(support_class, dtype=np.float64)
-    smask = np.asarray(support_class_mask, dtype=bool)
     ks = [int(k) for k in ks]
-    topv = np.asarray(query_topk, dtype=np.float64)
-    topi = np.asarray(query_topk_index, dtype=np.int64)
-    if topv.ndim == 2:
-        topv, topi = topv[None], topi[None]
-    k_max = max(ks)
-    if min(ks) < 1 or k_max > topv.shape[-1]:
-        raise ValueError(f"every K must be in [1, {topv.shape[-1]}] (top entries given), got {ks}")
-    topv, topi = topv[..., :k_max], topi[..., :k_max]
-    # ---- IC: class statistics, leave-one-out where asked
-    c_count = smask.sum(axis=-1).astype(np.float64)  # (B, N)
-    c_sum = np.where(smask, sc, 0.0).sum(axis=-1)
-    c_sq = np.where(smask, sc * sc, 0.0).sum(axis=-1)
-    c_count_q = np.broadcast_to(c_count[..., None], qc.shape).copy()
-    c_sum_q = np.broadcast_to(c_sum[..., None], qc.shape).copy()
-    c_sq_q = np.broadcast_to(c_sq[..., None], qc.shape).copy()
-    d_count = np.asarray(dict_count, dtype=np.float64)
-    d_sum = np.asarray(dict_sum, dtype=np.float64)
-    d_sq = np.asarray(dict_squares, dtype=np.float64)
-    # gather the dictionary statistics at each query's top entries: (B, N, Q, K)
-    b_idx = np.arange(n_b)[:, None, None, None]
-    n_idx = np.arange(n_n)[None, :, None, None]
-    gather_i = np.broadcast_to(topi[:, None], (n_b, n_n, n_q, k_max))
-    g_sum = d_sum[b_idx, n_idx, gather_i]
-    g_sq = d_sq[b_idx, n_idx, gather_i]
-    g_count = np.broadcast_to(d_count[:, :, None, None], g_sum.shape).copy()
+    topv, topi = _leading_topk(query_topk, query_topk_index, ks)
+    c_count, c_sum, c_sq = _class_sums_per_query(sc, np.asarray(support_class_mask, dtype=bool), qc.shape)
+    g_count, g_sum, g_sq = _dictionary_sums_at_topk(dict_count, dict_sum, dict_squares, topi, qc.shape)
     own_top = np.broadcast_to(topv[:, None], g_sum.shape)
     if exclude is not None:
         exclude = np.asarray(exclude, dtype=np.int64)
         left_out = exclude >= 0  # (B, N, Q)
         own_class = np.take_along_axis(sc, np.maximum(exclude, 0), axis=-1)  # (B, N, Q)
-        c_count_q = c_count_q - left_out
-        c_sum_q = c_sum_q - np.where(left_out, own_class, 0.0)
-        c_sq_q = c_sq_q - np.where(left_out, own_class * own_class, 0.0)
-        lo4 = left_out[..., None]
-        g_count = g_count - lo4
-        g_sum = g_sum - np.where(lo4, own_top, 0.0)
-        g_sq = g_sq - np.where(lo4, own_top * own_top, 0.0)
-    mu, sigma = _mean_std(c_count_q, c_sum_q, c_sq_q, ddof)
+        c_count, c_sum, c_sq = _without_own(c_count, c_sum, c_sq, left_out, own_class)
+        g_count, g_sum, g_sq = _without_own(g_count, g_sum, g_sq, left_out[..., None], own_top)
+    mu, sigma = _mean_std(c_count, c_sum, c_sq, ddof)
     ic = -(qc - mu) / (sigma + eps)
     mu_d, sigma_d = _mean_std(g_count, g_sum, g_sq, ddof)
     standardized = (own_top - mu_d) / (sigma_d + eps)  # (B, N, Q, K)
     running = np.cumsum(standardized, axis=-1)
     et = np.stack([running[..., k - 1] / k for k in ks])  # (KK, B, N, Q)
-    lam = np.asarray(lambdas, dtype=np.float64)[:, None, None, None, None]
-    per_class = ic[None, None] + lam * et[None]  # (L, KK, B, N, Q)
-    if class_mask is not None:
-        cm = np.asarray(class_mask, dtype=bool)[None, None, :, :, None]
-        per_class = np.where(cm, per_class, np.inf)
-    score = per_class.min(axis=3)
+    score = _min_over_classes(ic, et, lambdas, class_mask)
     return {"score": score, "ic": ic, "et": et}
 
 

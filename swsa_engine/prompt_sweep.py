@@ -24,6 +24,7 @@ import logging
 import os
 import time
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -74,6 +75,38 @@ def _guard(scores: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return np.where(np.isfinite(scores), scores, 0.0), bad
 
 
+def _usable_ids(ids: np.ndarray, usable: np.ndarray) -> np.ndarray:
+    """``ids`` with unusable images (and padding) replaced by −1."""
+    return np.where((ids >= 0) & usable[np.maximum(ids, 0)], ids, -1)
+
+
+@dataclass
+class _GroupQueries:
+    """What one task group's scorer is asked about, laid out once for every chunk of tasks."""
+
+    real_ok: np.ndarray  # (R,) bool: which of the group's real-validation images are usable
+    real_ids: np.ndarray  # (R',) the usable real-validation ids, shared by every task
+    queries: np.ndarray  # (T, W) held-out normals, then each source's anomalies (−1 padding)
+    offsets: np.ndarray  # (len(sources) + 2,) column boundaries of those parts in ``queries``
+    exclude: np.ndarray  # (T, W) support position each held-out normal leaves out (−1: none)
+
+
+def _group_queries(group: TaskGroup, usable: np.ndarray, sources: list[str]) -> _GroupQueries:
+    """The usable query ids of ``group`` for the synthetic ``sources`` (a source it lacks gets no columns)."""
+    n_tasks = len(group.task_ids)
+    support = _usable_ids(group.support, usable)
+    heldout = _usable_ids(group.heldout, usable)
+    real_ok = usable[group.real_ids]
+    parts = [heldout] + [_usable_ids(group.synthetic[s], usable) if s in group.synthetic else np.full((n_tasks, 0), -1)
+                         for s in sources]
+    widths = [p.shape[1] for p in parts]
+    queries = np.concatenate(parts, axis=1)
+    exclude = np.full(queries.shape, -1, dtype=np.int64)
+    exclude[:, : widths[0]] = _support_position(heldout, support)
+    return _GroupQueries(real_ok=real_ok, real_ids=group.real_ids[real_ok], queries=queries,
+                         offsets=np.cumsum([0] + widths), exclude=exclude)
+
+
 def score_group_candidates(scorer, group: TaskGroup, usable: np.ndarray, sources: list[str], n_candidates: int, *,
                            hardest=(10, 5), chunk_bytes: int = 256 << 20) -> dict:
     """AUROCs of every candidate for the tasks of one dataset, chunked over tasks.
@@ -88,64 +121,68 @@ def score_group_candidates(scorer, group: TaskGroup, usable: np.ndarray, sources
     out = {"real": np.full((n_tasks, n_candidates, 2), np.nan),
            "synthetic": np.full((n_tasks, n_candidates, len(sources) + n_hard), np.nan),
            "per_class": np.full((n_tasks, n_candidates, n_groups), np.nan), "skips": []}
-
-    def keep(ids):
-        return np.where((ids >= 0) & usable[np.maximum(ids, 0)], ids, -1)
-
-    support = keep(group.support)
-    heldout = keep(group.heldout)
-    real_ok = usable[group.real_ids]
-    real_ids = group.real_ids[real_ok]
-    parts = [heldout] + [keep(group.synthetic[s]) if s in group.synthetic else np.full((n_tasks, 0), -1) for s in sources]
-    widths = [p.shape[1] for p in parts]
-    offsets = np.cumsum([0] + widths)
-    queries = np.concatenate(parts, axis=1)
-    exclude = np.full(queries.shape, -1, dtype=np.int64)
-    exclude[:, : widths[0]] = _support_position(heldout, support)
-    per_task = max(1, n_candidates * (len(real_ids) + queries.shape[1]) * 8 * 12)
+    layout = _group_queries(group, usable, sources)
+    per_task = max(1, n_candidates * (len(layout.real_ids) + layout.queries.shape[1]) * 8 * 12)
     chunk = max(1, chunk_bytes // per_task)
     for lo in range(0, n_tasks, chunk):
         rows = np.arange(lo, min(lo + chunk, n_tasks))
-        # ---- real validation
-        labels = np.where(real_ok[None, :], group.real_label[rows], -1)[:, real_ok].astype(np.int8)
-        scores = scorer(rows, real_ids, None)
-        mask = np.broadcast_to((labels >= 0)[:, None, :], scores.shape)
-        scores, bad = _guard(scores, mask)
-        real_rest = _auroc_quiet(scores, (labels == 1)[:, None, :], mask)
-        per_class = grouped_auroc(scores.reshape(-1, scores.shape[-1]), np.repeat(labels, n_candidates, axis=0),
-                                  np.repeat(group.real_group[rows][:, real_ok], n_candidates, axis=0), n_groups)
-        per_class = per_class.reshape(len(rows), n_candidates, n_groups)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            closest = np.nanmin(per_class, axis=2) if n_groups else np.full(real_rest.shape, np.nan)
-        real_rest[bad], closest[bad] = np.nan, np.nan
-        per_class[bad] = np.nan
+        real_rest, closest, per_class, bad = _score_real(scorer, group, layout, rows, n_candidates)
         out["real"][rows, :, 0], out["real"][rows, :, 1], out["per_class"][rows] = real_rest, closest, per_class
-        # ---- synthetic validation
-        q = queries[rows]
-        if q.shape[1] == 0:
-            continue
-        synth = scorer(rows, q, exclude[rows])
-        qmask = np.broadcast_to((q >= 0)[:, None, :], synth.shape)
-        synth, bad_s = _guard(synth, qmask)
-        normal_scores, normal_mask = synth[..., offsets[0]: offsets[1]], qmask[..., offsets[0]: offsets[1]]
-        columns, hard_columns = [], []
-        for index, _ in enumerate(sources):
-            a = synth[..., offsets[index + 1]: offsets[index + 2]]
-            am = qmask[..., offsets[index + 1]: offsets[index + 2]]
-            columns.append(_two_part(normal_scores, normal_mask, a, am))
-            ordered = np.sort(np.where(am, a, np.inf), axis=-1)
-            for n in hardest:
-                hard = ordered[..., :n]
-                hard_columns.append(_two_part(normal_scores, normal_mask, np.where(np.isfinite(hard), hard, 0.0),
-                                              np.isfinite(hard)))
-        if columns:
-            values = np.stack(columns + hard_columns, axis=-1)
-            values[bad_s] = np.nan
-            out["synthetic"][rows] = values
-        for r in rows[(bad.any(axis=1) | bad_s.any(axis=1))]:
+        bad_tasks = bad.any(axis=1)
+        if layout.queries.shape[1]:  # a group without synthetic or held-out queries has real AUROCs only
+            values, bad_s = _score_synthetic(scorer, layout, rows, len(sources), hardest)
+            if values is not None:
+                out["synthetic"][rows] = values
+            bad_tasks |= bad_s.any(axis=1)
+        for r in rows[bad_tasks]:
             out["skips"].append((int(group.task_ids[r]), "non-finite scores (too few usable support images?)"))
     return out
+
+
+def _score_real(scorer, group: TaskGroup, layout: _GroupQueries, rows: np.ndarray, n_candidates: int) -> tuple:
+    """One-vs-rest and one-vs-closest AUROCs ``(B, C)``, per-class AUROCs ``(B, C, G)`` and the non-finite cells."""
+    n_groups = len(group.group_names)
+    real_ok = layout.real_ok
+    labels = np.where(real_ok[None, :], group.real_label[rows], -1)[:, real_ok].astype(np.int8)
+    scores = scorer(rows, layout.real_ids, None)
+    mask = np.broadcast_to((labels >= 0)[:, None, :], scores.shape)
+    scores, bad = _guard(scores, mask)
+    real_rest = _auroc_quiet(scores, (labels == 1)[:, None, :], mask)
+    per_class = grouped_auroc(scores.reshape(-1, scores.shape[-1]), np.repeat(labels, n_candidates, axis=0),
+                              np.repeat(group.real_group[rows][:, real_ok], n_candidates, axis=0), n_groups)
+    per_class = per_class.reshape(len(rows), n_candidates, n_groups)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        closest = np.nanmin(per_class, axis=2) if n_groups else np.full(real_rest.shape, np.nan)
+    real_rest[bad], closest[bad] = np.nan, np.nan
+    per_class[bad] = np.nan
+    return real_rest, closest, per_class, bad
+
+
+def _score_synthetic(scorer, layout: _GroupQueries, rows: np.ndarray, n_sources: int, hardest) -> tuple:
+    """Held-out normals vs each source's anomalies (then vs its ``hardest`` ones): ``(B, C, n_sources + n_hard)``
+    AUROCs, or ``None`` without sources, and the non-finite cells."""
+    q = layout.queries[rows]
+    synth = scorer(rows, q, layout.exclude[rows])
+    qmask = np.broadcast_to((q >= 0)[:, None, :], synth.shape)
+    synth, bad = _guard(synth, qmask)
+    offsets = layout.offsets
+    normal_scores, normal_mask = synth[..., offsets[0]: offsets[1]], qmask[..., offsets[0]: offsets[1]]
+    columns, hard_columns = [], []
+    for index in range(n_sources):
+        a = synth[..., offsets[index + 1]: offsets[index + 2]]
+        am = qmask[..., offsets[index + 1]: offsets[index + 2]]
+        columns.append(_two_part(normal_scores, normal_mask, a, am))
+        ordered = np.sort(np.where(am, a, np.inf), axis=-1)
+        for n in hardest:
+            hard = ordered[..., :n]
+            hard_columns.append(_two_part(normal_scores, normal_mask, np.where(np.isfinite(hard), hard, 0.0),
+                                          np.isfinite(hard)))
+    if not columns:
+        return None, bad
+    values = np.stack(columns + hard_columns, axis=-1)
+    values[bad] = np.nan
+    return values, bad
 
 
 def _two_part(normal_scores, normal_mask, anomaly_scores, anomaly_mask) -> np.ndarray:
@@ -212,7 +249,7 @@ def bliss_scorer(features_unit: np.ndarray, topv: np.ndarray, topi: np.ndarray, 
     the group's class prompts; ``support`` ``(T, S)`` the group's support ids (−1 padding).
     Candidates are ordered λ-major: ``[(λ0, K0), (λ0, K1), ..., (λ1, K0), ...]``.
     """
-    support = np.where((support >= 0) & usable[np.maximum(support, 0)], support, -1)
+    support = _usable_ids(support, usable)
     cache: dict = {}
 
     def stats(rows):

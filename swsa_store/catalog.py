@@ -107,55 +107,83 @@ def catalog_dataset(
     with open_store(store_path) as store:
         images = _with_defaults(store.images())
         tasks_attrs = store.table_attrs("tasks")
-    existing = images[(images["dataset"] == name) & (images["kind"] == "real")]
-    if len(existing):
-        same = len(existing) == len(samples) and list(existing["sha256"]) == list(samples["sha256"].astype(str))
-        if same:
-            log.info("dataset %s is already catalogued in %s; nothing to do", name, store_path)
-            return _summary(store_path, name, already=True)
-        raise ValueError(
-            f"store {store_path} already holds a different dataset named {name!r} "
-            f"({len(existing)} images, now {len(samples)}); catalog it under another name "
-            "(e.g. --name) or into a new store"
-        )
+    if _is_already_catalogued(store_path, images, name, samples):
+        log.info("dataset %s is already catalogued in %s; nothing to do", name, store_path)
+        return _summary(store_path, name, already=True)
     rows = _normalise(samples, first_id=len(images))
-    catalog = pd.concat([images, rows], ignore_index=True) if len(images) else rows
+    catalog = _appended(images, rows)
     skipped_classes = list(getattr(dataset, "skipped_classes", []))
     with edit_store(store_path) as store:
-        tasks_before, members_before = store.tasks(), store.task_members()
-        if len(tasks_before):  # a store from before class_label / protocol existed
-            if "class_label" not in tasks_before:
-                tasks_before["class_label"] = tasks_before["normal_class"]
-            if "protocol" not in tasks_before:
-                tasks_before["protocol"] = "multiclass"
+        tasks_before, members_before = _with_task_defaults(store.tasks()), store.task_members()
         first_task = int(tasks_before["task_id"].max()) + 1 if len(tasks_before) else 0
         protocol = getattr(dataset, "protocol", "multiclass")
         tasks, members = build_tasks(catalog, name, n_seed=n_seed, seed=split_seed, first_task_id=first_task,
                                      protocol=protocol, class_labels=getattr(dataset, "class_labels", None))
-        sources = json.loads(tasks_attrs.get("validation_sources", "{}"))
-        sources[name] = getattr(dataset, "validation_source", "") or (
-            DEFECT_VALIDATION_RULE if protocol == "defect" else VALIDATION_RULE)
+        attrs = _tasks_table_attrs(tasks_attrs, name, getattr(dataset, "validation_source", ""), protocol)
         store.replace_table("images", catalog)
-        store.replace_table("tasks", pd.concat([tasks_before, tasks], ignore_index=True) if len(tasks_before) else tasks,
-                            attrs={"validation_rule": VALIDATION_RULE, "defect_validation_rule": DEFECT_VALIDATION_RULE,
-                                   "validation_sources": json.dumps(sources, sort_keys=True)})
-        store.replace_table("task_members", pd.concat([members_before, members], ignore_index=True) if len(members_before) else members)
-        skips = [
-            {"stage": "catalog", "image_id": int(r.image_id), "task_id": -1, "backbone": "", "reason": r.skip_reason}
-            for r in rows[rows["status"] != "ok"].itertuples()
-        ]
-        skips += [
-            {"stage": "catalog", "image_id": -1, "task_id": -1, "backbone": "", "reason": f"class {c!r}: {reason}"}
-            for c, reason in skipped_classes
-        ]
-        skips += [
-            {"stage": "tasks", "image_id": -1, "task_id": int(r.task_id), "backbone": "", "reason": r.skip_reason}
-            for r in tasks[tasks["status"] != "ok"].itertuples()
-        ]
+        store.replace_table("tasks", _appended(tasks_before, tasks), attrs=attrs)
+        store.replace_table("task_members", _appended(members_before, members))
+        skips = _catalog_skips(rows, skipped_classes, tasks)
         if skips:
             store.append_skips(pd.DataFrame(skips))
         store.grow_embeddings(len(catalog))
     return _summary(store_path, name, already=False)
+
+
+def _appended(before: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    """``new``'s rows after ``before``'s (``new`` itself when ``before`` is empty, keeping its dtypes)."""
+    return pd.concat([before, new], ignore_index=True) if len(before) else new
+
+
+def _is_already_catalogued(store_path, images: pd.DataFrame, name: str, samples: pd.DataFrame) -> bool:
+    """Whether the store's real images of ``name`` are ``samples`` (same files, same order); an
+    error when it holds other images under that name, False when it holds none."""
+    existing = images[(images["dataset"] == name) & (images["kind"] == "real")]
+    if not len(existing):
+        return False
+    same = len(existing) == len(samples) and list(existing["sha256"]) == list(samples["sha256"].astype(str))
+    if same:
+        return True
+    raise ValueError(
+        f"store {store_path} already holds a different dataset named {name!r} "
+        f"({len(existing)} images, now {len(samples)}); catalog it under another name "
+        "(e.g. --name) or into a new store"
+    )
+
+
+def _with_task_defaults(tasks: pd.DataFrame) -> pd.DataFrame:
+    """``tasks`` with the columns added since a store was written (``class_label``, ``protocol``) filled in."""
+    if len(tasks):  # a store from before class_label / protocol existed
+        if "class_label" not in tasks:
+            tasks["class_label"] = tasks["normal_class"]
+        if "protocol" not in tasks:
+            tasks["protocol"] = "multiclass"
+    return tasks
+
+
+def _tasks_table_attrs(tasks_attrs: dict, name: str, validation_source: str, protocol: str) -> dict:
+    """The tasks table's attributes once ``name`` is catalogued (see the module docstring)."""
+    sources = json.loads(tasks_attrs.get("validation_sources", "{}"))
+    sources[name] = validation_source or (DEFECT_VALIDATION_RULE if protocol == "defect" else VALIDATION_RULE)
+    return {"validation_rule": VALIDATION_RULE, "defect_validation_rule": DEFECT_VALIDATION_RULE,
+            "validation_sources": json.dumps(sources, sort_keys=True)}
+
+
+def _catalog_skips(rows: pd.DataFrame, skipped_classes: list, tasks: pd.DataFrame) -> list[dict]:
+    """The skips table rows of one catalogued dataset: skipped images, classes and tasks."""
+    skips = [
+        {"stage": "catalog", "image_id": int(r.image_id), "task_id": -1, "backbone": "", "reason": r.skip_reason}
+        for r in rows[rows["status"] != "ok"].itertuples()
+    ]
+    skips += [
+        {"stage": "catalog", "image_id": -1, "task_id": -1, "backbone": "", "reason": f"class {c!r}: {reason}"}
+        for c, reason in skipped_classes
+    ]
+    skips += [
+        {"stage": "tasks", "image_id": -1, "task_id": int(r.task_id), "backbone": "", "reason": r.skip_reason}
+        for r in tasks[tasks["status"] != "ok"].itertuples()
+    ]
+    return skips
 
 
 def add_images(store_path: str | os.PathLike, rows: pd.DataFrame) -> np.ndarray:
@@ -163,7 +191,7 @@ def add_images(store_path: str | os.PathLike, rows: pd.DataFrame) -> np.ndarray:
     with edit_store(store_path, compact=True) as store:
         images = _with_defaults(store.images())
         new_rows = _normalise(rows, first_id=len(images))
-        store.replace_table("images", pd.concat([images, new_rows], ignore_index=True) if len(images) else new_rows)
+        store.replace_table("images", _appended(images, new_rows))
         skipped = new_rows[new_rows["status"] != "ok"]
         if len(skipped):
             store.append_skips(pd.DataFrame({

@@ -137,6 +137,15 @@ def _actor_args(ray, plan: dict, cpu_threads: int | None) -> dict:
     return args
 
 
+def _ray_pipeline(ray, items: list[dict], read_fn: Callable, read_kwargs: dict, read_on: str, actor_cls: type,
+                  actor_kwargs: dict, plan: dict, cpu_threads: int | None):
+    """The Ray dataset ``items`` (one block each) → read tasks (``read_fn``) → model actors
+    (``actor_cls``), whose rows stream back to the driver."""
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map(read_fn, fn_kwargs=read_kwargs, **_read_args(ray, read_on))
+    return ds.map(actor_cls, fn_constructor_kwargs=actor_kwargs, **_actor_args(ray, plan, cpu_threads))
+
+
 def _actor_device() -> str:
     """``cuda`` when Ray gave this actor a GPU, else ``cpu``."""
     import ray
@@ -233,10 +242,8 @@ class RayIngestRunner:
             paths = [str(resolve_path(reader.store_path, reader.paths[position[int(i)]])) for i in batch]
             items.append({"batch": k, "payload": _payload({"ids": np.asarray(batch, dtype=np.int64), "paths": paths})})
         model_ref = ray.put(embedder.model.to("cpu"))
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.map(read_embed_batch, fn_kwargs={"transform": reader.transform}, **_read_args(ray, self.read_on))
-        ds = ds.map(self.actor_cls, fn_constructor_kwargs={"model_ref": [model_ref]},
-                    **_actor_args(ray, plan, self.cpu_threads))
+        ds = _ray_pipeline(ray, items, read_embed_batch, {"transform": reader.transform}, self.read_on,
+                           self.actor_cls, {"model_ref": [model_ref]}, plan, self.cpu_threads)
         written = failed = duplicates = 0
         failures: list[tuple[int, str]] = []
         seen: set[int] = set()
@@ -358,20 +365,13 @@ def synthesize_ray(store_path: str | os.PathLike, method: str = "cutpaste", *, a
     ignored (actors use their GPU); ``cpu_threads``: see :func:`_actor_args`; ``stats`` (a dict)
     receives the timings. Returns synthesize's summary.
     """
-    import inspect
-
-    from tqdm.auto import tqdm
-
-    from .synth import GENERATORS, create_generator
     from .synthesize import SynthWriter, plan_synthesis, synth_source_name
 
     require_ray()  # before loading any model
     if count is not None and (isinstance(count, bool) or count < 1):
         raise ValueError(f"count must be at least 1, got {count}")
     generator_kwargs.pop("device", None)
-    takes_device = "device" in inspect.signature(GENERATORS.get(method)).parameters
-    driver_kwargs = {**generator_kwargs, **({"device": "cpu"} if takes_device else {})}
-    generator = create_generator(method, **driver_kwargs)
+    generator, takes_device = _driver_generator(method, generator_kwargs)
     source = synth_source_name(method, generator_kwargs, source)
     jobs, skipped, files_dir = plan_synthesis(store_path, generator, source, count, task_ids)
     writer = SynthWriter(store_path, files_dir, source=source, method=method, seed=seed, commit_every_s=commit_every_s)
@@ -380,32 +380,13 @@ def synthesize_ray(store_path: str | os.PathLike, method: str = "cutpaste", *, a
     with ray_session(address, num_cpus=num_cpus) as ray:
         started = time.perf_counter()
         plan = actor_plan(ray, actors_per_gpu=actors_per_gpu, num_actors=num_actors)
-        # a generator with a model (diffusion) gets the driver's loaded one: no weight files on workers
-        model = getattr(generator, "model", None)
-        model_ref = None if model is None else ray.put(model)
-        spec = {"method": method, "kwargs": {k: v for k, v in generator_kwargs.items() if k != "model"},
-                "model_ref": None if model_ref is None else [model_ref], "takes_device": takes_device,
-                "seed": seed, "source": source}
-        del generator, model
+        spec = _synth_actor_spec(ray, generator, method, generator_kwargs, takes_device, seed, source)
+        del generator
         items = [{"job": j, "payload": _payload(job)} for j, job in enumerate(jobs)]
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.map(read_synth_job, fn_kwargs={"store_path": str(os.path.abspath(store_path))},
-                    **_read_args(ray, read_on))
-        ds = ds.map(actor_cls, fn_constructor_kwargs={"spec": spec}, **_actor_args(ray, plan, cpu_threads))
-        seen: set[int] = set()
-        duplicates = 0
-        total = sum(job.count - len(job.existing) for job in jobs)
-        with tqdm(total=total, desc=f"synth {source} (ray, {plan['actors']} actors)", unit="img",
-                  disable=not progress, dynamic_ncols=True) as bar:
-            for row in ds.iter_rows():
-                j = int(row["job"])
-                if j in seen:
-                    duplicates += 1
-                    continue
-                for index, data, width, height, parent_ids, params in pickle.loads(row["payload"]):
-                    writer.add(jobs[j], index, data, width, height, parent_ids, params)
-                    bar.update(1)
-                seen.add(j)
+        ds = _ray_pipeline(ray, items, read_synth_job, {"store_path": str(os.path.abspath(store_path))}, read_on,
+                           actor_cls, {"spec": spec}, plan, cpu_threads)
+        seen, duplicates = _write_synth_rows(ds, jobs, writer, f"synth {source} (ray, {plan['actors']} actors)",
+                                             progress)
         writer.flush()
         if stats is not None:
             stats.update({"seconds": time.perf_counter() - started, "tasks": len(jobs), "images": writer.written,
@@ -414,3 +395,47 @@ def synthesize_ray(store_path: str | os.PathLike, method: str = "cutpaste", *, a
             raise RuntimeError(f"Ray returned {len(seen)} of {len(jobs)} tasks; run the same command again "
                                "to make the rest (catalogued images are kept)")
     return {"source": source, "tasks_done": len(jobs), "tasks_skipped": skipped, "images": writer.written}
+
+
+def _driver_generator(method: str, generator_kwargs: dict) -> tuple[Any, bool]:
+    """The driver's generator (on CPU when it takes a ``device``: it only plans and ships its
+    model) and whether it takes a ``device``."""
+    import inspect
+
+    from .synth import GENERATORS, create_generator
+
+    takes_device = "device" in inspect.signature(GENERATORS.get(method)).parameters
+    driver_kwargs = {**generator_kwargs, **({"device": "cpu"} if takes_device else {})}
+    return create_generator(method, **driver_kwargs), takes_device
+
+
+def _synth_actor_spec(ray, generator, method: str, generator_kwargs: dict, takes_device: bool, seed: int,
+                      source: str) -> dict:
+    """:class:`SynthActor`'s ``spec``."""
+    # a generator with a model (diffusion) gets the driver's loaded one: no weight files on workers
+    model = getattr(generator, "model", None)
+    model_ref = None if model is None else ray.put(model)
+    return {"method": method, "kwargs": {k: v for k, v in generator_kwargs.items() if k != "model"},
+            "model_ref": None if model_ref is None else [model_ref], "takes_device": takes_device,
+            "seed": seed, "source": source}
+
+
+def _write_synth_rows(ds, jobs: list, writer, description: str, progress: bool) -> tuple[set[int], int]:
+    """Write each task's images as they arrive, once per task (a retried call's second answer is
+    ignored). Returns (indices of the jobs written, answers ignored)."""
+    from tqdm.auto import tqdm
+
+    seen: set[int] = set()
+    duplicates = 0
+    total = sum(job.count - len(job.existing) for job in jobs)
+    with tqdm(total=total, desc=description, unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        for row in ds.iter_rows():
+            j = int(row["job"])
+            if j in seen:
+                duplicates += 1
+                continue
+            for index, data, width, height, parent_ids, params in pickle.loads(row["payload"]):
+                writer.add(jobs[j], index, data, width, height, parent_ids, params)
+                bar.update(1)
+            seen.add(j)
+    return seen, duplicates

@@ -209,12 +209,7 @@ def export_validation(
     "tasks", "files", "linked", "copied", "unchanged", "removed", "overlapping_tasks"}``
     (``overlapping_tasks``: ids of tasks whose validation normals are also in ``train/good``).
     """
-    if format not in EXPORT_FORMATS:
-        raise ValueError(f"unknown export format {format!r}; valid formats: {', '.join(EXPORT_FORMATS)}")
-    if train not in TRAIN_MODES:
-        raise ValueError(f"unknown train mode {train!r}; valid modes: {', '.join(TRAIN_MODES)}")
-    if not Path(store_path).exists():
-        raise FileNotFoundError(f"store {store_path} does not exist; make it with `swsa catalog ... --store {store_path}`")
+    _check_export_args(store_path, format, train)
     with open_store(store_path) as store:
         images, all_tasks, members = store.images(), store.tasks(), store.task_members()
     wanted = None if tasks is None else [t for t in tasks]
@@ -230,31 +225,59 @@ def export_validation(
                            train, include_test)
         if ((frame["split"] == "val") & (frame["label"] == 0) & (frame["in_train"] == 1)).any() and train == "disjoint":
             overlapping.append(int(task.task_id))
-        task_root = out / task.task_dir
-        previous = task_root / "manifest.csv"
-        unique = frame.drop_duplicates("file")
-        for file, image_id in zip(unique["file"].tolist(), unique["image_id"].tolist()):
-            src = resolve_path(store_path, path_of[int(image_id)])
-            if not src.is_file():
-                raise FileNotFoundError(f"image {int(image_id)} of task {task.task_id}: file {src} is missing; "
-                                        "the store's files were moved or deleted")
-            _place(src, task_root / file, link, counts)
-        if previous.exists():  # remove what an earlier export put here and is no longer wanted
-            old = pd.read_csv(previous, dtype=str, keep_default_na=False)
-            for file in sorted(set(old.get("file", [])) - set(frame["file"])):
-                path = task_root / file
-                if path.is_file() and task_root.resolve() in path.resolve().parents:
-                    path.unlink()
-                    counts["removed"] += 1
-                    for parent in (path.parent, path.parent.parent):
-                        if parent != task_root and parent.is_dir() and not any(parent.iterdir()):
-                            parent.rmdir()
-        _write_csv(previous, frame[MANIFEST_COLUMNS])
+        _export_task(task, frame, out / task.task_dir, store_path, path_of, link, counts)
         frames.append(frame.assign(file=task.task_dir + "/" + frame["file"]))
     if overlapping:
         log.warning("tasks %s: the seed images are the held-out images (support <= n_seed), so their validation "
                     "normals are also in train/good (manifest in_train=1)", overlapping[:10])
-    root_manifest = out / "manifest.csv"
+    _write_root_manifest(out / "manifest.csv", frames)
+    return {"out": str(out), "tasks": len(frames), "files": int(sum(len(f) for f in frames)), **counts,
+            "overlapping_tasks": overlapping}
+
+
+def _check_export_args(store_path, format: str, train: str) -> None:
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {format!r}; valid formats: {', '.join(EXPORT_FORMATS)}")
+    if train not in TRAIN_MODES:
+        raise ValueError(f"unknown train mode {train!r}; valid modes: {', '.join(TRAIN_MODES)}")
+    if not Path(store_path).exists():
+        raise FileNotFoundError(f"store {store_path} does not exist; make it with `swsa catalog ... --store {store_path}`")
+
+
+def _export_task(task, frame: pd.DataFrame, task_root: Path, store_path, path_of: dict[int, str], link: bool,
+                 counts: dict) -> None:
+    """Put one task's files (``frame``: its manifest rows) in ``task_root``, drop the ones an
+    earlier export left there and are no longer wanted, then write its manifest."""
+    previous = task_root / "manifest.csv"
+    unique = frame.drop_duplicates("file")
+    for file, image_id in zip(unique["file"].tolist(), unique["image_id"].tolist()):
+        src = resolve_path(store_path, path_of[int(image_id)])
+        if not src.is_file():
+            raise FileNotFoundError(f"image {int(image_id)} of task {task.task_id}: file {src} is missing; "
+                                    "the store's files were moved or deleted")
+        _place(src, task_root / file, link, counts)
+    if previous.exists():
+        _remove_unwanted(task_root, previous, set(frame["file"]), counts)
+    _write_csv(previous, frame[MANIFEST_COLUMNS])
+
+
+def _remove_unwanted(task_root: Path, previous: Path, wanted: set[str], counts: dict) -> None:
+    """Remove the files listed in the earlier export's manifest ``previous`` that are not ``wanted``
+    (only inside ``task_root``), and the folders that leaves empty."""
+    old = pd.read_csv(previous, dtype=str, keep_default_na=False)
+    for file in sorted(set(old.get("file", [])) - wanted):
+        path = task_root / file
+        if path.is_file() and task_root.resolve() in path.resolve().parents:
+            path.unlink()
+            counts["removed"] += 1
+            for parent in (path.parent, path.parent.parent):
+                if parent != task_root and parent.is_dir() and not any(parent.iterdir()):
+                    parent.rmdir()
+
+
+def _write_root_manifest(root_manifest: Path, frames: list[pd.DataFrame]) -> None:
+    """Write the exported tasks' rows (``frames``) plus the rows of tasks an earlier export wrote and
+    this one did not touch."""
     exported = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=MANIFEST_COLUMNS)
     if root_manifest.exists():
         old = pd.read_csv(root_manifest, keep_default_na=False, dtype={"generator": str, "group": str})
@@ -262,5 +285,3 @@ def export_validation(
         exported = pd.concat([kept, exported], ignore_index=True)
     exported = exported[MANIFEST_COLUMNS].sort_values(["task", "split", "file"], kind="stable", ignore_index=True)
     _write_csv(root_manifest, exported)
-    return {"out": str(out), "tasks": len(frames), "files": int(sum(len(f) for f in frames)), **counts,
-            "overlapping_tasks": overlapping}

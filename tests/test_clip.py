@@ -433,3 +433,23 @@ def test_residual_text_prior_reports_images_without_clip_embedding(tiny_store, t
     assert row["task_id"] == task_id and row["candidate"] == f"pixels@4/{labels[1]}"
     assert f"left out 1 of the task's images that have no CLIP embedding {name!r}" in row["reason"]
     assert f"swsa embed --store STORE --backbone {MODEL}" in row["reason"]
+
+
+def test_non_finite_real_scores_are_a_recorded_skip_without_synthetic_queries():
+    """A group with no held-out or synthetic queries still records the tasks whose real scores are NaN."""
+    from swsa_engine.loader import TaskGroup
+    from swsa_engine.prompt_sweep import score_group_candidates
+
+    group = TaskGroup(dataset="d", task_ids=np.array([10, 11]), support=np.array([[0, 1], [2, 3]]),
+                      heldout=np.full((2, 0), -1), synthetic={}, real_ids=np.array([4, 5, 6, 7]),
+                      real_label=np.array([[0, 0, 1, 1], [1, 1, 0, 0]], dtype=np.int8),
+                      real_group=np.array([[-1, -1, 0, 0], [0, 0, -1, -1]]), group_names=np.array(["a"]))
+
+    def scorer(rows, query_ids, exclude):
+        scores = np.tile(np.arange(query_ids.shape[-1], dtype=float), (len(rows), 1, 1))
+        scores[rows == 1] = np.nan  # task 11 cannot be scored
+        return scores
+
+    out = score_group_candidates(scorer, group, np.ones(8, dtype=bool), [], 1)
+    assert out["real"][0, 0, 0] == 1.0 and np.isnan(out["real"][1]).all()
+    assert out["skips"] == [(11, "non-finite scores (too few usable support images?)")]

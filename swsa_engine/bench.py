@@ -643,29 +643,6 @@ def format_figures(figures: dict) -> str:
     return "\n".join(lines)
 
 
-def make_ingest_catalog(root: str | os.PathLike, n_images: int, *, source_size: int = 256, classes: int = 4,
-                        seed: int = 0) -> Path:
-    """A folder dataset of ``n_images`` seeded JPEGs (``source_size`` px, smooth colour fields plus
-    noise, like photographs in cost to decode) catalogued into ``root/ingest.h5``; returns the store."""
-    from PIL import Image
-
-    from swsa_store.catalog import catalog_dataset
-
-    root = Path(root)
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:source_size, 0:source_size] / source_size
-    for i in range(n_images):
-        folder = root / "images" / f"class{i % classes}"
-        folder.mkdir(parents=True, exist_ok=True)
-        a, b, c = rng.uniform(0, 6, 3)
-        base = np.stack([np.sin(a * xx + b * yy + k * c) for k in range(3)], axis=-1) * 90 + 128
-        pixels = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(folder / f"{i:06d}.jpg", quality=90)
-    store = root / "ingest.h5"
-    catalog_dataset(store, "folder", root=root / "images", name="ingest", n_seed=2)
-    return store
-
-
 def _forward_seconds(embedder, input_size: tuple[int, ...], n_images: int, batch_size: int) -> float:
     """Seconds of ``embedder``'s forward pass alone over ``n_images`` ready random inputs
     ``(batch_size, *input_size)``, after one warm-up batch (kernel selection, allocations)."""
@@ -755,6 +732,7 @@ def bench_ingest(
     import torch
 
     from swsa_store.backbones import create_backbone
+    from swsa_store.catalog import make_ingest_catalog
     from swsa_store.ingest import Embedder
 
     work_dir = Path(work_dir)

@@ -95,8 +95,8 @@ def score_group_detector(
 
 def _without_clip_gaps(group: TaskGroup, sources: list[str], usable: np.ndarray, detector, prior, weight: float):
     """``usable`` (N,) less the images the text prior cannot score (no CLIP embedding), and a skip
-    for each task that loses some; ``usable`` as it is without a prior or its ``usable`` mask."""
-    if not (weight and getattr(prior, "usable", None) is not None):
+    for each task that loses some; ``usable`` as it is without a text prior."""
+    if not (weight and prior is not None):
         return usable, []
     # the prior cannot score an image without a CLIP embedding: leave it out, and say so per task
     text_skips = _text_prior_skips(group, sources, usable & ~prior.usable, detector, prior)
@@ -179,7 +179,7 @@ def _text_prior_skips(group: TaskGroup, sources: list[str], missing: np.ndarray,
     ids = np.concatenate([np.asarray(part, dtype=np.int64) for part in parts], axis=1)  # (T, W), -1 padded
     ids = np.sort(np.where((ids >= 0) & missing[np.maximum(ids, 0)], ids, -1), axis=1)
     counts = ((ids >= 0) & (np.diff(ids, axis=1, prepend=-1) != 0)).sum(axis=1)  # distinct ids per task
-    model = getattr(prior, "model", "the text prior's CLIP model")
+    model = prior.model
     return [(int(t), f"{detector.label} left out {n} of the task's images that have no CLIP embedding {model!r}, which "
                      f"its text prior needs; embed them with `swsa embed --store STORE --backbone "
                      f"{model.replace('clip-', 'clip/', 1)}`")
@@ -335,21 +335,29 @@ class TextPrior:
         unit = l2_normalize(np.where(inputs.usable[:, None], inputs.features, 0.0).astype(np.float64))
         return cls(unit, inputs.usable, inputs.text, float(inputs.text.attrs.get("logit_scale", 100.0)), inputs.model)
 
-    def for_group(self, group: TaskGroup):
-        """``prior(rows, query_ids)`` for tasks ``group.task_ids[rows]``: query ids (Q,) shared by
-        every task → (T', Q), or (T', W) per task → (T', W) probabilities; ``prior.usable`` (N,)
-        bool and ``prior.model`` are :attr:`usable` and :attr:`model`."""
+    def for_group(self, group: TaskGroup) -> "GroupPrior":
+        """The prior of the tasks of ``group`` (:class:`GroupPrior`)."""
         from .prompt_sweep import _per_task_text, prompt_directions
 
         normal, anomaly = _per_task_text(self.text, group.task_ids, self.n_templates)
         direction = prompt_directions(normal, anomaly, self.logit_scale)[:, -1, :]  # the ensemble's (T, D)
+        return GroupPrior(self.unit, direction, self.usable, self.model)
 
-        def prior(rows: np.ndarray, query_ids: np.ndarray) -> np.ndarray:
-            w = direction[rows]
-            if query_ids.ndim == 1:
-                return expit(self.unit[query_ids] @ w.T).T
-            return expit(np.einsum("twd,td->tw", self.unit[query_ids], w))
 
-        # score_group_detector leaves out the images without a CLIP embedding and names the model
-        prior.usable, prior.model = self.usable, self.model
-        return prior
+@dataclass(frozen=True)
+class GroupPrior:
+    """CLIP's two-prompt probabilities for one task group: ``prior(rows, query_ids)`` for tasks
+    ``group.task_ids[rows]``, query ids (Q,) shared by every task → (T', Q), or (T', W) per task →
+    (T', W). ``unit`` (N, D) unit image embeddings, ``direction`` (T, D) per-task prompt direction,
+    ``usable`` (N,) images with a CLIP embedding, ``model`` the CLIP model's name."""
+
+    unit: np.ndarray
+    direction: np.ndarray
+    usable: np.ndarray
+    model: str
+
+    def __call__(self, rows: np.ndarray, query_ids: np.ndarray) -> np.ndarray:
+        w = self.direction[rows]
+        if query_ids.ndim == 1:
+            return expit(self.unit[query_ids] @ w.T).T
+        return expit(np.einsum("twd,td->tw", self.unit[query_ids], w))

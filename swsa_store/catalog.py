@@ -222,3 +222,24 @@ def resolve_path(store_path: str | os.PathLike, path: str) -> Path:
     """An image path from the catalog as a usable path (relative ones are relative to the store)."""
     candidate = Path(path)
     return candidate if candidate.is_absolute() else Path(store_path).resolve().parent / candidate
+
+
+def make_ingest_catalog(root: str | os.PathLike, n_images: int, *, source_size: int = 256, classes: int = 4,
+                        seed: int = 0) -> Path:
+    """A folder dataset of ``n_images`` seeded JPEGs (``source_size`` px, smooth colour fields plus
+    noise, like photographs in cost to decode) catalogued into ``root/ingest.h5``; returns the store."""
+    from PIL import Image
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:source_size, 0:source_size] / source_size
+    for i in range(n_images):
+        folder = root / "images" / f"class{i % classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        a, b, c = rng.uniform(0, 6, 3)
+        base = np.stack([np.sin(a * xx + b * yy + k * c) for k in range(3)], axis=-1) * 90 + 128
+        pixels = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:06d}.jpg", quality=90)
+    store = root / "ingest.h5"
+    catalog_dataset(store, "folder", root=root / "images", name="ingest", n_seed=2)
+    return store

@@ -15,10 +15,6 @@ from pathlib import Path
 
 log = logging.getLogger("swsa")
 
-DEMO_BACKBONES = ("pixels", "resnet18", "resnet34", "resnet50", "vit_b_32")
-#: detectors the demo applies to every feature source (candidates = sources × detectors)
-DEMO_DETECTORS = ("knn", "mahalanobis", "pca(n=8)")
-
 #: Official layouts read by `swsa catalog <dataset> --root PATH` (see swsa_store.paper_datasets).
 PAPER_LAYOUTS = {
     "cub": "CUB_200_2011/ with images.txt, image_class_labels.txt, train_test_split.txt, classes.txt, images/",
@@ -51,6 +47,10 @@ def cmd_catalog(args: argparse.Namespace) -> int:
             kwargs["validation"] = args.validation
         if args.dataset == "visa":
             kwargs["multi_defect"] = args.multi_defect
+    elif args.dataset == "elpv":  # read in place from the elpv-dataset package unless --root says otherwise
+        kwargs = {"root": args.root, "anomalies": args.elpv_anomalies, "test_fraction": args.test_fraction,
+                  "seed": args.seed, "n_support": args.support, "n_test_normal": args.test_normals,
+                  "n_anomaly": args.anomalies}
     else:
         if args.root:
             kwargs["root"] = args.root
@@ -96,7 +96,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from swsa_store.ingest import embed_store
+    from swsa_store.preprocessing import parse_preprocess
 
+    preprocess = parse_preprocess(args.preprocess) if args.preprocess else None  # a bad override: one-line error
     embed = embed_store
     if args.ray is not None:  # the same ingest on a Ray cluster; the driver still writes the store
         import functools
@@ -109,7 +111,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
             args.store, backbone, weights=args.weights, weights_dir=args.weights_dir,
             allow_download=args.allow_download, image_size=args.image_size, name=args.name if len(_split(args.backbone)) == 1 else None,
             batch_size=args.batch_size, num_workers=args.workers, device=args.device, progress=not args.quiet,
-            patch_tokens=args.patch_tokens,
+            patch_tokens=args.patch_tokens, preprocess=preprocess,
         )
         _print_summary("embed", {
             "backbone": report.backbone, "images": report.total, "already_done": report.already_done,
@@ -200,7 +202,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         info = {
             "store": str(store.path), "schema_version": int(store.file.attrs["schema_version"]),
             "images": len(images), "datasets": {}, "backbones": {}, "results": store.results(),
-            "skips": len(skips),
+            "skips": len(skips), "skip_reasons": grouped_skip_reasons(skips),
         }
         for dataset, rows in images.groupby("dataset"):
             mine = tasks[tasks["dataset"] == dataset]
@@ -217,7 +219,9 @@ def cmd_info(args: argparse.Namespace) -> int:
             info["backbones"][name] = {
                 "done": int((done[usable] == DONE_WRITTEN).sum()), "of": int(usable.sum()),
                 "failed": int((done == DONE_FAILED).sum()), "feature_dim": cfg.get("feature_dim"),
-                "weights": cfg.get("weights_kind"),
+                "weights": cfg.get("weights_kind"), "weights_path": cfg.get("weights_path", ""),
+                "weights_sha256": cfg.get("weights_sha256", ""), "weights_package": cfg.get("weights_package", ""),
+                "weights_package_version": cfg.get("weights_package_version", ""),
             }
             if name in store.patch_sets():
                 pa, pdone = store.patch_attrs(name), store.patch_done_mask(name)
@@ -239,7 +243,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     for name, b in info["backbones"].items():
         pct = 100.0 * b["done"] / b["of"] if b["of"] else 0.0
         print(f"  embeddings {name}: {b['done']}/{b['of']} done ({pct:.0f}%), {b['failed']} failed, "
-              f"dim {b['feature_dim']}, weights {b['weights']}")
+              f"dim {b['feature_dim']}, weights {_weights_summary(b)}")
         if "patches" in b:
             pt = b["patches"]
             per_dataset = ", ".join(f"{d} {n / 2**20:.1f} MiB" for d, n in pt["bytes_per_dataset"].items())
@@ -247,7 +251,32 @@ def cmd_info(args: argparse.Namespace) -> int:
                   f"({pt['grid'][0]}x{pt['grid'][1]} grid, {pt['layer']}), {pt['bytes_per_image'] / 1024:.1f} KiB/image, "
                   f"{pt['bytes_total'] / 2**20:.1f} MiB in all ({per_dataset})")
     print(f"  results: {', '.join(info['results']) or 'none'}")
+    for group in info["skip_reasons"]:
+        print(f"  skipped ({group['stage']}) x{group['count']}: {group['reason']}")
     return 0
+
+
+def _weights_summary(backbone: dict) -> str:
+    """``kind`` and, where a file was read, its name, package and sha256 (for `swsa info`)."""
+    if not backbone.get("weights_sha256"):
+        return str(backbone["weights"])
+    package = (f", package {backbone['weights_package']} {backbone['weights_package_version']}".rstrip()
+               if backbone.get("weights_package") else "")
+    return f"{backbone['weights']} ({Path(str(backbone['weights_path'])).name}{package}, sha256 {backbone['weights_sha256']})"
+
+
+def grouped_skip_reasons(skips, limit: int = 20) -> list[dict]:
+    """The store's recorded skips grouped by stage and reason (paths and numbers folded), most frequent
+    first: ``[{"stage", "reason" (one example), "count"}]``, at most ``limit`` groups."""
+    import re
+
+    if not len(skips):
+        return []
+    keys = skips["reason"].astype(str).map(lambda r: re.sub(r"(/[^\s:;,]+)+|\d+", "#", r))
+    table = skips.assign(key=keys).groupby(["stage", "key"], sort=False)
+    groups = [{"stage": str(stage), "reason": str(rows["reason"].iloc[0]), "count": int(len(rows))}
+              for (stage, _), rows in table]
+    return sorted(groups, key=lambda g: -g["count"])[:limit]
 
 
 def cmd_import_scores(args: argparse.Namespace) -> int:
@@ -333,11 +362,13 @@ def cmd_split_refs(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    sizes = {"n_support": args.support, "n_test_normal": args.test_normals, "n_anomaly": args.anomalies}
     paths = run_demo(
-        out_dir=args.out, backbones=_split(args.backbones), image_size=args.image_size, count=args.count,
-        n_seed=args.n_seed, seed=args.seed, batch_size=args.batch_size, workers=args.workers,
-        weights_dir=args.weights_dir, device=args.device, progress=not args.quiet,
-        detectors=[d.strip() for d in args.detectors.split(";") if d.strip()],
+        out_dir=args.out, backbones=_split(args.backbones) or None, dataset=args.dataset, image_size=args.image_size,
+        count=args.count, n_seed=args.n_seed, seed=args.seed, full=args.full, sizes=sizes, batch_size=args.batch_size,
+        workers=args.workers, weights_dir=args.weights_dir, device=args.device, progress=not args.quiet,
+        detectors=[d.strip() for d in (args.detectors or "").split(";") if d.strip()] or None,
+        diffusion_model=args.diffusion_model,
     )
     print(f"\nreport: {paths['report']}")
     if "html" in paths:
@@ -430,23 +461,43 @@ def _add_weights_options(p: argparse.ArgumentParser, weights_help: str, weights_
 
 
 def _add_demo_command(sub: argparse._SubParsersAction) -> None:
-    p = _add_command(sub, "demo", cmd_demo, "run the whole SWSA loop on scikit-learn's digits and write a report")
+    from .demo import DEMO_DATASETS, ELPV_COUNT, ELPV_SIZES
+
+    p = _add_command(sub, "demo", cmd_demo, "run the whole SWSA loop on real data (ELPV solar cells with ImageNet-trained "
+                     "EfficientNet-Lites; --dataset digits for the quick one) and write a report")
+    p.add_argument("--dataset", default="elpv", choices=DEMO_DATASETS,
+                   help="elpv (default: real solar-cell images, pretrained weights) or digits (quick, 8x8 digits)")
     p.add_argument("--out", default="swsa-demo", help="output folder (store, images, report); default: swsa-demo")
-    p.add_argument("--backbones", default=",".join(DEMO_BACKBONES), help="comma-separated candidate backbones")
-    p.add_argument("--detectors", default=";".join(DEMO_DETECTORS),
-                   help="detectors applied to every backbone, ';'-separated (default: %(default)s)")
-    p.add_argument("--image-size", type=int, default=64, help="render size of the digits and model input size (default 64)")
-    p.add_argument("--count", type=int, default=50, help="CutPaste anomalies per task and variant (paper: 100; default 50)")
+    p.add_argument("--backbones", default=None,
+                   help="comma-separated candidate feature sources (default elpv: pixels, pixels@32, efficientnet_lite0,1,2; "
+                        "digits: pixels, resnet18, resnet34, resnet50, vit_b_32)")
+    p.add_argument("--detectors", default=None,
+                   help="detectors applied to every feature source, ';'-separated (default elpv: knn; knn(k=5,cosine); "
+                        "mahalanobis; residual(K=4,mean); pca(n=8); digits: knn; mahalanobis; pca(n=8))")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="model input size (default: each model's own for elpv; 64 for digits, also their render size)")
+    p.add_argument("--count", type=int, default=None,
+                   help=f"synthetic anomalies per task and generator (paper: 100; default elpv {ELPV_COUNT}, digits 50)")
     p.add_argument("--n-seed", type=int, default=20, help="seed images per task (default 20)")
     p.add_argument("--seed", type=int, default=0, help="base seed (split and generators)")
+    g = p.add_argument_group("ELPV sizes, per cell type (a seeded subset; --full uses every image)")
+    g.add_argument("--support", type=int, default=None, help=f"support images (default {ELPV_SIZES['n_support']})")
+    g.add_argument("--test-normals", type=int, default=None,
+                   help=f"defect-free test images (default {ELPV_SIZES['n_test_normal']})")
+    g.add_argument("--anomalies", type=int, default=None,
+                   help=f"defective test images per probability bucket (default {ELPV_SIZES['n_anomaly']})")
+    g.add_argument("--full", action="store_true", help="every image of the dataset (about 40 minutes on 2 CPU cores)")
+    p.add_argument("--diffusion-model", default=None,
+                   help="DiffStyle anomalies too, with this diffusion model (file or folder; or $SWSA_DIFFUSION_MODEL)")
     _add_loader_options(p)
-    p.add_argument("--weights-dir", default=None, help="folder with pretrained weights (else: caches, else random init)")
+    p.add_argument("--weights-dir", default=None, help="folder with pretrained weights (else: installed packages, caches; "
+                   "digits: else random init)")
     _add_device_option(p)
 
 
 def _add_catalog_command(sub: argparse._SubParsersAction) -> None:
     p = _add_command(sub, "catalog", cmd_catalog, "catalog a dataset into a store and build its tasks")
-    p.add_argument("dataset", help="registered dataset: digits, folder, cub, flowers, mvtec, visa, tinyimagenet, ...")
+    p.add_argument("dataset", help="registered dataset: elpv, digits, folder, cub, flowers, mvtec, visa, tinyimagenet, ...")
     _add_store_option(p, help="the HDF5 store (created if missing)")
     p.add_argument("--root", help="dataset root folder (folder: root/<class>/... or root/{train,test}/<class>/...)")
     p.add_argument("--name", help="dataset name in the store (folder: default the root's name; paper datasets: default "
@@ -458,6 +509,12 @@ def _add_catalog_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-dir", help="digits: where to render the PNGs (default: <store>.files/digits)")
     p.add_argument("--image-size", type=int, default=64, help="digits: render size (default 64)")
     p.add_argument("--test-fraction", type=float, default=0.5, help="test share when a dataset has no split (default 0.5)")
+    g = p.add_argument_group("elpv (solar cells from the elpv-dataset package; CC BY-NC-SA 4.0)")
+    g.add_argument("--elpv-anomalies", default="1", choices=("1", "2/3"),
+                   help="defect probabilities that are anomalies in one-vs-rest: 1 (default) or 2/3 (2/3 and 1)")
+    g.add_argument("--support", type=int, default=None, help="support images per cell type (default: all train normals)")
+    g.add_argument("--test-normals", type=int, default=None, help="defect-free test images per cell type (default all)")
+    g.add_argument("--anomalies", type=int, default=None, help="defective images per cell type and bucket (default all)")
     p.add_argument("--n-seed", type=int, default=20, help="seed images per task (default 20, the paper's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/test and seed/held-out splits")
 
@@ -500,8 +557,13 @@ def _add_embed_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backbone", required=True, help="registered backbone(s), comma-separated, or timm/<name>")
     _add_weights_options(
         p, weights_help="weights file or folder, 'random' for random init (loudly), default: search the documented order",
-        weights_dir_help="folder searched for <backbone>.safetensors|.pth (or SWSA_WEIGHTS_DIR)")
+        weights_dir_help="folder searched for <backbone>.safetensors|.pth, <arch>.pth for timm/<arch>, ... "
+                         "(or SWSA_WEIGHTS_DIR)")
     p.add_argument("--image-size", type=int, default=None, help="override the model's input resolution")
+    p.add_argument("--preprocess", default=None, metavar="KEY=VALUE;...",
+                   help="override the backbone's preprocessing (stored with the embeddings), any of "
+                        "size=N;crop_pct=X;crop_mode=center|squash|border;interpolation=bicubic|bilinear|...;"
+                        "mean=R,G,B;std=R,G,B, e.g. 'mean=0.5,0.5,0.5;std=0.5,0.5,0.5;crop_pct=1.0'")
     p.add_argument("--name", help="name of the embedding matrix (default: the backbone name)")
     _add_loader_options(p)
     _add_device_option(p, help="cpu, cuda, cuda:1, ... (with --ray: the actors' GPUs)")

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .report import _all_skips, _random_candidates, _ReportTables, table1_display
+from .report import RANDOM_CANDIDATES_NOTE, _all_skips, _random_candidates, _ReportTables, table1_display
 from .selection import per_task_picks, ranking_table, selection_table
 from .sweep import SETTINGS, AurocCube
 
@@ -500,7 +500,7 @@ def _intro_html(cube: AurocCube, notes: list[str] | None, random_candidates: lis
     parts = []
     if random_candidates:
         parts.append(f'<p class="warn"><b>Randomly initialised candidates:</b> {html.escape(", ".join(random_candidates))}. '
-                     "No pretrained weights were found for them, so their AUROCs describe random networks.</p>")
+                     f"{html.escape(RANDOM_CANDIDATES_NOTE)}</p>")
     for note in notes or []:
         parts.append(f"<p class=note>{html.escape(note)}</p>")
     parts.append(

@@ -7,6 +7,7 @@ have fewer members than the longest.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,6 +42,8 @@ class TaskGroup:
     group_names : (G,) the groups anomalies come from (one-vs-closest reports the worst)
     abnormal : (T, R) synthetic anomalies held apart as abnormal references
         (:mod:`swsa_store.references`); never in ``synthetic`` (checked), ``(T, 0)`` without a split
+    group_in_rest : (T, G) bool: whether anomalies of group g enter task t's one-vs-rest AUROC
+        (the task's ``rest_groups``); all True by default. One-vs-closest uses every group.
     """
 
     dataset: str
@@ -54,11 +57,48 @@ class TaskGroup:
     group_names: np.ndarray
     n_members: dict = field(default_factory=dict)
     abnormal: np.ndarray | None = None
+    group_in_rest: np.ndarray | None = None
 
     def __post_init__(self):
         if self.abnormal is None:
             self.abnormal = np.full((len(self.task_ids), 0), -1, dtype=np.int64)
+        shape = (len(self.task_ids), len(self.group_names))
+        if self.group_in_rest is None:
+            self.group_in_rest = np.ones(shape, dtype=bool)
+        elif np.shape(self.group_in_rest) != shape:
+            raise ValueError(f"group_in_rest must be (tasks, groups) = {shape}, got {np.shape(self.group_in_rest)}")
         check_references_disjoint(self)
+
+
+def rest_mask(group: TaskGroup, rows: np.ndarray) -> np.ndarray:
+    """(T', Q) bool for tasks ``rows``: the real images that take part in one-vs-rest — the task's
+    normals and its anomalies whose group is in ``group.group_in_rest`` (not the task's: False)."""
+    label = group.real_label[rows]
+    real_group = group.real_group[rows]
+    if real_group.shape[1] == 0 or group.group_in_rest.shape[1] == 0:
+        return label >= 0
+    in_rest = np.take_along_axis(group.group_in_rest[rows], np.maximum(real_group, 0), axis=1)
+    return (label == 0) | ((label == 1) & (real_group >= 0) & in_rest)
+
+
+def groups_in_rest(tasks: pd.DataFrame, task_ids: np.ndarray, group_names: np.ndarray) -> np.ndarray:
+    """(T, G) bool from the tasks' ``rest_groups`` (JSON list of group names; "" or absent = all)."""
+    out = np.ones((len(task_ids), len(group_names)), dtype=bool)
+    if "rest_groups" not in tasks:  # a store from before rest_groups: every group enters one-vs-rest
+        return out
+    listed = tasks.set_index("task_id").loc[task_ids, "rest_groups"]
+    names = np.asarray(group_names, dtype=str)
+    for i, value in enumerate(listed):
+        if isinstance(value, str) and value.strip():
+            try:
+                chosen = json.loads(value)
+            except json.JSONDecodeError:
+                chosen = None
+            if not isinstance(chosen, list):
+                raise ValueError(f"task {task_ids[i]}: rest_groups {value[:80]!r} is not a JSON list of group names "
+                                 "(or \"\" for all groups); catalog the dataset again into a new store")
+            out[i] = np.isin(names, [str(g) for g in chosen])
+    return out
 
 
 def check_references_disjoint(group: TaskGroup) -> None:
@@ -123,5 +163,6 @@ def build_task_groups(images: pd.DataFrame, tasks: pd.DataFrame, members: pd.Dat
         of_task = reference_rows[reference_rows["task_id"].isin(task_ids)].groupby("task_id")["image_id"].apply(np.sort)
         abnormal = pad_rows([of_task.get(t, empty) for t in task_ids])
         groups.append(TaskGroup(str(dataset), task_ids, support, heldout, synthetic, real_ids,
-                                real_label, real_group, group_names, abnormal=abnormal))
+                                real_label, real_group, group_names, abnormal=abnormal,
+                                group_in_rest=groups_in_rest(dataset_tasks, task_ids, group_names)))
     return groups

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from .clip_scores import DEFAULT_EPS, bliss_from_similarities, l2_normalize, prompt_ensemble, topk_similarities
-from .loader import TaskGroup, build_task_groups
+from .loader import TaskGroup, build_task_groups, rest_mask
 from .metrics import UndefinedMetricWarning, auroc
 from .sweep import SETTINGS, AurocCube, CubeLayout, grouped_auroc
 
@@ -147,7 +147,9 @@ def _score_real(scorer, group: TaskGroup, layout: _GroupQueries, rows: np.ndarra
     scores = scorer(rows, layout.real_ids, None)
     mask = np.broadcast_to((labels >= 0)[:, None, :], scores.shape)
     scores, bad = _guard(scores, mask)
-    real_rest = _auroc_quiet(scores, (labels == 1)[:, None, :], mask)
+    # one-vs-rest: normals against the anomalies of the task's rest groups; per class: every group
+    in_rest = rest_mask(group, rows)[:, real_ok]
+    real_rest = _auroc_quiet(scores, (labels == 1)[:, None, :], mask & in_rest[:, None, :])
     per_class = grouped_auroc(scores.reshape(-1, scores.shape[-1]), np.repeat(labels, n_candidates, axis=0),
                               np.repeat(group.real_group[rows][:, real_ok], n_candidates, axis=0), n_groups)
     per_class = per_class.reshape(len(rows), n_candidates, n_groups)

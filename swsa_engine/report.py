@@ -148,8 +148,14 @@ class _ReportTables:
     table3: pd.DataFrame | None = None
 
 
+#: What the report says of candidates whose embeddings were made with ``weights="random"``.
+RANDOM_CANDIDATES_NOTE = ("They were built with random weights, as asked for (`--weights random`, or by the digits demo "
+                          "where no pretrained weights were found), so their AUROCs describe random networks, not "
+                          "pretrained models.")
+
+
 def _random_candidates(cube: AurocCube) -> list[str]:
-    """The candidates scored with randomly initialised weights (no pretrained weights found)."""
+    """The candidates scored with randomly initialised weights (``weights_kind == "random"``)."""
     return cube.candidates.loc[cube.candidates["weights_kind"] == "random", "name"].tolist()
 
 
@@ -234,8 +240,7 @@ def _intro_lines(cube: AurocCube, title: str, notes: list[str] | None, random_ca
     lines = [f"# {title}", ""]
     if random_candidates:
         lines += [
-            f"> **Randomly initialised candidates:** {', '.join(random_candidates)}. No pretrained weights were "
-            "found for them, so their AUROCs describe random networks, not the pretrained models.", "",
+            f"> **Randomly initialised candidates:** {', '.join(random_candidates)}. {RANDOM_CANDIDATES_NOTE}", "",
         ]
     for note in notes or []:
         lines += [note, ""]

@@ -4,7 +4,7 @@ For each candidate backbone (streamed one at a time) and each dataset's tasks at
 
 * real validation: kNN scores of the shared real validation images against every task's
   bank (:func:`swsa_engine.knn.knn_score_gathered`), AUROC one-vs-rest (all out-classes
-  together) and per out-class (:func:`grouped_auroc`), whose minimum is one-vs-closest;
+  together, or the task's ``rest_groups`` only: :func:`~swsa_engine.loader.rest_mask`) and per out-class (:func:`grouped_auroc`), whose minimum is one-vs-closest;
 * synthetic validation per source: held-out normals (scored leave-one-out) against the
   source's anomalies (:func:`swsa_engine.knn.knn_score_batched`), AUROC over all anomalies and
   over the ``N`` hardest (the ``N`` with the lowest anomaly score, per candidate).
@@ -30,7 +30,7 @@ from swsa_store.references import REFERENCES_TABLE, read_references
 
 from .detectors import KnnDetector, candidate_name, parse_detector
 from .knn import bounded_knn_shared, bounded_knn_tasks, centre_rows, exact_knn_candidates, knn_score_batched
-from .loader import TaskGroup, build_task_groups
+from .loader import TaskGroup, build_task_groups, rest_mask
 from .metrics import UndefinedMetricWarning, auroc
 
 log = logging.getLogger(__name__)
@@ -519,15 +519,17 @@ def validation_aurocs(
     real_scores : (T', Q) scores of ``group.real_ids`` per task (NaN = image not usable).
     queries, widths : from :func:`synthetic_queries`; synth_scores : (T', W) their scores.
 
-    Returns ``real`` (T', 2) for :data:`SETTINGS`, ``per_class`` (T', G) and ``synthetic``
-    (T', V) over ``sources`` then their hardest-N variants.
+    Returns ``real`` (T', 2) for :data:`SETTINGS` (one-vs-rest over the groups in
+    ``group.group_in_rest``, one-vs-closest the minimum of ``per_class`` over every group),
+    ``per_class`` (T', G) and ``synthetic`` (T', V) over ``sources`` then their hardest-N variants.
     """
     real_label = np.where(np.isnan(real_scores), -1, group.real_label[rows]).astype(np.int8)
     filled = np.nan_to_num(real_scores)
     real = np.full((len(rows), 2), np.nan)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UndefinedMetricWarning)  # one-class tasks are reported as skips
-        real[:, 0] = auroc(filled, real_label == 1, mask=real_label >= 0)
+        # one-vs-rest: normals against the anomalies of the task's rest groups; per class: every group
+        real[:, 0] = auroc(filled, real_label == 1, mask=(real_label >= 0) & rest_mask(group, rows))
     per_class = grouped_auroc(filled, real_label, group.real_group[rows], len(group.group_names))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)

@@ -30,7 +30,8 @@ import numpy as np
 import pandas as pd
 
 from .catalog import add_images
-from .datasets import DEFAULT_EXTENSIONS, _inspect_file
+from .datasets import DEFAULT_EXTENSIONS
+from .samples import inspect_image_file
 from .store import open_store
 from .tasks import select_tasks, stable_seed
 
@@ -113,7 +114,7 @@ def sample_auxiliary(
             if not (real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)):
                 status, reason, digest, w, h = "skipped", f"symlink escapes auxiliary root: -> {real}", "", 0, 0
             else:
-                status, reason, digest, w, h = _inspect_file(path)
+                status, reason, digest, w, h = inspect_image_file(path)
             rows.append({
                 "dataset": task.dataset, "class_name": task.normal_class, "split": "synthetic", "kind": source,
                 "path": path, "sha256": digest, "status": status, "skip_reason": reason, "width": w, "height": h,

@@ -24,6 +24,10 @@ defect         defect type in defect datasets (MVTec-AD, VisA: "good" for normal
                "" for every other image
 ============== ==========================================================================
 
+A dataset may also have ``rest_groups`` (the anomaly groups that enter one-vs-rest, stored per
+task; see :func:`swsa_store.tasks.build_tasks`) and ``skipped_entries`` (reasons for index lines
+that name no image, recorded in the skips table).
+
 The tasks table's attributes record how its real validation sets were built:
 ``validation_rule`` (the multi-class rule), ``defect_validation_rule`` and
 ``validation_sources`` (JSON ``{dataset: which official split its support and real validation
@@ -118,12 +122,13 @@ def catalog_dataset(
         first_task = int(tasks_before["task_id"].max()) + 1 if len(tasks_before) else 0
         protocol = getattr(dataset, "protocol", "multiclass")
         tasks, members = build_tasks(catalog, name, n_seed=n_seed, seed=split_seed, first_task_id=first_task,
-                                     protocol=protocol, class_labels=getattr(dataset, "class_labels", None))
+                                     protocol=protocol, class_labels=getattr(dataset, "class_labels", None),
+                                     rest_groups=getattr(dataset, "rest_groups", None))
         attrs = _tasks_table_attrs(tasks_attrs, name, getattr(dataset, "validation_source", ""), protocol)
         store.replace_table("images", catalog)
         store.replace_table("tasks", _appended(tasks_before, tasks), attrs=attrs)
         store.replace_table("task_members", _appended(members_before, members))
-        skips = _catalog_skips(rows, skipped_classes, tasks)
+        skips = _catalog_skips(rows, skipped_classes, tasks, list(getattr(dataset, "skipped_entries", [])))
         if skips:
             store.append_skips(pd.DataFrame(skips))
         store.grow_embeddings(len(catalog))
@@ -152,12 +157,15 @@ def _is_already_catalogued(store_path, images: pd.DataFrame, name: str, samples:
 
 
 def _with_task_defaults(tasks: pd.DataFrame) -> pd.DataFrame:
-    """``tasks`` with the columns added since a store was written (``class_label``, ``protocol``) filled in."""
-    if len(tasks):  # a store from before class_label / protocol existed
+    """``tasks`` with the columns added since a store was written (``class_label``, ``protocol``,
+    ``rest_groups``) filled in."""
+    if len(tasks):  # a store from before class_label / protocol / rest_groups existed
         if "class_label" not in tasks:
             tasks["class_label"] = tasks["normal_class"]
         if "protocol" not in tasks:
             tasks["protocol"] = "multiclass"
+        if "rest_groups" not in tasks:
+            tasks["rest_groups"] = ""  # every anomaly group entered one-vs-rest
     return tasks
 
 
@@ -169,8 +177,10 @@ def _tasks_table_attrs(tasks_attrs: dict, name: str, validation_source: str, pro
             "validation_sources": json.dumps(sources, sort_keys=True)}
 
 
-def _catalog_skips(rows: pd.DataFrame, skipped_classes: list, tasks: pd.DataFrame) -> list[dict]:
-    """The skips table rows of one catalogued dataset: skipped images, classes and tasks."""
+def _catalog_skips(rows: pd.DataFrame, skipped_classes: list, tasks: pd.DataFrame,
+                   skipped_entries: list[str] = ()) -> list[dict]:
+    """The skips table rows of one catalogued dataset: skipped images, classes, index entries that
+    name no image (the dataset's ``skipped_entries``, e.g. a malformed line) and tasks."""
     skips = [
         {"stage": "catalog", "image_id": int(r.image_id), "task_id": -1, "backbone": "", "reason": r.skip_reason}
         for r in rows[rows["status"] != "ok"].itertuples()
@@ -178,6 +188,10 @@ def _catalog_skips(rows: pd.DataFrame, skipped_classes: list, tasks: pd.DataFram
     skips += [
         {"stage": "catalog", "image_id": -1, "task_id": -1, "backbone": "", "reason": f"class {c!r}: {reason}"}
         for c, reason in skipped_classes
+    ]
+    skips += [
+        {"stage": "catalog", "image_id": -1, "task_id": -1, "backbone": "", "reason": str(reason)}
+        for reason in skipped_entries
     ]
     skips += [
         {"stage": "tasks", "image_id": -1, "task_id": int(r.task_id), "backbone": "", "reason": r.skip_reason}

@@ -48,12 +48,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .backbones import (
-    RANDOM_INIT_SEED, WEIGHTS_DIR_ENV, BackboneCfg, LoadedBackbone, PreprocessCfg, RandomWeightsWarning,
-    WeightsLoadError, WeightsNotFoundError, WeightsSource, _attr_value, _explicit_weights, _ExplicitWeightsErrors,
-    _find_downloaded, _find_in_weights_dir, _hf_cached_file, _stem_files, _weights_request,
-)
+from .backbones import RANDOM_INIT_SEED, BackboneCfg, LoadedBackbone
+from .checkpoints import WeightsLoadError
+from .preprocessing import PreprocessCfg
 from .registry import UnknownNameError
+from .weights import (
+    ExplicitWeightsErrors, RandomWeightsWarning, WeightsNotFoundError, WeightsSource, attr_value, explicit_weights,
+    find_downloaded, find_in_weights_dir, fix_hint, hf_cached_file, stem_files, weights_request,
+)
 
 if TYPE_CHECKING:
     from .store import TextEmbeddings
@@ -291,7 +293,7 @@ def _url_name(tag_cfg: dict) -> str | None:
     return os.path.basename(url) or None
 
 
-_CLIP_EXPLICIT_ERRORS = _ExplicitWeightsErrors(
+_CLIP_EXPLICIT_ERRORS = ExplicitWeightsErrors(
     bad_suffix="weights file {path} has an unsupported ending; use one of {suffixes}",
     empty_dir="weights folder {path} for {name!r} holds none of {files}",
     missing="weights {path!r} for {name!r} do not exist",
@@ -301,7 +303,7 @@ _CLIP_EXPLICIT_ERRORS = _ExplicitWeightsErrors(
 def resolve_clip_weights(cfg: BackboneCfg, weights: str | os.PathLike | None = None, *,
                          weights_dir: str | os.PathLike | None = None, allow_download: bool = False) -> WeightsSource:
     """Find the CLIP weights of ``cfg`` without the network (see the module docstring)."""
-    request = _weights_request(weights)
+    request = weights_request(weights)
     if isinstance(request, WeightsSource):
         return request
     tag_cfg = _tag_cfg(cfg)
@@ -309,11 +311,11 @@ def resolve_clip_weights(cfg: BackboneCfg, weights: str | os.PathLike | None = N
     # (1) an explicit path
     if request is not None:
         path = Path(request).expanduser()
-        return _explicit_weights(path, cfg, [path / name for name in CLIP_DIR_FILES], _CLIP_EXPLICIT_ERRORS)
+        return explicit_weights(path, cfg.name, [path / name for name in CLIP_DIR_FILES], _CLIP_EXPLICIT_ERRORS)
 
     tried: list[str] = []  # every place looked at, for the error
     found = (  # (2) the weights directory, (3) the Hugging Face cache, (4) open_clip's download cache
-        _find_in_weights_dir(weights_dir, lambda folder: _clip_weights_dir_candidates(folder, cfg, tag_cfg), tried)
+        find_in_weights_dir(weights_dir, lambda folder: _clip_weights_dir_candidates(folder, cfg, tag_cfg), tried)
         or _find_in_clip_hf_cache(tag_cfg, tried)
         or _find_in_open_clip_cache(tag_cfg, tried)
     )
@@ -342,7 +344,7 @@ def _clip_weights_dir_candidates(folder: Path, cfg: BackboneCfg, tag_cfg: dict) 
     """The files looked for in a weights directory, in the module docstring's order."""
     stems = [f"{cfg.timm_name}@{cfg.pretrained_tag}", f"{cfg.timm_name}.{cfg.pretrained_tag}"] if cfg.pretrained_tag \
         else [cfg.timm_name]
-    candidates = _stem_files(folder, stems)
+    candidates = stem_files(folder, stems)
     url_name = _url_name(tag_cfg)
     if url_name:
         candidates.append(folder / url_name)
@@ -360,7 +362,7 @@ def _find_in_clip_hf_cache(tag_cfg: dict, tried: list[str]) -> WeightsSource | N
         return None
     repo_id, filenames = hf_files
     tried.append(f"Hugging Face cache {repo_id}")
-    return _hf_cached_file(repo_id, filenames)
+    return hf_cached_file(repo_id, filenames)
 
 
 def _find_in_open_clip_cache(tag_cfg: dict, tried: list[str]) -> WeightsSource | None:
@@ -368,7 +370,7 @@ def _find_in_open_clip_cache(tag_cfg: dict, tried: list[str]) -> WeightsSource |
     url_name = _url_name(tag_cfg)
     if not url_name:
         return None
-    return _find_downloaded(Path(os.path.expanduser("~/.cache/clip")) / url_name, "open_clip cache", tried)
+    return find_downloaded(Path(os.path.expanduser("~/.cache/clip")) / url_name, "open_clip cache", tried)
 
 
 def _clip_download_source(cfg: BackboneCfg, tag_cfg: dict, tried: list[str]) -> WeightsSource:
@@ -381,8 +383,7 @@ def _clip_download_source(cfg: BackboneCfg, tag_cfg: dict, tried: list[str]) -> 
 def _clip_weights_not_found(cfg: BackboneCfg, tried: list[str]) -> WeightsNotFoundError:
     return WeightsNotFoundError(
         f"no weights for CLIP {cfg.name!r}; looked in: " + "; ".join(tried)
-        + f". Fix: pass weights=<file>, put it in ${WEIGHTS_DIR_ENV} (e.g. {cfg.timm_name}@{cfg.pretrained_tag}.pt), "
-        "allow downloads, or pass weights='random' for an explicitly random model", tried)
+        + ". " + fix_hint(f"{cfg.timm_name}@{cfg.pretrained_tag}.pt", download=bool(cfg.pretrained_tag)), tried)
 
 
 @dataclass
@@ -410,11 +411,12 @@ class ClipModel:
         import timm
 
         return {
-            "backbone": self.cfg.name, "timm_name": self.cfg.timm_name, "pretrained_tag": _attr_value(self.cfg.pretrained_tag),
+            "backbone": self.cfg.name, "timm_name": self.cfg.timm_name, "pretrained_tag": attr_value(self.cfg.pretrained_tag),
             "timm_model": self.cfg.timm_model_name, "family": "clip", "description": self.cfg.description,
             "feature_dim": int(self.embed_dim), "n_params": int(self.n_params), "weights_kind": self.weights.kind,
-            "weights_path": _attr_value(self.weights.path), "weights_sha256": _attr_value(self.weights.sha256),
-            "image_size": _attr_value(self.image_size), "preprocess": self.preprocess.to_attrs(),
+            "weights_origin": self.weights.origin, "weights_path": attr_value(self.weights.path),
+            "weights_sha256": attr_value(self.weights.sha256),
+            "image_size": attr_value(self.image_size), "preprocess": self.preprocess.to_attrs(),
             "logit_scale": float(self.logit_scale), "image_features": "encode_image output, not normalised",
             "torch_version": torch.__version__, "timm_version": timm.__version__, "open_clip_version": open_clip.__version__,
         }
@@ -530,7 +532,7 @@ def _text_attrs(clip: ClipModel, prompt_set: str, description: str, extra: dict 
     attrs = {"model": clip.cfg.name, "embedding_name": clip.embedding_name, "prompt_set": prompt_set,
              "description": description, "logit_scale": float(clip.logit_scale),
              "normalisation": "L2 (unit norm) per string, after encode_text", "weights_kind": clip.weights.kind,
-             "weights_sha256": _attr_value(clip.weights.sha256), "embed_dim": int(clip.embed_dim),
+             "weights_sha256": attr_value(clip.weights.sha256), "embed_dim": int(clip.embed_dim),
              "config": json.dumps(clip.attrs(), default=str, sort_keys=True)}
     attrs.update(extra or {})
     return attrs

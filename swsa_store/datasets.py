@@ -42,8 +42,15 @@ Datasets
 ``folder``  :class:`ImageFolderDataset` — any ``root/<class>/<files>`` or
             ``root/{train,test}/<class>/<files>`` folder.
 
+and, registered on import of this module: ``cub``, ``flowers``, ``mvtec``, ``visa``,
+``tinyimagenet`` (:mod:`swsa_store.paper_datasets`) and ``elpv`` (:mod:`swsa_store.elpv`).
+
 :func:`read_image` is the one place that turns a file into an RGB :class:`PIL.Image.Image`;
-it raises :class:`ImageReadError` (a ``ValueError``) with a one-line message.
+it raises :class:`ImageReadError` (a ``ValueError``) with a one-line message;
+:func:`inspect_image_file` reads a file into a row's status, reason, hash and size. Both, and
+:data:`SAMPLE_COLUMNS`, live in :mod:`swsa_store.samples` (re-exported here). A class every one
+of whose images is skipped is an error naming the reasons
+(:func:`~swsa_store.samples.require_usable_classes`).
 """
 
 from __future__ import annotations
@@ -52,16 +59,16 @@ import hashlib
 import io
 import logging
 import os
-import re
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageFile
+from PIL import Image
 
 from .registry import Registry
+from .samples import SAMPLE_COLUMNS, ImageReadError, inspect_image_file, read_image, require_usable_classes
 
 __all__ = [
     "DATASETS",
@@ -72,27 +79,13 @@ __all__ = [
     "ImageFolderDataset",
     "ImageReadError",
     "create_dataset",
+    "inspect_image_file",
     "list_datasets",
     "read_image",
     "register_dataset",
 ]
 
 logger = logging.getLogger(__name__)
-
-#: Column name -> dtype of the samples table, in column order.
-SAMPLE_COLUMNS: dict[str, str] = {
-    "path": "str",
-    "rel_path": "str",
-    "class_name": "str",
-    "split": "str",
-    "dataset": "str",
-    "source_index": "int64",
-    "status": "str",
-    "skip_reason": "str",
-    "sha256": "str",
-    "width": "int64",
-    "height": "int64",
-}
 
 SPLITS = ("train", "test")
 DEFAULT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -132,71 +125,6 @@ class Dataset(Protocol):
     def samples(self) -> pd.DataFrame:
         """The samples table (columns: :data:`SAMPLE_COLUMNS`)."""
         ...
-
-
-# --------------------------------------------------------------------------- reading images
-
-
-class ImageReadError(ValueError):
-    """An image file that cannot be read or fully decoded."""
-
-
-def _short_error(exc: BaseException, path: str | os.PathLike | None = None) -> str:
-    """A one-line, short description of ``exc`` (without repeating the file path)."""
-    msg = str(exc)
-    if path is not None:
-        for p in {str(path), os.fspath(path)}:
-            msg = msg.replace(repr(p), "").replace(p, "")
-    msg = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", msg)  # "<_io.BytesIO object at 0x..>"
-    msg = " ".join(msg.split()).strip(" :")
-    if len(msg) > 200:
-        msg = msg[:197] + "..."
-    name = type(exc).__name__
-    return f"{name}: {msg}" if msg else name
-
-
-def _decode_rgb(data: bytes) -> Image.Image:
-    """Fully decode ``data`` into an RGB image; truncated files raise (never padded)."""
-    previous = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.convert("RGB")  # forces a full decode
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = previous
-
-
-def read_image(path: str | os.PathLike) -> Image.Image:
-    """Read ``path`` as a fully decoded RGB image.
-
-    Raises :class:`ImageReadError` ("cannot decode image <path>: <reason>") for a missing or
-    unreadable file, an unknown format, or a corrupt/truncated image. Truncated images are
-    never silently padded (``ImageFile.LOAD_TRUNCATED_IMAGES`` is forced off while decoding).
-    EXIF orientation is not applied (pixels as stored, like torchvision's loader).
-    """
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        reason = exc.strerror or _short_error(exc, path)
-        raise ImageReadError(f"cannot decode image {path}: {reason}") from None
-    try:
-        return _decode_rgb(data)
-    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ...
-        raise ImageReadError(f"cannot decode image {path}: {_short_error(exc, path)}") from None
-
-
-def _inspect_file(path: str) -> tuple[str, str, str, int, int]:
-    """``(status, skip_reason, sha256, width, height)`` for one image file."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        return "skipped", f"cannot read file: {exc.strerror or _short_error(exc, path)}", "", 0, 0
-    digest = hashlib.sha256(data).hexdigest()
-    try:
-        img = _decode_rgb(data)
-    except Exception as exc:
-        return "skipped", f"cannot decode image: {_short_error(exc, path)}", digest, 0, 0
-    return "ok", "", digest, img.width, img.height
 
 
 # --------------------------------------------------------------------------- table helpers
@@ -400,7 +328,9 @@ class ImageFolderDataset:
     * an image that cannot be fully decoded (corrupt, truncated) -> a row with status
       "skipped" and ``skip_reason`` "cannot decode image: <short error>";
     * a symlink whose target lies outside ``root`` -> a row with status "skipped" and
-      ``skip_reason`` "symlink escapes dataset root: ...".
+      ``skip_reason`` "symlink escapes dataset root: ..." (the root itself is compared by its real
+      path, so a root reached through a symlink, or under a symlinked folder, keeps its files);
+    * a class every one of whose images is skipped -> :class:`ValueError` naming the reasons.
 
     The root and layout are checked, and files listed, when the object is built; images are
     decoded and hashed on the first :meth:`samples` call.
@@ -434,6 +364,8 @@ class ImageFolderDataset:
             raise NotADirectoryError(
                 f"dataset root {self.root} is not a directory; {_FOLDER_LAYOUT}"
             )
+        # images are compared with the root's real path, so a root reached through a symlink (or under
+        # a symlinked folder) holds its files; only a symlink leading out of that real root escapes
         self._root_real = os.path.realpath(self.root)
         self._files = self._scan()  # list of (class_name, split or None, rel_path)
 
@@ -548,7 +480,7 @@ class ImageFolderDataset:
                     target = os.path.realpath(path)
                     inspected[rel] = ("skipped", f"symlink escapes dataset root: -> {target}", "", 0, 0)
                 else:
-                    inspected[rel] = _inspect_file(path)
+                    inspected[rel] = inspect_image_file(path)
             splits = self._assign_splits({rel for rel, info in inspected.items() if info[0] == "ok"})
             for cls, _, rel in self._files:
                 path = os.path.join(self.root, *rel.split("/"))
@@ -573,8 +505,10 @@ class ImageFolderDataset:
                 )
             table = _make_table(rows)
             table["source_index"] = np.arange(len(table), dtype=np.int64)
+            require_usable_classes(table, self.name, self.root)
             self._table = table
         return self._table.copy()
 
 
 from . import paper_datasets as _paper_datasets  # noqa: E402,F401  (registers cub, flowers, mvtec, visa, tinyimagenet)
+from . import elpv as _elpv  # noqa: E402,F401  (registers elpv)

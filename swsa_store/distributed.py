@@ -340,11 +340,11 @@ class SynthActor:
     def __call__(self, row: dict) -> dict:
         """``{"job", "payload": (TaskJob, seed bytes)}`` → ``{"job", "payload": [(index, png bytes,
         width, height, parent_ids, params), ...]}``."""
-        from .datasets import _decode_rgb
+        from .samples import decode_rgb
         from .synthesize import _png_bytes, generate_task
 
         job, seeds = pickle.loads(row["payload"])
-        images = [_decode_rgb(data) for data in seeds]
+        images = [decode_rgb(data) for data in seeds]
         made = [(int(index), _png_bytes(item.image), item.image.width, item.image.height, item.parent_ids, item.params)
                 for index, item in generate_task(self.generator, job, images, self.seed, self.source)]
         return {"job": row["job"], "payload": _payload(made)}

@@ -214,6 +214,7 @@ def embed_store(
     max_batches: int | None = None,
     runner: Callable | None = None,
     patch_tokens: bool = False,
+    preprocess: dict | str | None = None,
 ) -> IngestReport:
     """Embed every usable catalogued image with ``backbone`` into ``/embeddings/<name>``.
 
@@ -224,6 +225,8 @@ def embed_store(
     ``patch_tokens`` also stores the backbone's patch tokens ``(N, P, D')`` float16 in
     ``/patches/<name>`` (see :func:`~swsa_store.backbones.patch_token_model`), from the same
     forward pass and with the same resume rule; pooled rows are unchanged by it.
+    ``preprocess``: overrides of the backbone's preprocessing (:mod:`swsa_store.preprocessing`), stored
+    with the embeddings like the resolved values they give.
     """
     from .backbones import create_backbone
 
@@ -238,8 +241,8 @@ def embed_store(
         existing_patch_attrs = store.patch_attrs(name) if name in store.patch_sets() else None
     if len(images) == 0:
         raise StoreError(f"store {store_path} has no images; run `swsa catalog` first")
-    loaded = create_backbone(backbone, weights=weights, weights_dir=weights_dir,
-                             allow_download=allow_download, image_size=image_size, device=device)
+    loaded = create_backbone(backbone, weights=weights, weights_dir=weights_dir, allow_download=allow_download,
+                             image_size=image_size, device=device, preprocess=preprocess)
     model = _prepare_matrices(store_path, name, loaded, batch_size=batch_size, dtype=dtype, patch_tokens=patch_tokens,
                               existing_attrs=existing_attrs, existing_patch_attrs=existing_patch_attrs)
     usable = images.loc[images["status"] == "ok", "image_id"].to_numpy()

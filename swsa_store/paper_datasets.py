@@ -50,8 +50,11 @@ Bad layouts: a missing root, index file or folder raises :class:`FileNotFoundErr
 line naming the expected file and the layout; a malformed index line raises
 :class:`ValueError` naming the file and line. An image that cannot be read or decoded, or a
 path in an index file that escapes the dataset root, is a row with status ``"skipped"`` and
-a reason. A class with no images is recorded in ``skipped_classes``; a class with no
-training images becomes a skipped task (see :func:`swsa_store.tasks.build_tasks`).
+a reason; a class every one of whose images is skipped raises :class:`ValueError` naming the
+reasons. A class with no images is recorded in ``skipped_classes``; a class with no training
+images becomes a skipped task (see :func:`swsa_store.tasks.build_tasks`). The shared machinery
+(:class:`~swsa_store.dataset_base.PaperDataset`) lives in :mod:`swsa_store.dataset_base`; the
+ELPV solar cells are in :mod:`swsa_store.elpv`.
 """
 
 from __future__ import annotations
@@ -63,10 +66,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-import pandas as pd
 
 from .class_names import FLOWERS_102_NAMES, clean_class_name
-from .datasets import DEFAULT_EXTENSIONS, SAMPLE_COLUMNS, _inspect_file, register_dataset
+from .dataset_base import NORMAL_DEFECT, PAPER_SAMPLE_COLUMNS, PaperDataset, require_path
+from .datasets import DEFAULT_EXTENSIONS, register_dataset
 
 __all__ = [
     "CUBDataset",
@@ -81,12 +84,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: The defect type of normal images in defect datasets.
-NORMAL_DEFECT = "good"
-
-#: Samples-table columns of these loaders: :data:`SAMPLE_COLUMNS` plus ``defect``.
-PAPER_SAMPLE_COLUMNS: dict[str, str] = {**SAMPLE_COLUMNS, "defect": "str"}
-
 #: The four datasets of the paper's benchmark (Tiny-ImageNet is its auxiliary-outlier source).
 PAPER_DATASETS = ("cub", "flowers", "mvtec", "visa")
 
@@ -100,25 +97,12 @@ TINY_LAYOUT = "expected root/{wnids.txt, words.txt, train/<wnid>/images/*.JPEG, 
 # --------------------------------------------------------------------------- helpers
 
 
-def _root(root: str | os.PathLike, layout: str, what: str) -> Path:
-    path = Path(os.path.abspath(os.fspath(root)))
-    if not path.is_dir():
-        raise FileNotFoundError(f"{what} root {path} does not exist or is not a folder; {layout}")
-    return path
-
-
-def _require(path: Path, layout: str, what: str) -> Path:
-    if not path.exists():
-        raise FileNotFoundError(f"{what}: missing {path}; {layout}")
-    return path
-
-
 def _read_index(path: Path, n_fields: int, layout: str, what: str, sep: str | None = None) -> list[list[str]]:
     """Non-empty lines of a whitespace- (or ``sep``-) separated index file, ``n_fields`` each.
 
     The last field keeps any further separators (``maxsplit``), so names may hold spaces.
     """
-    _require(path, layout, what)
+    require_path(path, layout, what)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -141,17 +125,6 @@ def _int(value: str, path: Path, what: str) -> int:
         raise ValueError(f"{what}: {path} holds {value!r} where a number is expected") from None
 
 
-def _escapes(rel: str, root_real: str, root: Path) -> str:
-    """A skip reason when index path ``rel`` leaves the dataset root ("" when it stays inside)."""
-    norm = os.path.normpath(rel)
-    if os.path.isabs(rel) or norm == ".." or norm.startswith(".." + os.sep):
-        return f"path escapes dataset root: {rel}"
-    real = os.path.realpath(root / rel)
-    if not (real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)):
-        return f"path escapes dataset root: {rel} -> {real}"
-    return ""
-
-
 def _list_files(folder: Path, extensions: Iterable[str] = DEFAULT_EXTENSIONS) -> list[Path]:
     """Sorted visible image files directly in ``folder`` ([] when it does not exist)."""
     if not folder.is_dir():
@@ -167,66 +140,11 @@ def _visible_dirs(path: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(path) if not e.name.startswith(".") and e.is_dir())
 
 
-class _PaperDataset:
-    """Shared machinery: entries -> inspected rows -> the samples table (cached)."""
-
-    name = ""
-    protocol = "multiclass"
-    validation_source = ""
-
-    def __init__(self, root: str | os.PathLike, name: str | None, layout: str, what: str):
-        self.root = _root(root, layout, what)
-        self._root_real = os.path.realpath(self.root)
-        if name:
-            self.name = name
-        self.skipped_classes: list[tuple[str, str]] = []
-        self.class_labels: dict[str, str] = {}
-        self._table: pd.DataFrame | None = None
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(root={str(self.root)!r}, name={self.name!r})"
-
-    def _skip_class(self, cls: str, reason: str) -> None:
-        self.skipped_classes.append((cls, reason))
-        logger.warning("%s: skipping class %r: %s (under %s)", self.name, cls, reason, self.root)
-
-    def _entries(self) -> list[dict[str, Any]]:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-    def samples(self) -> pd.DataFrame:
-        """The samples table (columns :data:`PAPER_SAMPLE_COLUMNS`); decoded once, then cached."""
-        if self._table is None:
-            rows = []
-            for entry in self._entries():
-                rel = entry["rel_path"]
-                reason = _escapes(rel, self._root_real, self.root)
-                path = os.path.normpath(os.path.join(self.root, rel)) if not reason else os.path.join(self.root, rel)
-                if reason:
-                    status, digest, w, h = "skipped", "", 0, 0
-                else:
-                    status, reason, digest, w, h = _inspect_file(path)
-                if status != "ok":
-                    logger.warning("%s: skipping %s: %s", self.name, rel, reason)
-                rows.append({
-                    "path": path, "rel_path": Path(rel).as_posix(), "class_name": entry["class_name"],
-                    "split": entry["split"], "dataset": self.name, "source_index": int(entry["source_index"]),
-                    "status": status, "skip_reason": reason, "sha256": digest, "width": w, "height": h,
-                    "defect": entry.get("defect", ""),
-                })
-            rows.sort(key=lambda r: (r["class_name"], r["split"], r["rel_path"]))
-            table = pd.DataFrame(rows, columns=list(PAPER_SAMPLE_COLUMNS))
-            self._table = table.astype(PAPER_SAMPLE_COLUMNS).reset_index(drop=True)
-            for cls in self.class_labels:
-                if cls not in set(self._table["class_name"]) and cls not in {c for c, _ in self.skipped_classes}:
-                    self._skip_class(cls, "no images listed")
-        return self._table.copy()
-
-
 # --------------------------------------------------------------------------- CUB-200-2011
 
 
 @register_dataset("cub")
-class CUBDataset(_PaperDataset):
+class CUBDataset(PaperDataset):
     """CUB-200-2011 from its official index files (see the module docstring)."""
 
     name = "cub"
@@ -244,7 +162,7 @@ class CUBDataset(_PaperDataset):
         self._images = _read_index(self.root / "images.txt", 2, CUB_LAYOUT, what)
         self._labels = {i: c for i, c in _read_index(self.root / "image_class_labels.txt", 2, CUB_LAYOUT, what)}
         self._split = {i: s for i, s in _read_index(self.root / "train_test_split.txt", 2, CUB_LAYOUT, what)}
-        _require(self.root / "images", CUB_LAYOUT, what)
+        require_path(self.root / "images", CUB_LAYOUT, what)
         self.class_labels = {n: clean_class_name("cub", n) for n in self._classes.values()}
 
     def _entries(self) -> list[dict[str, Any]]:
@@ -274,7 +192,7 @@ FLOWERS_VALIDATION = ("valid", "tstid", "valid+tstid")
 
 
 def _loadmat(path: Path, key: str, what: str) -> np.ndarray:
-    _require(path, FLOWERS_LAYOUT, what)
+    require_path(path, FLOWERS_LAYOUT, what)
     from scipy.io import loadmat
 
     try:
@@ -291,7 +209,7 @@ def _loadmat(path: Path, key: str, what: str) -> np.ndarray:
 
 
 @register_dataset("flowers")
-class FlowersDataset(_PaperDataset):
+class FlowersDataset(PaperDataset):
     """Oxford Flowers-102 from ``jpg/``, ``imagelabels.mat`` and ``setid.mat``.
 
     ``validation`` picks the images that become the "test" split (the real validation set):
@@ -309,7 +227,7 @@ class FlowersDataset(_PaperDataset):
         self.validation = validation
         self._labels = _loadmat(self.root / "imagelabels.mat", "labels", what)
         self._sets = {key: _loadmat(self.root / "setid.mat", key, what) for key in ("trnid", "valid", "tstid")}
-        _require(self.root / "jpg", FLOWERS_LAYOUT, what)
+        require_path(self.root / "jpg", FLOWERS_LAYOUT, what)
         bad = sorted(set(self._labels.tolist()) - set(range(1, len(FLOWERS_102_NAMES) + 1)))
         if bad:
             raise ValueError(f"{what}: {self.root / 'imagelabels.mat'} holds labels {bad[:5]} outside 1..102")
@@ -339,7 +257,7 @@ class FlowersDataset(_PaperDataset):
 
 
 @register_dataset("mvtec")
-class MVTecDataset(_PaperDataset):
+class MVTecDataset(PaperDataset):
     """MVTec-AD (or any folder in its layout): one class per category (product)."""
 
     name = "mvtec"
@@ -386,7 +304,7 @@ VISA_MULTI_DEFECT = ("multiple", "combined", "first")
 
 
 def _read_csv(path: Path, columns: tuple[str, ...], layout: str, what: str) -> list[dict[str, str]]:
-    _require(path, layout, what)
+    require_path(path, layout, what)
     try:
         with open(path, newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
@@ -414,7 +332,7 @@ def visa_defect(label: str, multi_defect: str = "multiple") -> str:
 
 
 @register_dataset("visa")
-class VisADataset(_PaperDataset):
+class VisADataset(PaperDataset):
     """VisA from ``split_csv/<split_file>`` and each object's ``image_anno.csv``."""
 
     name = "visa"
@@ -467,7 +385,7 @@ class VisADataset(_PaperDataset):
 
 
 @register_dataset("tinyimagenet")
-class TinyImageNetDataset(_PaperDataset):
+class TinyImageNetDataset(PaperDataset):
     """Tiny-ImageNet-200: train/<wnid>/images (train), val/ with val_annotations.txt (test)."""
 
     name = "tinyimagenet"
@@ -478,7 +396,7 @@ class TinyImageNetDataset(_PaperDataset):
         self.wnids = [r[0] for r in _read_index(self.root / "wnids.txt", 1, TINY_LAYOUT, what)]
         words = {w: names for w, names in _read_index(self.root / "words.txt", 2, TINY_LAYOUT, what, sep="\t")}
         self.class_labels = {w: " ".join(words.get(w, w).split(",")[0].split()).lower() for w in self.wnids}
-        _require(self.root / "train", TINY_LAYOUT, what)
+        require_path(self.root / "train", TINY_LAYOUT, what)
         self._val = _read_index(self.root / "val" / "val_annotations.txt", 2, TINY_LAYOUT, what, sep="\t")
         self.validation_source = (
             f"{self.name}: support = train/<wnid>/images; real validation = val/ (labels from val/val_annotations.txt)"

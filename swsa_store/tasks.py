@@ -19,6 +19,11 @@ anomalies = its defective test images, each remembering its defect type (one-vs-
 defect types together; one-vs-closest: the worst defect type). Every task also carries the
 cleaned class name for prompts (``class_label``) and its ``protocol``.
 
+Which anomaly groups enter **one-vs-rest** is the task's ``rest_groups``: ``""`` (every dataset
+but ELPV) means all of them; otherwise a JSON list of group names (ELPV: ``["p=1"]``, the cells
+that are surely defective, while one-vs-closest still reports the worst of every group, the
+uncertain ``p=1/3`` ones included). One-vs-closest always covers every group.
+
 The members table lists ``(task_id, image_id, role, group)`` with ``role`` one of :data:`ROLES`;
 an image that is both seed and held-out appears twice. ``group`` names what a real anomaly
 is (its class, or its defect type in defect datasets) — one-vs-closest reports the worst
@@ -27,6 +32,7 @@ group — and is ``""`` for every other role.
 
 from __future__ import annotations
 
+import json
 import zlib
 from dataclasses import dataclass
 
@@ -55,6 +61,7 @@ TASK_COLUMNS = (
     "split_seed",
     "class_label",
     "protocol",
+    "rest_groups",
 )
 
 #: Task protocols: ``multiclass`` (anomalies = other classes) and ``defect`` (MVTec-AD / VisA:
@@ -83,6 +90,7 @@ def empty_tasks_table() -> pd.DataFrame:
         "skip_reason": object, "n_support": np.int64, "n_seed": np.int64, "n_heldout": np.int64,
         "n_real_normal": np.int64, "n_real_anomaly": np.int64, "n_out_classes": np.int64,
         "seeds_are_heldout": bool, "split_seed": np.int64, "class_label": object, "protocol": object,
+        "rest_groups": object,
     }
     return pd.DataFrame({c: pd.Series([], dtype=dtypes[c]) for c in TASK_COLUMNS})
 
@@ -113,6 +121,7 @@ def build_tasks(
     first_task_id: int = 0,
     protocol: str = "multiclass",
     class_labels: dict[str, str] | None = None,
+    rest_groups: list[str] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Tasks and their members for every class of ``dataset`` in the catalog ``images``.
 
@@ -128,14 +137,20 @@ def build_tasks(
         their defect type.
     class_labels : ``{class_name: cleaned name}`` for prompts (column ``class_label``; default:
         the class name).
+    rest_groups : the anomaly groups that enter one-vs-rest (column ``rest_groups``, a JSON list);
+        ``None`` (default): every group. A task with no real anomaly in these groups is skipped.
 
     Returns
     -------
     tasks : one row per class (columns :data:`TASK_COLUMNS`); a task that cannot be scored has
-        status ``"skipped"`` and a reason (no training images, one class in real validation).
+        status ``"skipped"`` and a reason (no training images, one class in real validation or in
+        its one-vs-rest part).
     members : ``(task_id, image_id, role, group)`` rows.
     """
     _check_task_options(images, n_seed, protocol)
+    if rest_groups is not None and (isinstance(rest_groups, str) or not all(isinstance(g, str) for g in rest_groups)):
+        raise ValueError(f"rest_groups must be a list of group names (or None for all groups), got {rest_groups!r}")
+    rest = None if rest_groups is None else sorted(set(rest_groups))
     class_labels = class_labels or {}
     classes, usable_train, test = _usable_images(images, dataset, protocol)
     task_rows, member_parts = [], []
@@ -144,7 +159,7 @@ def build_tasks(
         split = _split_task(usable_train, test, normal_class, protocol=protocol, n_seed=n_seed,
                             rng=np.random.default_rng(stable_seed(seed, dataset, normal_class)))
         label = str(class_labels.get(normal_class, normal_class))
-        task_rows.append(_task_row(split, task_id, dataset, normal_class, seed, label, protocol))
+        task_rows.append(_task_row(split, task_id, dataset, normal_class, seed, label, protocol, rest))
         member_parts.extend(_member_frames(split, task_id))
     tasks = pd.DataFrame(task_rows, columns=list(TASK_COLUMNS)).astype(empty_tasks_table().dtypes.to_dict())
     members = pd.concat(member_parts, ignore_index=True) if member_parts else empty_members_table()
@@ -215,19 +230,21 @@ def _split_task(usable_train: pd.DataFrame, test: pd.DataFrame, normal_class: st
                       np.sort(anomalies["image_id"].to_numpy()), anomalies, group_column)
 
 
-def _skip_reasons(split: _TaskSplit) -> list[str]:
+def _skip_reasons(split: _TaskSplit, rest: list[str] | None) -> list[str]:
     reasons = []
     if len(split.support) == 0:
         reasons.append("no training images of the normal class")
     if len(split.real_normal) == 0 or len(split.real_anomaly) == 0:
         missing = "normal" if len(split.real_normal) == 0 else "anomalous"
         reasons.append(f"real validation has one class (no {missing} test images)")
+    elif rest is not None and not split.anomalies[split.group_column].astype(str).isin(rest).any():
+        reasons.append(f"one-vs-rest has one class (no test anomalies in groups {rest})")
     return reasons
 
 
 def _task_row(split: _TaskSplit, task_id: int, dataset: str, normal_class: str, split_seed: int,
-              class_label: str, protocol: str) -> dict:
-    reasons = _skip_reasons(split)
+              class_label: str, protocol: str, rest: list[str] | None) -> dict:
+    reasons = _skip_reasons(split, rest)
     return {
         "task_id": task_id,
         "dataset": dataset,
@@ -244,6 +261,7 @@ def _task_row(split: _TaskSplit, task_id: int, dataset: str, normal_class: str, 
         "split_seed": split_seed,
         "class_label": class_label,
         "protocol": protocol,
+        "rest_groups": "" if rest is None else json.dumps(rest),
     }
 
 

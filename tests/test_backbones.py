@@ -91,7 +91,9 @@ def sha256(path):
 
 
 def test_registry_lists_the_papers_ten_backbones_with_feature_dims():
-    assert sorted(list_backbones()) == sorted(EXPECTED)
+    # the paper's ten, and the three EfficientNet-Lites defined by packaged weights (tests/test_real_weights.py)
+    lites = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+    assert sorted(list_backbones()) == sorted([*EXPECTED, *lites])
     assert set(PAPER_BACKBONES) == set(EXPECTED)
     for name, (arch, tag, family, dim) in EXPECTED.items():
         cfg = get_backbone_cfg(name)
@@ -141,7 +143,8 @@ def test_configs_to_attrs_are_json():
         attrs = obj.to_attrs()
         assert json.loads(json.dumps(attrs)) == attrs
     assert pre.to_attrs()["input_size"] == [3, 224, 224]
-    assert src.to_attrs() == {"kind": "random", "path": "", "sha256": ""}
+    # provenance: a packaged file also records its package and version ("" otherwise)
+    assert src.to_attrs() == {"kind": "random", "path": "", "sha256": "", "package": "", "package_version": ""}
     with pytest.raises(dataclasses_frozen_error()):
         cfg.name = "x"
 

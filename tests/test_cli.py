@@ -9,7 +9,8 @@ import sys
 import pandas as pd
 import pytest
 
-from swsa_engine.cli import DEMO_DETECTORS, build_parser, main
+from swsa_engine.cli import build_parser, main
+from swsa_engine.demo import DIGITS_DETECTORS
 
 COMMANDS = ["demo", "catalog", "synth", "embed", "embed-text", "score", "report", "info", "bench", "import-scores", "export-validation"]
 
@@ -66,7 +67,7 @@ def test_unknown_backbone_and_missing_weights_errors(tmp_path, capsys, monkeypat
 
 def test_reduced_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    code = main(["demo", "--out", str(out), "--backbones", "timm/resnet10t,timm/vit_tiny_patch16_224",
+    code = main(["demo", "--dataset", "digits", "--out", str(out), "--backbones", "timm/resnet10t,timm/vit_tiny_patch16_224",
                  "--image-size", "32", "--count", "12", "--n-seed", "8", "--quiet"])
     assert code == 0
     report = out / "report"
@@ -80,7 +81,7 @@ def test_reduced_demo_end_to_end(tmp_path, capsys):
     assert table1["tasks"].eq(10).all()
     assert ((table1["auroc"] >= 0) & (table1["auroc"] <= table1["best"] + 1e-12)).all()
     summary = json.loads((report / "summary.json").read_text())
-    assert summary["tasks"] == 10 and len(summary["candidates"]) == 2 * len(DEMO_DETECTORS)  # backbones × detectors
+    assert summary["tasks"] == 10 and len(summary["candidates"]) == 2 * len(DIGITS_DETECTORS)  # backbones × detectors
     capsys.readouterr()
     assert main(["info", "--store", str(out / "store.h5"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -293,6 +293,49 @@ def test_folder_symlinks(class_layout, tmp_path):
     assert df.loc["cat/inside.png", "sha256"] == df.loc["cat/c0.png", "sha256"]
 
 
+@pytest.mark.parametrize("through", ["root", "parent"])
+def test_folder_root_reached_through_a_symlink_catalogues_normally(class_layout, tmp_path, through):
+    from swsa_store.catalog import catalog_dataset
+
+    if through == "root":  # the root itself is a symlink
+        root = tmp_path / "pets_link"
+        root.symlink_to(class_layout)
+    else:  # a folder above the root is a symlink
+        (tmp_path / "above").symlink_to(class_layout.parent)
+        root = tmp_path / "above" / class_layout.name
+    direct = ImageFolderDataset(class_layout).samples()
+    linked = ImageFolderDataset(root).samples()
+    assert (linked["status"] == "ok").all() and len(linked) == len(direct)
+    assert all(p.startswith(str(root) + os.sep) for p in linked["path"])  # the path as given, not resolved
+    cols = ["rel_path", "class_name", "split", "sha256", "width", "height"]
+    pd.testing.assert_frame_equal(linked[cols], direct[cols])
+    summary = catalog_dataset(tmp_path / "s.h5", "folder", root=root, n_seed=1)
+    assert summary["skipped_images"] == 0 and summary["tasks"] == 3  # (owl's one image gives no test: skipped task)
+
+
+def test_folder_class_whose_images_are_all_skipped_is_an_error(class_layout, tmp_path):
+    for path in (class_layout / "dog").rglob("*.*"):
+        path.write_bytes(b"not an image at all")
+    with pytest.raises(ValueError) as info:
+        ImageFolderDataset(class_layout).samples()
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"dataset 'pets' under {class_layout}: every image of class 'dog' was skipped (6 rows): "
+                              "cannot decode image (6x, e.g. dog/d0.jpg: cannot decode image: UnidentifiedImageError")
+    assert message.endswith("fix or remove those files, or leave the class out")
+    # a class folder that is a symlink leading out of the root: every image escapes; the error says how to fix it
+    outside = tmp_path / "elsewhere" / "fox"
+    write_png(outside / "f0.png", value=1)
+    write_png(outside / "f1.png", value=2)
+    good = tmp_path / "good"
+    write_png(good / "cat" / "c0.png")
+    (good / "fox").symlink_to(outside)
+    with pytest.raises(ValueError, match=r"every image of class 'fox' was skipped \(2 rows\): symlink escapes dataset "
+                                         r"root \(2x, e\.g\. fox/f0\.png: .*\); files \(or class folders\) that are "
+                                         r"symlinks leading outside the root are not read; point root at"):
+        ImageFolderDataset(good).samples()
+
+
 def test_folder_empty_class_is_recorded(class_layout, caplog):
     (class_layout / "empty").mkdir()
     (class_layout / "only_hidden").mkdir()

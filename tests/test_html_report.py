@@ -31,7 +31,7 @@ LAUNCH_ARGS = [
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("html") / "demo"
-    assert main(["demo", "--out", str(out), "--backbones", "timm/resnet10t", "--image-size", "32",
+    assert main(["demo", "--dataset", "digits", "--out", str(out), "--backbones", "timm/resnet10t", "--image-size", "32",
                  "--count", str(COUNT), "--n-seed", "6", "--quiet"]) == 0
     assert (out / "report" / "report.html").is_file()
     return out

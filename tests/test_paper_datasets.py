@@ -311,6 +311,19 @@ def test_unreadable_escaping_and_untrained_are_recorded_skips(tmp_path):
     assert "no training images" in tasks.set_index("normal_class").loc["bottle", "skip_reason"]
 
 
+def test_paper_root_through_a_symlink_and_a_class_of_skipped_images(tmp_path):
+    mv = tmp_path / "mvtec"
+    make_mvtec(mv)
+    (tmp_path / "link").symlink_to(mv)
+    direct, linked = create_dataset("mvtec", root=mv).samples(), create_dataset("mvtec", root=tmp_path / "link").samples()
+    assert (linked["status"] == "ok").all() and list(linked["sha256"]) == list(direct["sha256"])
+    for path in (mv / "bottle").rglob("*.png"):  # every image of one product corrupt: an error, not a silent class
+        path.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"^dataset 'mvtec' under .*: every image of class 'bottle' was skipped "
+                                         r"\(\d+ rows\): cannot decode image \(\d+x, e\.g\. bottle/"):
+        create_dataset("mvtec", root=mv).samples()
+
+
 # --------------------------------------------------------------------------- auxiliary outliers
 
 

@@ -1,0 +1,165 @@
+"""The samples-table contract shared by every dataset loader: its columns, how one image file
+becomes a row, and the checks on a finished table.
+
+* :data:`SAMPLE_COLUMNS` — the columns every loader's samples table starts with (see
+  :mod:`swsa_store.datasets` for their meaning);
+* :func:`read_image` — the one place that turns a file into an RGB :class:`PIL.Image.Image`
+  (raises :class:`ImageReadError`, a ``ValueError``, with a one-line message);
+  :func:`inspect_image_file` — the same read as a row's ``(status, skip_reason, sha256, width,
+  height)``, never raising;
+* :func:`require_usable_classes` — "every image of a class was skipped" is one clear error: such
+  a class would be catalogued as a class of skipped rows and silently give no task (or a
+  skipped one), which hides the cause (typically a dataset assembled from symlinks that lead out
+  of the root, or a folder of files that are not images).
+
+This module imports no loader, so the loaders' modules (:mod:`swsa_store.datasets`,
+:mod:`swsa_store.dataset_base`, ...) can all import it without an import cycle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image, ImageFile
+
+__all__ = [
+    "SAMPLE_COLUMNS",
+    "ImageReadError",
+    "decode_rgb",
+    "inspect_image_file",
+    "read_image",
+    "reason_kind",
+    "require_usable_classes",
+    "short_error",
+]
+
+#: Column name -> dtype of the samples table, in column order.
+SAMPLE_COLUMNS: dict[str, str] = {
+    "path": "str",
+    "rel_path": "str",
+    "class_name": "str",
+    "split": "str",
+    "dataset": "str",
+    "source_index": "int64",
+    "status": "str",
+    "skip_reason": "str",
+    "sha256": "str",
+    "width": "int64",
+    "height": "int64",
+}
+
+
+class ImageReadError(ValueError):
+    """An image file that cannot be read or fully decoded."""
+
+
+def short_error(exc: BaseException, path: str | os.PathLike | None = None) -> str:
+    """A one-line, short description of ``exc`` (without repeating the file path)."""
+    msg = str(exc)
+    if path is not None:
+        for p in {str(path), os.fspath(path)}:
+            msg = msg.replace(repr(p), "").replace(p, "")
+    msg = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", msg)  # "<_io.BytesIO object at 0x..>"
+    msg = " ".join(msg.split()).strip(" :")
+    if len(msg) > 200:
+        msg = msg[:197] + "..."
+    name = type(exc).__name__
+    return f"{name}: {msg}" if msg else name
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Fully decode ``data`` into an RGB image; truncated files raise (never padded)."""
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.convert("RGB")  # forces a full decode
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def read_image(path: str | os.PathLike) -> Image.Image:
+    """Read ``path`` as a fully decoded RGB image.
+
+    Raises :class:`ImageReadError` ("cannot decode image <path>: <reason>") for a missing or
+    unreadable file, an unknown format, or a corrupt/truncated image. Truncated images are
+    never silently padded (``ImageFile.LOAD_TRUNCATED_IMAGES`` is forced off while decoding).
+    EXIF orientation is not applied (pixels as stored, like torchvision's loader).
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        reason = exc.strerror or short_error(exc, path)
+        raise ImageReadError(f"cannot decode image {path}: {reason}") from None
+    try:
+        return decode_rgb(data)
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ...
+        raise ImageReadError(f"cannot decode image {path}: {short_error(exc, path)}") from None
+
+
+def inspect_image_file(path: str | os.PathLike) -> tuple[str, str, str, int, int]:
+    """``(status, skip_reason, sha256, width, height)`` for one image file: ``("ok", "", hex, w, h)``,
+    or ``("skipped", "cannot read file: ..." / "cannot decode image: ...", hex or "", 0, 0)``."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        return "skipped", f"cannot read file: {exc.strerror or short_error(exc, path)}", "", 0, 0
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        img = decode_rgb(data)
+    except Exception as exc:
+        return "skipped", f"cannot decode image: {short_error(exc, path)}", digest, 0, 0
+    return "ok", "", digest, img.width, img.height
+
+
+# --------------------------------------------------------------------------- checks on a table
+
+#: How many failing classes and reason kinds one error message names.
+_SHOWN = 3
+
+#: Extra advice per reason kind (the text before the first ":" of a skip reason).
+_HINTS = {
+    "symlink escapes dataset root": (
+        "files (or class folders) that are symlinks leading outside the root are not read; point root at "
+        "the folder that really holds the images, or copy them in"
+    ),
+    "path escapes dataset root": "the index file lists paths outside the root; fix the index or the root",
+}
+
+
+def reason_kind(reason: str) -> str:
+    """The kind of a skip reason: its text before the first ":" (e.g. ``"cannot decode image"``)."""
+    return reason.split(":", 1)[0].strip() or reason
+
+
+def require_usable_classes(table: pd.DataFrame, dataset: str, root: str | os.PathLike) -> None:
+    """Raise a one-line :class:`ValueError` when some class of ``table`` has rows but none "ok".
+
+    ``table``: a samples table (columns ``class_name, rel_path, status, skip_reason``). The message
+    names the failing classes (the first few), how many rows they hold, and their reasons grouped
+    by kind (most frequent first) with one example each, then how to fix it.
+    """
+    if not len(table):
+        return
+    usable = table["status"].eq("ok").groupby(table["class_name"]).any()
+    failing = [str(c) for c in usable.index[~usable.to_numpy()]]
+    if not failing:
+        return
+    bad = table[table["class_name"].isin(failing)]
+    kinds: dict[str, list] = {}
+    for rel, reason in zip(bad["rel_path"], bad["skip_reason"]):
+        kinds.setdefault(reason_kind(str(reason)), []).append((str(rel), str(reason)))
+    grouped = "; ".join(f"{kind} ({len(rows)}x, e.g. {rows[0][0]}: {rows[0][1]})"
+                        for kind, rows in sorted(kinds.items(), key=lambda kv: -len(kv[1]))[:_SHOWN])
+    hints = [_HINTS[k] for k in kinds if k in _HINTS] or ["fix or remove those files, or leave the class out"]
+    classes = ", ".join(repr(c) for c in failing[:_SHOWN]) + (f" and {len(failing) - _SHOWN} more" if len(failing) > _SHOWN else "")
+    noun = "class" if len(failing) == 1 else "classes"
+    raise ValueError(
+        f"dataset {dataset!r} under {root}: every image of {noun} {classes} was skipped "
+        f"({len(bad)} rows): {grouped}; {'; '.join(hints)}"
+    )

@@ -10,7 +10,7 @@ the whole CIFAR-10 test set (normal = the normal classes). Prints BLISS's Table-
 
 Needs, on disk: CIFAR-10 in the python format (``--data DIR`` holding ``cifar-10-batches-py/`` or
 the batches themselves) and CLIP weights (``--weights FILE`` or the search of
-:mod:`swsa_store.clip`; BLISS used ViT-B/16 = ``clip/ViT-B-16@openai``). Nothing is downloaded.
+:mod:`swsa_store.models.clip`; BLISS used ViT-B/16 = ``clip/ViT-B-16@openai``). Nothing is downloaded.
 
     python scripts/bliss_cifar10.py --data ~/data --model clip/ViT-B-16@openai --device cuda
 
@@ -74,9 +74,9 @@ def splits(seed: int, six: str | None) -> dict[str, list[list[int]]]:
 
 
 def run(args) -> int:
-    from swsa_engine.clip_scores import bliss_score
-    from swsa_engine.metrics import auroc
-    from swsa_store.clip import BLISS_TEMPLATE, bliss_dictionary, embed_texts, load_clip
+    from swsa_engine.core.clip_scores import bliss_score
+    from swsa_engine.core.metrics import auroc
+    from swsa_store.models.clip import BLISS_TEMPLATE, bliss_dictionary, embed_texts, load_clip
 
     data = load_cifar10(Path(args.data).expanduser())
     clip = load_clip(args.model, args.weights, weights_dir=args.weights_dir, device=args.device)

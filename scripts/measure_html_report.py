@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 
 def build_paper_report(store: Path, html: Path, task_fraction: float) -> dict:
-    from swsa_engine.bench import make_paper_store
-    from swsa_engine.html_report import write_html_report
-    from swsa_engine.sweep import AurocCube, run_sweep
+    from swsa_engine.app.bench import make_paper_store
+    from swsa_engine.report.html import write_html_report
+    from swsa_engine.run.sweep import AurocCube, run_sweep
 
     timings = {}
     if not store.exists():

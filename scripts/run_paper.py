@@ -11,8 +11,8 @@ run is continued by running the same command again):
             task, Flowers 25); generators marked ``optional`` are skipped when not registered;
 3. auxiliary ``swsa_store.auxiliary.sample_auxiliary`` (the Tiny-ImageNet baseline);
 4. embed    ``swsa_store.ingest.embed_store`` for each of the ten backbones;
-5. score    ``swsa_engine.sweep.run_sweep``;
-6. report   ``swsa_engine.report.write_report``.
+5. score    ``swsa_engine.run.sweep.run_sweep``;
+6. report   ``swsa_engine.report.summary.write_report``.
 
 ``--dry-run`` prints the plan and touches nothing. Errors print one line and exit 1.
 """
@@ -133,13 +133,13 @@ def run_plan(plan: list[dict], progress: bool = True) -> None:
             report = embed_store(kwargs.pop("store_path"), kwargs.pop("backbone"), progress=progress, **kwargs)
             print(f"   {report.written} written, {report.already_done} already done, {report.failed} failed")
         elif kind == "score":
-            from swsa_engine.sweep import run_sweep
+            from swsa_engine.run.sweep import run_sweep
 
             cube = run_sweep(kwargs.pop("store_path"), progress=progress, **kwargs)
             print(f"   {len(cube.tasks)} tasks x {len(cube.candidates)} candidates, sources {cube.sources}")
         elif kind == "report":
-            from swsa_engine.report import write_report
-            from swsa_engine.sweep import AurocCube
+            from swsa_engine.report.summary import write_report
+            from swsa_engine.run.sweep import AurocCube
 
             store_path = kwargs.pop("store_path")
             with open_store(store_path) as store:

@@ -4,6 +4,6 @@ Everything that touches images, models and files lives here; the engine (``swsa_
 works on the arrays this package reads out of a store.
 """
 
-from .store import SCHEMA_VERSION, Store, StoreError, create_store, edit_store, open_store
+from swsa_store.store import SCHEMA_VERSION, Store, StoreError, create_store, edit_store, open_store
 
 __all__ = ["SCHEMA_VERSION", "Store", "StoreError", "create_store", "edit_store", "open_store"]

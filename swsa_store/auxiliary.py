@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .catalog import add_images
-from .datasets import DEFAULT_EXTENSIONS
-from .samples import inspect_image_file
-from .store import open_store
-from .tasks import select_tasks, stable_seed
+from swsa_store.catalog import add_images
+from swsa_store.datasets import DEFAULT_EXTENSIONS
+from swsa_store.samples import inspect_image_file
+from swsa_store.store import open_store
+from swsa_store.tasks import select_tasks, stable_seed
 
 __all__ = ["PAPER_AUX_COUNTS", "auxiliary_pool", "sample_auxiliary"]
 
@@ -50,7 +50,7 @@ def auxiliary_pool(root: str | os.PathLike) -> tuple[Path, list[str], bool]:
         raise FileNotFoundError(f"auxiliary root {root} does not exist or is not a folder; expected Tiny-ImageNet "
                                 "(wnids.txt, train/<wnid>/images/) or any folder of images")
     if (root / "wnids.txt").exists():
-        from .paper_datasets import TinyImageNetDataset
+        from swsa_store.datasets.paper import TinyImageNetDataset
 
         files = TinyImageNetDataset(root).train_files()
         tiny = True

@@ -44,8 +44,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .store import create_store, edit_store, open_store
-from .tasks import DEFECT_VALIDATION_RULE, VALIDATION_RULE, build_tasks
+from swsa_store.store import create_store, edit_store, open_store
+from swsa_store.tasks import DEFECT_VALIDATION_RULE, VALIDATION_RULE, build_tasks
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def catalog_dataset(
     dataset of the same name with other files is an error (catalog it under another name).
     Returns a summary dict (images, skipped images, tasks, skipped tasks, skipped classes).
     """
-    from .datasets import create_dataset
+    from swsa_store.datasets import create_dataset
 
     dataset = create_dataset(dataset_name, **dataset_kwargs)
     samples = dataset.samples()

@@ -168,7 +168,7 @@ def read_embed_batch(row: dict, *, transform: Callable) -> dict:
     In: ``{"batch", "payload": {"ids" (B,), "paths" [B]}}``. Out: ``{"batch", "payload": {"ids"
     (B,) int64, "ok" (B,) bool, "pixels" (ok.sum(), 3, H, W) float32 or None, "reasons" [B]}}``.
     """
-    from .ingest import ImageReader, _collate
+    from swsa_store.ingest import ImageReader, _collate
 
     job = pickle.loads(row["payload"])
     reader = ImageReader(job["ids"], job["paths"], transform, os.sep)  # paths are absolute
@@ -185,7 +185,7 @@ class EmbedActor:
     def __init__(self, model_ref: list):
         import ray
 
-        from .ingest import Embedder
+        from swsa_store.ingest import Embedder
 
         self.device = _actor_device()
         self.embedder = Embedder(ray.get(model_ref[0]), device=self.device)
@@ -225,9 +225,9 @@ class RayIngestRunner:
         """
         from tqdm.auto import tqdm
 
-        from .catalog import resolve_path
-        from .ingest import write_embedded_batch
-        from .store import DONE_FAILED, DONE_WRITTEN
+        from swsa_store.catalog import resolve_path
+        from swsa_store.ingest import write_embedded_batch
+        from swsa_store.store import DONE_FAILED, DONE_WRITTEN
 
         ray = require_ray()
         if not batches:
@@ -288,7 +288,7 @@ def embed_store_ray(store_path: str | os.PathLike, backbone: str, *, address: st
     local instance started here); ``cpu_threads``: see :func:`_actor_args`. Returns the
     :class:`~swsa_store.ingest.IngestReport`.
     """
-    from .ingest import embed_store
+    from swsa_store.ingest import embed_store
 
     embed_kwargs.pop("device", None)
     embed_kwargs.pop("num_workers", None)
@@ -310,7 +310,7 @@ def read_synth_job(row: dict, *, store_path: str) -> dict:
     """
     from pathlib import Path
 
-    from .catalog import resolve_path
+    from swsa_store.catalog import resolve_path
 
     job = pickle.loads(row["payload"])
     seeds = [Path(resolve_path(store_path, p)).read_bytes() for p in job.seed_paths]
@@ -327,7 +327,7 @@ class SynthActor:
     def __init__(self, spec: dict):
         import ray
 
-        from .synth import create_generator
+        from swsa_store.synth import create_generator
 
         kwargs = dict(spec["kwargs"])
         if spec["model_ref"] is not None:
@@ -340,8 +340,8 @@ class SynthActor:
     def __call__(self, row: dict) -> dict:
         """``{"job", "payload": (TaskJob, seed bytes)}`` → ``{"job", "payload": [(index, png bytes,
         width, height, parent_ids, params), ...]}``."""
-        from .samples import decode_rgb
-        from .synthesize import _png_bytes, generate_task
+        from swsa_store.samples import decode_rgb
+        from swsa_store.synthesize import _png_bytes, generate_task
 
         job, seeds = pickle.loads(row["payload"])
         images = [decode_rgb(data) for data in seeds]
@@ -365,7 +365,7 @@ def synthesize_ray(store_path: str | os.PathLike, method: str = "cutpaste", *, a
     ignored (actors use their GPU); ``cpu_threads``: see :func:`_actor_args`; ``stats`` (a dict)
     receives the timings. Returns synthesize's summary.
     """
-    from .synthesize import SynthWriter, plan_synthesis, synth_source_name
+    from swsa_store.synthesize import SynthWriter, plan_synthesis, synth_source_name
 
     require_ray()  # before loading any model
     if count is not None and (isinstance(count, bool) or count < 1):
@@ -402,7 +402,7 @@ def _driver_generator(method: str, generator_kwargs: dict) -> tuple[Any, bool]:
     model) and whether it takes a ``device``."""
     import inspect
 
-    from .synth import GENERATORS, create_generator
+    from swsa_store.synth import GENERATORS, create_generator
 
     takes_device = "device" in inspect.signature(GENERATORS.get(method)).parameters
     driver_kwargs = {**generator_kwargs, **({"device": "cpu"} if takes_device else {})}

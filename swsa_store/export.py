@@ -51,9 +51,9 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 
-from .catalog import resolve_path
-from .store import open_store
-from .tasks import ROLE_HELDOUT, ROLE_REAL_ANOMALY, ROLE_REAL_NORMAL, ROLE_SEED, ROLES
+from swsa_store.catalog import resolve_path
+from swsa_store.store import open_store
+from swsa_store.tasks import ROLE_HELDOUT, ROLE_REAL_ANOMALY, ROLE_REAL_NORMAL, ROLE_SEED, ROLES
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .catalog import resolve_path
-from .store import (
+from swsa_store.catalog import resolve_path
+from swsa_store.store import (
     DONE_FAILED, DONE_WRITTEN, EmbeddingRowWriter, StoreError, edit_store, open_store, writer_lock,
 )
 
@@ -49,7 +49,7 @@ class ImageReader(Dataset):
         return len(self.image_ids)
 
     def __getitem__(self, index: int):
-        from .datasets import read_image
+        from swsa_store.datasets import read_image
 
         image_id = self.image_ids[index]
         try:
@@ -223,12 +223,12 @@ def embed_store(
     ``max_batches`` stops after that many batches (to test interruption). ``runner`` replaces
     :func:`run_ingest` (same arguments and result), e.g. the Ray runner of :mod:`.distributed`.
     ``patch_tokens`` also stores the backbone's patch tokens ``(N, P, D')`` float16 in
-    ``/patches/<name>`` (see :func:`~swsa_store.backbones.patch_token_model`), from the same
+    ``/patches/<name>`` (see :func:`~swsa_store.models.backbones.patch_token_model`), from the same
     forward pass and with the same resume rule; pooled rows are unchanged by it.
-    ``preprocess``: overrides of the backbone's preprocessing (:mod:`swsa_store.preprocessing`), stored
+    ``preprocess``: overrides of the backbone's preprocessing (:mod:`swsa_store.models.preprocessing`), stored
     with the embeddings like the resolved values they give.
     """
-    from .backbones import create_backbone
+    from swsa_store.models.backbones import create_backbone
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -268,9 +268,9 @@ def _prepare_matrices(store_path: str | os.PathLike, name: str, loaded, *, batch
     """Create the store's matrices ``name`` (and patches), or check that those held fit ``loaded``.
 
     Returns the module to run: ``loaded.model``, or with ``patch_tokens`` its
-    :class:`~swsa_store.backbones.PatchTokenModel`.
+    :class:`~swsa_store.models.backbones.PatchTokenModel`.
     """
-    from .backbones import patch_token_model
+    from swsa_store.models.backbones import patch_token_model
 
     attrs = _embedding_attrs(loaded, batch_size=batch_size, dtype=dtype)
     model = loaded.model

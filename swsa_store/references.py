@@ -1,6 +1,6 @@
 """Abnormal references: a seeded share of each task's synthetic anomalies held apart from validation.
 
-The normal–abnormal guided detector (NAGL's idea, :class:`swsa_engine.detectors.NaglDetector`)
+The normal–abnormal guided detector (NAGL's idea, :class:`swsa_engine.core.detectors.NaglDetector`)
 compares a query with the task's normal support *and* with some abnormal references. Those come
 from the task's own synthetic anomalies of one chosen source: an image is a reference when a
 seeded hash of ``(seed, task_id, image_id)`` falls below ``share``. The choice is made per image,
@@ -8,7 +8,7 @@ so adding or removing other synthetic images can never change which images are r
 the same store, source, share and seed always give the same split.
 
 The split is stored as the table ``/abnormal_references`` (columns ``task_id, image_id, source``;
-attributes ``source, share, seed, rule``). :func:`swsa_engine.loader.build_task_groups` removes
+attributes ``source, share, seed, rule``). :func:`swsa_engine.run.task_groups.build_task_groups` removes
 those images from every task's synthetic validation set, for every candidate, and checks that
 references and validation images never overlap.
 """
@@ -86,7 +86,7 @@ def split_references(store_path: str | os.PathLike, source: str, share: float, s
     reference (``task_id, image_id, source``) and the attributes ``source, share, seed, rule``
     (:func:`make_references`); returns the table. Only images whose status is ``ok`` are considered.
     """
-    from .store import edit_store
+    from swsa_store.store import edit_store
 
     with edit_store(store_path) as store:
         images = store.images(columns=["image_id", "kind", "status", "task_id"])
@@ -97,7 +97,7 @@ def split_references(store_path: str | os.PathLike, source: str, share: float, s
 
 def read_references(store) -> pd.DataFrame | None:
     """The stored split of an open store (``task_id, image_id, source``), or None when there is none."""
-    from .store import read_table
+    from swsa_store.store import read_table
 
     if REFERENCES_TABLE not in store.file:
         return None

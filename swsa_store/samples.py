@@ -13,7 +13,7 @@ becomes a row, and the checks on a finished table.
   of the root, or a folder of files that are not images).
 
 This module imports no loader, so the loaders' modules (:mod:`swsa_store.datasets`,
-:mod:`swsa_store.dataset_base`, ...) can all import it without an import cycle.
+:mod:`swsa_store.datasets.base`, ...) can all import it without an import cycle.
 """
 
 from __future__ import annotations

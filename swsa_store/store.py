@@ -213,7 +213,7 @@ class Store:
     def images(self, columns: list[str] | None = None) -> pd.DataFrame:
         """The catalog: one row per image, ``image_id`` equal to the row's position
         (``columns``: only those columns)."""
-        from .catalog import empty_images_table
+        from swsa_store.catalog import empty_images_table
 
         table = self._table("images", columns)
         if table is None:
@@ -222,13 +222,13 @@ class Store:
         return table
 
     def tasks(self) -> pd.DataFrame:
-        from .tasks import empty_tasks_table
+        from swsa_store.tasks import empty_tasks_table
 
         table = self._table("tasks")
         return empty_tasks_table() if table is None else table
 
     def task_members(self) -> pd.DataFrame:
-        from .tasks import empty_members_table
+        from swsa_store.tasks import empty_members_table
 
         table = self._table("task_members")
         return empty_members_table() if table is None else table
@@ -385,7 +385,7 @@ class Store:
             )
         return self.file["results"][name]
 
-    # ---- text embeddings (CLIP prompts; see swsa_store.clip)
+    # ---- text embeddings (CLIP prompts; see swsa_store.models.clip)
     def text_models(self) -> list[str]:
         """Names of the CLIP models with text embeddings, sorted."""
         return sorted(self.file["text"]) if "text" in self.file else []

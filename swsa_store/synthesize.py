@@ -23,9 +23,9 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .catalog import add_images, resolve_path
-from .store import open_store
-from .tasks import ROLE_SEED, select_tasks
+from swsa_store.catalog import add_images, resolve_path
+from swsa_store.store import open_store
+from swsa_store.tasks import ROLE_SEED, select_tasks
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def plan_synthesis(store_path: str | os.PathLike, generator, source: str, count:
 def generate_task(generator, job: TaskJob, seed_images: list, seed: int, source: str):
     """Lazily ``(index, SyntheticImage)`` for the job's missing indices — the one generation step
     of the local and the Ray path (same rng, same skip, hence the same images)."""
-    from .synth import generator_rng
+    from swsa_store.synth import generator_rng
 
     rng = generator_rng(seed, job.task_id, source)
     iter_generate = getattr(generator, "iter_generate", None)
@@ -178,9 +178,9 @@ def synthesize(
     deterministic, so the result equals an uninterrupted run). Returns ``{"source",
     "tasks_done", "tasks_skipped", "images"}`` (``images``: written by this call).
     """
-    from .datasets import read_image
-    from .synth import create_generator
-    from .synth import diffstyle as _diffstyle  # noqa: F401  (registers "diffusion")
+    from swsa_store.datasets import read_image
+    from swsa_store.synth import create_generator
+    from swsa_store.synth import diffstyle as _diffstyle  # noqa: F401  (registers "diffusion")
 
     if count is not None and (isinstance(count, bool) or count < 1):
         raise ValueError(f"count must be at least 1, got {count}")

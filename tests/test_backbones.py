@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from swsa_store.backbones import (
+from swsa_store.models.backbones import (
     PAPER_BACKBONES,
     LoadedBackbone,
     PreprocessCfg,
@@ -162,7 +162,7 @@ def test_random_init_is_deterministic_and_loud(caplog):
     torch.manual_seed(999)
     before = torch.rand(1)
     torch.manual_seed(999)
-    with caplog.at_level(logging.WARNING, logger="swsa_store.backbones"):
+    with caplog.at_level(logging.WARNING, logger="swsa_store.models.backbones"):
         a = random_backbone("resnet18")
     assert torch.rand(1) == before  # the caller's RNG is untouched
     assert any("RANDOM" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
@@ -491,7 +491,7 @@ def test_training_checkpoint_with_namespace_loads(tmp_path):
 def test_pixels_feature_source_needs_no_weights():
     from PIL import Image as PILImage
 
-    from swsa_store.backbones import create_backbone
+    from swsa_store.models.backbones import create_backbone
 
     backbone = create_backbone("pixels@4")
     assert backbone.weights.kind == "none" and backbone.n_params == 0 and backbone.feature_dim == 48

@@ -7,10 +7,10 @@ import warnings
 import numpy as np
 import pytest
 
-from swsa_engine.bench import (MVTEC, PAPER_BACKBONES, VISA, format_figures, make_paper_store, paper_shapes,
+from swsa_engine.app.bench import (MVTEC, PAPER_BACKBONES, VISA, format_figures, make_paper_store, paper_shapes,
                                reference_sweep, run_bench)
-from swsa_engine.distribution import cluster_histogram_tv, total_variation, tv_table
-from swsa_engine.sweep import AurocCube, run_sweep
+from swsa_engine.report.distribution import cluster_histogram_tv, total_variation, tv_table
+from swsa_engine.run.sweep import AurocCube, run_sweep
 from swsa_store import open_store
 from swsa_store.references import read_references
 
@@ -127,7 +127,7 @@ def test_tv_table_on_small_store(small_store):
 def test_reference_extrapolation_weights_each_dataset_by_its_tasks():
     import pandas as pd
 
-    from swsa_engine.bench import extrapolate_reference
+    from swsa_engine.app.bench import extrapolate_reference
 
     tasks = pd.DataFrame({"task_id": [1, 2, 3, 4, 5, 6], "dataset": ["a", "a", "a", "a", "b", "b"]})
     reference = {"task_seconds": {1: 2.0, 2: 4.0, 5: 1.0}, "read_seconds": 10.0}
@@ -140,8 +140,8 @@ def test_reference_extrapolation_weights_each_dataset_by_its_tasks():
 
 
 def test_detector_bench_times_each_detector_and_reports_skips(small_store, tmp_path):
-    from swsa_engine.bench import bench_detectors, format_detector_bench
-    from swsa_engine.patch import patch_cost
+    from swsa_engine.app.bench import bench_detectors, format_detector_bench
+    from swsa_engine.core.patch import patch_cost
 
     table = bench_detectors(small_store, ("knn(k=1,l2)", "mahalanobis", "nagl"), task_fraction=0.5, progress=False)
     assert list(table["detector"]) == ["knn(k=1,l2)", "mahalanobis", "nagl(k=3,beta=1.0)"]

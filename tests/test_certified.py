@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from swsa_engine.knn import knn_score_batched, knn_score_batched_bounded, knn_score_bounded
-from swsa_engine.metrics import auroc
-from swsa_engine.sweep import hardest_uncertain, order_uncertain, score_group
+from swsa_engine.core.knn import knn_score_batched, knn_score_batched_bounded, knn_score_bounded
+from swsa_engine.core.metrics import auroc
+from swsa_engine.run.sweep import hardest_uncertain, order_uncertain, score_group
 from test_sweep import _naive_knn, _random_group
 
 
@@ -151,7 +151,7 @@ def _naive_tasks(features, query_ids, bank_ids, exclude, k):
 
 @pytest.mark.parametrize("dtype, dim", [(np.float32, 300), (np.float64, 520), (np.float32, 7)])
 def test_exact_candidates_equal_brute_force_and_certify(dtype, dim):
-    from swsa_engine.knn import bounded_knn_tasks, centre_rows, exact_knn_candidates
+    from swsa_engine.core.knn import bounded_knn_tasks, centre_rows, exact_knn_candidates
 
     rng = np.random.default_rng(dim)
     features = (5.0 + rng.standard_normal((200, dim))).astype(dtype)
@@ -176,7 +176,7 @@ def test_exact_candidates_equal_brute_force_and_certify(dtype, dim):
 
 
 def test_centre_rows_names_the_bad_row_and_falls_back_when_unsafe():
-    from swsa_engine.knn import bounded_knn_shared, centre_rows
+    from swsa_engine.core.knn import bounded_knn_shared, centre_rows
 
     features = np.ones((6, 4), dtype=np.float32)
     features[4, 1] = np.inf

@@ -9,8 +9,8 @@ import sys
 import pandas as pd
 import pytest
 
-from swsa_engine.cli import build_parser, main
-from swsa_engine.demo import DIGITS_DETECTORS
+from swsa_engine.app.cli import build_parser, main
+from swsa_engine.app.demo import DIGITS_DETECTORS
 
 COMMANDS = ["demo", "catalog", "synth", "embed", "embed-text", "score", "report", "info", "bench", "import-scores", "export-validation"]
 
@@ -25,7 +25,7 @@ def test_every_command_has_help(capsys):
 
 
 def test_console_script_help_runs():
-    result = subprocess.run([sys.executable, "-m", "swsa_engine.cli", "--help"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "swsa_engine.app.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "demo" in result.stdout
 
 

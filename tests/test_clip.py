@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from swsa_engine.clip_scores import (
+from swsa_engine.core.clip_scores import (
     bliss_score, l2_normalize, prompt_ensemble, two_prompt_logit, two_prompt_score,
 )
-from swsa_store.clip import (
+from swsa_store.models.clip import (
     PAPER_TEMPLATES, bliss_dictionary, load_prompt_file, paper_prompt_set, register_clip_architecture,
     task_prompt_table,
 )
@@ -158,7 +158,7 @@ def test_paper_prompt_sets_and_task_table(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_store(tmp_path_factory):
     from swsa_store.catalog import catalog_dataset
-    from swsa_store.clip import embed_text_store
+    from swsa_store.models.clip import embed_text_store
     from swsa_store.ingest import embed_store
     from swsa_store.synthesize import synthesize
 
@@ -195,7 +195,7 @@ def test_text_store_round_trip(tiny_store):
     expected = task_prompt_table(tasks, paper_prompt_set())
     merged = expected.merge(table, on=["task_id", "template", "side"])
     assert (paper.strings[merged["row"].to_numpy()] == merged["text"].to_numpy()).all()
-    from swsa_store.clip import embed_texts, load_clip
+    from swsa_store.models.clip import embed_texts, load_clip
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -205,8 +205,8 @@ def test_text_store_round_trip(tiny_store):
 
 
 def test_prompt_cube_matches_sklearn(tiny_store):
-    from swsa_engine.prompt_sweep import ENSEMBLE, prompt_selection_table, run_prompt_sweep
-    from swsa_engine.sweep import AurocCube
+    from swsa_engine.run.prompt_sweep import ENSEMBLE, prompt_selection_table, run_prompt_sweep
+    from swsa_engine.run.sweep import AurocCube
     from swsa_store import open_store
 
     store, _ = tiny_store
@@ -254,7 +254,7 @@ def test_prompt_cube_matches_sklearn(tiny_store):
 
 
 def test_bliss_cube_matches_reference(tiny_store):
-    from swsa_engine.prompt_sweep import bliss_grid_table, bliss_name, bliss_selection_table, run_bliss_sweep
+    from swsa_engine.run.prompt_sweep import bliss_grid_table, bliss_name, bliss_selection_table, run_bliss_sweep
     from swsa_store import open_store
 
     store, _ = tiny_store
@@ -286,7 +286,7 @@ def test_bliss_cube_matches_reference(tiny_store):
 
 
 def test_report_has_prompt_and_bliss_blocks(tiny_store, tmp_path):
-    from swsa_engine.prompt_sweep import clip_report_lines
+    from swsa_engine.run.prompt_sweep import clip_report_lines
 
     store, _ = tiny_store
     paths: dict = {}
@@ -297,7 +297,7 @@ def test_report_has_prompt_and_bliss_blocks(tiny_store, tmp_path):
 
 
 def test_cli_score_prompts_bliss_and_report(tiny_store, tmp_path, capsys):
-    from swsa_engine.cli import main
+    from swsa_engine.app.cli import main
 
     store, _ = tiny_store
     for command in ("embed-text", "score"):
@@ -317,8 +317,8 @@ def test_cli_score_prompts_bliss_and_report(tiny_store, tmp_path, capsys):
 def test_clip_weights_resolution_offline(tmp_path, monkeypatch):
     import torch
 
-    from swsa_store.backbones import WeightsNotFoundError, create_backbone, get_backbone_cfg
-    from swsa_store.clip import load_clip, resolve_clip_weights
+    from swsa_store.models.backbones import WeightsNotFoundError, create_backbone, get_backbone_cfg
+    from swsa_store.models.clip import load_clip, resolve_clip_weights
 
     monkeypatch.delenv("SWSA_WEIGHTS_DIR", raising=False)
     cfg = get_backbone_cfg(MODEL)
@@ -346,10 +346,10 @@ def test_clip_weights_resolution_offline(tmp_path, monkeypatch):
 
 def test_residual_text_prior_adds_clips_two_prompt_probability(tiny_store):
     """residual(text=w): the image-level residual plus w × CLIP's two-prompt probability, against a per-task loop."""
-    from swsa_engine.clip_scores import prompt_ensemble, two_prompt_score
-    from swsa_engine.detectors import parse_detector
-    from swsa_engine.prompt_sweep import _per_task_text
-    from swsa_engine.sweep import run_sweep
+    from swsa_engine.core.clip_scores import prompt_ensemble, two_prompt_score
+    from swsa_engine.core.detectors import parse_detector
+    from swsa_engine.run.prompt_sweep import _per_task_text
+    from swsa_engine.run.sweep import run_sweep
     from swsa_store import open_store
     from swsa_store.tasks import ROLE_HELDOUT, ROLE_REAL_ANOMALY, ROLE_REAL_NORMAL, ROLE_SEED
 
@@ -385,7 +385,7 @@ def test_residual_text_prior_adds_clips_two_prompt_probability(tiny_store):
 
 
 def test_residual_text_prior_needs_clip_text(tmp_path):
-    from swsa_engine.sweep import run_sweep
+    from swsa_engine.run.sweep import run_sweep
     from swsa_store.catalog import catalog_dataset
     from swsa_store.ingest import embed_store
 
@@ -405,7 +405,7 @@ def test_residual_text_prior_reports_images_without_clip_embedding(tiny_store, t
 
     import h5py
 
-    from swsa_engine.sweep import run_sweep
+    from swsa_engine.run.sweep import run_sweep
     from swsa_store import open_store
     from swsa_store.ingest import embed_store
     from swsa_store.tasks import ROLE_SEED
@@ -437,8 +437,8 @@ def test_residual_text_prior_reports_images_without_clip_embedding(tiny_store, t
 
 def test_non_finite_real_scores_are_a_recorded_skip_without_synthetic_queries():
     """A group with no held-out or synthetic queries still records the tasks whose real scores are NaN."""
-    from swsa_engine.loader import TaskGroup
-    from swsa_engine.prompt_sweep import score_group_candidates
+    from swsa_engine.run.task_groups import TaskGroup
+    from swsa_engine.run.prompt_sweep import score_group_candidates
 
     group = TaskGroup(dataset="d", task_ids=np.array([10, 11]), support=np.array([[0, 1], [2, 3]]),
                       heldout=np.full((2, 0), -1), synthetic={}, real_ids=np.array([4, 5, 6, 7]),

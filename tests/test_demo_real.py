@@ -13,9 +13,9 @@ import sys
 import pandas as pd
 import pytest
 
-from swsa_engine.cli import main
+from swsa_engine.app.cli import main
 from swsa_store import open_store
-from swsa_store.backbones import file_sha256
+from swsa_store.models.backbones import file_sha256
 
 LITES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
@@ -61,7 +61,7 @@ def test_reduced_real_demo(tmp_path, capsys):
 def test_real_demo_end_to_end(tmp_path):
     """README's first command's job, in a fresh process, with the demo's default sizes."""
     out = tmp_path / "demo"
-    result = subprocess.run([sys.executable, "-m", "swsa_engine.cli", "demo", "--out", str(out)],
+    result = subprocess.run([sys.executable, "-m", "swsa_engine.app.cli", "demo", "--out", str(out)],
                             capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "stage times" in result.stdout

@@ -7,12 +7,12 @@ import warnings
 import numpy as np
 import pytest
 
-from swsa_engine.bench import make_paper_store, reference_sweep
-from swsa_engine.cli import main
-from swsa_engine.detectors import (DEFAULT_DETECTOR, KnnDetector, candidate_name, create_detector, list_detectors,
+from swsa_engine.app.bench import make_paper_store, reference_sweep
+from swsa_engine.app.cli import main
+from swsa_engine.core.detectors import (DEFAULT_DETECTOR, KnnDetector, candidate_name, create_detector, list_detectors,
                                    parse_detector)
-from swsa_engine.selection import selection_table
-from swsa_engine.sweep import AurocCube, run_sweep
+from swsa_engine.core.selection import selection_table
+from swsa_engine.run.sweep import AurocCube, run_sweep
 from swsa_store.registry import UnknownNameError
 
 

@@ -16,12 +16,12 @@ from scipy.spatial.distance import mahalanobis
 from sklearn.covariance import LedoitWolf
 from sklearn.metrics import roc_auc_score
 
-from swsa_engine.bench import make_paper_store
-from swsa_engine.cli import main
-from swsa_engine.detectors import (KnnDetector, MahalanobisDetector, NaglDetector, PcaDetector, ResidualDetector,
+from swsa_engine.app.bench import make_paper_store
+from swsa_engine.app.cli import main
+from swsa_engine.core.detectors import (KnnDetector, MahalanobisDetector, NaglDetector, PcaDetector, ResidualDetector,
                                    parse_detector)
-from swsa_engine.loader import TaskGroup, build_task_groups, pad_rows
-from swsa_engine.sweep import run_sweep
+from swsa_engine.run.task_groups import TaskGroup, build_task_groups, pad_rows
+from swsa_engine.run.sweep import run_sweep
 from swsa_store import edit_store, open_store
 from swsa_store.references import REFERENCES_TABLE, choose_references, hash_uniform, read_references, split_references
 from swsa_store.tasks import ROLE_HELDOUT, ROLE_REAL_ANOMALY, ROLE_REAL_NORMAL, ROLE_SEED
@@ -139,7 +139,7 @@ def test_pca_equals_svd_reconstruction(n_tasks, width, n_bank, dim, n):
 @pytest.mark.parametrize("n_bank, dim, n", [(40, 60, 8), (25, 10, 4), (60, 300, 3)])
 def test_pca_leave_one_out_downdate_equals_refit(monkeypatch, n_bank, dim, n):
     """The secular-equation downdate against the plain eigendecomposition refit, every query leave-one-out."""
-    from swsa_engine import detectors
+    from swsa_engine.core import detectors
 
     rng = np.random.default_rng(n_bank + dim)
     bank = rng.normal(size=(3, n_bank, dim)) * rng.uniform(0.2, 4.0, size=dim) + 1.0
@@ -160,7 +160,7 @@ def test_pca_leave_one_out_downdate_equals_refit(monkeypatch, n_bank, dim, n):
 def test_pca_leave_one_out_deflation_falls_back_to_refit():
     """Tied top eigenvalues and a left-out row orthogonal to a top axis deflate the secular
     equation: those fits are flagged and refitted, and the scores still equal the SVD reference."""
-    from swsa_engine.detectors import _downdated_top_axes
+    from swsa_engine.core.detectors import _downdated_top_axes
 
     cross = np.array([[3, 0, 0], [-3, 0, 0], [0, 3, 0], [0, -3, 0], [0, 0, 1], [0, 0, -1]], dtype=float)
     bank = np.concatenate([cross, cross * 0.5])[None] + 5.0  # λ1 = λ2 (tied), λ3 smaller

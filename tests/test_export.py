@@ -8,7 +8,7 @@ import os
 import pandas as pd
 import pytest
 
-from swsa_engine.cli import main
+from swsa_engine.app.cli import main
 from swsa_store import open_store
 from swsa_store.catalog import catalog_dataset, resolve_path
 from swsa_store.export import MANIFEST_COLUMNS, export_validation, task_dir_name

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from swsa_engine.cli import main
+from swsa_engine.app.cli import main
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -152,9 +152,9 @@ def test_html_per_task_numbers_equal_tasks_csv(demo):
 def test_html_report_placeholders_without_image_files(tmp_path):
     """The paper-shaped bench store has no image files: the report shows placeholders (no
     broken images), one section per task, and stays small."""
-    from swsa_engine.bench import make_paper_store
-    from swsa_engine.html_report import write_html_report
-    from swsa_engine.sweep import run_sweep
+    from swsa_engine.app.bench import make_paper_store
+    from swsa_engine.report.html import write_html_report
+    from swsa_engine.run.sweep import run_sweep
 
     store = tmp_path / "paper.h5"
     make_paper_store(store, task_fraction=0.05, image_fraction=0.05, progress=False)
@@ -278,8 +278,8 @@ def test_html_report_diffusion_grid_in_chromium(demo, browser, tmp_path):
     """Diffusion anomalies are shown as the paper's Figure 2: style images as a row, content
     images as a column, each pair's result in the grid; an image without a file is a
     placeholder, not a broken image."""
-    from swsa_engine.html_report import write_html_report
-    from swsa_engine.sweep import AurocCube
+    from swsa_engine.report.html import write_html_report
+    from swsa_engine.run.sweep import AurocCube
     from swsa_store import open_store
     from swsa_store.catalog import add_images
     from swsa_store.tasks import ROLE_SEED

@@ -93,7 +93,7 @@ def test_fixed_batches_are_stable():
 
 
 def _run_cli(args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "swsa_engine.cli", *args], stdout=subprocess.DEVNULL,
+    return subprocess.Popen([sys.executable, "-m", "swsa_engine.app.cli", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, **kw)
 
 
@@ -170,8 +170,8 @@ def test_corrupt_image_is_a_recorded_skip_and_nothing_else_changes(tmp_path):
         for path, row in zip(dirty.loc[keep, "path"], b.embeddings(NAME)[keep.to_numpy()]):
             assert np.array_equal(by_path[str(Path(path).relative_to(dirty_root))], row)
     # the skip reaches the report
-    from swsa_engine.report import write_report
-    from swsa_engine.sweep import run_sweep
+    from swsa_engine.report.summary import write_report
+    from swsa_engine.run.sweep import run_sweep
     from swsa_store.synthesize import synthesize
 
     synthesize(dirty_root / "s.h5", "cutpaste", count=4, progress=False)

@@ -1,4 +1,4 @@
-"""kNN anomaly scores (swsa_engine.knn) against a naive float64 brute force.
+"""kNN anomaly scores (swsa_engine.core.knn) against a naive float64 brute force.
 
 The reference is the definition: float64 ``((q - b) ** 2).sum(-1)`` to every usable bank row,
 sorted, the first k summed — one query and one task at a time.
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from swsa_engine import knn
-from swsa_engine.knn import knn_score, knn_score_batched, knn_score_gathered
+from swsa_engine.core import knn
+from swsa_engine.core.knn import knn_score, knn_score_batched, knn_score_gathered
 
 RTOL = 1e-9
 
@@ -158,7 +158,7 @@ def test_knn_score_ties_and_duplicates_take_every_fallback_tier(caplog):
     base = rng.normal(size=(6, 10)) * 50
     bank = np.concatenate([base, base, base, base[:2]])  # every row repeated: exact ties
     queries = np.concatenate([base[:3], base[:3] + 1e-9, rng.normal(size=(4, 10))])
-    with caplog.at_level(logging.DEBUG, logger="swsa_engine.knn"):
+    with caplog.at_level(logging.DEBUG, logger="swsa_engine.core.knn"):
         for k in (1, 3, 4, 7):
             assert_close(knn_score(queries, bank, k), brute_score(queries, bank, k))
             ex = np.arange(len(queries)) % len(bank)
@@ -206,7 +206,7 @@ def test_knn_score_shapes_dtypes_and_determinism():
 
 def test_knn_score_logs_memory_estimate(caplog):
     rng = np.random.default_rng(0)
-    with caplog.at_level(logging.DEBUG, logger="swsa_engine.knn"):
+    with caplog.at_level(logging.DEBUG, logger="swsa_engine.core.knn"):
         knn_score(rng.normal(size=(4, 3)), rng.normal(size=(6, 3)), 2)
     assert "MiB per block" in caplog.text
 
@@ -346,7 +346,7 @@ def test_batched_ties_need_fallback(caplog):
     base = rng.normal(size=(2, 4, 6)) * 40
     banks = np.concatenate([base, base, base], axis=1)  # (2, 12, 6) with triplicated rows
     queries = np.concatenate([base, base + 1e-7], axis=1)
-    with caplog.at_level(logging.DEBUG, logger="swsa_engine.knn"):
+    with caplog.at_level(logging.DEBUG, logger="swsa_engine.core.knn"):
         for precision in ("float32", "float64"):
             for k in (2, 4):
                 got = knn_score_batched(queries, banks, k, precision=precision)
@@ -526,7 +526,7 @@ def test_gathered_ties_need_fallback(caplog):
     features = np.concatenate([base, base, base])  # rows i, i+4, i+8 identical
     queries = np.concatenate([base, base + 1e-7])
     bi = np.array([[0, 4, 8, 1, 5, 9], [2, 6, 10, 3, -1, -1]])
-    with caplog.at_level(logging.DEBUG, logger="swsa_engine.knn"):
+    with caplog.at_level(logging.DEBUG, logger="swsa_engine.core.knn"):
         for precision in ("float32", "float64"):
             for k in (1, 3):
                 got = knn_score_gathered(queries, features, bi, k, precision=precision)
@@ -624,7 +624,7 @@ def test_leave_one_out_on_hard_data_through_the_exact_fallback(caplog):
     exclude = np.stack([np.arange(12), np.full(12, -1)])
     exclude[1, :6] = np.arange(12, 18)
     queries = features[:12]
-    with caplog.at_level(logging.DEBUG, logger="swsa_engine.knn"):
+    with caplog.at_level(logging.DEBUG, logger="swsa_engine.core.knn"):
         for precision in ("float32", "float64"):
             got = knn_score_gathered(queries, features, bi, 2, exclude=exclude, precision=precision)
             assert_close(got, brute_gathered(queries, features, bi, 2, exclude))
@@ -646,7 +646,7 @@ def test_knn_score_exclusion_in_the_last_fallback_tier(caplog):
     bank = np.concatenate([x, np.tile(y, (12, 1))])  # rows 3.. are 12 copies of y
     queries = x
     ex = np.arange(3)
-    with caplog.at_level(logging.DEBUG, logger="swsa_engine.knn"):
+    with caplog.at_level(logging.DEBUG, logger="swsa_engine.core.knn"):
         for k in (3, 6):
             assert_close(knn_score(queries, bank, k, exclude=ex), brute_score(queries, bank, k, ex))
     assert "recomputed exactly against the whole bank" in caplog.text

@@ -1,4 +1,4 @@
-"""swsa_engine.metrics against sklearn / scipy, row by row, on seeded random data."""
+"""swsa_engine.core.metrics against sklearn / scipy, row by row, on seeded random data."""
 
 import time
 import warnings
@@ -8,7 +8,7 @@ import pytest
 import scipy.stats
 from sklearn.metrics import roc_auc_score
 
-from swsa_engine.metrics import UndefinedMetricWarning, auroc, kendall_tau, rankdata_midrank
+from swsa_engine.core.metrics import UndefinedMetricWarning, auroc, kendall_tau, rankdata_midrank
 
 TOLERANCE = 1e-12
 

@@ -15,12 +15,12 @@ import pytest
 from fixtures_paper import (
     MVTEC_FULL, VISA_FULL, make_cub, make_flowers, make_mvtec, make_tinyimagenet, make_visa,
 )
-from swsa_engine.cli import main as swsa_main
+from swsa_engine.app.cli import main as swsa_main
 from swsa_store import open_store
 from swsa_store.catalog import catalog_dataset
-from swsa_store.class_names import FLOWERS_102_NAMES, clean_class_name
+from swsa_store.datasets.class_names import FLOWERS_102_NAMES, clean_class_name
 from swsa_store.datasets import SAMPLE_COLUMNS, create_dataset
-from swsa_store.paper_datasets import PAPER_SAMPLE_COLUMNS, visa_defect
+from swsa_store.datasets.paper import PAPER_SAMPLE_COLUMNS, visa_defect
 from swsa_store.tasks import ROLE_HELDOUT, ROLE_REAL_ANOMALY, ROLE_REAL_NORMAL, ROLE_SEED
 
 ROOT = Path(__file__).resolve().parents[1]

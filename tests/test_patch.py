@@ -16,9 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from swsa_engine.cli import main
-from swsa_engine.detectors import create_detector, list_detectors, parse_detector
-from swsa_engine.patch import PatchDetector, load_patch_features, patch_cost
+from swsa_engine.app.cli import main
+from swsa_engine.core.detectors import create_detector, list_detectors, parse_detector
+from swsa_engine.core.patch import PatchDetector, load_patch_features, patch_cost
 from swsa_store import StoreError, open_store
 from swsa_store.catalog import catalog_dataset
 from swsa_store.ingest import embed_store
@@ -89,7 +89,7 @@ def test_patch_tokens_are_stored_with_attrs(toy_store, tmp_path, backbone, name,
 
 
 def test_patch_token_model_gives_vit_tokens_and_layer3_map():
-    from swsa_store.backbones import create_backbone, patch_token_model
+    from swsa_store.models.backbones import create_backbone, patch_token_model
 
     x = torch.randn(2, 3, 32, 32)
     with warnings.catch_warnings():

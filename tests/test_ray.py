@@ -202,7 +202,7 @@ def test_driver_killed_then_rerun_completes_identically(ray_instance, folder_sto
     reference = local_reference(folder_store, tmp_path_factory, 2)
     store = _copy(folder_store, tmp_path)
     address = ray_instance.get_runtime_context().gcs_address
-    cmd = [sys.executable, "-m", "swsa_engine.cli", "embed", "--store", str(store), "--backbone", TINY,
+    cmd = [sys.executable, "-m", "swsa_engine.app.cli", "embed", "--store", str(store), "--backbone", TINY,
            "--weights", "random", "--image-size", "32", "--batch-size", "2", "--quiet", "--ray", address,
            "--cpu-threads", str(torch.get_num_threads())]
     for attempt in range(3):  # a driver that outruns the kill is retried on a fresh copy
@@ -291,7 +291,7 @@ def test_diffusion_synthesis_on_ray_gives_the_local_path_images(ray_instance, tm
 
 
 def test_missing_ray_is_a_one_line_error(monkeypatch, tmp_path, capsys):
-    from swsa_engine.cli import main
+    from swsa_engine.app.cli import main
     from swsa_store.distributed import RAY_MISSING, RayUnavailableError, require_ray
 
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails as if not installed
@@ -307,7 +307,7 @@ def test_missing_ray_is_a_one_line_error(monkeypatch, tmp_path, capsys):
 
 
 def test_cli_ray_options_parse():
-    from swsa_engine.cli import _ray_kwargs, build_parser
+    from swsa_engine.app.cli import _ray_kwargs, build_parser
 
     parser = build_parser()
     args = parser.parse_args(["embed", "--store", "s.h5", "--backbone", "x", "--ray", "--actors-per-gpu", "2"])
@@ -319,7 +319,7 @@ def test_cli_ray_options_parse():
 
 
 def test_bench_ingest_measures_pipeline_and_forward(tmp_path):
-    from swsa_engine.bench import bench_ingest, format_ingest
+    from swsa_engine.app.bench import bench_ingest, format_ingest
 
     figures = bench_ingest(tmp_path, n_images=24, source_size=48, image_size=32, batch_size=8)
     assert figures["pipeline"]["written"] == 24

@@ -24,22 +24,22 @@ from PIL import Image
 from safetensors.torch import save_file
 from sklearn.datasets import load_sample_images
 
-from swsa_engine.cli import main
+from swsa_engine.app.cli import main
 from swsa_store import StoreError, open_store
-from swsa_store.backbones import (
+from swsa_store.models.backbones import (
     PreprocessCfg, WeightsLoadError, WeightsNotFoundError, create_backbone, get_backbone_cfg, resolve_weights,
 )
 from swsa_store.catalog import catalog_dataset
-from swsa_store.checkpoints import read_state_dict
+from swsa_store.models.checkpoints import read_state_dict
 from swsa_store.ingest import embed_store, fixed_batches
-from swsa_store.packaged_weights import PACKAGED_WEIGHTS
-from swsa_store.preprocessing import PREPROCESS_KEYS, parse_preprocess
+from swsa_store.models.packaged_weights import PACKAGED_WEIGHTS
+from swsa_store.models.preprocessing import PREPROCESS_KEYS, parse_preprocess
 
 LITES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 SIZES = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
 N_TENSORS = {"efficientnet_lite0": 296, "efficientnet_lite1": 386, "efficientnet_lite2": 386}
 #: ImageNet classes of a Chinese temple (china.jpg): palace, monastery, church, stupa, altar, mosque,
-#: castle, bell cote. All three Lites put palace first (p = .30, .56, .38; see swsa_store.packaged_weights).
+#: castle, bell cote. All three Lites put palace first (p = .30, .56, .38; see swsa_store.models.packaged_weights).
 TEMPLE = {698, 663, 497, 832, 406, 668, 483, 442}
 #: flower.jpg is an orange pompon dahlia, which ImageNet-1k lacks: the Lites answer daisy (Lite0 .32), or
 #: honeycomb (its cell-like petals; Lite1, Lite2) with daisy, bee or ant next — the flower/bee set below.

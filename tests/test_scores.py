@@ -15,10 +15,10 @@ from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import LocalOutlierFactor
 from sklearn.svm import OneClassSVM
 
-from swsa_engine.cli import main
-from swsa_engine.report import write_report
-from swsa_engine.selection import selection_table
-from swsa_engine.sweep import run_sweep
+from swsa_engine.app.cli import main
+from swsa_engine.report.summary import write_report
+from swsa_engine.core.selection import selection_table
+from swsa_engine.run.sweep import run_sweep
 from swsa_store import open_store
 from swsa_store.catalog import catalog_dataset
 from swsa_store.ingest import embed_store

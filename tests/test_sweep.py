@@ -8,12 +8,12 @@ import pytest
 from scipy.stats import kendalltau
 from sklearn.metrics import roc_auc_score
 
-from swsa_engine.loader import TaskGroup, pad_rows
-from swsa_engine.selection import (
+from swsa_engine.run.task_groups import TaskGroup, pad_rows
+from swsa_engine.core.selection import (
     SelectionContext, as_weights, create_strategy, evaluate_weights, list_strategies, ranking_table,
     register_strategy, selection_table,
 )
-from swsa_engine.sweep import AurocCube, grouped_auroc, score_group
+from swsa_engine.run.sweep import AurocCube, grouped_auroc, score_group
 from swsa_store.registry import UnknownNameError
 
 
@@ -225,7 +225,7 @@ def test_cube_save_and_load(tmp_path):
 
 def test_score_group_refines_large_banks_from_candidates(monkeypatch):
     """The candidate refinement (banks above SMALL_BANK) gives the naive loop's AUROCs too."""
-    import swsa_engine.sweep as sweep
+    import swsa_engine.run.sweep as sweep
 
     monkeypatch.setattr(sweep, "SMALL_BANK", 0)
     test_score_group_matches_naive_per_task_loop(3, "per-task")

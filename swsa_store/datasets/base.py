@@ -26,7 +26,7 @@ from typing import Any
 
 import pandas as pd
 
-from .samples import SAMPLE_COLUMNS, inspect_image_file, require_usable_classes
+from swsa_store.samples import SAMPLE_COLUMNS, inspect_image_file, require_usable_classes
 
 __all__ = ["NORMAL_DEFECT", "PAPER_SAMPLE_COLUMNS", "PaperDataset", "dataset_root", "escape_reason", "require_path"]
 

@@ -35,7 +35,7 @@ import numpy as np
 
 from swsa_store.store import DONE_WRITTEN
 
-from .detectors import Detector, register_detector
+from swsa_engine.core.detectors import Detector, register_detector
 
 _U32 = 2.0 ** -24
 

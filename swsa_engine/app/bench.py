@@ -377,7 +377,7 @@ def matmul_peak_gflops(dtype: str = "float64", n: int = 2048, repeats: int = 3) 
 
 def _sweep_subprocess(store: Path, task_fraction: float | None, device: str) -> dict:
     """Run the sweep in a fresh process, so its peak memory is its own."""
-    command = [sys.executable, "-m", "swsa_engine.bench", "--_sweep", str(store), "--device", device]
+    command = [sys.executable, "-m", "swsa_engine.app.bench", "--_sweep", str(store), "--device", device]
     if task_fraction is not None:
         command += ["--task-fraction", str(task_fraction)]
     result = subprocess.run(command, capture_output=True, text=True)
@@ -389,7 +389,7 @@ def _sweep_subprocess(store: Path, task_fraction: float | None, device: str) -> 
 def _sweep_worker(store: str, task_fraction: float | None, device: str) -> None:
     from swsa_store import open_store
 
-    from .sweep import run_sweep
+    from swsa_engine.run.sweep import run_sweep
 
     task_ids = None
     if task_fraction is not None:
@@ -426,7 +426,7 @@ def _prepare_bench_store(store: Path, make: bool, task_fraction: float, image_fr
 def _time_selection(cube) -> tuple[dict, pd.DataFrame]:
     """Milliseconds to evaluate a new strategy, and the whole Table 1, over the cached ``cube``;
     returns those figures and Table 1."""
-    from .selection import STRATEGIES, register_strategy, selection_table
+    from swsa_engine.core.selection import STRATEGIES, register_strategy, selection_table
 
     if "bench_median_synthetic" not in STRATEGIES:
         @register_strategy("bench_median_synthetic")
@@ -446,7 +446,7 @@ def _time_selection(cube) -> tuple[dict, pd.DataFrame]:
 def _reference_figures(store: Path, cube, reference_tasks: int, progress: bool) -> dict:
     """The naive reference on ``reference_tasks`` tasks per dataset: its cost, extrapolated to
     every task, and its largest differences from the cube's AUROCs and Kendall taus."""
-    from .metrics import kendall_tau
+    from swsa_engine.core.metrics import kendall_tau
 
     sample = np.concatenate([rows["task_id"].to_numpy()[:reference_tasks] for _, rows in cube.tasks.groupby("dataset")])
     if progress:
@@ -488,7 +488,7 @@ def run_bench(
     ``reference_tasks`` tasks per dataset are recomputed naively; their cost is extrapolated to
     all tasks. Returns the figures (also written as JSON to ``out`` when given).
     """
-    from .sweep import AurocCube
+    from swsa_engine.run.sweep import AurocCube
 
     store = Path(store)
     figures: dict = {"machine": {"cpu_count": os.cpu_count()}}
@@ -547,8 +547,8 @@ def bench_detectors(store: str | os.PathLike, detectors: tuple[str, ...] = DETEC
     from swsa_store import open_store
     from swsa_store.references import make_references, read_references
 
-    from .detectors import parse_detector
-    from .sweep import run_sweep
+    from swsa_engine.core.detectors import parse_detector
+    from swsa_engine.run.sweep import run_sweep
 
     if not 0 < task_fraction <= 1:
         raise ValueError(f"task_fraction must be in (0, 1], got {task_fraction}")
@@ -594,7 +594,7 @@ def bench_detectors(store: str | os.PathLike, detectors: tuple[str, ...] = DETEC
 
 def format_detector_bench(table: pd.DataFrame, patch: dict | None = None) -> str:
     """The detector bench as a Markdown table (+ the patch-level cost per task)."""
-    from .report import markdown_table
+    from swsa_engine.report.summary import markdown_table
 
     shown = table[["detector", "tasks_timed", "seconds", "seconds_all_tasks", "status"]]
     lines = [
@@ -731,7 +731,7 @@ def bench_ingest(
     """
     import torch
 
-    from swsa_store.backbones import create_backbone
+    from swsa_store.models.backbones import create_backbone
     from swsa_store.catalog import make_ingest_catalog
     from swsa_store.ingest import Embedder
 

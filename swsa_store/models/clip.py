@@ -24,7 +24,7 @@ Weights, offline first (``weights=None`` / ``"auto"``), in this order:
 5. a download through open_clip — only with ``allow_download=True``.
 
 ``weights="random"`` builds the architecture with a fixed seed and warns loudly
-(:class:`~swsa_store.backbones.RandomWeightsWarning`).
+(:class:`~swsa_store.models.backbones.RandomWeightsWarning`).
 
 Text. :func:`embed_text_store` embeds, once, every prompt of every task for each prompt set,
 the BLISS class prompts ("This is a photo of a {class label}") and the BLISS dictionary, and
@@ -48,17 +48,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .backbones import RANDOM_INIT_SEED, BackboneCfg, LoadedBackbone
-from .checkpoints import WeightsLoadError
-from .preprocessing import PreprocessCfg
-from .registry import UnknownNameError
-from .weights import (
+from swsa_store.models.backbones import RANDOM_INIT_SEED, BackboneCfg, LoadedBackbone
+from swsa_store.models.checkpoints import WeightsLoadError
+from swsa_store.models.preprocessing import PreprocessCfg
+from swsa_store.registry import UnknownNameError
+from swsa_store.models.weights import (
     ExplicitWeightsErrors, RandomWeightsWarning, WeightsNotFoundError, WeightsSource, attr_value, explicit_weights,
     find_downloaded, find_in_weights_dir, fix_hint, hf_cached_file, stem_files, weights_request,
 )
 
 if TYPE_CHECKING:
-    from .store import TextEmbeddings
+    from swsa_store.store import TextEmbeddings
 
 log = logging.getLogger(__name__)
 
@@ -500,7 +500,7 @@ class ClipBackbone(LoadedBackbone):
 
 def load_clip_backbone(cfg: BackboneCfg, weights=None, *, weights_dir=None, allow_download: bool = False,
                        image_size: int | None = None, device="cpu") -> ClipBackbone:
-    """The registry's loader for family ``clip`` (called by :func:`swsa_store.backbones.load_backbone`)."""
+    """The registry's loader for family ``clip`` (called by :func:`swsa_store.models.backbones.load_backbone`)."""
     clip = load_clip(cfg, weights, weights_dir=weights_dir, allow_download=allow_download, image_size=image_size, device=device)
     return ClipBackbone(cfg=clip.cfg, model=_ImageTower(clip.model), transform=clip.transform, preprocess=clip.preprocess,
                         weights=clip.weights, feature_dim=clip.embed_dim, n_params=clip.n_params, device=str(device),
@@ -553,7 +553,7 @@ def embed_text_store(store_path: str | os.PathLike, model: str = PAPER_CLIP, *, 
 
     Returns ``{set name: number of strings}``.
     """
-    from .store import StoreError, edit_store, open_store
+    from swsa_store.store import StoreError, edit_store, open_store
 
     with open_store(store_path) as store:
         tasks = store.tasks()
@@ -626,7 +626,7 @@ def text_model_name(store, model: str | None) -> str:
 @dataclass(frozen=True, eq=False)
 class TextPriorInputs:
     """What the residual detector's CLIP text prior is built from
-    (:meth:`swsa_engine.detector_sweep.TextPrior.from_store`).
+    (:meth:`swsa_engine.run.detector_sweep.TextPrior.from_store`).
 
     ``model``: the CLIP embedding name; ``text``: its prompt set
     (:class:`~swsa_store.store.TextEmbeddings`: strings, (U, D) unit rows, row table, attrs);
@@ -649,7 +649,7 @@ def read_text_prior_inputs(store_path: str | os.PathLike, model: str | None = No
     :class:`~swsa_store.StoreError` saying which ``swsa embed`` / ``swsa embed-text`` to run.
     Images without a written CLIP embedding are not an error: ``usable`` is False for them.
     """
-    from .store import DONE_WRITTEN, StoreError, open_store
+    from swsa_store.store import DONE_WRITTEN, StoreError, open_store
 
     fix = (f"run `swsa embed --store {store_path} --backbone clip/MODEL` and `swsa embed-text --store {store_path} "
            "--model clip/MODEL` first")

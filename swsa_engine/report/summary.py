@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .selection import per_task_picks, ranking_table, selection_table
-from .sweep import SETTINGS, AurocCube
+from swsa_engine.core.selection import per_task_picks, ranking_table, selection_table
+from swsa_engine.run.sweep import SETTINGS, AurocCube
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -55,7 +55,7 @@ def table1_display(table1: pd.DataFrame) -> pd.DataFrame:
 def detector_families(cube: AurocCube) -> list[str]:
     """The detector family of every candidate ("knn", "gaussian", "residual", "nagl", "pca",
     "patch", "imported", ...), from the cube's ``detector`` column (knn for old cubes)."""
-    from .detectors import parse_detector
+    from swsa_engine.core.detectors import parse_detector
 
     if "detector" not in cube.candidates:
         return ["knn"] * len(cube.candidates)
@@ -193,7 +193,7 @@ def write_report(
     if "figure4" in paths:
         lines += ["## Figure 4 — t-SNE of one task per dataset", "", "![figure 4](figure4.png)", ""]
     if store_path is not None:  # prompt selection and BLISS blocks, when those cubes exist
-        from .prompt_sweep import clip_report_lines
+        from swsa_engine.run.prompt_sweep import clip_report_lines
 
         lines += clip_report_lines(store_path, out, paths)
     lines += _picks_lines(cube, tables.picks) + _skips_lines(tables.skips)
@@ -222,13 +222,13 @@ def _write_store_figures(cube: AurocCube, store_path: str | os.PathLike, out: Pa
     store's embeddings, adding their paths to ``paths``; returns Table 3 or None."""
     table3 = None
     if table3_tasks > 0:
-        from .distribution import tv_table
+        from swsa_engine.report.distribution import tv_table
 
         table3 = tv_table(store_path, cube, candidate=candidate, tasks_per_dataset=table3_tasks)
         paths["table3_csv"] = out / "table3.csv"
         table3.to_csv(paths["table3_csv"], index=False)
     if figure4:
-        from .distribution import figure4 as draw_figure4
+        from swsa_engine.report.distribution import figure4 as draw_figure4
 
         paths["figure4"] = draw_figure4(store_path, cube, out / "figure4.png", candidate=candidate)
     return table3

@@ -15,7 +15,7 @@ from pathlib import Path
 
 log = logging.getLogger("swsa")
 
-#: Official layouts read by `swsa catalog <dataset> --root PATH` (see swsa_store.paper_datasets).
+#: Official layouts read by `swsa catalog <dataset> --root PATH` (see swsa_store.datasets.paper).
 PAPER_LAYOUTS = {
     "cub": "CUB_200_2011/ with images.txt, image_class_labels.txt, train_test_split.txt, classes.txt, images/",
     "flowers": "a folder with jpg/, imagelabels.mat, setid.mat",
@@ -96,7 +96,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from swsa_store.ingest import embed_store
-    from swsa_store.preprocessing import parse_preprocess
+    from swsa_store.models.preprocessing import parse_preprocess
 
     preprocess = parse_preprocess(args.preprocess) if args.preprocess else None  # a bad override: one-line error
     embed = embed_store
@@ -123,7 +123,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from .sweep import run_sweep
+    from swsa_engine.run.sweep import run_sweep
 
     if getattr(args, "prompts", False) or getattr(args, "bliss", False):
         return cmd_score_clip(args)
@@ -138,10 +138,10 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_score_clip(args: argparse.Namespace) -> int:
-    from .prompt_sweep import (
+    from swsa_engine.run.prompt_sweep import (
         BLISS_KS, BLISS_LAMBDAS, bliss_selection_table, prompt_selection_table, run_bliss_sweep, run_prompt_sweep,
     )
-    from .report import markdown_table, table1_display
+    from swsa_engine.report.summary import markdown_table, table1_display
 
     hardest = tuple(int(n) for n in _split(args.hardest))
     if args.prompts:
@@ -162,7 +162,7 @@ def cmd_score_clip(args: argparse.Namespace) -> int:
 
 
 def cmd_embed_text(args: argparse.Namespace) -> int:
-    from swsa_store.clip import embed_text_store
+    from swsa_store.models.clip import embed_text_store
 
     summary = embed_text_store(args.store, args.model, weights=args.weights, weights_dir=args.weights_dir,
                                allow_download=args.allow_download, device=args.device, prompt_files=args.prompts or (),
@@ -174,8 +174,8 @@ def cmd_embed_text(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from swsa_store import open_store
 
-    from .report import write_report
-    from .sweep import AurocCube
+    from swsa_engine.report.summary import write_report
+    from swsa_engine.run.sweep import AurocCube
 
     cube = AurocCube.load(args.store)
     with open_store(args.store) as store:
@@ -184,7 +184,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                          figure4=args.figure4, candidate=args.candidate)
     print(f"report written: {paths['report']}")
     if args.html:
-        from .html_report import write_html_report
+        from swsa_engine.report.html import write_html_report
 
         html_path = write_html_report(cube, args.store, args.html, report_dir=args.out, store_skips=skips)
         print(f"HTML report written: {html_path} ({html_path.stat().st_size / 1e6:.1f} MB)")
@@ -288,12 +288,12 @@ def cmd_import_scores(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import format_figures, make_paper_store, run_bench
+    from swsa_engine.app.bench import format_figures, make_paper_store, run_bench
 
     if args.ingest:
         import tempfile
 
-        from .bench import bench_ingest, format_ingest
+        from swsa_engine.app.bench import bench_ingest, format_ingest
 
         ray_kwargs = {k: v for k, v in _ray_kwargs(args).items() if k != "address"}
         with tempfile.TemporaryDirectory(prefix="swsa-ingest-") as tmp:
@@ -307,14 +307,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"figures written: {Path(args.out) / 'ingest.json'}")
         return 0
     if args.clip:
-        from .prompt_sweep import bench_clip_rescoring
+        from swsa_engine.run.prompt_sweep import bench_clip_rescoring
 
         _print_summary("bench prompts and BLISS", bench_clip_rescoring(task_fraction=args.task_fraction,
                                                                        image_fraction=args.image_fraction))
         return 0
     if args.detectors:
-        from .bench import bench_detectors, format_detector_bench
-        from .patch import patch_cost
+        from swsa_engine.app.bench import bench_detectors, format_detector_bench
+        from swsa_engine.core.patch import patch_cost
 
         if not Path(args.store).exists():
             make_paper_store(args.store, task_fraction=args.task_fraction, image_fraction=args.image_fraction,
@@ -360,7 +360,7 @@ def cmd_split_refs(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from swsa_engine.app.demo import run_demo
 
     sizes = {"n_support": args.support, "n_test_normal": args.test_normals, "n_anomaly": args.anomalies}
     paths = run_demo(
@@ -461,7 +461,7 @@ def _add_weights_options(p: argparse.ArgumentParser, weights_help: str, weights_
 
 
 def _add_demo_command(sub: argparse._SubParsersAction) -> None:
-    from .demo import DEMO_DATASETS, ELPV_COUNT, ELPV_SIZES
+    from swsa_engine.app.demo import DEMO_DATASETS, ELPV_COUNT, ELPV_SIZES
 
     p = _add_command(sub, "demo", cmd_demo, "run the whole SWSA loop on real data (ELPV solar cells with ImageNet-trained "
                      "EfficientNet-Lites; --dataset digits for the quick one) and write a report")

@@ -3,10 +3,10 @@
 For each candidate backbone (streamed one at a time) and each dataset's tasks at once:
 
 * real validation: kNN scores of the shared real validation images against every task's
-  bank (:func:`swsa_engine.knn.knn_score_gathered`), AUROC one-vs-rest (all out-classes
-  together, or the task's ``rest_groups`` only: :func:`~swsa_engine.loader.rest_mask`) and per out-class (:func:`grouped_auroc`), whose minimum is one-vs-closest;
+  bank (:func:`swsa_engine.core.knn.knn_score_gathered`), AUROC one-vs-rest (all out-classes
+  together, or the task's ``rest_groups`` only: :func:`~swsa_engine.run.task_groups.rest_mask`) and per out-class (:func:`grouped_auroc`), whose minimum is one-vs-closest;
 * synthetic validation per source: held-out normals (scored leave-one-out) against the
-  source's anomalies (:func:`swsa_engine.knn.knn_score_batched`), AUROC over all anomalies and
+  source's anomalies (:func:`swsa_engine.core.knn.knn_score_batched`), AUROC over all anomalies and
   over the ``N`` hardest (the ``N`` with the lowest anomaly score, per candidate).
 
 The result is an :class:`AurocCube`, saved in the store's ``/results/cube``.
@@ -28,10 +28,10 @@ from tqdm.auto import tqdm
 
 from swsa_store.references import REFERENCES_TABLE, read_references
 
-from .detectors import KnnDetector, candidate_name, parse_detector
-from .knn import bounded_knn_shared, bounded_knn_tasks, centre_rows, exact_knn_candidates, knn_score_batched
-from .loader import TaskGroup, build_task_groups, rest_mask
-from .metrics import UndefinedMetricWarning, auroc
+from swsa_engine.core.detectors import KnnDetector, candidate_name, parse_detector
+from swsa_engine.core.knn import bounded_knn_shared, bounded_knn_tasks, centre_rows, exact_knn_candidates, knn_score_batched
+from swsa_engine.run.task_groups import TaskGroup, build_task_groups, rest_mask
+from swsa_engine.core.metrics import UndefinedMetricWarning, auroc
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +278,7 @@ class _KnnPass:
     """What every kNN call of one candidate over the scoreable tasks of one group shares."""
 
     features: np.ndarray  # (N, D) the candidate's rows, for exact recomputation
-    prepared: object  # the rows the group uses, centred (swsa_engine.knn.CentredRows)
+    prepared: object  # the rows the group uses, centred (swsa_engine.core.knn.CentredRows)
     support: np.ndarray  # (T', S) bank image ids, -1 padded
     k: int
     device: str
@@ -391,8 +391,8 @@ def _batched_knn(features, queries, support, exclude, k, device, chunk_bytes, ou
     """kNN scores of per-task queries ``(T, W)`` (image ids, -1 padded) against per-task banks
     ``(T, S)``, in chunks of tasks that bound memory; NaN for padding.
 
-    ``features``: the prepared rows (:class:`~swsa_engine.knn.CentredRows`) → ``(scores, bounds)``
-    (T, W) from the float32 kernel with error bounds (:func:`~swsa_engine.knn.bounded_knn_tasks`);
+    ``features``: the prepared rows (:class:`~swsa_engine.core.knn.CentredRows`) → ``(scores, bounds)``
+    (T, W) from the float32 kernel with error bounds (:func:`~swsa_engine.core.knn.bounded_knn_tasks`);
     with ``exact``, the (N, D) array → exact scores and zero bounds.  Adds the floating-point
     operations to ``out["knn_flops"]``.
     """
@@ -418,7 +418,7 @@ def _batched_knn(features, queries, support, exclude, k, device, chunk_bytes, ou
 
 
 #: banks up to this size are refined by the float64 product over the whole bank, larger ones
-#: from float32 candidates (:func:`~swsa_engine.knn.exact_knn_candidates`): with few bank rows
+#: from float32 candidates (:func:`~swsa_engine.core.knn.exact_knn_candidates`): with few bank rows
 #: the product moves less memory than gathering ``k + 3`` candidate rows per score.
 SMALL_BANK = 64
 
@@ -427,7 +427,7 @@ def _refine(features, prepared, queries, support, exclude, scores, uncertain, k,
     """Replace ``scores[uncertain]`` (T, W) in place by exact ones; returns how many.
 
     With banks larger than :data:`SMALL_BANK`, exact scores come from float32 candidates
-    recomputed in float64 (:func:`~swsa_engine.knn.exact_knn_candidates`); the few it cannot
+    recomputed in float64 (:func:`~swsa_engine.core.knn.exact_knn_candidates`); the few it cannot
     certify, scores against small banks and every score where float32 is not safe, from the
     float64 computation over the whole bank.
     """
@@ -744,7 +744,7 @@ class _SweepRun:
 
     def score_candidate(self, name: str, detector, features: np.ndarray, usable: np.ndarray) -> None:
         """Fill the column of (feature source ``name``, ``detector``) for every group."""
-        from .detector_sweep import detector_features, score_group_detector
+        from swsa_engine.run.detector_sweep import detector_features, score_group_detector
 
         c = self.column_of[candidate_name(name, detector)]
         candidate = self.entries[c][0]
@@ -802,16 +802,16 @@ def run_sweep(
     scored (k larger than the usable support, an image whose embedding failed) is NaN and
     listed in ``cube.skips``. Rows not yet embedded are an error: finish ``swsa embed`` first.
     ``detectors`` (default: kNN with ``k`` on squared L2) are applied to every embedding matrix:
-    each (embedding, detector) pair is one candidate (:func:`swsa_engine.detectors.candidate_name`).
+    each (embedding, detector) pair is one candidate (:func:`swsa_engine.core.detectors.candidate_name`).
     kNN detectors are scored by :func:`score_group`, every other detector by
-    :func:`swsa_engine.detector_sweep.score_group_detector`; the store's abnormal-reference split
+    :func:`swsa_engine.run.detector_sweep.score_group_detector`; the store's abnormal-reference split
     (``swsa split-refs``) feeds NAGL and is left out of every candidate's synthetic validation set.
     ``references`` (``(table, attrs)`` of :func:`swsa_store.references.make_references`) is a split
     used instead of the store's, e.g. one made in memory without writing the store.
     ``task_ids`` restricts the sweep to those tasks. ``cube.config`` records the time spent
     reading embeddings and scoring, and the kNN floating-point operations.
     """
-    from .detector_sweep import ReferenceLog, TextPrior
+    from swsa_engine.run.detector_sweep import ReferenceLog, TextPrior
 
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")

@@ -46,8 +46,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .dataset_base import NORMAL_DEFECT, PaperDataset, require_path
-from .datasets import register_dataset
+from swsa_store.datasets.base import NORMAL_DEFECT, PaperDataset, require_path
+from swsa_store.datasets import register_dataset
 
 __all__ = [
     "ELPV_ANOMALIES",

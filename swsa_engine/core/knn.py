@@ -1452,7 +1452,7 @@ def knn_score_bounded(queries, features, bank_index, k: int = 3, *, device="cpu"
 
     The float32 form of :func:`knn_score_gathered` without its exact refinement: for rank
     statistics (AUROC) most scores need no more, and the caller refines only the scores whose
-    bound makes an order uncertain (``swsa_engine.sweep``).  Queries are never in the banks
+    bound makes an order uncertain (``swsa_engine.run.sweep``).  Queries are never in the banks
     (no leave-one-out).  Validates its input, then runs :func:`bounded_knn_shared` on rows
     centred on the banks' mean.
 

@@ -34,9 +34,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .report import RANDOM_CANDIDATES_NOTE, _all_skips, _random_candidates, _ReportTables, table1_display
-from .selection import per_task_picks, ranking_table, selection_table
-from .sweep import SETTINGS, AurocCube
+from swsa_engine.report.summary import RANDOM_CANDIDATES_NOTE, _all_skips, _random_candidates, _ReportTables, table1_display
+from swsa_engine.core.selection import per_task_picks, ranking_table, selection_table
+from swsa_engine.run.sweep import SETTINGS, AurocCube
 
 #: Filterable columns of the overview tables.
 FILTER_COLUMNS = ("dataset", "setting", "source", "strategy")
@@ -407,7 +407,7 @@ def write_html_report(
 ) -> Path:
     """Write the self-contained HTML report of ``cube`` to ``path``; returns the path.
 
-    ``report_dir``: a folder written by :func:`swsa_engine.report.write_report`; its CSV tables
+    ``report_dir``: a folder written by :func:`swsa_engine.report.summary.write_report`; its CSV tables
     (table1/2/3, tasks, skips) and PNG figures (figure3, figure4) are shown as they are, so the
     HTML's numbers equal the CSV's. Without it, Tables 1 and 2 and the per-task picks are
     computed from ``cube`` with the same functions. ``store_path`` gives the images (thumbnails
@@ -477,7 +477,7 @@ class _ReportFigures:
         figure4_png = _file_uri(report_dir / "figure4.png") if report_dir else None
         tsne_tasks: set[int] = set()
         if figure4_png:
-            from .distribution import sample_tasks
+            from swsa_engine.report.distribution import sample_tasks
 
             tsne_tasks = {int(cube.tasks["task_id"].iloc[r]) for r in sample_tasks(cube, 1, 0)}
         return cls(figure3_png, figure4_png, tsne_tasks)

@@ -5,9 +5,9 @@ A backbone's test-time preprocessing is resolved in layers, each overriding the 
 1. timm's data config of the architecture (``timm.data.resolve_model_data_config``) at the model's
    input size;
 2. the defaults of the weights, for weights shipped by an installed package
-   (:mod:`swsa_store.packaged_weights`: e.g. TensorFlow's mean 127/255 and std 128/255 for the
+   (:mod:`swsa_store.models.packaged_weights`: e.g. TensorFlow's mean 127/255 and std 128/255 for the
    EfficientNet-Lites);
-3. the user's overrides (``preprocess=`` of :func:`~swsa_store.backbones.load_backbone`,
+3. the user's overrides (``preprocess=`` of :func:`~swsa_store.models.backbones.load_backbone`,
    :func:`~swsa_store.ingest.embed_store`; ``swsa embed --preprocess``), with these keys:
 
    ``size`` (int, the square input size; the same as ``image_size``), ``crop_pct`` (0 < x <= 1),
@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .weights import attr_value
+from swsa_store.models.weights import attr_value
 
 __all__ = [
     "CROP_MODES",

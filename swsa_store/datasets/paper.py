@@ -13,7 +13,7 @@ and these attributes (read by :func:`swsa_store.catalog.catalog_dataset`):
                        class is a product, anomalies are its defective test images); see
                        :func:`swsa_store.tasks.build_tasks`.
 ``class_labels``       ``{class_name: cleaned human-readable name}`` for prompts
-                       (:func:`swsa_store.class_names.clean_class_name`).
+                       (:func:`swsa_store.datasets.class_names.clean_class_name`).
 ``validation_source``  one sentence: which official split each task's real validation set
                        comes from (stored in the tasks table's attributes).
 ``skipped_classes``    ``[(class_name, reason)]`` classes that cannot become a task.
@@ -53,8 +53,8 @@ path in an index file that escapes the dataset root, is a row with status ``"ski
 a reason; a class every one of whose images is skipped raises :class:`ValueError` naming the
 reasons. A class with no images is recorded in ``skipped_classes``; a class with no training
 images becomes a skipped task (see :func:`swsa_store.tasks.build_tasks`). The shared machinery
-(:class:`~swsa_store.dataset_base.PaperDataset`) lives in :mod:`swsa_store.dataset_base`; the
-ELPV solar cells are in :mod:`swsa_store.elpv`.
+(:class:`~swsa_store.datasets.base.PaperDataset`) lives in :mod:`swsa_store.datasets.base`; the
+ELPV solar cells are in :mod:`swsa_store.datasets.elpv`.
 """
 
 from __future__ import annotations
@@ -67,9 +67,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .class_names import FLOWERS_102_NAMES, clean_class_name
-from .dataset_base import NORMAL_DEFECT, PAPER_SAMPLE_COLUMNS, PaperDataset, require_path
-from .datasets import DEFAULT_EXTENSIONS, register_dataset
+from swsa_store.datasets.class_names import FLOWERS_102_NAMES, clean_class_name
+from swsa_store.datasets.base import NORMAL_DEFECT, PAPER_SAMPLE_COLUMNS, PaperDataset, require_path
+from swsa_store.datasets import DEFAULT_EXTENSIONS, register_dataset
 
 __all__ = [
     "CUBDataset",

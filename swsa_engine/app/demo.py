@@ -28,14 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from swsa_store import open_store
-from swsa_store.backbones import WeightsNotFoundError, get_backbone_cfg, resolve_weights
+from swsa_store.models.backbones import WeightsNotFoundError, get_backbone_cfg, resolve_weights
 from swsa_store.catalog import catalog_dataset
 from swsa_store.ingest import embed_store, embedding_name
 from swsa_store.synthesize import synthesize
 
-from .html_report import write_html_report
-from .report import write_report
-from .sweep import run_sweep
+from swsa_engine.report.html import write_html_report
+from swsa_engine.report.summary import write_report
+from swsa_engine.run.sweep import run_sweep
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ def demo_notes(store_path: Path, cube, plan: DemoPlan, timings: dict[str, float]
     """The report's notes: the dataset (and its licence), the sizes, the candidates, their weights, the timings."""
     total = sum(timings.values())
     if plan.dataset == "elpv":
-        from swsa_store.elpv import ElpvDataset
+        from swsa_store.datasets.elpv import ElpvDataset
 
         about = ElpvDataset.describe()
         dataset = (f"Dataset: ELPV ({about['citation']}), {about['images']} electroluminescence images of solar cells "

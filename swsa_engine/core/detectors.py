@@ -28,7 +28,7 @@ Detectors shipped:
   leave-one-out refits by a rank-one downdate through the secular equation.
 
 Every detector scores all tasks of a batch at once through one interface, the one the sweep
-calls (:mod:`swsa_engine.detector_sweep`)::
+calls (:mod:`swsa_engine.run.detector_sweep`)::
 
     score_tasks(queries (T, W, D), query_mask (T, W), bank (T, S, D), bank_mask (T, S),
                 exclude (T, W), *, task_ids (T,), abnormal (T, R, D) = None,
@@ -128,7 +128,7 @@ class KnnDetector(NeighbourBank, Detector):
     def score_tasks(self, queries, query_mask, bank, bank_mask, exclude, *, task_ids, abnormal=None,
                     abnormal_mask=None) -> np.ndarray:
         """(T, W) kNN scores of per-task queries (see the module docstring); NaN where ~query_mask."""
-        from .knn import knn_score_batched
+        from swsa_engine.core.knn import knn_score_batched
 
         q, qm, b, bm, ex, task_ids = check_batch(self, queries, query_mask, bank, bank_mask, exclude, task_ids)
         return knn_score_batched(q, b, k=self.k, query_mask=qm, bank_mask=bm, exclude=ex)
@@ -146,7 +146,7 @@ def _unit_rows(features: np.ndarray) -> np.ndarray:
 
 def _knn_shared(queries: np.ndarray, bank: np.ndarray, bank_mask: np.ndarray, k: int) -> np.ndarray:
     """(T, Q) kNN scores of shared queries against every bank, one distance block per query block."""
-    from .knn import knn_score_gathered
+    from swsa_engine.core.knn import knn_score_gathered
 
     n_tasks, width, dim = bank.shape
     index = np.where(bank_mask, np.arange(n_tasks * width).reshape(n_tasks, width), -1)
@@ -479,7 +479,7 @@ class ResidualDetector(Detector):
 
     ``text`` > 0 adds InCTRL's text prior, training-free: ``text ×`` CLIP's two-prompt anomaly
     probability of the image (the "paper" prompt set's ensemble, the store's CLIP model; see
-    :class:`swsa_engine.detector_sweep.TextPrior`), in the units of the squared residual, so a
+    :class:`swsa_engine.run.detector_sweep.TextPrior`), in the units of the squared residual, so a
     weight near the typical residual of a normal image balances the two.  The sweep adds it;
     :meth:`score_tasks` is the image-level residual alone.
     """
@@ -627,7 +627,7 @@ class NaglDetector(NeighbourBank, Detector):
     def score_tasks(self, queries, query_mask, bank, bank_mask, exclude, *, task_ids, abnormal=None,
                     abnormal_mask=None) -> np.ndarray:
         """(T, W) guided scores; ``abnormal`` (T, R, D) with ``abnormal_mask`` (T, R) required."""
-        from .knn import knn_score_batched
+        from swsa_engine.core.knn import knn_score_batched
 
         q, qm, b, bm, ex, task_ids, a, am = check_batch(self, queries, query_mask, bank, bank_mask, exclude, task_ids,
                                                         abnormal, abnormal_mask)
@@ -866,4 +866,4 @@ def pca(n: int = 8) -> PcaDetector:
     return PcaDetector(_as_int(n, "pca n"))
 
 
-from . import patch as _patch  # noqa: E402,F401  registers "patch" (patch-level residual on patch tokens)
+import swsa_engine.core.patch as _patch  # noqa: E402,F401  registers "patch" (patch-level residual on patch tokens)

@@ -1,0 +1,1 @@
+"""Weights resolution, timm backbones and CLIP models."""

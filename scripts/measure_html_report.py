@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 def build_paper_report(store: Path, html: Path, task_fraction: float) -> dict:
     from swsa_engine.app.bench import make_paper_store
     from swsa_engine.report.html import write_html_report
-    from swsa_engine.run.sweep import AurocCube, run_sweep
+    from swsa_engine.run.cube_io import load_cube
+    from swsa_engine.run.sweep import run_sweep
 
     timings = {}
     if not store.exists():
@@ -34,7 +35,7 @@ def build_paper_report(store: Path, html: Path, task_fraction: float) -> dict:
         make_paper_store(store, task_fraction=task_fraction, progress=False)
         timings["make_store_s"] = time.perf_counter() - started
     try:
-        cube = AurocCube.load(store)
+        cube = load_cube(store)
     except Exception:
         started = time.perf_counter()
         cube = run_sweep(store, progress=False)

@@ -139,12 +139,12 @@ def run_plan(plan: list[dict], progress: bool = True) -> None:
             print(f"   {len(cube.tasks)} tasks x {len(cube.candidates)} candidates, sources {cube.sources}")
         elif kind == "report":
             from swsa_engine.report.summary import write_report
-            from swsa_engine.run.sweep import AurocCube
+            from swsa_engine.run.cube_io import load_cube
 
             store_path = kwargs.pop("store_path")
             with open_store(store_path) as store:
                 skips = store.skips()
-            paths = write_report(AurocCube.load(store_path), kwargs["out_dir"], store_skips=skips)
+            paths = write_report(load_cube(store_path), kwargs["out_dir"], store_skips=skips)
             print(f"   report: {paths['report']}")
 
 

@@ -31,6 +31,7 @@ import pandas as pd
 
 from swsa_store.catalog import add_images
 from swsa_store.datasets import DEFAULT_EXTENSIONS
+from swsa_store.datasets.tiny_imagenet import TinyImageNetDataset
 from swsa_store.samples import inspect_image_file
 from swsa_store.store import open_store
 from swsa_store.tasks import select_tasks, stable_seed
@@ -50,8 +51,6 @@ def auxiliary_pool(root: str | os.PathLike) -> tuple[Path, list[str], bool]:
         raise FileNotFoundError(f"auxiliary root {root} does not exist or is not a folder; expected Tiny-ImageNet "
                                 "(wnids.txt, train/<wnid>/images/) or any folder of images")
     if (root / "wnids.txt").exists():
-        from swsa_store.datasets.paper import TinyImageNetDataset
-
         files = TinyImageNetDataset(root).train_files()
         tiny = True
     else:

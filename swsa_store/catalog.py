@@ -2,7 +2,7 @@
 
 Image ids are assigned in order of appearance and never change: the id of an image is its row
 number in ``/images`` and in every ``/embeddings/<name>/features`` matrix. Columns
-(:data:`IMAGE_COLUMNS`):
+(:data:`~swsa_store.schema.IMAGE_COLUMNS`):
 
 ============== ==========================================================================
 image_id       int, the stable id (= row number)
@@ -43,26 +43,21 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
+from swsa_store.datasets import create_dataset
+from swsa_store.schema import IMAGE_COLUMNS, INT_IMAGE_COLUMNS
 from swsa_store.store import create_store, edit_store, open_store
 from swsa_store.tasks import DEFECT_VALIDATION_RULE, VALIDATION_RULE, build_tasks
 
 log = logging.getLogger(__name__)
 
-IMAGE_COLUMNS = (
-    "image_id", "dataset", "class_name", "split", "kind", "path", "sha256", "status",
-    "skip_reason", "width", "height", "task_id", "parent_ids", "params", "seed", "source_index", "defect",
-)
-_INT_COLUMNS = ("image_id", "width", "height", "task_id", "seed", "source_index")
 
-
-def empty_images_table() -> pd.DataFrame:
-    return pd.DataFrame(
-        {c: pd.Series([], dtype=np.int64 if c in _INT_COLUMNS else object) for c in IMAGE_COLUMNS}
-    )
-
-
-def _normalise(rows: pd.DataFrame, first_id: int) -> pd.DataFrame:
+def normalise_image_rows(rows: pd.DataFrame, first_id: int) -> pd.DataFrame:
+    """``rows`` (image rows of a samples table or a generator) as catalog rows: ``image_id`` numbered
+    from ``first_id``, missing columns given their defaults (real, ok, no task, ...), exactly the
+    columns :data:`IMAGE_COLUMNS` in order and with their dtypes. Raises :class:`ValueError` naming
+    any column that has no default and is missing."""
     rows = rows.reset_index(drop=True).copy()
     rows["image_id"] = np.arange(first_id, first_id + len(rows), dtype=np.int64)
     defaults = {"kind": "real", "task_id": -1, "parent_ids": "[]", "params": "{}", "seed": -1,
@@ -76,7 +71,7 @@ def _normalise(rows: pd.DataFrame, first_id: int) -> pd.DataFrame:
         raise ValueError(f"image rows lack columns {missing}; expected {list(IMAGE_COLUMNS)}")
     rows = rows[list(IMAGE_COLUMNS)]
     for column in IMAGE_COLUMNS:
-        rows[column] = rows[column].astype(np.int64 if column in _INT_COLUMNS else object)
+        rows[column] = rows[column].astype(np.int64 if column in INT_IMAGE_COLUMNS else object)
     return rows
 
 
@@ -102,8 +97,6 @@ def catalog_dataset(
     dataset of the same name with other files is an error (catalog it under another name).
     Returns a summary dict (images, skipped images, tasks, skipped tasks, skipped classes).
     """
-    from swsa_store.datasets import create_dataset
-
     dataset = create_dataset(dataset_name, **dataset_kwargs)
     samples = dataset.samples()
     name = str(samples["dataset"].iloc[0]) if len(samples) else getattr(dataset, "name", dataset_name)
@@ -114,7 +107,7 @@ def catalog_dataset(
     if _is_already_catalogued(store_path, images, name, samples):
         log.info("dataset %s is already catalogued in %s; nothing to do", name, store_path)
         return _summary(store_path, name, already=True)
-    rows = _normalise(samples, first_id=len(images))
+    rows = normalise_image_rows(samples, first_id=len(images))
     catalog = _appended(images, rows)
     skipped_classes = list(getattr(dataset, "skipped_classes", []))
     with edit_store(store_path) as store:
@@ -204,7 +197,7 @@ def add_images(store_path: str | os.PathLike, rows: pd.DataFrame) -> np.ndarray:
     """Append image rows (e.g. synthetic images) to the catalog; returns their new ids."""
     with edit_store(store_path, compact=True) as store:
         images = _with_defaults(store.images())
-        new_rows = _normalise(rows, first_id=len(images))
+        new_rows = normalise_image_rows(rows, first_id=len(images))
         store.replace_table("images", _appended(images, new_rows))
         skipped = new_rows[new_rows["status"] != "ok"]
         if len(skipped):
@@ -242,8 +235,6 @@ def make_ingest_catalog(root: str | os.PathLike, n_images: int, *, source_size: 
                         seed: int = 0) -> Path:
     """A folder dataset of ``n_images`` seeded JPEGs (``source_size`` px, smooth colour fields plus
     noise, like photographs in cost to decode) catalogued into ``root/ingest.h5``; returns the store."""
-    from PIL import Image
-
     root = Path(root)
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:source_size, 0:source_size] / source_size

@@ -29,13 +29,24 @@ Ray is optional (``pip install 'swsa[distributed]'``) and imported only inside f
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import pickle
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from swsa_store.catalog import resolve_path
+from swsa_store.ingest import Embedder, ImageReader, collate_items, embed_store, write_embedded_batch
+from swsa_store.samples import decode_rgb
+from swsa_store.schema import DONE_FAILED, DONE_WRITTEN
+from swsa_store.synth import GENERATORS, create_generator
+from swsa_store.synthesize import SynthWriter, generate_task, plan_synthesis, png_bytes, synth_source_name
 
 log = logging.getLogger(__name__)
 
@@ -168,11 +179,9 @@ def read_embed_batch(row: dict, *, transform: Callable) -> dict:
     In: ``{"batch", "payload": {"ids" (B,), "paths" [B]}}``. Out: ``{"batch", "payload": {"ids"
     (B,) int64, "ok" (B,) bool, "pixels" (ok.sum(), 3, H, W) float32 or None, "reasons" [B]}}``.
     """
-    from swsa_store.ingest import ImageReader, _collate
-
     job = pickle.loads(row["payload"])
     reader = ImageReader(job["ids"], job["paths"], transform, os.sep)  # paths are absolute
-    ids, ok, batch, reasons = _collate([reader[i] for i in range(len(reader))])
+    ids, ok, batch, reasons = collate_items([reader[i] for i in range(len(reader))])
     pixels = batch.numpy() if batch is not None else None
     return {"batch": row["batch"], "payload": _payload({"ids": ids, "ok": ok, "pixels": pixels, "reasons": reasons})}
 
@@ -185,15 +194,11 @@ class EmbedActor:
     def __init__(self, model_ref: list):
         import ray
 
-        from swsa_store.ingest import Embedder
-
         self.device = _actor_device()
         self.embedder = Embedder(ray.get(model_ref[0]), device=self.device)
 
     def __call__(self, row: dict) -> dict:
         """``{"batch", "payload"}`` → ``{"batch", "payload": {"ids", "ok", "features" (ok.sum(), D) float32 | None, "reasons"}}``."""
-        import torch
-
         job = pickle.loads(row["payload"])
         features = self.embedder(torch.from_numpy(job.pop("pixels"))) if job["ok"].any() else None
         job["features"] = features
@@ -223,12 +228,6 @@ class RayIngestRunner:
 
         Returns ``(rows written, rows failed, [(image_id, reason), ...])`` like ``run_ingest``.
         """
-        from tqdm.auto import tqdm
-
-        from swsa_store.catalog import resolve_path
-        from swsa_store.ingest import write_embedded_batch
-        from swsa_store.store import DONE_FAILED, DONE_WRITTEN
-
         ray = require_ray()
         if not batches:
             return 0, 0, []
@@ -288,8 +287,6 @@ def embed_store_ray(store_path: str | os.PathLike, backbone: str, *, address: st
     local instance started here); ``cpu_threads``: see :func:`_actor_args`. Returns the
     :class:`~swsa_store.ingest.IngestReport`.
     """
-    from swsa_store.ingest import embed_store
-
     embed_kwargs.pop("device", None)
     embed_kwargs.pop("num_workers", None)
     runner = RayIngestRunner(actors_per_gpu=actors_per_gpu, num_actors=num_actors, read_on=read_on, actor_cls=actor_cls,
@@ -308,10 +305,6 @@ def read_synth_job(row: dict, *, store_path: str) -> dict:
 
     ``{"job", "payload": TaskJob}`` → ``{"job", "payload": (TaskJob, [bytes per seed])}``.
     """
-    from pathlib import Path
-
-    from swsa_store.catalog import resolve_path
-
     job = pickle.loads(row["payload"])
     seeds = [Path(resolve_path(store_path, p)).read_bytes() for p in job.seed_paths]
     return {"job": row["job"], "payload": _payload((job, seeds))}
@@ -327,8 +320,6 @@ class SynthActor:
     def __init__(self, spec: dict):
         import ray
 
-        from swsa_store.synth import create_generator
-
         kwargs = dict(spec["kwargs"])
         if spec["model_ref"] is not None:
             kwargs["model"] = ray.get(spec["model_ref"][0])
@@ -340,12 +331,9 @@ class SynthActor:
     def __call__(self, row: dict) -> dict:
         """``{"job", "payload": (TaskJob, seed bytes)}`` → ``{"job", "payload": [(index, png bytes,
         width, height, parent_ids, params), ...]}``."""
-        from swsa_store.samples import decode_rgb
-        from swsa_store.synthesize import _png_bytes, generate_task
-
         job, seeds = pickle.loads(row["payload"])
         images = [decode_rgb(data) for data in seeds]
-        made = [(int(index), _png_bytes(item.image), item.image.width, item.image.height, item.parent_ids, item.params)
+        made = [(int(index), png_bytes(item.image), item.image.width, item.image.height, item.parent_ids, item.params)
                 for index, item in generate_task(self.generator, job, images, self.seed, self.source)]
         return {"job": row["job"], "payload": _payload(made)}
 
@@ -365,8 +353,6 @@ def synthesize_ray(store_path: str | os.PathLike, method: str = "cutpaste", *, a
     ignored (actors use their GPU); ``cpu_threads``: see :func:`_actor_args`; ``stats`` (a dict)
     receives the timings. Returns synthesize's summary.
     """
-    from swsa_store.synthesize import SynthWriter, plan_synthesis, synth_source_name
-
     require_ray()  # before loading any model
     if count is not None and (isinstance(count, bool) or count < 1):
         raise ValueError(f"count must be at least 1, got {count}")
@@ -400,10 +386,6 @@ def synthesize_ray(store_path: str | os.PathLike, method: str = "cutpaste", *, a
 def _driver_generator(method: str, generator_kwargs: dict) -> tuple[Any, bool]:
     """The driver's generator (on CPU when it takes a ``device``: it only plans and ships its
     model) and whether it takes a ``device``."""
-    import inspect
-
-    from swsa_store.synth import GENERATORS, create_generator
-
     takes_device = "device" in inspect.signature(GENERATORS.get(method)).parameters
     driver_kwargs = {**generator_kwargs, **({"device": "cpu"} if takes_device else {})}
     return create_generator(method, **driver_kwargs), takes_device
@@ -423,8 +405,6 @@ def _synth_actor_spec(ray, generator, method: str, generator_kwargs: dict, takes
 def _write_synth_rows(ds, jobs: list, writer, description: str, progress: bool) -> tuple[set[int], int]:
     """Write each task's images as they arrive, once per task (a retried call's second answer is
     ignored). Returns (indices of the jobs written, answers ignored)."""
-    from tqdm.auto import tqdm
-
     seen: set[int] = set()
     duplicates = 0
     total = sum(job.count - len(job.existing) for job in jobs)

@@ -2,7 +2,7 @@
 
 The pieces are passed into a runner (as in clip-retrieval): a *reader* (a torch Dataset that
 decodes and preprocesses images, failures returned as values, not raised), an *embedder* (the
-backbone's forward pass, autocast on GPU) and a *writer* (:class:`~swsa_store.store.EmbeddingRowWriter`).
+backbone's forward pass, autocast on GPU) and a *writer* (:class:`~swsa_store.row_writer.EmbeddingRowWriter`).
 
 Resume rule: the images to embed are cut into fixed batches (``batch_size`` consecutive ids of
 the sorted list of usable images). A batch's rows are made durable before they are flagged
@@ -26,9 +26,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from swsa_store.catalog import resolve_path
-from swsa_store.store import (
-    DONE_FAILED, DONE_WRITTEN, EmbeddingRowWriter, StoreError, edit_store, open_store, writer_lock,
-)
+from swsa_store.models.backbones import create_backbone, patch_token_model
+from swsa_store.row_writer import EmbeddingRowWriter
+from swsa_store.samples import read_image
+from swsa_store.schema import DONE_FAILED, DONE_WRITTEN, StoreError
+from swsa_store.store import edit_store, open_store, writer_lock
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +51,6 @@ class ImageReader(Dataset):
         return len(self.image_ids)
 
     def __getitem__(self, index: int):
-        from swsa_store.datasets import read_image
-
         image_id = self.image_ids[index]
         try:
             image = read_image(resolve_path(self.store_path, self.paths[index]))
@@ -59,7 +59,10 @@ class ImageReader(Dataset):
             return image_id, None, str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
-def _collate(items):
+def collate_items(items):
+    """One batch from :class:`ImageReader` items ``[(image_id, tensor (3, H, W) or None, reason)]``:
+    ``(ids (B,) int64, ok (B,) bool, pixels (ok.sum(), 3, H, W) or None, reasons [B])`` — only the
+    decoded images are stacked (the reader's failures are kept as ``ok`` False and their reason)."""
     ids = np.array([item[0] for item in items], dtype=np.int64)
     ok = [item[1] is not None for item in items]
     tensors = [item[1] for item in items if item[1] is not None]
@@ -179,7 +182,7 @@ def run_ingest(
     position = {image_id: i for i, image_id in enumerate(reader.image_ids)}
     sampler = [[position[int(i)] for i in batch] for batch in batches]
     loader = DataLoader(
-        reader, batch_sampler=sampler, num_workers=num_workers, collate_fn=_collate,
+        reader, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_items,
         pin_memory=embedder.device.type == "cuda", persistent_workers=False,
     )
     written = failed = 0
@@ -228,8 +231,6 @@ def embed_store(
     ``preprocess``: overrides of the backbone's preprocessing (:mod:`swsa_store.models.preprocessing`), stored
     with the embeddings like the resolved values they give.
     """
-    from swsa_store.models.backbones import create_backbone
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     name = name or embedding_name(backbone)
@@ -270,8 +271,6 @@ def _prepare_matrices(store_path: str | os.PathLike, name: str, loaded, *, batch
     Returns the module to run: ``loaded.model``, or with ``patch_tokens`` its
     :class:`~swsa_store.models.backbones.PatchTokenModel`.
     """
-    from swsa_store.models.backbones import patch_token_model
-
     attrs = _embedding_attrs(loaded, batch_size=batch_size, dtype=dtype)
     model = loaded.model
     if patch_tokens:

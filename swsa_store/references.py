@@ -20,35 +20,13 @@ import os
 import numpy as np
 import pandas as pd
 
+from swsa_store.hashing import hash_uniform
+from swsa_store.schema import read_table
+from swsa_store.store import edit_store
+
 REFERENCES_TABLE = "abnormal_references"
 REFERENCE_COLUMNS = ("task_id", "image_id", "source")
 _RULE = "image is a reference when hash_uniform(seed, task_id, image_id) < share (splitmix64 chain)"
-
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """The splitmix64 finaliser, elementwise over uint64 (wrapping arithmetic)."""
-    with np.errstate(over="ignore"):
-        z = x + _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * _M1
-        z = (z ^ (z >> np.uint64(27))) * _M2
-        return z ^ (z >> np.uint64(31))
-
-
-def hash_uniform(seed: int, *keys) -> np.ndarray:
-    """Uniform numbers in ``[0, 1)`` from a seeded hash of integer ``keys`` (arrays broadcast).
-
-    The value for one combination of keys depends on nothing else (not on array order or on the
-    other entries), and is the same on every machine and Python run.
-    """
-    state = _splitmix64(np.asarray(np.int64(seed)).astype(np.uint64))
-    for key in keys:
-        key = np.asarray(key, dtype=np.int64).astype(np.uint64)
-        state = _splitmix64(state ^ _splitmix64(key))
-    return (state >> np.uint64(11)).astype(np.float64) * (1.0 / 9007199254740992.0)  # 53 bits
 
 
 def choose_references(task_ids: np.ndarray, image_ids: np.ndarray, share: float, seed: int = 0) -> np.ndarray:
@@ -86,8 +64,6 @@ def split_references(store_path: str | os.PathLike, source: str, share: float, s
     reference (``task_id, image_id, source``) and the attributes ``source, share, seed, rule``
     (:func:`make_references`); returns the table. Only images whose status is ``ok`` are considered.
     """
-    from swsa_store.store import edit_store
-
     with edit_store(store_path) as store:
         images = store.images(columns=["image_id", "kind", "status", "task_id"])
         table, attrs = make_references(images, source, share, seed, store_path)
@@ -97,8 +73,6 @@ def split_references(store_path: str | os.PathLike, source: str, share: float, s
 
 def read_references(store) -> pd.DataFrame | None:
     """The stored split of an open store (``task_id, image_id, source``), or None when there is none."""
-    from swsa_store.store import read_table
-
     if REFERENCES_TABLE not in store.file:
         return None
     return read_table(store.file[REFERENCES_TABLE])

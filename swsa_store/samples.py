@@ -23,6 +23,7 @@ import io
 import os
 import re
 from pathlib import Path
+from typing import Any, Iterable
 
 import pandas as pd
 from PIL import Image, ImageFile
@@ -30,8 +31,10 @@ from PIL import Image, ImageFile
 __all__ = [
     "SAMPLE_COLUMNS",
     "ImageReadError",
+    "check_test_fraction",
     "decode_rgb",
     "inspect_image_file",
+    "make_samples_table",
     "read_image",
     "reason_kind",
     "require_usable_classes",
@@ -115,6 +118,22 @@ def inspect_image_file(path: str | os.PathLike) -> tuple[str, str, str, int, int
     except Exception as exc:
         return "skipped", f"cannot decode image: {short_error(exc, path)}", digest, 0, 0
     return "ok", "", digest, img.width, img.height
+
+
+def make_samples_table(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """Build the samples table from row dicts: columns :data:`SAMPLE_COLUMNS` with their dtypes,
+    sorted by ``(class_name, split, rel_path)``, index ``0..n-1``."""
+    rows = sorted(rows, key=lambda r: (r["class_name"], r["split"], r["rel_path"]))
+    df = pd.DataFrame(rows, columns=list(SAMPLE_COLUMNS))
+    return df.astype(SAMPLE_COLUMNS).reset_index(drop=True)
+
+
+def check_test_fraction(test_fraction: float) -> float:
+    """``test_fraction`` as a float strictly between 0 and 1, else a one-line :class:`ValueError`."""
+    test_fraction = float(test_fraction)
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be strictly between 0 and 1, got {test_fraction}")
+    return test_fraction
 
 
 # --------------------------------------------------------------------------- checks on a table

@@ -1,33 +1,14 @@
 """The HDF5 store: one file holds the catalog, the tasks, every backbone's embeddings and the
-scoring results.
-
-Layout (schema version :data:`SCHEMA_VERSION`)::
-
-    /                      attrs: schema_version, swsa_version, created_utc
-    /images/<column>       the catalog, one 1-D dataset per column (see catalog.IMAGE_COLUMNS)
-    /tasks/<column>        one row per task (see tasks.TASK_COLUMNS)
-    /task_members/<column> (task_id, image_id, role) rows: which image plays which part in a task
-    /skips/<column>        recorded skips: (stage, image_id, task_id, backbone, reason)
-    /embeddings/<name>/features   (N, D) rows indexed by image id, NaN until written
-    /embeddings/<name>/done       (N,) uint8: 0 to do, 1 durably written, 2 failed (see skips)
-                                  attrs: model, weights source and hash, preprocessing, versions
-    /patches/<name>/tokens        (N, P, D') float16 patch tokens of embedding <name> (``swsa embed
-                                  --patch-tokens``): ViT patch tokens or a CNN stage's feature map,
-                                  chunked one image per chunk, NaN until written
-    /patches/<name>/done          (N,) uint8, as for embeddings; attrs: token source, layer, grid,
-                                  n_patches, patch_dim, dtype, bytes_per_image, the embedding's config
-    /scores/<name>/...     imported anomaly scores (task_id, image_id, score) of one candidate
-    /results/<name>/...    arrays written by the engine (the AUROC cube), with attrs
-    /text/<model>/<set>/   text embeddings of one CLIP model's prompt set: strings (U,), embeddings
-                           (U, D) L2-normalised, table/<column> rows mapping (task_id, template,
-                           side) to a string; attrs: model, logit scale, normalisation
+scoring results. Its layout, column tables and schema version are in :mod:`swsa_store.schema`;
+durable row writes of the ingest loop in :mod:`swsa_store.row_writer`.
 
 Crash safety. Two kinds of writes exist and each is safe against SIGKILL at any moment:
 
-* *Row writes* (ingest) only touch raw bytes of datasets whose storage was allocated when they
-  were created (contiguous layout, early allocation), so HDF5 metadata never changes while
-  rows are written. A batch's feature rows are written and ``fsync``-ed before its ``done``
-  flags are set and ``fsync``-ed: a row is never marked done before it is durable.
+* *Row writes* (ingest, :class:`~swsa_store.row_writer.EmbeddingRowWriter`) only touch raw
+  bytes of datasets whose storage was allocated when they were created (contiguous layout,
+  early allocation), so HDF5 metadata never changes while rows are written. A batch's feature
+  rows are written and ``fsync``-ed before its ``done`` flags are set and ``fsync``-ed: a row
+  is never marked done before it is durable.
 * *Structural edits* (new catalog rows, new tasks, a new embedding matrix, results) run in
   :func:`edit_store`, which works on a copy of the file and atomically renames it over the
   original on success. A killed edit leaves the original untouched.
@@ -39,137 +20,25 @@ Readers open without HDF5 file locking so that ``swsa info`` works during an ing
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import fcntl
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Iterator
 
 import h5py
 import numpy as np
 import pandas as pd
 
-SCHEMA_VERSION = 1
+from swsa_store.schema import (
+    SCHEMA_VERSION, SKIP_COLUMNS, StoreError, TextEmbeddings, allocate_filled, check_schema, empty_images_table,
+    empty_skips, fsync_dir, fsync_path, grow_rows, open_h5, read_contiguous, read_table, save_result, swsa_version,
+    utc_now, write_table,
+)
+from swsa_store.tasks import empty_members_table, empty_tasks_table
 
-DONE_TODO = 0
-DONE_WRITTEN = 1
-DONE_FAILED = 2
-
-SKIP_COLUMNS = ("stage", "image_id", "task_id", "backbone", "reason")
-
-
-class StoreError(RuntimeError):
-    """A store that cannot be used as asked (missing, newer schema, locked, inconsistent)."""
-
-
-def _swsa_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("swsa")
-    except Exception:  # running from a source tree that is not installed
-        return "0+unknown"
-
-
-# --------------------------------------------------------------------------- column tables
-
-
-def write_table(parent: h5py.Group, name: str, table: pd.DataFrame, attrs: dict | None = None) -> None:
-    """Write ``table`` as group ``name`` with one 1-D dataset per column (replacing any old one).
-
-    Object / string columns become UTF-8 variable-length strings; bool, int and float columns
-    keep their numpy dtype. Column order is kept in the ``columns`` attribute.
-    """
-    if name in parent:
-        del parent[name]
-    group = parent.create_group(name)
-    for column in table.columns:
-        values = table[column].to_numpy()
-        if values.dtype.kind in "OUS" or pd.api.types.is_string_dtype(table[column]):
-            data = np.array(["" if v is None else str(v) for v in values], dtype=object)
-            categories, codes = np.unique(data.astype(str), return_inverse=True) if len(data) else (np.empty(0, str), np.empty(0, int))
-            if len(data) >= 1000 and len(categories) * 8 <= len(data):
-                # few distinct strings (roles, kinds, classes, groups): store codes + categories,
-                # which reads an order of magnitude faster than one string per row
-                dset = group.create_dataset(column, data=codes.astype(np.int32))
-                dset.attrs["encoding"] = "categorical"
-                group.create_dataset(f"__categories__{column}", data=categories.astype(object), dtype=h5py.string_dtype("utf-8"))
-            else:
-                group.create_dataset(column, data=data, dtype=h5py.string_dtype("utf-8"))
-        else:
-            group.create_dataset(column, data=values)
-    group.attrs["columns"] = json.dumps(list(map(str, table.columns)))
-    group.attrs["n_rows"] = len(table)
-    for key, value in (attrs or {}).items():
-        group.attrs[key] = value
-
-
-def read_table(group: h5py.Group, columns: list[str] | None = None) -> pd.DataFrame:
-    """Inverse of :func:`write_table`; ``columns`` reads only those (decoding strings is the slow
-    part of reading a large catalog)."""
-    stored = json.loads(group.attrs["columns"])
-    columns = stored if columns is None else [c for c in columns if c in stored]
-    data: dict[str, Any] = {}
-    for column in columns:
-        dset = group[column]
-        if dset.attrs.get("encoding") == "categorical":
-            categories = group[f"__categories__{column}"].asstr()[...].astype(object)
-            data[column] = categories[dset[...]] if len(categories) else np.empty(0, dtype=object)
-        elif h5py.check_string_dtype(dset.dtype) is not None:
-            data[column] = dset.asstr()[...].astype(object)
-        else:
-            data[column] = dset[...]
-    return pd.DataFrame(data, columns=columns)
-
-
-def _empty_skips() -> pd.DataFrame:
-    return pd.DataFrame(
-        {
-            "stage": pd.Series([], dtype=object),
-            "image_id": pd.Series([], dtype=np.int64),
-            "task_id": pd.Series([], dtype=np.int64),
-            "backbone": pd.Series([], dtype=object),
-            "reason": pd.Series([], dtype=object),
-        }
-    )
-
-
-# --------------------------------------------------------------------------- the store
-
-
-class TextEmbeddings(NamedTuple):
-    """One prompt set read from ``/text/<model>/<set>``."""
-
-    strings: np.ndarray  # (U,) object
-    embeddings: np.ndarray  # (U, D) float32, L2-normalised
-    table: pd.DataFrame  # rows referencing ``strings`` (e.g. task_id, template, side, row)
-    attrs: dict
-
-
-def _read_contiguous(file: h5py.File, dataset: h5py.Dataset, out: np.ndarray | None = None) -> np.ndarray | None:
-    """The whole of an unfiltered, contiguous little-endian float32 dataset, read straight from
-    the file with ``readinto`` (several times faster than h5py's read of GB-sized matrices);
-    None where the layout does not allow it (chunked, compressed, in memory, not yet written)."""
-    if dataset.chunks is not None or dataset.compression is not None or dataset.dtype != np.dtype("<f4"):
-        return None
-    offset = dataset.id.get_offset()
-    if offset is None or file.driver not in ("sec2", "stdio") or dataset.size == 0:
-        return None
-    if file.mode != "r":
-        file.flush()  # what h5py wrote must be on disk before the file is read around it
-    out = np.empty(dataset.shape, dtype=np.float32) if out is None else out
-    view = memoryview(out).cast("B")
-    with open(file.filename, "rb", buffering=0) as handle:
-        handle.seek(offset)
-        done = 0
-        while done < view.nbytes:
-            got = handle.readinto(view[done:])
-            if not got:
-                return None  # shorter than HDF5 says: let h5py read (and report) it
-            done += got
-    return out
+__all__ = ["SCHEMA_VERSION", "Store", "StoreError", "create_store", "edit_store", "open_store", "writer_lock"]
 
 
 class Store:
@@ -213,8 +82,6 @@ class Store:
     def images(self, columns: list[str] | None = None) -> pd.DataFrame:
         """The catalog: one row per image, ``image_id`` equal to the row's position
         (``columns``: only those columns)."""
-        from swsa_store.catalog import empty_images_table
-
         table = self._table("images", columns)
         if table is None:
             table = empty_images_table()
@@ -222,20 +89,16 @@ class Store:
         return table
 
     def tasks(self) -> pd.DataFrame:
-        from swsa_store.tasks import empty_tasks_table
-
         table = self._table("tasks")
         return empty_tasks_table() if table is None else table
 
     def task_members(self) -> pd.DataFrame:
-        from swsa_store.tasks import empty_members_table
-
         table = self._table("task_members")
         return empty_members_table() if table is None else table
 
     def skips(self) -> pd.DataFrame:
         table = self._table("skips")
-        return _empty_skips() if table is None else table
+        return empty_skips() if table is None else table
 
     def table_attrs(self, name: str) -> dict:
         return dict(self.file[name].attrs) if name in self.file else {}
@@ -318,7 +181,7 @@ class Store:
                     raise ValueError(f"buffer must be a C-contiguous float32 array of at least {features.size} elements "
                                      f"for embeddings {name!r} {features.shape}; got {buffer.dtype} with {buffer.size}")
                 out = buffer.reshape(-1)[: features.size].reshape(features.shape)
-            whole = _read_contiguous(self.file, features, out)
+            whole = read_contiguous(self.file, features, out)
             if whole is not None:
                 return whole
             if out is None:
@@ -433,8 +296,8 @@ class Store:
         """Allocate ``/embeddings/<name>`` for every catalogued image (NaN rows, done = 0)."""
         self._require_writable()
         group = self.file.require_group("embeddings").create_group(name)
-        _allocate(group, "features", (self.n_images, int(feature_dim)), np.dtype(dtype), np.nan)
-        _allocate(group, "done", (self.n_images,), np.dtype(np.uint8), 0)
+        allocate_filled(group, "features", (self.n_images, int(feature_dim)), np.dtype(dtype), np.nan)
+        allocate_filled(group, "done", (self.n_images,), np.dtype(np.uint8), 0)
         for key, value in attrs.items():
             group.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
 
@@ -444,8 +307,8 @@ class Store:
         self._require_writable()
         group = self.file.require_group("patches").create_group(name)
         shape = (self.n_images, int(n_patches), int(patch_dim))
-        _allocate(group, "tokens", shape, np.dtype(np.float16), np.nan, chunks=(1,) + shape[1:])
-        _allocate(group, "done", (self.n_images,), np.dtype(np.uint8), 0)
+        allocate_filled(group, "tokens", shape, np.dtype(np.float16), np.nan, chunks=(1,) + shape[1:])
+        allocate_filled(group, "done", (self.n_images,), np.dtype(np.uint8), 0)
         for key, value in attrs.items():
             group.attrs[key] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
 
@@ -455,11 +318,11 @@ class Store:
         for name in self.patch_sets():
             group = self.file["patches"][name]
             if group["tokens"].shape[0] < n_rows:  # one image per chunk, as create_patches lays them out
-                _grow_rows(group, "tokens", n_rows, chunks=(1,) + group["tokens"].shape[1:])
+                grow_rows(group, "tokens", n_rows, chunks=(1,) + group["tokens"].shape[1:])
         for name in self.backbones():
             group = self.file["embeddings"][name]
             if group["features"].shape[0] < n_rows:
-                _grow_rows(group, "features", n_rows)
+                grow_rows(group, "features", n_rows)
 
     def write_text_embeddings(self, model: str, prompt_set: str, strings, embeddings: np.ndarray,
                               table: pd.DataFrame | None = None, attrs: dict | None = None) -> None:
@@ -490,92 +353,7 @@ class Store:
         save_result(self.path, name, arrays, attrs)
 
 
-def save_result(store_path: str | os.PathLike, name: str, arrays: dict[str, np.ndarray], attrs: dict) -> Path:
-    """Write result ``name`` of the store at ``store_path`` to ``<store>.results/<name>.h5``.
-
-    Written to a temporary file, fsynced, then renamed over the old one: a reader sees the old
-    result or the new one, never a partial one, and the store itself is not touched.
-    """
-    if not name or "/" in name or name.startswith("."):
-        raise StoreError(f"result name {name!r} must be a plain file name (no '/', not starting with '.')")
-    folder = Path(store_path).with_name(Path(store_path).name + ".results")
-    folder.mkdir(exist_ok=True)
-    final = folder / f"{name}.h5"
-    tmp = folder / f".{name}.h5.{os.getpid()}.tmp"
-    try:
-        with h5py.File(tmp, "w") as handle:
-            group = handle.create_group("result")
-            for key, value in arrays.items():
-                value = np.asarray(value)
-                if value.dtype.kind in "OU":
-                    group.create_dataset(key, data=value.astype(object), dtype=h5py.string_dtype("utf-8"))
-                else:
-                    group.create_dataset(key, data=value)
-            for key, value in attrs.items():
-                group.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
-        _fsync_path(tmp)
-        os.replace(tmp, final)
-        _fsync_dir(folder)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return final
-
-
-def _allocate(group: h5py.Group, name: str, shape: tuple, dtype: np.dtype, fill: float,
-              chunks: tuple | None = None) -> h5py.Dataset:
-    """A dataset whose storage is allocated and filled now, so row writes later touch raw bytes
-    only (no HDF5 metadata) — the basis of crash-safe ingest. Contiguous, or ``chunks`` (no
-    filters: every chunk is allocated at creation, its address fixed)."""
-    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-    if chunks is not None:
-        dcpl.set_chunk(tuple(int(c) for c in chunks))
-    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-    dcpl.set_fill_time(h5py.h5d.FILL_TIME_ALLOC)
-    dcpl.set_fill_value(np.array(fill, dtype=dtype))
-    return group.create_dataset(name, shape=shape, dtype=dtype, dcpl=dcpl)
-
-
-def _grow_rows(group: h5py.Group, name: str, n_rows: int, chunks: tuple | None = None) -> None:
-    """Replace ``group[name]`` (N, ...) and ``group["done"]`` (N,) by copies with ``n_rows`` rows:
-    the first N rows as they were, the new ones NaN with done = 0 (to embed).
-
-    Written under ``<name>_new`` / ``done_new`` first and copied in blocks of about 64 MiB (a
-    patch-token set does not fit in memory), then moved over the old names.
-    """
-    old, old_done = group[name], group["done"]
-    shape = (n_rows,) + old.shape[1:]
-    _allocate(group, f"{name}_new", shape, old.dtype, np.nan, chunks=chunks)
-    _allocate(group, "done_new", (n_rows,), np.dtype(np.uint8), 0)
-    block = max(1, (64 << 20) // max(1, int(np.prod(shape[1:])) * old.dtype.itemsize))
-    for lo in range(0, old.shape[0], block):
-        hi = min(lo + block, old.shape[0])
-        group[f"{name}_new"][lo:hi] = old[lo:hi]
-    group["done_new"][: old_done.shape[0]] = old_done[...]
-    del group[name], group["done"]
-    group.move(f"{name}_new", name)
-    group.move("done_new", "done")
-
-
 # --------------------------------------------------------------------------- opening
-
-
-def _check_schema(file: h5py.File, path: Path) -> None:
-    version = file.attrs.get("schema_version")
-    if version is None:
-        raise StoreError(f"{path} is an HDF5 file but not an swsa store (no schema_version attribute)")
-    if int(version) > SCHEMA_VERSION:
-        raise StoreError(
-            f"store {path} has schema version {int(version)}, newer than this swsa understands "
-            f"({SCHEMA_VERSION}); upgrade swsa (pip install -U swsa)"
-        )
-
-
-def _open_h5(path: Path, mode: str) -> h5py.File:
-    try:
-        return h5py.File(path, mode, locking=False if mode == "r" else True)
-    except OSError as error:
-        raise StoreError(f"cannot open store {path}: {str(error).splitlines()[0]}") from None
 
 
 def open_store(path: str | os.PathLike, mode: str = "r") -> Store:
@@ -591,9 +369,9 @@ def open_store(path: str | os.PathLike, mode: str = "r") -> Store:
         )
     if not path.exists():
         raise StoreError(f"store {path} does not exist; create it with `swsa catalog ... --store {path}`")
-    file = _open_h5(path, "r")
+    file = open_h5(path, "r")
     try:
-        _check_schema(file, path)
+        check_schema(file, path)
     except Exception:
         file.close()
         raise
@@ -619,18 +397,6 @@ def writer_lock(path: str | os.PathLike) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    _fsync_path(path.parent if path.parent != Path("") else Path("."))
-
-
 def create_store(path: str | os.PathLike, *, exist_ok: bool = True) -> Path:
     """Create an empty store at ``path`` (atomically). Existing stores are left as they are."""
     path = Path(path)
@@ -643,12 +409,12 @@ def create_store(path: str | os.PathLike, *, exist_ok: bool = True) -> Path:
     tmp = path.with_name(f".{path.name}.creating.{os.getpid()}")
     with h5py.File(tmp, "w") as file:
         file.attrs["schema_version"] = SCHEMA_VERSION
-        file.attrs["swsa_version"] = _swsa_version()
-        file.attrs["created_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        write_table(file, "skips", _empty_skips())
-    _fsync_path(tmp)
+        file.attrs["swsa_version"] = swsa_version()
+        file.attrs["created_utc"] = utc_now()
+        write_table(file, "skips", empty_skips())
+    fsync_path(tmp)
     os.replace(tmp, path)
-    _fsync_dir(path)
+    fsync_dir(path)
     return path
 
 
@@ -666,19 +432,19 @@ def edit_store(path: str | os.PathLike, *, compact: bool = False) -> Iterator[St
         tmp = path.with_name(f".{path.name}.edit.{os.getpid()}")
         shutil.copyfile(path, tmp)
         try:
-            file = _open_h5(tmp, "r+")
+            file = open_h5(tmp, "r+")
             try:
-                _check_schema(file, path)
+                check_schema(file, path)
                 store = Store(path, file, writable=True)
                 yield store
-                file.attrs["swsa_version"] = _swsa_version()
+                file.attrs["swsa_version"] = swsa_version()
             finally:
                 file.close()
             if compact:
                 tmp = _compact(tmp)
-            _fsync_path(tmp)
+            fsync_path(tmp)
             os.replace(tmp, path)
-            _fsync_dir(path)
+            fsync_dir(path)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -694,83 +460,3 @@ def _compact(path: Path) -> Path:
             source.copy(source[name], target, name=name)
     os.unlink(path)
     return compacted
-
-
-# --------------------------------------------------------------------------- row writes
-
-
-class EmbeddingRowWriter:
-    """Writes embedding rows of one matrix in place, durably, for the ingest loop.
-
-    Use as a context manager while holding :func:`writer_lock`. Each :meth:`write` call
-    makes its rows durable (``fsync``) before flagging them done, then makes the flags durable.
-    """
-
-    def __init__(self, path: str | os.PathLike, name: str, patches: bool = False):
-        self.path = Path(path)
-        self.name = name
-        self.file = _open_h5(self.path, "r+")
-        _check_schema(self.file, self.path)
-        group = self.file["embeddings"][name]
-        self.features = group["features"]
-        self.done = group["done"]
-        # patch tokens of the same images (swsa embed --patch-tokens): (N, P, D') float16
-        self.patches = self.file["patches"][name]["tokens"] if patches else None
-        self.patch_done = self.file["patches"][name]["done"] if patches else None
-        self._fd = self.file.id.get_vfd_handle()
-
-    def _sync(self) -> None:
-        self.file.flush()
-        os.fsync(self._fd)
-
-    def write(self, image_ids: np.ndarray, rows: np.ndarray, status: np.ndarray,
-              patch_rows: np.ndarray | None = None) -> None:
-        """Store ``rows`` ``(B, D)`` for ``image_ids`` ``(B,)`` (sorted, unique) and set their
-        done flags to ``status`` ``(B,)`` (1 written, 2 failed) — rows first, flags second.
-        A writer opened with ``patches=True`` needs ``patch_rows`` ``(B, P, D')`` too; they are
-        made durable with the rows, and their flags are set with the rows' flags."""
-        ids = np.asarray(image_ids, dtype=np.int64)
-        if (patch_rows is None) != (self.patches is None):
-            raise StoreError(f"writer of {self.name!r} was opened with patches={self.patches is not None} "
-                             f"but got patch_rows={'None' if patch_rows is None else 'an array'}; pass both or neither")
-        for lo, hi in _contiguous_runs(ids):
-            self.features[ids[lo] : ids[hi - 1] + 1] = rows[lo:hi].astype(self.features.dtype, copy=False)
-            if self.patches is not None:
-                self.patches[ids[lo] : ids[hi - 1] + 1] = patch_rows[lo:hi].astype(self.patches.dtype, copy=False)
-        self._sync()
-        for lo, hi in _contiguous_runs(ids):
-            self.done[ids[lo] : ids[hi - 1] + 1] = status[lo:hi].astype(np.uint8)
-            if self.patch_done is not None:
-                self.patch_done[ids[lo] : ids[hi - 1] + 1] = status[lo:hi].astype(np.uint8)
-        self._sync()
-
-    def reset_failed(self) -> None:
-        """Failed rows (2) become to-do (0) so a rerun tries them again."""
-        for flags in (self.done, self.patch_done):
-            if flags is None:
-                continue
-            done = flags[...]
-            if (done == DONE_FAILED).any():
-                done[done == DONE_FAILED] = DONE_TODO
-                flags[...] = done
-                self._sync()
-
-    def close(self) -> None:
-        if self.file.id.valid:
-            self.file.close()
-
-    def __enter__(self) -> "EmbeddingRowWriter":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _contiguous_runs(sorted_ids: np.ndarray) -> list[tuple[int, int]]:
-    """Positions ``[lo, hi)`` of runs of consecutive integers in ``sorted_ids``."""
-    if len(sorted_ids) == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(sorted_ids) != 1) + 1
-    starts = np.concatenate([[0], breaks])
-    ends = np.concatenate([breaks, [len(sorted_ids)]])
-    return list(zip(starts.tolist(), ends.tolist()))

@@ -24,7 +24,9 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from swsa_store.catalog import add_images, resolve_path
+from swsa_store.samples import read_image
 from swsa_store.store import open_store
+from swsa_store.synth import create_generator, generator_rng
 from swsa_store.tasks import ROLE_SEED, select_tasks
 
 log = logging.getLogger(__name__)
@@ -33,7 +35,9 @@ log = logging.getLogger(__name__)
 DEFAULT_COUNT = 100
 
 
-def _png_bytes(image) -> bytes:
+def png_bytes(image) -> bytes:
+    """``image`` (a PIL image) encoded as PNG bytes the way every synthetic image is stored
+    (``compress_level=6``, not optimised: the same pixels give the same bytes)."""
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=False, compress_level=6)
     return buffer.getvalue()
@@ -108,8 +112,6 @@ def plan_synthesis(store_path: str | os.PathLike, generator, source: str, count:
 def generate_task(generator, job: TaskJob, seed_images: list, seed: int, source: str):
     """Lazily ``(index, SyntheticImage)`` for the job's missing indices — the one generation step
     of the local and the Ray path (same rng, same skip, hence the same images)."""
-    from swsa_store.synth import generator_rng
-
     rng = generator_rng(seed, job.task_id, source)
     iter_generate = getattr(generator, "iter_generate", None)
     if iter_generate is not None:
@@ -178,10 +180,6 @@ def synthesize(
     deterministic, so the result equals an uninterrupted run). Returns ``{"source",
     "tasks_done", "tasks_skipped", "images"}`` (``images``: written by this call).
     """
-    from swsa_store.datasets import read_image
-    from swsa_store.synth import create_generator
-    from swsa_store.synth import diffstyle as _diffstyle  # noqa: F401  (registers "diffusion")
-
     if count is not None and (isinstance(count, bool) or count < 1):
         raise ValueError(f"count must be at least 1, got {count}")
     generator = create_generator(method, **generator_kwargs)
@@ -194,7 +192,7 @@ def synthesize(
         bar = tqdm(total=job.count, initial=len(job.existing), desc=f"task {job.task_id}", unit="img", leave=False,
                    disable=not progress or not streaming)
         for index, item in generate_task(generator, job, seed_images, seed, source):
-            writer.add(job, index, _png_bytes(item.image), item.image.width, item.image.height,
+            writer.add(job, index, png_bytes(item.image), item.image.width, item.image.height,
                        item.parent_ids, item.params)
             bar.update(1)
         bar.close()

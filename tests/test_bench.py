@@ -10,7 +10,8 @@ import pytest
 from swsa_engine.app.bench import (MVTEC, PAPER_BACKBONES, VISA, format_figures, make_paper_store, paper_shapes,
                                reference_sweep, run_bench)
 from swsa_engine.report.distribution import cluster_histogram_tv, total_variation, tv_table
-from swsa_engine.run.sweep import AurocCube, run_sweep
+from swsa_engine.run.cube_io import load_cube
+from swsa_engine.run.sweep import run_sweep
 from swsa_store import open_store
 from swsa_store.references import read_references
 
@@ -117,7 +118,7 @@ def test_total_variation_behaviour():
 
 
 def test_tv_table_on_small_store(small_store):
-    cube = AurocCube.load(small_store)
+    cube = load_cube(small_store)
     table = tv_table(small_store, cube, tasks_per_dataset=1, runs=2)
     assert set(table["dataset"]) <= {"cub", "flowers", "mvtec", "visa"} and len(table) > 0
     assert ((table["total_variation"] >= 0) & (table["total_variation"] <= 2)).all()
@@ -141,7 +142,7 @@ def test_reference_extrapolation_weights_each_dataset_by_its_tasks():
 
 def test_detector_bench_times_each_detector_and_reports_skips(small_store, tmp_path):
     from swsa_engine.app.bench import bench_detectors, format_detector_bench
-    from swsa_engine.core.patch import patch_cost
+    from swsa_engine.core.detectors import patch_cost
 
     table = bench_detectors(small_store, ("knn(k=1,l2)", "mahalanobis", "nagl"), task_fraction=0.5, progress=False)
     assert list(table["detector"]) == ["knn(k=1,l2)", "mahalanobis", "nagl(k=3,beta=1.0)"]

@@ -8,7 +8,8 @@ from sklearn.metrics import roc_auc_score
 
 from swsa_engine.core.knn import knn_score_batched, knn_score_batched_bounded, knn_score_bounded
 from swsa_engine.core.metrics import auroc
-from swsa_engine.run.sweep import hardest_uncertain, order_uncertain, score_group
+from swsa_engine.core.certified import hardest_uncertain, order_uncertain
+from swsa_engine.run.knn_sweep import score_group
 from test_sweep import _naive_knn, _random_group
 
 

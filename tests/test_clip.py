@@ -205,14 +205,16 @@ def test_text_store_round_trip(tiny_store):
 
 
 def test_prompt_cube_matches_sklearn(tiny_store):
-    from swsa_engine.run.prompt_sweep import ENSEMBLE, prompt_selection_table, run_prompt_sweep
-    from swsa_engine.run.sweep import AurocCube
+    from swsa_engine.core.cube import ENSEMBLE
+    from swsa_engine.report.clip_tables import prompt_selection_table
+    from swsa_engine.run.cube_io import load_cube
+    from swsa_engine.run.prompt_sweep import run_prompt_sweep
     from swsa_store import open_store
 
     store, _ = tiny_store
     cube = run_prompt_sweep(store)
     assert cube.candidate_names[:2] == ["prompt01", "prompt02"] and cube.candidate_names[-1] == ENSEMBLE
-    loaded = AurocCube.load(store, "prompt_cube")
+    loaded = load_cube(store, "prompt_cube")
     np.testing.assert_array_equal(np.isnan(loaded.real), np.isnan(cube.real))
     name = MODEL.replace("/", "-")
     with open_store(store) as s:
@@ -254,7 +256,9 @@ def test_prompt_cube_matches_sklearn(tiny_store):
 
 
 def test_bliss_cube_matches_reference(tiny_store):
-    from swsa_engine.run.prompt_sweep import bliss_grid_table, bliss_name, bliss_selection_table, run_bliss_sweep
+    from swsa_engine.core.cube import bliss_name
+    from swsa_engine.report.clip_tables import bliss_grid_table, bliss_selection_table
+    from swsa_engine.run.prompt_sweep import run_bliss_sweep
     from swsa_store import open_store
 
     store, _ = tiny_store
@@ -286,7 +290,7 @@ def test_bliss_cube_matches_reference(tiny_store):
 
 
 def test_report_has_prompt_and_bliss_blocks(tiny_store, tmp_path):
-    from swsa_engine.run.prompt_sweep import clip_report_lines
+    from swsa_engine.report.clip_tables import clip_report_lines
 
     store, _ = tiny_store
     paths: dict = {}
@@ -348,7 +352,7 @@ def test_residual_text_prior_adds_clips_two_prompt_probability(tiny_store):
     """residual(text=w): the image-level residual plus w × CLIP's two-prompt probability, against a per-task loop."""
     from swsa_engine.core.clip_scores import prompt_ensemble, two_prompt_score
     from swsa_engine.core.detectors import parse_detector
-    from swsa_engine.run.prompt_sweep import _per_task_text
+    from swsa_engine.run.prompt_sweep import per_task_text
     from swsa_engine.run.sweep import run_sweep
     from swsa_store import open_store
     from swsa_store.tasks import ROLE_HELDOUT, ROLE_REAL_ANOMALY, ROLE_REAL_NORMAL, ROLE_SEED
@@ -370,7 +374,7 @@ def test_residual_text_prior_adds_clips_two_prompt_probability(tiny_store):
         ids = {r: np.sort(mine.loc[mine["role"] == r, "image_id"].to_numpy()) for r in
                (ROLE_SEED, ROLE_HELDOUT, ROLE_REAL_NORMAL, ROLE_REAL_ANOMALY)}
         support = np.union1d(ids[ROLE_SEED], ids[ROLE_HELDOUT])
-        normal_t, anomaly_t = _per_task_text(text, np.array([task_id]), n_templates)
+        normal_t, anomaly_t = per_task_text(text, np.array([task_id]), n_templates)
         images = np.r_[ids[ROLE_REAL_NORMAL], ids[ROLE_REAL_ANOMALY]]
         y = np.r_[np.zeros(len(ids[ROLE_REAL_NORMAL])), np.ones(len(ids[ROLE_REAL_ANOMALY]))]
         for c, label in enumerate(labels):

@@ -12,7 +12,8 @@ from swsa_engine.app.cli import main
 from swsa_engine.core.detectors import (DEFAULT_DETECTOR, KnnDetector, candidate_name, create_detector, list_detectors,
                                    parse_detector)
 from swsa_engine.core.selection import selection_table
-from swsa_engine.run.sweep import AurocCube, run_sweep
+from swsa_engine.run.cube_io import load_cube
+from swsa_engine.run.sweep import run_sweep
 from swsa_store.registry import UnknownNameError
 
 
@@ -79,7 +80,7 @@ def test_cli_detectors_option(store, tmp_path, capsys):
     copy = tmp_path / "s.h5"
     copy.write_bytes(store.read_bytes())
     assert main(["score", "--store", str(copy), "--detectors", "knn(k=3);knn(k=1,cosine)", "--quiet"]) == 0
-    cube = AurocCube.load(copy)
+    cube = load_cube(copy)
     assert cube.config["detectors"] == ["knn(k=3,l2)", "knn(k=1,cosine)"]
     assert "vit_b_16/knn(k=1,cosine)" in cube.candidate_names
     capsys.readouterr()
@@ -114,5 +115,5 @@ def test_non_knn_detectors_in_the_sweep_and_table1_rows(store, tmp_path):
     table = selection_table(cube)
     assert {"SWSA (cutpaste), backbone-only grid", "Fixed detector knn(k=3,l2), largest model",
             "Best backbone-only candidate (oracle)"} <= set(table["strategy"])
-    loaded = AurocCube.load(copy)
+    loaded = load_cube(copy)
     assert loaded.config["detectors"] == ["knn(k=3,l2)", "residual(K=25,mean)", "nagl(k=2,beta=1.0)"]

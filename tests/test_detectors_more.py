@@ -139,7 +139,7 @@ def test_pca_equals_svd_reconstruction(n_tasks, width, n_bank, dim, n):
 @pytest.mark.parametrize("n_bank, dim, n", [(40, 60, 8), (25, 10, 4), (60, 300, 3)])
 def test_pca_leave_one_out_downdate_equals_refit(monkeypatch, n_bank, dim, n):
     """The secular-equation downdate against the plain eigendecomposition refit, every query leave-one-out."""
-    from swsa_engine.core import detectors
+    from swsa_engine.core.detectors import pca as pca_module
 
     rng = np.random.default_rng(n_bank + dim)
     bank = rng.normal(size=(3, n_bank, dim)) * rng.uniform(0.2, 4.0, size=dim) + 1.0
@@ -152,7 +152,7 @@ def test_pca_leave_one_out_downdate_equals_refit(monkeypatch, n_bank, dim, n):
     fast = PcaDetector(n).score_tasks(*args, task_ids=np.arange(3))
     lam = np.linalg.eigvalsh(np.cov(bank[0].T) * (n_bank - 1))[::-1]
     assert lam[n] > 1e-3 * lam[0]  # no deflation here: the downdate path did the work
-    monkeypatch.setattr(detectors, "DEFLATION_TOL", np.inf)  # every fit deflates: plain refits
+    monkeypatch.setattr(pca_module, "DEFLATION_TOL", np.inf)  # every fit deflates: plain refits
     refit = PcaDetector(n).score_tasks(*args, task_ids=np.arange(3))
     np.testing.assert_allclose(fast, refit, rtol=1e-10)
 
@@ -160,7 +160,7 @@ def test_pca_leave_one_out_downdate_equals_refit(monkeypatch, n_bank, dim, n):
 def test_pca_leave_one_out_deflation_falls_back_to_refit():
     """Tied top eigenvalues and a left-out row orthogonal to a top axis deflate the secular
     equation: those fits are flagged and refitted, and the scores still equal the SVD reference."""
-    from swsa_engine.core.detectors import _downdated_top_axes
+    from swsa_engine.core.detectors import downdated_top_axes as _downdated_top_axes
 
     cross = np.array([[3, 0, 0], [-3, 0, 0], [0, 3, 0], [0, -3, 0], [0, 0, 1], [0, 0, -1]], dtype=float)
     bank = np.concatenate([cross, cross * 0.5])[None] + 5.0  # λ1 = λ2 (tied), λ3 smaller

@@ -16,12 +16,12 @@ from sklearn.metrics import roc_auc_score
 
 from swsa_engine.run.task_groups import TaskGroup, build_task_groups, pad_rows, rest_mask
 from swsa_engine.run.prompt_sweep import score_group_candidates
-from swsa_engine.run.sweep import score_group
+from swsa_engine.run.knn_sweep import score_group
 from swsa_store import edit_store, open_store
 from swsa_store.catalog import catalog_dataset
 from swsa_store.datasets import create_dataset
 from swsa_store.datasets.elpv import ELPV_LICENCE, ElpvDataset, elpv_bucket, elpv_data_root
-from swsa_store.datasets.paper import PAPER_SAMPLE_COLUMNS
+from swsa_store.datasets.base import PAPER_SAMPLE_COLUMNS
 from swsa_store.tasks import ROLE_HELDOUT, ROLE_REAL_ANOMALY, ROLE_REAL_NORMAL, ROLE_SEED, build_tasks
 
 BUCKETS = {0: "good", 1: "p=1/3", 2: "p=2/3", 3: "p=1"}

@@ -279,7 +279,7 @@ def test_html_report_diffusion_grid_in_chromium(demo, browser, tmp_path):
     images as a column, each pair's result in the grid; an image without a file is a
     placeholder, not a broken image."""
     from swsa_engine.report.html import write_html_report
-    from swsa_engine.run.sweep import AurocCube
+    from swsa_engine.run.cube_io import load_cube
     from swsa_store import open_store
     from swsa_store.catalog import add_images
     from swsa_store.tasks import ROLE_SEED
@@ -301,7 +301,7 @@ def test_html_report_diffusion_grid_in_chromium(demo, browser, tmp_path):
             "params": json.dumps({"generator": "diffusion", "style_id": int(style), "content_id": int(content)}),
         })
     add_images(store, pd.DataFrame(rows))
-    out = write_html_report(AurocCube.load(store), store, tmp_path / "diffusion.html", report_dir=demo / "report")
+    out = write_html_report(load_cube(store), store, tmp_path / "diffusion.html", report_dir=demo / "report")
     page, errors, blocked, _ = open_report(browser.new_page, out)
     try:
         page.fill("#task-search", "0")

@@ -20,7 +20,7 @@ from PIL import Image
 from swsa_store import StoreError, open_store
 from swsa_store.catalog import catalog_dataset
 from swsa_store.ingest import embed_store, fixed_batches
-from swsa_store.store import DONE_FAILED, DONE_WRITTEN
+from swsa_store.schema import DONE_FAILED, DONE_WRITTEN
 
 TINY = "timm/resnet10t"
 NAME = "timm-resnet10t"  # the embedding matrix's name in the store

@@ -170,8 +170,8 @@ def test_knn_score_ties_and_duplicates_take_every_fallback_tier(caplog):
 
 def test_knn_score_torch_candidate_path(monkeypatch):
     """The path used on CUDA without FAISS GPUs (torch float32 running top-k), run on CPU."""
-    monkeypatch.setattr(knn, "_use_faiss", lambda dev: False)
-    monkeypatch.setattr(knn, "BLOCK_BYTES", 64 * 1024)  # many query and bank blocks
+    monkeypatch.setattr(knn.one_bank, "use_faiss", lambda dev: False)
+    monkeypatch.setattr(knn.one_bank, "BLOCK_BYTES", 64 * 1024)  # many query and bank blocks
     rng = np.random.default_rng(5)
     for kind in ("normal", "clustered"):
         bank = make(rng, 300, 20, kind)

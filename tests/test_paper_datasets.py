@@ -20,7 +20,8 @@ from swsa_store import open_store
 from swsa_store.catalog import catalog_dataset
 from swsa_store.datasets.class_names import FLOWERS_102_NAMES, clean_class_name
 from swsa_store.datasets import SAMPLE_COLUMNS, create_dataset
-from swsa_store.datasets.paper import PAPER_SAMPLE_COLUMNS, visa_defect
+from swsa_store.datasets.base import PAPER_SAMPLE_COLUMNS
+from swsa_store.datasets.visa import visa_defect
 from swsa_store.tasks import ROLE_HELDOUT, ROLE_REAL_ANOMALY, ROLE_REAL_NORMAL, ROLE_SEED
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,12 +17,12 @@ import torch
 from PIL import Image
 
 from swsa_engine.app.cli import main
-from swsa_engine.core.detectors import create_detector, list_detectors, parse_detector
-from swsa_engine.core.patch import PatchDetector, load_patch_features, patch_cost
+from swsa_engine.core.detectors import PatchDetector, create_detector, list_detectors, parse_detector, patch_cost
+from swsa_engine.run.patch_features import load_patch_features
 from swsa_store import StoreError, open_store
 from swsa_store.catalog import catalog_dataset
 from swsa_store.ingest import embed_store
-from swsa_store.store import DONE_WRITTEN
+from swsa_store.schema import DONE_WRITTEN
 
 VIT, VIT_NAME = "timm/vit_tiny_patch16_224", "timm-vit_tiny_patch16_224"
 CNN, CNN_NAME = "timm/resnet10t", "timm-resnet10t"

@@ -30,7 +30,7 @@ from PIL import Image
 from swsa_store import open_store
 from swsa_store.catalog import catalog_dataset
 from swsa_store.ingest import embed_store
-from swsa_store.store import DONE_WRITTEN
+from swsa_store.schema import DONE_WRITTEN
 
 TINY = "timm/resnet10t"
 NAME = "timm-resnet10t"
@@ -307,7 +307,7 @@ def test_missing_ray_is_a_one_line_error(monkeypatch, tmp_path, capsys):
 
 
 def test_cli_ray_options_parse():
-    from swsa_engine.app.cli import _ray_kwargs, build_parser
+    from swsa_engine.app.cli import build_parser, ray_kwargs as _ray_kwargs
 
     parser = build_parser()
     args = parser.parse_args(["embed", "--store", "s.h5", "--backbone", "x", "--ray", "--actors-per-gpu", "2"])

@@ -8,7 +8,9 @@ import pandas as pd
 import pytest
 
 from swsa_store import SCHEMA_VERSION, StoreError, create_store, edit_store, open_store
-from swsa_store.store import EmbeddingRowWriter, read_table, write_table, writer_lock
+from swsa_store.row_writer import EmbeddingRowWriter
+from swsa_store.schema import read_table, write_table
+from swsa_store.store import writer_lock
 
 
 def _table(n=5):
@@ -155,7 +157,7 @@ def test_missing_embeddings_error_names_command(tmp_path):
 
 
 def test_results_are_saved_beside_the_store_without_rewriting_it(tmp_path):
-    from swsa_store.store import save_result
+    from swsa_store.schema import save_result
 
     path = create_store(tmp_path / "s.h5")
     before = path.stat()

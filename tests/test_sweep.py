@@ -13,7 +13,9 @@ from swsa_engine.core.selection import (
     SelectionContext, as_weights, create_strategy, evaluate_weights, list_strategies, ranking_table,
     register_strategy, selection_table,
 )
-from swsa_engine.run.sweep import AurocCube, grouped_auroc, score_group
+from swsa_engine.core.cube import AurocCube, grouped_auroc
+from swsa_engine.run.cube_io import load_cube, save_cube
+from swsa_engine.run.knn_sweep import score_group
 from swsa_store.registry import UnknownNameError
 
 
@@ -215,8 +217,8 @@ def test_cube_save_and_load(tmp_path):
 
     path = create_store(tmp_path / "s.h5")
     cube = _cube(np.random.default_rng(3))
-    cube.save(path)
-    back = AurocCube.load(path)
+    save_cube(cube, path)
+    back = load_cube(path)
     np.testing.assert_array_equal(back.real, cube.real)
     np.testing.assert_array_equal(back.synthetic, cube.synthetic)
     assert back.sources == cube.sources and back.candidate_names == cube.candidate_names
@@ -225,8 +227,8 @@ def test_cube_save_and_load(tmp_path):
 
 def test_score_group_refines_large_banks_from_candidates(monkeypatch):
     """The candidate refinement (banks above SMALL_BANK) gives the naive loop's AUROCs too."""
-    import swsa_engine.run.sweep as sweep
+    import swsa_engine.run.knn_sweep as knn_sweep
 
-    monkeypatch.setattr(sweep, "SMALL_BANK", 0)
+    monkeypatch.setattr(knn_sweep, "SMALL_BANK", 0)
     test_score_group_matches_naive_per_task_loop(3, "per-task")
     test_score_group_matches_naive_per_task_loop(1, "shared")

@@ -27,14 +27,15 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from swsa_store import open_store
-from swsa_store.models.backbones import WeightsNotFoundError, get_backbone_cfg, resolve_weights
 from swsa_store.catalog import catalog_dataset
+from swsa_store.datasets.elpv import ElpvDataset
 from swsa_store.ingest import embed_store, embedding_name
+from swsa_store.models.backbones import WeightsNotFoundError, get_backbone_cfg, resolve_weights
 from swsa_store.synthesize import synthesize
 
 from swsa_engine.report.html import write_html_report
 from swsa_engine.report.summary import write_report
+from swsa_engine.run.report_inputs import embedding_configs, read_skips, read_tasks
 from swsa_engine.run.sweep import run_sweep
 
 log = logging.getLogger(__name__)
@@ -189,8 +190,7 @@ def synthesize_sources(step: DemoSteps, store_path: Path, plan: DemoPlan, *, see
 
 def dataset_sizes_line(store_path: Path, plan: DemoPlan) -> str:
     """One sentence with the catalogued sizes per task, read from the store."""
-    with open_store(store_path) as store:
-        tasks = store.tasks()
+    tasks = read_tasks(store_path)
     tasks = tasks[tasks["dataset"] == plan.dataset]
     per_task = "; ".join(
         f"{t.normal_class}: support {t.n_support} ({t.n_seed} seeds, {t.n_heldout} held out), "
@@ -202,19 +202,19 @@ def dataset_sizes_line(store_path: Path, plan: DemoPlan) -> str:
 def weights_lines(store_path: Path, backbones: tuple[str, ...]) -> list[str]:
     """One line per feature source: where its weights came from, with their sha256."""
     lines = []
-    with open_store(store_path) as store:
-        for backbone in backbones:
-            config = store.embedding_attrs(embedding_name(backbone)).get("config", {})
-            kind = config.get("weights_kind", "")
-            if kind == "none":
-                lines.append(f"`{backbone}`: raw pixels, no weights")
-            elif kind == "random":
-                lines.append(f"`{backbone}`: randomly initialised (asked for: no pretrained weights were found)")
-            else:
-                package = config.get("weights_package", "")
-                origin = f"package {package} {config.get('weights_package_version', '')}".strip() if package else kind
-                lines.append(f"`{backbone}`: {Path(str(config.get('weights_path', ''))).name} ({origin}), "
-                             f"sha256 {config.get('weights_sha256', '')}")
+    configs = embedding_configs(store_path, [embedding_name(b) for b in backbones])
+    for backbone in backbones:
+        config = configs[embedding_name(backbone)]
+        kind = config.get("weights_kind", "")
+        if kind == "none":
+            lines.append(f"`{backbone}`: raw pixels, no weights")
+        elif kind == "random":
+            lines.append(f"`{backbone}`: randomly initialised (asked for: no pretrained weights were found)")
+        else:
+            package = config.get("weights_package", "")
+            origin = f"package {package} {config.get('weights_package_version', '')}".strip() if package else kind
+            lines.append(f"`{backbone}`: {Path(str(config.get('weights_path', ''))).name} ({origin}), "
+                         f"sha256 {config.get('weights_sha256', '')}")
     return lines
 
 
@@ -222,8 +222,6 @@ def demo_notes(store_path: Path, cube, plan: DemoPlan, timings: dict[str, float]
     """The report's notes: the dataset (and its licence), the sizes, the candidates, their weights, the timings."""
     total = sum(timings.values())
     if plan.dataset == "elpv":
-        from swsa_store.datasets.elpv import ElpvDataset
-
         about = ElpvDataset.describe()
         dataset = (f"Dataset: ELPV ({about['citation']}), {about['images']} electroluminescence images of solar cells "
                    f"from the `{about['source_package']}` package {about['source_version']}, licence "
@@ -247,8 +245,7 @@ def demo_notes(store_path: Path, cube, plan: DemoPlan, timings: dict[str, float]
 
 def write_demo_reports(step: DemoSteps, cube, store_path: Path, out: Path, plan: DemoPlan, notes: list[str]) -> dict:
     """The Markdown report (with its CSVs and figures) and the HTML report under ``out / "report"``."""
-    with open_store(store_path) as store:
-        skips = store.skips()
+    skips = read_skips(store_path)
     title = f"SWSA demo — {'ELPV solar cells' if plan.dataset == 'elpv' else 'digits'}"
     paths = step("report", write_report, cube, out / "report", store_skips=skips, title=title, notes=notes,
                  store_path=store_path, table3_tasks=2 if plan.dataset == "elpv" else 3, figure4=True)

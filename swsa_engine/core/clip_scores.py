@@ -37,6 +37,8 @@ query that *is* that image (leave-one-out, as the kNN sweep does for held-out no
 from __future__ import annotations
 
 import numpy as np
+import torch
+from scipy.special import expit
 
 __all__ = [
     "DEFAULT_EPS", "bliss_from_similarities", "bliss_score", "l2_normalize", "prompt_ensemble", "support_sums",
@@ -83,8 +85,6 @@ def two_prompt_logit(images, normal_text, anomaly_text, logit_scale: float = 100
 
 def two_prompt_score(images, normal_text, anomaly_text, logit_scale: float = 100.0) -> np.ndarray:
     """Zero-shot anomaly probability ``softmax(s · [cos(z, t_n), cos(z, t_a)])[1]`` (see module doc)."""
-    from scipy.special import expit
-
     return expit(two_prompt_logit(images, normal_text, anomaly_text, logit_scale))
 
 
@@ -98,8 +98,6 @@ def topk_similarities(images, dictionary, k: int, chunk: int = 8192) -> tuple[np
 
     images ``(N, D)``, dictionary ``(M, D)`` → values ``(N, k)`` float64, indices ``(N, k)`` int64.
     """
-    import torch
-
     z = np.asarray(images)
     d = torch.from_numpy(np.ascontiguousarray(l2_normalize(np.asarray(dictionary, dtype=np.float64))))
     k = int(k)

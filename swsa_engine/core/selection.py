@@ -24,8 +24,9 @@ import pandas as pd
 
 from swsa_store.registry import Registry
 
+from swsa_engine.core.cube import SETTINGS, AurocCube
+from swsa_engine.core.detectors import DEFAULT_DETECTOR
 from swsa_engine.core.metrics import kendall_tau
-from swsa_engine.run.sweep import SETTINGS, AurocCube
 
 STRATEGIES: Registry = Registry("selection strategy")
 
@@ -220,8 +221,6 @@ def detector_strategies(cube: AurocCube) -> list[tuple[str, str, dict]]:
     over the paper's backbone-only grid (the default detector, kNN k = 3), the default detector
     on the largest model, and the best backbone-only candidate (oracle). The full-grid rows are
     the usual ones ("SWSA (source)", "Largest model", "Best model (oracle)")."""
-    from swsa_engine.core.detectors import DEFAULT_DETECTOR
-
     if "detector" not in cube.candidates:
         return []
     labels = set(cube.candidates["detector"]) - {"imported"}

@@ -1,10 +1,12 @@
 """The sweep's scoring path for every detector other than kNN (Mahalanobis, residual, NAGL, PCA, …).
 
-:func:`score_group_detector` is :func:`swsa_engine.run.sweep.score_group` for any detector with the
+:func:`score_group_detector` is :func:`swsa_engine.run.knn_sweep.score_group` for any detector with the
 batched interface of :mod:`swsa_engine.core.detectors` (``score_tasks``, optionally ``score_shared``,
 ``min_bank``): the same queries (real validation; held-out normals scored leave-one-out and each
-source's synthetic anomalies), the same AUROCs (:func:`swsa_engine.run.sweep.validation_aurocs`), the
-same skips, and memory bounded by chunking over tasks (and over shared queries).
+source's synthetic anomalies), the same AUROCs (:func:`swsa_engine.run.group_scoring.validation_aurocs`),
+the same skips, and memory bounded by chunking over tasks (and over shared queries).
+:func:`detector_features` gives a detector the features it scores (patch tokens for patch
+detectors); :class:`ReferenceLog` records the few-shot residual's drawn references for the cube.
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.special import expit
 
+from swsa_store import open_store
+
+from swsa_engine.core.validation import usable_ids
+from swsa_engine.run.group_scoring import (empty_result, features_for, leave_one_out, own_real_queries, put_real,
+                                           synthetic_queries, usable_banks, validation_aurocs)
+from swsa_engine.run.patch_features import load_patch_features
 from swsa_engine.run.task_groups import TaskGroup
-from swsa_engine.run.sweep import (_features_for, _keep_usable, _leave_one_out, _own_real_queries, _put_real, _usable_banks, empty_result,
-                    synthetic_queries, validation_aurocs)
 
 
 def score_group_detector(
@@ -44,53 +49,70 @@ def score_group_detector(
     device : unused by the float64 NumPy detectors (kept for the sweep's signature).
     prior : for detectors with a ``text_prior`` weight, ``prior(rows, query_ids)`` → CLIP's
         two-prompt probabilities of the queries for the group's tasks ``rows`` (ids (Q,) shared
-        or (T', W) per task; :meth:`TextPrior.for_group`); ``weight × prior`` is added to every score.
+        or (T', W) per task; :meth:`swsa_engine.run.text_prior.TextPrior.for_group`); ``weight × prior`` is added to every score.
         Images that ``prior.usable`` (N,) bool marks False (no CLIP embedding) are left out of the
         candidate like unusable rows, and each task that loses some gets a skip saying how many.
 
-    Returns a dict like :func:`swsa_engine.run.sweep.score_group`: ``real`` (T, 2), ``synthetic``
+    Returns a dict like :func:`swsa_engine.run.knn_sweep.score_group`: ``real`` (T, 2), ``synthetic``
     (T, V) over ``sources`` then their hardest variants, ``per_class`` (T, G), ``skips``
     [(task_id, reason)], ``knn_flops`` (distance-like multiply-adds, for the timing report), and
     for detectors with ``references`` (the few-shot residual) ``references`` (T, K) image ids of
     each task's drawn references (-1 where none).
     """
-    weight = float(getattr(detector, "text_prior", 0.0))
-    usable, text_skips = _without_clip_gaps(group, sources, usable, detector, prior, weight)
-    keep = _keep_usable(usable)
-    hint = getattr(detector, "bank_hint", "use a larger support set or other settings")
-    support, heldout, scoreable, bank_skips = _usable_banks(
-        group, keep, (detector.min_bank(False), detector.min_bank(True)), detector.label, f"; {hint}")
-    abnormal, scoreable, abnormal_skips = _abnormal_references(group, keep, detector, scoreable)
-    out = empty_result(group, sources, hardest, text_skips + bank_skips + abnormal_skips)
+    weight = float(detector.text_prior)
+    usable, support, heldout, abnormal, scoreable, skips = _detector_banks(group, sources, usable, detector, prior, weight)
+    out = empty_result(group, sources, hardest, skips)
     rows = np.flatnonzero(scoreable)
     if rows.size == 0:
         return out
     support = support[rows]
     task_ids = group.task_ids[rows]
-    if hasattr(detector, "references"):  # record the drawn references as image ids
+    if detector.draws_references:  # record the drawn references as image ids
         out["references"] = _drawn_references(detector, support, task_ids, rows, len(group.task_ids))
     scorer = _DetectorPass(detector, features, support, None if abnormal is None else abnormal[rows], task_ids, chunk_bytes)
     real_ok = usable[group.real_ids]
     member = (group.real_label[rows] >= 0) & real_ok[None, :]
     real_scores = _real_detector_scores(scorer, group, real_ok, member)
     # synthetic validation: held-out normals (leave-one-out) + each source's anomalies
-    queries, widths = synthetic_queries(group, rows, sources, keep)
-    synth_scores = scorer.task_scores(queries, _leave_one_out(heldout[rows], support, queries, widths[0]))
+    queries, widths = synthetic_queries(group, rows, sources, usable)
+    synth_scores = scorer.task_scores(queries, leave_one_out(heldout[rows], support, queries, widths[0]))
     out["knn_flops"] = scorer.flops[0]
     if weight:
-        if prior is None:
-            raise ValueError(f"{detector.label} adds a CLIP text prior; pass prior= (run_sweep builds it from the store's CLIP embeddings)")
-        real_scores[:, real_ok] += weight * prior(rows, group.real_ids[real_ok])
-        synth_scores += weight * np.where(queries >= 0, prior(rows, np.maximum(queries, 0)), 0.0)
+        _add_text_prior(detector, prior, weight, rows, group.real_ids, real_ok, real_scores, queries, synth_scores)
     # a score that should exist but is not finite (a singular fit): skip the task, say why
     broken = (member & ~np.isfinite(real_scores)).any(axis=1) | ((queries >= 0) & ~np.isfinite(synth_scores)).any(axis=1)
-    out["skips"] += [(int(t), f"{detector.label} gave non-finite scores (a degenerate support set, e.g. duplicate images); "
-                              "use another detector or a larger support set") for t in task_ids[broken]]
+    out["skips"] += [(int(t), _NON_FINITE.format(label=detector.label)) for t in task_ids[broken]]
     aurocs = validation_aurocs(group, rows, real_scores, queries, synth_scores, widths, sources, hardest)
     for key in ("real", "synthetic", "per_class"):
         aurocs[key][broken] = np.nan
         out[key][rows] = aurocs[key]
     return out
+
+
+def _detector_banks(group: TaskGroup, sources: list[str], usable: np.ndarray, detector, prior, weight: float):
+    """What ``detector`` can score of ``group``: ``usable`` (N,) less the images its text prior
+    cannot score, each task's usable ``support`` (T, S) and ``heldout`` (T, H) ids, its abnormal
+    references (T, R) or None, ``scoreable`` (T,) bool and the skips [(task_id, reason)] of the
+    text prior's gaps, too small banks and too few abnormal references."""
+    usable, text_skips = _without_clip_gaps(group, sources, usable, detector, prior, weight)
+    support, heldout, scoreable, bank_skips = usable_banks(
+        group, usable, (detector.min_bank(False), detector.min_bank(True)), detector.label, f"; {detector.bank_hint}")
+    abnormal, scoreable, abnormal_skips = _abnormal_references(group, usable, detector, scoreable)
+    return usable, support, heldout, abnormal, scoreable, text_skips + bank_skips + abnormal_skips
+
+
+_NON_FINITE = ("{label} gave non-finite scores (a degenerate support set, e.g. duplicate images); "
+               "use another detector or a larger support set")
+
+
+def _add_text_prior(detector, prior, weight: float, rows: np.ndarray, real_ids: np.ndarray, real_ok: np.ndarray,
+                    real_scores: np.ndarray, queries: np.ndarray, synth_scores: np.ndarray) -> None:
+    """Add ``weight × prior`` in place to the real scores (T', Q) of ``real_ids`` (Q,) where
+    ``real_ok`` (Q,) and to the synthetic scores (T', W) of ``queries`` (T', W), -1 padded."""
+    if prior is None:
+        raise ValueError(f"{detector.label} adds a CLIP text prior; pass prior= (run_sweep builds it from the store's CLIP embeddings)")
+    real_scores[:, real_ok] += weight * prior(rows, real_ids[real_ok])
+    synth_scores += weight * np.where(queries >= 0, prior(rows, np.maximum(queries, 0)), 0.0)
 
 
 def _without_clip_gaps(group: TaskGroup, sources: list[str], usable: np.ndarray, detector, prior, weight: float):
@@ -103,13 +125,13 @@ def _without_clip_gaps(group: TaskGroup, sources: list[str], usable: np.ndarray,
     return usable & prior.usable, text_skips
 
 
-def _abnormal_references(group: TaskGroup, keep, detector, scoreable: np.ndarray):
-    """For detectors with ``needs_abnormal``: the usable abnormal references (T, R) of every task,
+def _abnormal_references(group: TaskGroup, usable: np.ndarray, detector, scoreable: np.ndarray):
+    """For detectors with ``needs_abnormal``: the ``usable`` (N,) abnormal references (T, R) of every task,
     ``scoreable`` (T,) less the tasks with fewer than ``detector.min_abnormal``, and their skips;
     otherwise ``(None, scoreable, [])``."""
-    if not getattr(detector, "needs_abnormal", False):
+    if not detector.needs_abnormal:
         return None, scoreable, []
-    abnormal = keep(getattr(group, "abnormal", np.full((len(group.task_ids), 0), -1, dtype=np.int64)))
+    abnormal = usable_ids(getattr(group, "abnormal", np.full((len(group.task_ids), 0), -1, dtype=np.int64)), usable)
     n_abnormal = (abnormal >= 0).sum(axis=1)
     short = scoreable & (n_abnormal < detector.min_abnormal)
     skips = [(int(t), f"{detector.label} needs at least {detector.min_abnormal} abnormal references, the task has {n}; "
@@ -155,14 +177,14 @@ def _real_detector_scores(scorer: _DetectorPass, group: TaskGroup, real_ok: np.n
     """(T', Q) scores of ``group.real_ids`` for the scorer's tasks, NaN off ``member`` (T', Q)."""
     widest = int(member.sum(axis=1).max(initial=0))
     real_scores = np.full(member.shape, np.nan)
-    if hasattr(scorer.detector, "score_shared") and widest and int(real_ok.sum()) <= 1.5 * widest:
+    if scorer.detector.supports_shared and widest and int(real_ok.sum()) <= 1.5 * widest:
         # tasks share their real validation images (one-vs-rest): one set of queries, every bank
         real_scores[:, real_ok] = scorer.shared_scores(group.real_ids[real_ok])
         real_scores[~member] = np.nan
     elif widest:
         # each task has its own real images (a product's test set): per-task queries
-        order, present, own = _own_real_queries(group, member, widest)
-        _put_real(real_scores, order, present, scorer.task_scores(own, None), member)
+        order, present, own = own_real_queries(group, member, widest)
+        put_real(real_scores, order, present, scorer.task_scores(own, None), member)
     return real_scores
 
 
@@ -174,7 +196,7 @@ def _text_prior_skips(group: TaskGroup, sources: list[str], missing: np.ndarray,
         return []
     parts = [group.support, np.where(group.real_label >= 0, group.real_ids[None, :], -1)]
     parts += [group.synthetic[s] for s in sources if s in group.synthetic]
-    if getattr(detector, "needs_abnormal", False):
+    if detector.needs_abnormal:
         parts.append(group.abnormal)
     ids = np.concatenate([np.asarray(part, dtype=np.int64) for part in parts], axis=1)  # (T, W), -1 padded
     ids = np.sort(np.where((ids >= 0) & missing[np.maximum(ids, 0)], ids, -1), axis=1)
@@ -204,9 +226,9 @@ def _task_chunks(detector, features, queries, support, exclude, abnormal, task_i
             continue
         extra = {}
         if abnormal is not None:
-            extra = {"abnormal": _features_for(features, abnormal[lo:hi]), "abnormal_mask": abnormal[lo:hi] >= 0}
+            extra = {"abnormal": features_for(features, abnormal[lo:hi]), "abnormal_mask": abnormal[lo:hi] >= 0}
         scores[lo:hi] = detector.score_tasks(
-            _features_for(features, q_ids), q_ids >= 0, _features_for(features, b_ids), b_ids >= 0,
+            features_for(features, q_ids), q_ids >= 0, features_for(features, b_ids), b_ids >= 0,
             np.full(q_ids.shape, -1, dtype=np.int64) if exclude is None else exclude[lo:hi],
             task_ids=task_ids[lo:hi], **extra)
         flops[0] += 2.0 * float((q_ids >= 0).sum()) * (bank + n_abnormal) * dim
@@ -225,10 +247,10 @@ def _shared_chunks(detector, features, query_ids, support, abnormal, task_ids, c
     for lo in range(0, n_tasks, task_chunk):
         hi = min(lo + task_chunk, n_tasks)
         b_ids = support[lo:hi]
-        bank_rows = _features_for(features, b_ids)
+        bank_rows = features_for(features, b_ids)
         extra = {}
         if abnormal is not None:
-            extra = {"abnormal": _features_for(features, abnormal[lo:hi]), "abnormal_mask": abnormal[lo:hi] >= 0}
+            extra = {"abnormal": features_for(features, abnormal[lo:hi]), "abnormal_mask": abnormal[lo:hi] >= 0}
         per_query = 8 * ((hi - lo) * 6 * (bank + n_abnormal + min(dim, bank)) + 2 * dim)
         query_chunk = max(1, chunk_bytes // max(1, per_query))
         for q_lo in range(0, len(query_ids), query_chunk):
@@ -244,18 +266,12 @@ def detector_features(store_path, name: str, detector, features: np.ndarray, usa
     or ``(None, None, reason)`` when they cannot be had (patch tokens not embedded).
 
     Detectors with ``needs == "patches"`` read the store's patch tokens through
-    ``swsa_engine.core.patch.load_patch_features(store_path, name)`` (an array indexed by image id, or
+    ``swsa_engine.run.patch_features.load_patch_features(store_path, name)`` (an array indexed by image id, or
     ``(array, usable)``); every other detector gets ``detector.prepare(features)``.
     """
-    if getattr(detector, "needs", "features") != "patches":
+    if detector.needs != "patches":
         return detector.prepare(features), usable, None
     fix = f"run `swsa embed --store {store_path} --backbone {name} --patch-tokens` first"
-    try:
-        from swsa_engine.core.patch import load_patch_features
-    except ImportError:
-        return None, None, f"{detector.label} needs patch tokens, which this installation cannot read; {fix}"
-    from swsa_store import open_store
-
     with open_store(store_path) as store:
         held = store.patch_sets() if hasattr(store, "patch_sets") else []
     if name not in held:
@@ -265,8 +281,7 @@ def detector_features(store_path, name: str, detector, features: np.ndarray, usa
     except TypeError:  # an older signature without the done mask
         loaded = load_patch_features(store_path, name)
     patches, rows = loaded if isinstance(loaded, tuple) else (loaded, usable)
-    prepare = getattr(detector, "prepare", None)
-    return (prepare(patches) if prepare else patches), np.asarray(rows, dtype=bool) & usable, None
+    return detector.prepare(patches), np.asarray(rows, dtype=bool) & usable, None
 
 
 class ReferenceLog:
@@ -283,13 +298,8 @@ class ReferenceLog:
     def add(self, candidate: str, detector, task_ids: np.ndarray, references: np.ndarray | None) -> None:
         if references is None:
             return
-        rule = getattr(detector, "reference_rule", None)
-        entry = self.draws.setdefault(detector.label, {"K": int(references.shape[1]),
-                                                      "seed": int(getattr(detector, "seed", 0)),
-                                                      "rule": (rule() if callable(rule) else rule) or
-                                                      "the K usable support images with the smallest "
-                                                      "hash_uniform(seed, task_id, support position)",
-                                                      "by_task": {}, "overrides": {}})
+        entry = self.draws.setdefault(detector.label, {"K": int(references.shape[1]), "seed": int(detector.seed),
+                                                      "rule": detector.reference_rule, "by_task": {}, "overrides": {}})
         for task_id, row in zip(task_ids.tolist(), references.tolist()):
             known = entry["by_task"].setdefault(int(task_id), row)
             if known != row:
@@ -308,56 +318,3 @@ class ReferenceLog:
             out["abnormal_references"] = {k: (v.item() if hasattr(v, "item") else v) for k, v in abnormal_attrs.items()
                                           if k in ("source", "share", "seed", "rule")}
         return out
-
-
-class TextPrior:
-    """InCTRL's text prior without training: CLIP's two-prompt anomaly probability per (task, image).
-
-    ``p = sigmoid(s · (cos(z, t_a) − cos(z, t_n)))`` with the prompt ensembles ``t_n``, ``t_a`` of
-    the task's class in ``prompt_set`` (:func:`swsa_engine.core.clip_scores.two_prompt_score`), ``z`` the
-    image's embedding by the same CLIP model and ``s`` its logit scale.  Built once per sweep from
-    the store (:meth:`from_store`); :attr:`usable` marks the images with a CLIP embedding.
-    """
-
-    def __init__(self, unit: np.ndarray, usable: np.ndarray, text, logit_scale: float, model: str):
-        self.unit, self.usable, self.text, self.logit_scale, self.model = unit, usable, text, logit_scale, model
-        self.n_templates = int(text.attrs.get("n_templates") or (text.table["template"].max() + 1))
-
-    @classmethod
-    def from_store(cls, store_path, model: str | None = None, prompt_set: str = "paper") -> "TextPrior":
-        """The prior of CLIP ``model`` (``None``: the store's only one) and ``prompt_set``, read by
-        :func:`swsa_store.models.clip.read_text_prior_inputs` (one-line errors for what is missing)."""
-        from swsa_store.models.clip import read_text_prior_inputs
-
-        from swsa_engine.core.clip_scores import l2_normalize
-
-        inputs = read_text_prior_inputs(store_path, model, prompt_set)
-        unit = l2_normalize(np.where(inputs.usable[:, None], inputs.features, 0.0).astype(np.float64))
-        return cls(unit, inputs.usable, inputs.text, float(inputs.text.attrs.get("logit_scale", 100.0)), inputs.model)
-
-    def for_group(self, group: TaskGroup) -> "GroupPrior":
-        """The prior of the tasks of ``group`` (:class:`GroupPrior`)."""
-        from swsa_engine.run.prompt_sweep import _per_task_text, prompt_directions
-
-        normal, anomaly = _per_task_text(self.text, group.task_ids, self.n_templates)
-        direction = prompt_directions(normal, anomaly, self.logit_scale)[:, -1, :]  # the ensemble's (T, D)
-        return GroupPrior(self.unit, direction, self.usable, self.model)
-
-
-@dataclass(frozen=True)
-class GroupPrior:
-    """CLIP's two-prompt probabilities for one task group: ``prior(rows, query_ids)`` for tasks
-    ``group.task_ids[rows]``, query ids (Q,) shared by every task → (T', Q), or (T', W) per task →
-    (T', W). ``unit`` (N, D) unit image embeddings, ``direction`` (T, D) per-task prompt direction,
-    ``usable`` (N,) images with a CLIP embedding, ``model`` the CLIP model's name."""
-
-    unit: np.ndarray
-    direction: np.ndarray
-    usable: np.ndarray
-    model: str
-
-    def __call__(self, rows: np.ndarray, query_ids: np.ndarray) -> np.ndarray:
-        w = self.direction[rows]
-        if query_ids.ndim == 1:
-            return expit(self.unit[query_ids] @ w.T).T
-        return expit(np.einsum("twd,td->tw", self.unit[query_ids], w))

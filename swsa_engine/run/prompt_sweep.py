@@ -3,7 +3,8 @@
 Same tasks, same real validation sets (one-vs-rest and one-vs-closest) and same synthetic
 validation sets (held-out normals vs each source's anomalies, plus the N hardest) as the kNN
 sweep (:mod:`swsa_engine.run.sweep`), evaluated by the same :func:`~swsa_engine.core.metrics.auroc` and
-:func:`~swsa_engine.run.sweep.grouped_auroc`, stored as the same :class:`~swsa_engine.run.sweep.AurocCube`:
+:func:`~swsa_engine.core.cube.grouped_auroc`, stored as the same :class:`~swsa_engine.core.cube.AurocCube`
+(:func:`swsa_engine.run.cube_io.save_cube`):
 
 * ``/results/prompt_cube``: candidates ``prompt01`` … ``prompt10`` (the prompt set's template
   pairs, ``prompt01`` the default) and ``ensemble`` (the prompt ensemble baseline), scored with
@@ -15,6 +16,9 @@ Every score is one batched array expression over a chunk of tasks and all their 
 prompt logits are one matrix product ``Ẑ · (s·(t̂_a − t̂_n))`` for every template at once; BLISS
 finds each image's top dictionary entries once (for the largest K) and standardises them with
 per-task statistics gathered in one indexing operation.
+
+The tables over these cubes are in :mod:`swsa_engine.report.clip_tables`; the paper-scale timing
+on random arrays in :mod:`swsa_engine.app.bench_clip`.
 """
 
 from __future__ import annotations
@@ -29,28 +33,21 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from swsa_store import StoreError, open_store
+from swsa_store.models.clip import text_model_name
+from swsa_store.references import read_references
+from swsa_store.schema import DONE_TODO, DONE_WRITTEN
+
 from swsa_engine.core.clip_scores import DEFAULT_EPS, bliss_from_similarities, l2_normalize, prompt_ensemble, topk_similarities
-from swsa_engine.run.task_groups import TaskGroup, build_task_groups, rest_mask
+from swsa_engine.core.cube import (BLISS_CUBE, BLISS_DEFAULT, BLISS_KS, BLISS_LAMBDAS, ENSEMBLE, PROMPT_CUBE, AurocCube,
+                                   bliss_name, grouped_auroc, prompt_name)
 from swsa_engine.core.metrics import UndefinedMetricWarning, auroc
-from swsa_engine.run.sweep import SETTINGS, AurocCube, CubeLayout, grouped_auroc
+from swsa_engine.core.validation import usable_ids
+from swsa_engine.run.cube_io import save_cube
+from swsa_engine.run.cube_layout import CubeLayout
+from swsa_engine.run.task_groups import TaskGroup, build_task_groups, rest_mask
 
 log = logging.getLogger(__name__)
-
-PROMPT_CUBE = "prompt_cube"
-BLISS_CUBE = "bliss_cube"
-ENSEMBLE = "ensemble"
-BLISS_LAMBDAS = (0.1, 0.25, 0.5, 0.75, 1.0, 2.0)
-BLISS_KS = (1, 5, 10, 20)
-BLISS_DEFAULT = (0.5, 10)
-
-
-def prompt_name(j: int) -> str:
-    return f"prompt{j + 1:02d}"
-
-
-def bliss_name(lam: float, k: int) -> str:
-    return f"bliss_l{lam:g}_k{int(k)}"
-
 
 # --------------------------------------------------------------------------------------------
 # the generic cube builder: a scorer gives (T, C, Q) scores for any query ids
@@ -75,11 +72,6 @@ def _guard(scores: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return np.where(np.isfinite(scores), scores, 0.0), bad
 
 
-def _usable_ids(ids: np.ndarray, usable: np.ndarray) -> np.ndarray:
-    """``ids`` with unusable images (and padding) replaced by −1."""
-    return np.where((ids >= 0) & usable[np.maximum(ids, 0)], ids, -1)
-
-
 @dataclass
 class _GroupQueries:
     """What one task group's scorer is asked about, laid out once for every chunk of tasks."""
@@ -94,10 +86,10 @@ class _GroupQueries:
 def _group_queries(group: TaskGroup, usable: np.ndarray, sources: list[str]) -> _GroupQueries:
     """The usable query ids of ``group`` for the synthetic ``sources`` (a source it lacks gets no columns)."""
     n_tasks = len(group.task_ids)
-    support = _usable_ids(group.support, usable)
-    heldout = _usable_ids(group.heldout, usable)
+    support = usable_ids(group.support, usable)
+    heldout = usable_ids(group.heldout, usable)
     real_ok = usable[group.real_ids]
-    parts = [heldout] + [_usable_ids(group.synthetic[s], usable) if s in group.synthetic else np.full((n_tasks, 0), -1)
+    parts = [heldout] + [usable_ids(group.synthetic[s], usable) if s in group.synthetic else np.full((n_tasks, 0), -1)
                          for s in sources]
     widths = [p.shape[1] for p in parts]
     queries = np.concatenate(parts, axis=1)
@@ -251,7 +243,7 @@ def bliss_scorer(features_unit: np.ndarray, topv: np.ndarray, topi: np.ndarray, 
     the group's class prompts; ``support`` ``(T, S)`` the group's support ids (−1 padding).
     Candidates are ordered λ-major: ``[(λ0, K0), (λ0, K1), ..., (λ1, K0), ...]``.
     """
-    support = _usable_ids(support, usable)
+    support = usable_ids(support, usable)
     cache: dict = {}
 
     def stats(rows):
@@ -295,15 +287,9 @@ def bliss_scorer(features_unit: np.ndarray, topv: np.ndarray, topi: np.ndarray, 
 
 
 def _inputs(store_path, model):
-    from swsa_store import StoreError, open_store
-    from swsa_store.models.clip import text_model_name
-    from swsa_store.store import DONE_TODO, DONE_WRITTEN
-
     with open_store(store_path) as store:
         name = text_model_name(store, model)
         images, tasks, members = store.images(), store.tasks(), store.task_members()
-        from swsa_store.references import read_references
-
         references = read_references(store)  # abnormal references never validate, for any candidate
         if name not in store.backbones():
             raise StoreError(f"store {store_path} has no image embeddings {name!r}; run `swsa embed --store {store_path} "
@@ -322,8 +308,10 @@ def _inputs(store_path, model):
     return name, tasks, groups, unit, usable, info
 
 
-def _per_task_text(text, task_ids: np.ndarray, n_templates: int) -> tuple[np.ndarray, np.ndarray]:
-    """(T, P, D) normal and anomaly embeddings for ``task_ids`` from a prompt-set table."""
+def per_task_text(text, task_ids: np.ndarray, n_templates: int) -> tuple[np.ndarray, np.ndarray]:
+    """(T, P, D) normal and anomaly embeddings for ``task_ids`` (T,) from a prompt set's text
+    embeddings ``text`` (:meth:`swsa_store.store.Store.text_embeddings`: ``table`` with task_id, side
+    (0 normal, 1 anomaly), template, row; ``embeddings`` (rows, D)); ``n_templates`` = P."""
     table = text.table
     dim = text.embeddings.shape[1]
     out = np.full((2, len(task_ids), n_templates, dim), np.nan, dtype=np.float64)
@@ -341,8 +329,6 @@ def _per_task_text(text, task_ids: np.ndarray, n_templates: int) -> tuple[np.nda
 def run_prompt_sweep(store_path: str | os.PathLike, *, model: str | None = None, prompt_set: str = "paper",
                      hardest=(10, 5), save: bool = True) -> AurocCube:
     """The prompt cube (``prompt01``… and ``ensemble``) for every task; saved as ``/results/prompt_cube``."""
-    from swsa_store import open_store
-
     started = time.perf_counter()
     name, tasks, groups, unit, usable, info = _inputs(store_path, model)
     with open_store(store_path) as store:
@@ -353,7 +339,7 @@ def run_prompt_sweep(store_path: str | os.PathLike, *, model: str | None = None,
     first = next(iter(templates.values()), [["", ""]] * n_templates) if templates else [["", ""]] * n_templates
 
     def scorer_for(group):
-        normal, anomaly = _per_task_text(text, group.task_ids, n_templates)
+        normal, anomaly = per_task_text(text, group.task_ids, n_templates)
         return prompt_scorer(unit, prompt_directions(normal, anomaly, logit_scale))
 
     candidates = pd.DataFrame({
@@ -367,15 +353,13 @@ def run_prompt_sweep(store_path: str | os.PathLike, *, model: str | None = None,
                               "score": "two-prompt logit s*(cos(z,t_a)-cos(z,t_n))", "kind": "prompts"})
     cube.config["seconds"] = round(time.perf_counter() - started, 3)
     if save:
-        cube.save(store_path, PROMPT_CUBE)
+        save_cube(cube, store_path, PROMPT_CUBE)
     return cube
 
 
 def run_bliss_sweep(store_path: str | os.PathLike, *, model: str | None = None, lambdas=BLISS_LAMBDAS, ks=BLISS_KS,
                     eps: float = DEFAULT_EPS, ddof: int = 0, hardest=(10, 5), save: bool = True) -> AurocCube:
     """The BLISS cube over the λ × K grid for every task; saved as ``/results/bliss_cube``."""
-    from swsa_store import open_store
-
     started = time.perf_counter()
     name, tasks, groups, unit, usable, info = _inputs(store_path, model)
     with open_store(store_path) as store:
@@ -386,7 +370,7 @@ def run_bliss_sweep(store_path: str | os.PathLike, *, model: str | None = None, 
                                   weights_kind=str(info.get("weights_kind", "unknown")))
     cube.config.update({"model": name, "dictionary_size": len(dictionary.strings), "seconds": round(time.perf_counter() - started, 3)})
     if save:
-        cube.save(store_path, BLISS_CUBE)
+        save_cube(cube, store_path, BLISS_CUBE)
     return cube
 
 
@@ -416,181 +400,3 @@ def bliss_cube_from_arrays(unit, usable, groups, tasks, class_text: dict, dictio
     return build_cube(scorer_for, groups, tasks, usable, candidates, hardest=hardest,
                       config={"kind": "bliss", "lambdas": list(map(float, lambdas)), "ks": list(map(int, ks)), "eps": eps,
                               "ddof": ddof, "default": bliss_name(*BLISS_DEFAULT)})
-
-
-# --------------------------------------------------------------------------------------------
-# tables
-# --------------------------------------------------------------------------------------------
-
-
-def subcube(cube: AurocCube, names: list[str]) -> AurocCube:
-    """The cube restricted to the candidates ``names`` (in that order)."""
-    index = [cube.candidate_names.index(n) for n in names]
-    skips = cube.skips[cube.skips["candidate"].isin(names + ["*"])] if len(cube.skips) else cube.skips
-    return AurocCube(tasks=cube.tasks, candidates=cube.candidates.iloc[index].reset_index(drop=True), sources=cube.sources,
-                     real=cube.real[:, index], synthetic=cube.synthetic[:, index], per_class=cube.per_class[:, index],
-                     class_names=cube.class_names, skips=skips, config=cube.config)
-
-
-def _swsa_rows(cube: AurocCube) -> list:
-    base = cube.config.get("base_sources", [s for s in cube.sources if "@" not in s])
-    return [(f"SWSA ({source})", "swsa", {"source": source}) for source in base]
-
-
-def prompt_selection_table(cube: AurocCube) -> pd.DataFrame:
-    """Table 1's prompt-selection rows per dataset × setting: default prompt, prompt ensemble,
-    SWSA per synthetic source, best prompt (oracle) — selection over the single prompts.
-
-    The ensemble is not a pick among the prompts; its ``picks`` count the tasks where it is at
-    least as good as the best single prompt.
-    """
-    from swsa_engine.core.selection import selection_table
-
-    prompts = [n for n in cube.candidate_names if n != ENSEMBLE]
-    single = subcube(cube, prompts)
-    strategies = [("Default prompt", "fixed", {"candidate": prompts[0]})] + _swsa_rows(single) + \
-                 [("Best prompt (oracle)", "oracle", {})]
-    table = selection_table(single, strategies)
-    if ENSEMBLE not in cube.candidate_names:
-        return table
-    e = cube.candidate_names.index(ENSEMBLE)
-    index = [cube.candidate_names.index(n) for n in prompts]
-    extra = []
-    for dataset in sorted(cube.tasks["dataset"].unique()):
-        rows = np.flatnonzero(cube.tasks["dataset"].to_numpy() == dataset)
-        for s, setting in enumerate(SETTINGS):
-            ens, real = cube.real[rows, e, s], cube.real[rows][:, index, s]
-            defined = np.isfinite(ens) & np.isfinite(real).all(axis=1)
-            n = int(defined.sum())
-            best = real[defined].max(axis=1) if n else np.array([])
-            extra.append({"dataset": dataset, "setting": setting, "strategy": "Prompt ensemble",
-                          "picks": float((ens[defined] >= best).sum()), "tasks": n,
-                          "pick_rate": float(np.mean(ens[defined] >= best)) if n else np.nan,
-                          "auroc": float(np.mean(ens[defined])) if n else np.nan,
-                          "best": float(np.mean(best)) if n else np.nan})
-    table = pd.concat([table, pd.DataFrame(extra)], ignore_index=True)
-    order = {"Default prompt": 0, "Prompt ensemble": 1, "Best prompt (oracle)": 9}
-    table["_o"] = [order.get(s, 5) for s in table["strategy"]]
-    table = table.sort_values(["dataset", "setting", "_o"], kind="stable").drop(columns="_o").reset_index(drop=True)
-    return table
-
-
-def bliss_selection_table(cube: AurocCube) -> pd.DataFrame:
-    """BLISS block: the default setting (λ = 0.5, K = 10), SWSA over the λ × K grid, the oracle."""
-    from swsa_engine.core.selection import selection_table
-
-    default = cube.config.get("default", bliss_name(*BLISS_DEFAULT))
-    if default not in cube.candidate_names:
-        default = cube.candidate_names[0]
-    strategies = [(f"BLISS default ({default})", "fixed", {"candidate": default})] + _swsa_rows(cube) + \
-                 [("Best setting (oracle)", "oracle", {})]
-    return selection_table(cube, strategies)
-
-
-def bliss_grid_table(cube: AurocCube) -> pd.DataFrame:
-    """Mean real AUROC of every (λ, K) per dataset and setting (BLISS's Table 2, over K too)."""
-    records = []
-    for dataset in sorted(cube.tasks["dataset"].unique()):
-        rows = cube.tasks["dataset"].to_numpy() == dataset
-        for s, setting in enumerate(SETTINGS):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                means = np.nanmean(cube.real[rows, :, s], axis=0)
-            for c, row in cube.candidates.iterrows():
-                records.append({"dataset": dataset, "setting": setting, "lambda": row.get("lam"), "K": row.get("k"),
-                                "auroc": float(means[c])})
-    table = pd.DataFrame(records)
-    return table.pivot_table(index=["dataset", "setting", "lambda"], columns="K", values="auroc").reset_index()
-
-
-def clip_report_lines(store_path: str | os.PathLike, out_dir: str | os.PathLike, paths: dict) -> list[str]:
-    """Markdown blocks (and CSVs in ``out_dir``) for the prompt and BLISS cubes the store holds."""
-    from pathlib import Path
-
-    from swsa_store import open_store
-
-    from swsa_engine.report.summary import markdown_table, table1_display
-
-    with open_store(store_path) as store:
-        held = store.results()
-    out, lines = Path(out_dir), []
-    if PROMPT_CUBE in held:
-        cube = AurocCube.load(store_path, PROMPT_CUBE)
-        table = prompt_selection_table(cube)
-        paths["prompt_table_csv"] = out / "table1_prompts.csv"
-        table.to_csv(paths["prompt_table_csv"], index=False)
-        shown = table1_display(table.assign(strategy=table["strategy"].str.replace("Best prompt", "Best model")))
-        shown["strategy"] = shown["strategy"].str.replace("Best model", "Best prompt")
-        lines += ["## Table 1 — prompt selection (zero-shot CLIP)", "",
-                  f"CLIP `{cube.config.get('model')}`, prompt set `{cube.config.get('prompt_set')}`; two-prompt score "
-                  f"softmax(s·[cos(z,t_n), cos(z,t_a)])[1] with the model's logit scale s = {cube.config.get('logit_scale', 0):.4g} "
-                  "(ranked by its logit). Selection is over the single prompts; the prompt ensemble's pick rate counts the "
-                  "tasks where it is at least as good as the best single prompt.", "",
-                  markdown_table(shown), ""]
-        if (cube.candidates["weights_kind"] == "random").any():
-            lines[-4:-4] = ["> **Random CLIP weights**: these numbers describe a randomly initialised model.", ""]
-    if BLISS_CUBE in held:
-        cube = AurocCube.load(store_path, BLISS_CUBE)
-        table = bliss_selection_table(cube)
-        grid = bliss_grid_table(cube)
-        paths["bliss_table_csv"] = out / "table1_bliss.csv"
-        paths["bliss_grid_csv"] = out / "bliss_grid.csv"
-        table.to_csv(paths["bliss_table_csv"], index=False)
-        grid.to_csv(paths["bliss_grid_csv"], index=False)
-        shown = table1_display(table.assign(strategy=table["strategy"].str.replace("Best setting", "Best model")))
-        shown["strategy"] = shown["strategy"].str.replace("Best model", "Best setting")
-        grid.columns = [str(c) if not isinstance(c, (int, np.integer)) else f"K={c}" for c in grid.columns]
-        lines += ["## BLISS — selection of λ and K", "",
-                  f"BLISS s(x) = IC(x) + λ·ET(x) (Goodge et al.), dictionary of {cube.config.get('dictionary_size', '?')} "
-                  f"ImageNet names, ε = {cube.config.get('eps')}, σ with ddof = {cube.config.get('ddof')}; candidates "
-                  f"λ ∈ {cube.config.get('lambdas')} × K ∈ {cube.config.get('ks')}.", "",
-                  markdown_table(shown), "", "Mean real AUROC per (λ, K):", "", markdown_table(grid), ""]
-    return lines
-
-
-# --------------------------------------------------------------------------------------------
-# bench: paper-scale re-scoring on random arrays
-# --------------------------------------------------------------------------------------------
-
-
-def bench_clip_rescoring(*, task_fraction: float = 1.0, image_fraction: float = 1.0, dim: int = 640,
-                         n_templates: int = 10, dictionary_size: int = 1842, seed: int = 0) -> dict:
-    """Time the prompt and BLISS cubes on a paper-shaped set of tasks (329 at fraction 1) with
-    random unit embeddings (ViT-B-16-plus-240's 640-d), 10 prompts + ensemble and the 6 × 4 BLISS
-    grid. Returns seconds and shapes."""
-    from swsa_engine.app.bench import paper_catalog_tables, paper_shapes
-
-    rng = np.random.default_rng(seed)
-    images, tasks, members, _ = paper_catalog_tables(paper_shapes(task_fraction, image_fraction), 20, seed)
-    groups = build_task_groups(images, tasks, members)
-    n_images = len(images)
-    unit = l2_normalize(rng.standard_normal((n_images, dim), dtype=np.float32))
-    usable = np.ones(n_images, dtype=bool)
-    text = l2_normalize(rng.standard_normal((len(tasks), 2, n_templates, dim)))
-    by_task = {int(t): i for i, t in enumerate(tasks["task_id"])}
-    started, cpu = time.perf_counter(), time.process_time()
-    candidates = pd.DataFrame({"name": [prompt_name(j) for j in range(n_templates)] + [ENSEMBLE], "n_params": 0,
-                               "feature_dim": dim, "weights_kind": "random", "family": "prompt"})
-
-    def scorer_for(group):
-        rows = [by_task[int(t)] for t in group.task_ids]
-        return prompt_scorer(unit, prompt_directions(text[rows, 0], text[rows, 1], 100.0))
-
-    prompt_cube = build_cube(scorer_for, groups, tasks, usable, candidates)
-    prompt_seconds, prompt_cpu = time.perf_counter() - started, time.process_time() - cpu
-    started, cpu = time.perf_counter(), time.process_time()
-    classes = {int(t): v for t, v in zip(tasks["task_id"], l2_normalize(rng.standard_normal((len(tasks), dim))))}
-    dictionary = l2_normalize(rng.standard_normal((dictionary_size, dim)))
-    bliss_cube = bliss_cube_from_arrays(unit, usable, groups, tasks, classes, dictionary)
-    bliss_seconds, bliss_cpu = time.perf_counter() - started, time.process_time() - cpu
-    return {"tasks": len(prompt_cube.tasks), "images": n_images, "dim": dim, "prompt_candidates": len(candidates),
-            "bliss_candidates": len(bliss_cube.candidates), "dictionary": dictionary_size,
-            "sources": len(prompt_cube.sources), "prompt_seconds": round(prompt_seconds, 2),
-            "bliss_seconds": round(bliss_seconds, 2), "prompt_cpu_seconds": round(prompt_cpu, 2),
-            "bliss_cpu_seconds": round(bliss_cpu, 2)}
-
-
-if __name__ == "__main__":  # python -m swsa_engine.run.prompt_sweep [task_fraction]
-    import sys
-
-    print(json.dumps(bench_clip_rescoring(task_fraction=float(sys.argv[1]) if len(sys.argv) > 1 else 1.0), indent=2))

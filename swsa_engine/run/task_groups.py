@@ -1,8 +1,12 @@
-"""The one place where the engine reads a store: it turns tables into padded index arrays.
+"""Task groups: a store's catalog and task tables turned into the padded index arrays every scoring pass uses.
 
-Tasks of one dataset share their real validation images, so arrays are built per dataset
-(:class:`TaskGroup`); every array is indexed ``[task, ...]`` with ``-1`` padding where tasks
-have fewer members than the longest.
+:func:`build_task_groups` takes the tables the sweeps read from a store (images, tasks, task
+members and the abnormal-reference split, as DataFrames) and builds one :class:`TaskGroup` per
+dataset: tasks of one dataset share their real validation images, so their arrays are built
+together; every array is indexed ``[task, ...]`` with ``-1`` padding where tasks have fewer
+members than the longest. :func:`rest_mask` and :func:`groups_in_rest` say which out-classes enter
+a task's one-vs-rest AUROC. This module opens no file itself: the callers
+(:mod:`swsa_engine.run.sweep`, :mod:`swsa_engine.run.prompt_sweep`) read the tables.
 """
 
 from __future__ import annotations

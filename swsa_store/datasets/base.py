@@ -14,7 +14,27 @@ Rules shared by every such loader:
   status ``"skipped"`` and reason ``"path escapes dataset root: ..."`` (:func:`escape_reason`);
 * an image that cannot be read or decoded is a skipped row (:func:`inspect_image_file`);
 * a class every one of whose images is skipped is an error naming the reasons
-  (:func:`~swsa_store.samples.require_usable_classes`).
+  (:func:`~swsa_store.samples.require_usable_classes`);
+* a missing root, index file or folder raises :class:`FileNotFoundError` with one line naming
+  the expected file and the layout; a malformed index line raises :class:`ValueError` naming
+  the file and line (:func:`read_index`); a class with no images is recorded in
+  ``skipped_classes``; a class with no training images becomes a skipped task (see
+  :func:`swsa_store.tasks.build_tasks`).
+
+Every loader's samples table has the columns of :data:`~swsa_store.samples.SAMPLE_COLUMNS` (same
+sorting and dtypes) plus ``defect`` (:data:`PAPER_SAMPLE_COLUMNS`): the defect type of an image
+of a defect dataset (MVTec-AD, VisA, ELPV): ``"good"`` for a normal image (train or test), else
+the defect type; ``""`` for the multi-class datasets (CUB, Flowers, Tiny-ImageNet). A loader has
+these attributes (read by :func:`swsa_store.catalog.catalog_dataset`):
+
+``protocol``           ``"multiclass"`` (every other class is an anomaly) or ``"defect"`` (the
+                       class is a product, anomalies are its defective test images); see
+                       :func:`swsa_store.tasks.build_tasks`.
+``class_labels``       ``{class_name: cleaned human-readable name}`` for prompts
+                       (:func:`swsa_store.datasets.class_names.clean_class_name`).
+``validation_source``  one sentence: which official split each task's real validation set
+                       comes from (stored in the tasks table's attributes).
+``skipped_classes``    ``[(class_name, reason)]`` classes that cannot become a task.
 """
 
 from __future__ import annotations
@@ -22,13 +42,17 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import pandas as pd
 
+from swsa_store.datasets.registry import DEFAULT_EXTENSIONS
 from swsa_store.samples import SAMPLE_COLUMNS, inspect_image_file, require_usable_classes
 
-__all__ = ["NORMAL_DEFECT", "PAPER_SAMPLE_COLUMNS", "PaperDataset", "dataset_root", "escape_reason", "require_path"]
+__all__ = [
+    "NORMAL_DEFECT", "PAPER_SAMPLE_COLUMNS", "PaperDataset", "dataset_root", "escape_reason", "list_image_files",
+    "parse_int", "read_index", "require_path", "visible_dirs",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +92,58 @@ def escape_reason(rel: str, root_real: str, root: Path) -> str:
     if not (real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)):
         return f"path escapes dataset root: {rel} -> {real}"
     return ""
+
+
+# --------------------------------------------------------------------------- index files and folders
+
+
+def read_index(path: Path, n_fields: int, layout: str, what: str, sep: str | None = None) -> list[list[str]]:
+    """Non-empty lines of a whitespace- (or ``sep``-) separated index file, ``n_fields`` each
+    (:class:`FileNotFoundError` naming ``layout`` when it is missing).
+
+    The last field keeps any further separators (``maxsplit``), so names may hold spaces.
+    """
+    require_path(path, layout, what)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{what}: cannot read {path}: {type(exc).__name__}: {exc}") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.strip().split(sep, n_fields - 1) if sep is None else line.rstrip("\r\n").split(sep)
+        if len(fields) < n_fields:
+            raise ValueError(f"{what}: {path} line {number} has {len(fields)} fields, expected {n_fields}: {line.strip()[:80]!r}")
+        rows.append([f.strip() for f in fields])
+    return rows
+
+
+def parse_int(value: str, path: Path, what: str) -> int:
+    """``int(value)``, or a one-line :class:`ValueError` naming the index file ``path`` it came from."""
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{what}: {path} holds {value!r} where a number is expected") from None
+
+
+def list_image_files(folder: Path, extensions: Iterable[str] = DEFAULT_EXTENSIONS) -> list[Path]:
+    """Sorted visible image files directly in ``folder`` ([] when it does not exist)."""
+    if not folder.is_dir():
+        return []
+    exts = tuple(extensions)
+    return sorted(
+        folder / e.name for e in os.scandir(folder)
+        if not e.name.startswith(".") and e.is_file() and os.path.splitext(e.name)[1].lower() in exts
+    )
+
+
+def visible_dirs(path: Path) -> list[str]:
+    """Sorted names of non-hidden sub-directories of ``path`` (symlinked ones included)."""
+    return sorted(e.name for e in os.scandir(path) if not e.name.startswith(".") and e.is_dir())
+
+
+# --------------------------------------------------------------------------- the base class
 
 
 class PaperDataset:

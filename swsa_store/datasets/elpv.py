@@ -47,7 +47,7 @@ import numpy as np
 import pandas as pd
 
 from swsa_store.datasets.base import NORMAL_DEFECT, PaperDataset, require_path
-from swsa_store.datasets import register_dataset
+from swsa_store.datasets.registry import register_dataset
 
 __all__ = [
     "ELPV_ANOMALIES",

@@ -8,23 +8,10 @@ paper's ``clip/ViT-B-16-plus-240@laion400m_e32``. Its image embeddings go throug
 Architectures that open_clip does not ship can be added with :func:`register_clip_architecture`
 (a model config dict, as in open_clip's ``model_configs/*.json``) — the tests use a tiny one.
 
-Weights, offline first (``weights=None`` / ``"auto"``), in this order:
-
-1. an explicit ``weights=`` file (``.pt``, ``.pth``, ``.bin``, ``.safetensors``) or a folder holding
-   ``open_clip_model.safetensors`` / ``open_clip_pytorch_model.bin``;
-2. the weights directory (``weights_dir``, else ``$SWSA_WEIGHTS_DIR``)::
-
-       <dir>/<arch>@<tag>.<suffix>        e.g. ViT-B-16-plus-240@laion400m_e32.pt
-       <dir>/<arch>.<tag>.<suffix>
-       <dir>/<basename of open_clip's url>  e.g. vit_b_16_plus_240-laion400m_e32-699c4b84.pt
-       <dir>/<hf repo name>/open_clip_model.safetensors | open_clip_pytorch_model.bin
-
-3. the Hugging Face cache (open_clip's ``hf_hub`` repo for the tag);
-4. open_clip's own download cache (``~/.cache/clip/<basename of the url>``);
-5. a download through open_clip — only with ``allow_download=True``.
-
-``weights="random"`` builds the architecture with a fixed seed and warns loudly
-(:class:`~swsa_store.models.backbones.RandomWeightsWarning`).
+Names and weights (the offline search order): :mod:`swsa_store.models.clip_weights`; prompt sets
+and the BLISS dictionary: :mod:`swsa_store.models.prompts` (both re-exported here). ``weights="random"``
+builds the architecture with a fixed seed and warns loudly
+(:class:`~swsa_store.models.weights.RandomWeightsWarning`).
 
 Text. :func:`embed_text_store` embeds, once, every prompt of every task for each prompt set,
 the BLISS class prompts ("This is a photo of a {class label}") and the BLISS dictionary, and
@@ -35,355 +22,44 @@ normalisation). Identical strings are embedded once.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
-from swsa_store.models.backbones import RANDOM_INIT_SEED, BackboneCfg, LoadedBackbone
+from swsa_store.models.backbone_cfg import RANDOM_INIT_SEED, BackboneCfg, LoadedBackbone
 from swsa_store.models.checkpoints import WeightsLoadError
-from swsa_store.models.preprocessing import PreprocessCfg
-from swsa_store.registry import UnknownNameError
-from swsa_store.models.weights import (
-    ExplicitWeightsErrors, RandomWeightsWarning, WeightsNotFoundError, WeightsSource, attr_value, explicit_weights,
-    find_downloaded, find_in_weights_dir, fix_hint, hf_cached_file, stem_files, weights_request,
+from swsa_store.models.clip_weights import (
+    CLIP_DIR_FILES, CLIP_PREFIX, clip_backbone_cfg, clip_tag_cfg, parse_clip_name, register_clip_architecture,
+    resolve_clip_weights,
 )
-
-if TYPE_CHECKING:
-    from swsa_store.store import TextEmbeddings
+from swsa_store.models.preprocessing import PreprocessCfg
+from swsa_store.models.prompts import (
+    BLISS_TEMPLATE, GENERIC_TEMPLATES, PAPER_TEMPLATES, PromptSet, bliss_dictionary, fill_template,
+    load_prompt_file, paper_prompt_set, task_label, task_prompt_table,
+)
+from swsa_store.models.weights import RandomWeightsWarning, WeightsNotFoundError, WeightsSource, attr_value
+from swsa_store.schema import DONE_WRITTEN, StoreError, TextEmbeddings
+from swsa_store.store import edit_store, open_store
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "BLISS_TEMPLATE", "CLIP_PREFIX", "PAPER_CLIP", "PAPER_TEMPLATES", "GENERIC_TEMPLATES", "ClipModel", "PromptSet",
-    "bliss_dictionary", "clip_backbone_cfg", "embed_text_store", "embed_texts", "load_clip", "load_prompt_file",
-    "paper_prompt_set", "read_text_prior_inputs", "register_clip_architecture", "resolve_clip_weights",
+    "BLISS_TEMPLATE", "CLIP_DIR_FILES", "CLIP_PREFIX", "PAPER_CLIP", "PAPER_TEMPLATES", "GENERIC_TEMPLATES",
+    "ClipBackbone", "ClipModel", "PromptSet", "bliss_dictionary", "clip_backbone_cfg", "embed_text_store",
+    "embed_texts", "load_clip", "load_clip_backbone", "load_prompt_file", "paper_prompt_set", "parse_clip_name",
+    "read_text_prior_inputs", "register_clip_architecture", "resolve_clip_weights", "task_label",
     "task_prompt_table", "text_model_name", "TextPriorInputs",
 ]
 
-CLIP_PREFIX = "clip/"
 #: The SWSA paper's CLIP (Section 4.3): ViT-B-16-plus-240 with LAION-400M weights.
 PAPER_CLIP = "clip/ViT-B-16-plus-240@laion400m_e32"
-#: BLISS's prompt for class labels and dictionary entries (Section 5).
-BLISS_TEMPLATE = "This is a photo of a {}"
-#: Files looked for inside a weights folder.
-CLIP_DIR_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-
-# --------------------------------------------------------------------------------------------
-# Prompt sets (SWSA paper, Appendix A): (normal, anomaly) template pairs, the default first.
-# --------------------------------------------------------------------------------------------
-
-_PHRASES = [("a photo of a {}", "a photo of {}"), ("a cropped photo of a {}", "a cropped photo of {}"),
-            ("a dark photo of a {}", "a dark photo of {}"), ("a photo of a {} for inspection", "a photo of {} for inspection"),
-            ("a photo of a {} for viewing", "a photo of {} for viewing"), ("a bright photo of a {}", "a bright photo of {}"),
-            ("a close-up photo of a {}", "a close-up photo of {}"), ("a blurry photo of a {}", "a blurry photo of {}"),
-            ("a photo of a small {}", "a photo of a small {}"), ("a photo of a large {}", "a photo of a large {}")]
-
-
-def _natural(noun: str) -> list[tuple[str, str]]:
-    pairs = []
-    for normal, anomaly in _PHRASES:
-        pairs.append((normal.replace("{}", "{} " + noun), anomaly.replace("{}", "some " + noun)))
-    return pairs
-
-
-#: Appendix A, verbatim (including its "a photo of a small some bird" and
-#: "a blurry photo of {} with defect" wordings).
-PAPER_TEMPLATES: dict[str, list[tuple[str, str]]] = {
-    "flowers": _natural("flower"),
-    "cub": _natural("bird"),
-    "industrial": [
-        ("a photo of a {}", "a photo of a {} with defect"),
-        ("a cropped photo of a {}", "a cropped photo of a {} with defect"),
-        ("a dark photo of a {}", "a dark photo of a {} with defect"),
-        ("a photo of a {} for inspection", "a photo of a {} with defect for inspection"),
-        ("a photo of a {} for viewing", "a photo of a {} with defect for viewing"),
-        ("a bright photo of a {}", "a bright photo of a {} with defect"),
-        ("a close-up photo of a {}", "a close-up photo of a {} with defect"),
-        ("a blurry photo of a {}", "a blurry photo of {} with defect"),
-        ("a photo of a small {}", "a photo of a small {} with defect"),
-        ("a photo of a large {}", "a photo of a large {} with defect"),
-    ],
-}
-#: Not from the paper: the same ten phrasings for other multi-class datasets, anomaly = "some object".
-GENERIC_TEMPLATES: list[tuple[str, str]] = [(n, a.replace("{}", "some object")) for n, a in _PHRASES]
-# which family a dataset uses; defect-protocol datasets default to "industrial"
-_DATASET_FAMILY = {"flowers": "flowers", "oxford_flowers": "flowers", "cub": "cub", "cub200": "cub",
-                   "mvtec": "industrial", "mvtec_ad": "industrial", "visa": "industrial"}
-
-
-@dataclass
-class PromptSet:
-    """Template pairs per dataset: ``templates[key]`` is a list of ``(normal, anomaly)`` strings
-    with ``{}`` standing for the task's class label; the first pair is the default prompt.
-
-    ``key`` is a dataset name, a protocol (``"defect"``, ``"multiclass"``) or ``"*"`` (any).
-    All lists of one set have the same length (the prompts are candidates ``prompt01``...).
-    """
-
-    name: str
-    templates: dict[str, list[tuple[str, str]]]
-    description: str = ""
-
-    def __post_init__(self):
-        lengths = {k: len(v) for k, v in self.templates.items()}
-        if not lengths or min(lengths.values()) == 0:
-            raise ValueError(f"prompt set {self.name!r} has no templates")
-        if len(set(lengths.values())) > 1:
-            raise ValueError(f"prompt set {self.name!r}: every template list must have the same length, got {lengths}")
-        for key, pairs in self.templates.items():
-            for pair in pairs:
-                if len(pair) != 2 or not all(isinstance(p, str) and p.strip() for p in pair):
-                    raise ValueError(f"prompt set {self.name!r}, {key!r}: each template is a [normal, anomaly] pair "
-                                     f"of non-empty strings, got {pair!r}")
-        self.templates = {k: [tuple(p) for p in v] for k, v in self.templates.items()}
-
-    @property
-    def n_templates(self) -> int:
-        return len(next(iter(self.templates.values())))
-
-    def templates_for(self, dataset: str, protocol: str = "multiclass") -> list[tuple[str, str]]:
-        for key in (dataset, _DATASET_FAMILY.get(dataset.lower()), protocol,
-                    "industrial" if protocol == "defect" else None, "*"):
-            if key is not None and key in self.templates:
-                return self.templates[key]
-        raise ValueError(f"prompt set {self.name!r} has no templates for dataset {dataset!r} "
-                         f"(keys: {', '.join(self.templates)}); add a '*' entry")
-
-
-def paper_prompt_set() -> PromptSet:
-    """Appendix A's three families (+ a generic one for other datasets), named ``paper``."""
-    return PromptSet("paper", {**{k: list(v) for k, v in PAPER_TEMPLATES.items()}, "*": list(GENERIC_TEMPLATES)},
-                     "SWSA paper Appendix A (flowers, cub, industrial = MVTec-AD / VisA); '*' other datasets")
-
-
-def load_prompt_file(path: str | os.PathLike) -> PromptSet:
-    """A user prompt set from TOML or JSON::
-
-        name = "mine"                       # prompt set name (default: the file's stem)
-        [templates]
-        "*" = [["a photo of a {}", "a photo of a damaged {}"],   # first = default prompt
-               ["a close-up photo of a {}", "a close-up photo of a broken {}"]]
-        my_dataset = [[...], [...]]         # optional per-dataset (or "defect"/"multiclass") lists
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".toml":
-        import tomllib
-
-        data = tomllib.loads(text)
-    else:
-        data = json.loads(text)
-    templates = data.get("templates")
-    if isinstance(templates, list):
-        templates = {"*": templates}
-    if not isinstance(templates, dict):
-        raise ValueError(f"prompt file {path} needs a 'templates' table: {{dataset or '*': [[normal, anomaly], ...]}}")
-    return PromptSet(str(data.get("name") or path.stem), templates, str(data.get("description", f"from {path}")))
-
-
-def _fill(template: str, label: str) -> str:
-    return template.replace("{}", label)
-
-
-def task_label(task) -> str:
-    """The cleaned class name of a task row (``class_label``, else ``normal_class``)."""
-    label = getattr(task, "class_label", None)
-    if label is None or (isinstance(label, float) and np.isnan(label)) or not str(label).strip():
-        label = task.normal_class
-    return str(label)
-
-
-def task_prompt_table(tasks: pd.DataFrame, prompt_set: PromptSet) -> pd.DataFrame:
-    """Rows ``(task_id, template, side, text)`` for every task of ``tasks``; side 0 = normal, 1 = anomaly."""
-    rows = []
-    for task in tasks.itertuples(index=False):
-        protocol = str(getattr(task, "protocol", "") or "multiclass")
-        label = task_label(task)
-        for j, (normal, anomaly) in enumerate(prompt_set.templates_for(str(task.dataset), protocol)):
-            rows.append((int(task.task_id), j, 0, _fill(normal, label)))
-            rows.append((int(task.task_id), j, 1, _fill(anomaly, label)))
-    return pd.DataFrame(rows, columns=["task_id", "template", "side", "text"]).astype(
-        {"task_id": np.int64, "template": np.int64, "side": np.int8})
-
-
-def bliss_dictionary(unique: bool = True, template: str | None = BLISS_TEMPLATE) -> list[str]:
-    """BLISS's dictionary: the ImageNet-1k class names (timm's lemma list), split at commas into
-    separate entries ("goldfish, Carassius auratus" → "goldfish", "Carassius auratus"), 1,860
-    entries; ``unique=True`` (default) drops repeated names (e.g. two "crane"s) keeping the first:
-    1,842. Each entry is put in ``template`` (``None``: the bare entries)."""
-    from timm.data import ImageNetInfo
-
-    info = ImageNetInfo()
-    entries = []
-    for i in range(info.num_classes()):
-        entries += [part.strip() for part in info.index_to_description(i).split(",") if part.strip()]
-    if unique:
-        entries = list(dict.fromkeys(entries))
-    return [_fill(template, e) for e in entries] if template else entries
-
-
-# --------------------------------------------------------------------------------------------
-# Models
-# --------------------------------------------------------------------------------------------
-
-_CUSTOM_ARCHS: dict[str, dict] = {}
-
-
-def register_clip_architecture(name: str, config: dict, *, overwrite: bool = False) -> None:
-    """Make an open_clip model config (``embed_dim``, ``vision_cfg``, ``text_cfg``) available as
-    ``clip/<name>`` — e.g. a tiny one for tests, or a config of a local checkpoint."""
-    from open_clip import factory
-
-    if not overwrite and (name in _CUSTOM_ARCHS or name in factory._MODEL_CONFIGS):
-        raise ValueError(f"CLIP architecture {name!r} already exists; pass overwrite=True")
-    if not {"embed_dim", "vision_cfg", "text_cfg"} <= set(config):
-        raise ValueError("a CLIP config needs embed_dim, vision_cfg and text_cfg (see open_clip's model_configs)")
-    _CUSTOM_ARCHS[name] = copy.deepcopy(config)
-    factory._MODEL_CONFIGS[name] = copy.deepcopy(config)
-
-
-def parse_clip_name(name: str) -> tuple[str, str | None]:
-    """``clip/<arch>[@<tag>]`` → ``(arch, tag or None)``."""
-    spec = name[len(CLIP_PREFIX):] if name.startswith(CLIP_PREFIX) else name
-    arch, _, tag = spec.partition("@")
-    return arch, (tag or None)
-
-
-def clip_backbone_cfg(name: str) -> BackboneCfg:
-    """The :class:`BackboneCfg` of ``clip/<arch>[@<tag>]`` (family ``clip``)."""
-    import open_clip
-
-    arch, tag = parse_clip_name(name)
-    if open_clip.get_model_config(arch) is None:
-        import difflib
-
-        close = difflib.get_close_matches(arch, open_clip.list_models(), n=3)
-        hint = f" Did you mean {', '.join(CLIP_PREFIX + c for c in close)}?" if close else ""
-        raise UnknownNameError(f"unknown open_clip architecture {arch!r} in {name!r}.{hint} "
-                               f"See open_clip.list_models() or register_clip_architecture()")
-    if tag is not None and not open_clip.get_pretrained_cfg(arch, tag):
-        tags = open_clip.list_pretrained_tags_by_model(arch)
-        raise UnknownNameError(f"open_clip architecture {arch!r} has no pretrained tag {tag!r}; its tags: "
-                               f"{', '.join(tags) or '(none)'} (or load a file with weights=PATH and no tag)")
-    embed_dim = int(open_clip.get_model_config(arch)["embed_dim"])
-    return BackboneCfg(name=f"{CLIP_PREFIX}{arch}" + (f"@{tag}" if tag else ""), timm_name=arch, pretrained_tag=tag,
-                       family="clip", feature_dim=embed_dim,  # type: ignore[arg-type]
-                       description=f"open_clip {arch}" + (f" ({tag})" if tag else "") + f", {embed_dim}-d joint embedding")
-
-
-def _tag_cfg(cfg: BackboneCfg) -> dict:
-    import open_clip
-
-    return dict(open_clip.get_pretrained_cfg(cfg.timm_name, cfg.pretrained_tag) or {}) if cfg.pretrained_tag else {}
-
-
-def _url_name(tag_cfg: dict) -> str | None:
-    url = tag_cfg.get("url") or ""
-    return os.path.basename(url) or None
-
-
-_CLIP_EXPLICIT_ERRORS = ExplicitWeightsErrors(
-    bad_suffix="weights file {path} has an unsupported ending; use one of {suffixes}",
-    empty_dir="weights folder {path} for {name!r} holds none of {files}",
-    missing="weights {path!r} for {name!r} do not exist",
-)
-
-
-def resolve_clip_weights(cfg: BackboneCfg, weights: str | os.PathLike | None = None, *,
-                         weights_dir: str | os.PathLike | None = None, allow_download: bool = False) -> WeightsSource:
-    """Find the CLIP weights of ``cfg`` without the network (see the module docstring)."""
-    request = weights_request(weights)
-    if isinstance(request, WeightsSource):
-        return request
-    tag_cfg = _tag_cfg(cfg)
-
-    # (1) an explicit path
-    if request is not None:
-        path = Path(request).expanduser()
-        return explicit_weights(path, cfg.name, [path / name for name in CLIP_DIR_FILES], _CLIP_EXPLICIT_ERRORS)
-
-    tried: list[str] = []  # every place looked at, for the error
-    found = (  # (2) the weights directory, (3) the Hugging Face cache, (4) open_clip's download cache
-        find_in_weights_dir(weights_dir, lambda folder: _clip_weights_dir_candidates(folder, cfg, tag_cfg), tried)
-        or _find_in_clip_hf_cache(tag_cfg, tried)
-        or _find_in_open_clip_cache(tag_cfg, tried)
-    )
-    if found is not None:
-        return found
-    # (5) download through open_clip, when allowed
-    if allow_download:
-        return _clip_download_source(cfg, tag_cfg, tried)
-    raise _clip_weights_not_found(cfg, tried)
-
-
-def _open_clip_hf_files(tag_cfg: dict) -> tuple[str, list[str]] | None:
-    """The Hugging Face repo of a tag and the files looked for in it; ``None`` when it has none.
-
-    open_clip's ``hf_hub`` entries are ``"org/repo/"`` (default file names) or ``"org/repo/<file>"``.
-    """
-    hf_hub = tag_cfg.get("hf_hub") or ""
-    if not hf_hub.strip("/"):
-        return None
-    parts = hf_hub.split("/")
-    named_file = [parts[2]] if len(parts) > 2 and parts[2] else []
-    return "/".join(parts[:2]), named_file + list(CLIP_DIR_FILES)
-
-
-def _clip_weights_dir_candidates(folder: Path, cfg: BackboneCfg, tag_cfg: dict) -> list[Path]:
-    """The files looked for in a weights directory, in the module docstring's order."""
-    stems = [f"{cfg.timm_name}@{cfg.pretrained_tag}", f"{cfg.timm_name}.{cfg.pretrained_tag}"] if cfg.pretrained_tag \
-        else [cfg.timm_name]
-    candidates = stem_files(folder, stems)
-    url_name = _url_name(tag_cfg)
-    if url_name:
-        candidates.append(folder / url_name)
-    hf_files = _open_clip_hf_files(tag_cfg)
-    if hf_files is not None:
-        repo_id, filenames = hf_files
-        candidates += [folder / repo_id.split("/")[-1] / name for name in filenames]
-    return candidates
-
-
-def _find_in_clip_hf_cache(tag_cfg: dict, tried: list[str]) -> WeightsSource | None:
-    """Step (3): the tag's ``hf_hub`` repo in the Hugging Face cache."""
-    hf_files = _open_clip_hf_files(tag_cfg)
-    if hf_files is None:
-        return None
-    repo_id, filenames = hf_files
-    tried.append(f"Hugging Face cache {repo_id}")
-    return hf_cached_file(repo_id, filenames)
-
-
-def _find_in_open_clip_cache(tag_cfg: dict, tried: list[str]) -> WeightsSource | None:
-    """Step (4): open_clip's download of the tag's url, in ``~/.cache/clip``."""
-    url_name = _url_name(tag_cfg)
-    if not url_name:
-        return None
-    return find_downloaded(Path(os.path.expanduser("~/.cache/clip")) / url_name, "open_clip cache", tried)
-
-
-def _clip_download_source(cfg: BackboneCfg, tag_cfg: dict, tried: list[str]) -> WeightsSource:
-    """Step (5): a download through open_clip, if open_clip knows the name's pretrained tag."""
-    if not tag_cfg:
-        raise WeightsNotFoundError(f"{cfg.name!r} names no pretrained tag; nothing to download", tried)
-    return WeightsSource(kind="download")
-
-
-def _clip_weights_not_found(cfg: BackboneCfg, tried: list[str]) -> WeightsNotFoundError:
-    return WeightsNotFoundError(
-        f"no weights for CLIP {cfg.name!r}; looked in: " + "; ".join(tried)
-        + ". " + fix_hint(f"{cfg.timm_name}@{cfg.pretrained_tag}.pt", download=bool(cfg.pretrained_tag)), tried)
 
 
 @dataclass
@@ -430,7 +106,7 @@ def load_clip(name_or_cfg: str | BackboneCfg, weights: str | os.PathLike | None 
 
     cfg = name_or_cfg if isinstance(name_or_cfg, BackboneCfg) else clip_backbone_cfg(name_or_cfg)
     source = resolve_clip_weights(cfg, weights, weights_dir=weights_dir, allow_download=allow_download)
-    tag_cfg = _tag_cfg(cfg)
+    tag_cfg = clip_tag_cfg(cfg)
     kwargs: dict[str, Any] = {}
     if image_size is not None:
         kwargs["force_image_size"] = int(image_size)
@@ -553,8 +229,6 @@ def embed_text_store(store_path: str | os.PathLike, model: str = PAPER_CLIP, *, 
 
     Returns ``{set name: number of strings}``.
     """
-    from swsa_store.store import StoreError, edit_store, open_store
-
     with open_store(store_path) as store:
         tasks = store.tasks()
     if len(tasks) == 0:
@@ -568,7 +242,7 @@ def embed_text_store(store_path: str | os.PathLike, model: str = PAPER_CLIP, *, 
     clip = load_clip(model, weights, weights_dir=weights_dir, allow_download=allow_download, device=device)
     tables = {s.name: (task_prompt_table(tasks, s), s) for s in sets}
     bliss = pd.DataFrame({"task_id": tasks["task_id"].to_numpy(np.int64), "template": 0, "side": 0,
-                          "text": [_fill(BLISS_TEMPLATE, task_label(t)) for t in tasks.itertuples(index=False)]})
+                          "text": [fill_template(BLISS_TEMPLATE, task_label(t)) for t in tasks.itertuples(index=False)]})
     bliss = bliss.astype({"template": np.int64, "side": np.int8})
     # every distinct string once
     all_strings = set(bliss["text"])
@@ -626,10 +300,10 @@ def text_model_name(store, model: str | None) -> str:
 @dataclass(frozen=True, eq=False)
 class TextPriorInputs:
     """What the residual detector's CLIP text prior is built from
-    (:meth:`swsa_engine.run.detector_sweep.TextPrior.from_store`).
+    (:meth:`swsa_engine.run.text_prior.TextPrior.from_store`).
 
     ``model``: the CLIP embedding name; ``text``: its prompt set
-    (:class:`~swsa_store.store.TextEmbeddings`: strings, (U, D) unit rows, row table, attrs);
+    (:class:`~swsa_store.schema.TextEmbeddings`: strings, (U, D) unit rows, row table, attrs);
     ``features``: (N, D) float32 image embeddings by the same model, indexed by image id (NaN
     where not written); ``usable``: (N,) bool, images whose CLIP embedding is written and finite.
     """
@@ -649,8 +323,6 @@ def read_text_prior_inputs(store_path: str | os.PathLike, model: str | None = No
     :class:`~swsa_store.StoreError` saying which ``swsa embed`` / ``swsa embed-text`` to run.
     Images without a written CLIP embedding are not an error: ``usable`` is False for them.
     """
-    from swsa_store.store import DONE_WRITTEN, StoreError, open_store
-
     fix = (f"run `swsa embed --store {store_path} --backbone clip/MODEL` and `swsa embed-text --store {store_path} "
            "--model clip/MODEL` first")
     with open_store(store_path) as store:

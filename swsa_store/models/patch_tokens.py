@@ -5,14 +5,12 @@ Moved here from :mod:`swsa_store.models.backbones` (which re-exports these names
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from swsa_store.models.backbone_cfg import LoadedBackbone
 from swsa_store.models.weights import attr_value
-
-if TYPE_CHECKING:
-    from swsa_store.models.backbones import LoadedBackbone
 
 __all__ = ["PATCH_CNN_MAX_REDUCTION", "PatchTokenModel", "patch_token_model"]
 

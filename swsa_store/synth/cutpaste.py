@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torchvision.transforms.functional as TF
 from PIL import Image
 
-from swsa_store.synth import SingleParentGenerator, check_edit_args, register_generator
+from swsa_store.synth.base import SingleParentGenerator, check_edit_args, register_generator
 
 __all__ = ["CutPasteConfig", "CutPasteGenerator", "color_jitter", "cutpaste"]
 
@@ -111,8 +112,6 @@ def color_jitter(patch: Image.Image, rng: np.random.Generator, strength: float) 
     uniform in [-s, s], and applies them with ``torchvision.transforms.functional``.
     Returns the jittered patch and ``{"order": [...], "brightness": f, ...}``.
     """
-    import torchvision.transforms.functional as TF  # lazy: keeps `import swsa_store.synth` light
-
     order = [JITTER_OPS[int(i)] for i in rng.permutation(len(JITTER_OPS))]
     lo, hi = max(0.0, 1.0 - strength), 1.0 + strength
     factors = {

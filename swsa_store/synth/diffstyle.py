@@ -35,17 +35,14 @@ from __future__ import annotations
 
 import math
 import os
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 
-from swsa_store.synth import AnomalyGenerator, SyntheticImage, check_generate_args, register_generator
-
-if TYPE_CHECKING:  # torch is imported lazily: registering this generator stays cheap
-    import torch
-
-    from swsa_store.synth.adm import DiffusionModel
+from swsa_store.synth.adm import DiffusionModel, load_diffusion_model
+from swsa_store.synth.base import AnomalyGenerator, SyntheticImage, check_generate_args, register_generator
 
 __all__ = [
     "DEFAULT_GAMMA",
@@ -85,8 +82,6 @@ def split_style_content(n: int) -> tuple[list[int], list[int]]:
 
 def preprocess(image: Image.Image, size: int) -> "torch.Tensor":
     """Center-crop to a square, resize to ``size`` (bicubic), scale to [-1, 1]: (3, size, size) float32."""
-    import torch
-
     img = image.convert("RGB")
     w, h = img.size
     side = min(w, h)
@@ -111,8 +106,6 @@ def interpolate_h(h: "torch.Tensor", h_content: "torch.Tensor", gamma: float, mo
     ``h`` (per sample, over all its elements) and interpolate spherically (the original
     DiffStyle); nearly parallel vectors fall back to linear.
     """
-    import torch
-
     if mode == "linear":
         return (1.0 - gamma) * h + gamma * h_content
     if mode != "slerp":
@@ -137,8 +130,6 @@ def _alpha(model: "DiffusionModel", t: int) -> float:
 
 
 def _tvec(t: int, x: "torch.Tensor") -> "torch.Tensor":
-    import torch
-
     return torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
 
 
@@ -149,8 +140,6 @@ def ddim_invert(model: "DiffusionModel", x0: "torch.Tensor", timesteps: Sequence
     Returns ``(x_T, hs)``; ``hs[k]`` is the middle block's output at (x_{τ_k}, τ_k) for every
     k (the last one by an encoder-only pass), or ``[]`` when ``record_h`` is False.
     """
-    import torch
-
     ts = [int(t) for t in timesteps]
     hs: list[torch.Tensor] = []
     x = x0
@@ -182,8 +171,6 @@ def asyrp_generate(model: "DiffusionModel", x_T: "torch.Tensor", timesteps: Sequ
     P_t). Steps with t < ``t_boost`` are stochastic (η = 1) with noise from ``generators``
     (one ``torch.Generator`` per batch row). ``callback(k, t, x)`` sees x after each step.
     """
-    import torch
-
     ts = [int(t) for t in timesteps]
     if h_content is not None and len(h_content) != len(ts):
         raise ValueError(f"expected h_content at each of the {len(ts)} timesteps, got {len(h_content)}")
@@ -214,8 +201,6 @@ def asyrp_generate(model: "DiffusionModel", x_T: "torch.Tensor", timesteps: Sequ
 
 
 def _resolve_device(device: str | None) -> str:
-    import torch
-
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     return str(device)
@@ -239,10 +224,6 @@ class DiffStyleGenerator(AnomalyGenerator):
                  t_edit: int = DEFAULT_T_EDIT, interpolation: str = "linear", t_boost: int = 0,
                  device: str | None = "auto", batch_size: int = 8, dtype: str = "float32",
                  local_files_only: bool = True):
-        import torch
-
-        from swsa_store.synth.adm import load_diffusion_model
-
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0:
             raise ValueError(f"expected gamma in [0, 1], got {gamma!r}; fix --gamma")
         for label, value in (("t_edit", t_edit), ("t_boost", t_boost)):
@@ -320,8 +301,6 @@ class DiffStyleGenerator(AnomalyGenerator):
         positions — a batch is computed whole if any of its positions is wanted — so an output
         never depends on which others are wanted (resumed runs give the same bytes).
         """
-        import torch
-
         model, ts, bs = self.model, self.timesteps, self.batch_size
         dtype = model.dtype
         wanted_set = set(range(len(pairs))) if wanted is None else {int(i) for i in wanted}

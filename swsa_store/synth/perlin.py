@@ -35,7 +35,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from swsa_store.synth import SingleParentGenerator, check_edit_args, register_generator
+from swsa_store.synth.base import SingleParentGenerator, check_edit_args, register_generator
+from swsa_store.synth.cutpaste import color_jitter
 
 __all__ = [
     "TEXTURE_EXTENSIONS",
@@ -274,8 +275,6 @@ def _load_texture(root: str, relative: str, size: tuple[int, int]) -> np.ndarray
 
 
 def _self_texture(image: Image.Image, rng: np.random.Generator, cfg: PerlinConfig) -> tuple[np.ndarray, dict]:
-    from swsa_store.synth.cutpaste import color_jitter
-
     if cfg.jitter > 0:
         jittered, jitter = color_jitter(image, rng, cfg.jitter)
     else:  # no jitter: skip the (lossy) colour-space round trips

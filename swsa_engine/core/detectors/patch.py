@@ -22,7 +22,7 @@ bounds reach the minimum: those distances are recomputed exactly in float64 as
 rounding (tested to 1e-9 relative), at the cost of the float32 pass plus a few exact rows.
 
 Store side: ``swsa embed --patch-tokens`` writes ``/patches/<name>`` (``(N, P, D')`` float16);
-:func:`load_patch_features` reads it.
+:func:`swsa_engine.run.patch_features.load_patch_features` reads it.
 """
 
 from __future__ import annotations
@@ -32,10 +32,11 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
+import torch
 
-from swsa_store.store import DONE_WRITTEN
+from swsa_engine.core.detectors.base import Detector, register_detector
 
-from swsa_engine.core.detectors import Detector, register_detector
+__all__ = ["PatchDetector", "patch_cost"]
 
 _U32 = 2.0 ** -24
 
@@ -49,34 +50,10 @@ def _bound_factor(dim: int) -> float:
 
 def _to_float32(array: np.ndarray, dev):
     """A float32 torch copy of ``array`` on ``dev`` (torch converts float16 much faster than numpy)."""
-    import torch
-
     array = np.ascontiguousarray(array)
     if array.dtype in (np.float16, np.float32, np.float64):
         return torch.from_numpy(array).to(device=dev, dtype=torch.float32, copy=True)
     return torch.from_numpy(array.astype(np.float32)).to(dev)
-
-
-def load_patch_features(store_path, name: str, image_ids: np.ndarray | None = None, *, with_done: bool = False):
-    """``(N, P, D')`` float16 patch tokens of embedding ``name`` (rows indexed by image id; rows
-    not done are NaN), or ``(len(image_ids), P, D')`` for ``image_ids``. ``with_done=True``
-    returns ``(tokens, done)`` with ``done`` ``(N,)`` (or ``(len(image_ids),)``) bool: the rows
-    whose tokens are written — mask the others out of ``score_tasks``.
-
-    Raises :class:`~swsa_store.store.StoreError` (one line, naming the ``swsa embed --patch-tokens``
-    command) when ``name`` was embedded without patch tokens.
-    """
-    from swsa_store import open_store
-
-    with open_store(store_path) as store:
-        tokens = store.patches(name, image_ids)
-        done = store.patch_done_mask(name)
-    if image_ids is not None:
-        done = done[np.asarray(image_ids, dtype=np.int64)]
-    rows_done = done == DONE_WRITTEN
-    if not rows_done.all():
-        tokens[~rows_done] = np.nan
-    return (tokens, rows_done) if with_done else tokens
 
 
 @dataclass(frozen=True)
@@ -91,6 +68,8 @@ class PatchDetector(Detector):
     chunk_bytes: int = field(default=64 << 20, compare=False, repr=False)
 
     needs: ClassVar[str] = "patches"  # the sweep feeds (T, W, P, D) patch tokens, see load_patch_features
+    supports_shared: ClassVar[bool] = False  # per-task queries only
+    draws_references: ClassVar[bool] = True
 
     def __post_init__(self):
         if isinstance(self.K, bool) or not isinstance(self.K, (int, np.integer)) or self.K < 0:
@@ -175,8 +154,6 @@ class PatchDetector(Detector):
         query itself (leave-one-out) or -1; ``task_ids`` ``(T,)`` seed the reference draw.
         ``abnormal`` / ``abnormal_mask`` are ignored (``needs_abnormal`` is False).
         """
-        import torch
-
         queries, bank = np.asarray(queries), np.asarray(bank)
         query_mask = np.asarray(query_mask, dtype=bool)
         bank_mask = np.asarray(bank_mask, dtype=bool)
@@ -238,8 +215,6 @@ class PatchDetector(Detector):
 
     def _score_chunk(self, queries, query_mask, bank, slots, allowed, task_rows, task_ids, dev) -> np.ndarray:
         """Scores ``(Tc, W)`` of one chunk of tasks (see :meth:`score_tasks`)."""
-        import torch
-
         Tc, W, P, D = queries.shape
         J = slots.shape[1]
         valid = slots >= 0
@@ -294,8 +269,6 @@ class PatchDetector(Detector):
         """Exact float64 ``min_y ||x − y||²`` over the allowed reference patches, for the candidate
         query patches ``(ct, cw, cp)``: float32 distances with their bounds single out the
         possible nearest patches, which are recomputed as ``Σ (x − y)²`` in float64."""
-        import torch
-
         Tc, W, P, D = queries.shape
         J = refs.shape[1]
         c = _bound_factor(D)

@@ -1,0 +1,115 @@
+"""The report's tables as DataFrames and Markdown, shared by the Markdown report
+(:mod:`swsa_engine.report.summary`), the HTML report (:mod:`swsa_engine.report.html`) and the
+command line: Table 1's display form, Markdown tables, every recorded skip in one table, the
+candidates built with random weights, and each candidate's detector family."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from swsa_engine.core.cube import AurocCube
+from swsa_engine.core.detectors import parse_detector
+
+__all__ = [
+    "fmt_cell", "markdown_table", "table1_display", "detector_families", "ReportTables", "TABLE2_FORMATS",
+    "RANDOM_CANDIDATES_NOTE", "random_candidates", "all_skips", "SKIP_TABLE_COLUMNS",
+]
+
+#: Markdown formats of Table 2's p-value columns (the other floats get 3 decimals).
+TABLE2_FORMATS = {"p_value": ".3g", "bonferroni_threshold": ".3g"}
+
+#: What the report says of candidates whose embeddings were made with ``weights="random"``.
+RANDOM_CANDIDATES_NOTE = ("They were built with random weights, as asked for (`--weights random`, or by the digits demo "
+                          "where no pretrained weights were found), so their AUROCs describe random networks, not "
+                          "pretrained models.")
+
+#: The columns of the report's skips table (``skips.csv``).
+SKIP_TABLE_COLUMNS = ["stage", "image_id", "task_id", "candidate", "reason"]
+
+
+def fmt_cell(value, digits: int = 3) -> str:
+    """A Markdown cell: floats with ``digits`` decimals ("–" for NaN), anything else as ``str``."""
+    if isinstance(value, (float, np.floating)):
+        return "–" if np.isnan(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(frame: pd.DataFrame, formats: dict[str, str] | None = None) -> str:
+    """A GitHub-flavoured Markdown table (no extra dependency); ``formats`` maps a column to the
+    format spec of its finite floats."""
+    formats = formats or {}
+    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "| " + " | ".join("---" for _ in frame.columns) + " |"
+    lines = [header, rule]
+    for row in frame.itertuples(index=False):
+        cells = []
+        for column, value in zip(frame.columns, row):
+            spec = formats.get(column)
+            if spec and isinstance(value, (float, np.floating)) and not np.isnan(value):
+                cells.append(format(value, spec))
+            else:
+                cells.append(fmt_cell(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def table1_display(table1: pd.DataFrame) -> pd.DataFrame:
+    """Table 1 with "picks / tasks" strings, as printed in the paper."""
+    shown = table1.copy()
+    shown["pick rate"] = [
+        "–" if s.startswith("Best model") or s.endswith("(oracle)") else (f"{p:.0f} / {n}" if float(p).is_integer() else f"{p:.1f} / {n}")
+        for s, p, n in zip(shown["strategy"], shown["picks"], shown["tasks"])
+    ]
+    return shown[["dataset", "setting", "strategy", "pick rate", "auroc", "best"]].rename(
+        columns={"auroc": "AUROC of pick", "best": "best possible"}
+    )
+
+
+def detector_families(cube: AurocCube) -> list[str]:
+    """The detector family of every candidate ("knn", "gaussian", "residual", "nagl", "pca",
+    "patch", "imported", ...), from the cube's ``detector`` column (knn for old cubes). A label
+    that no registered detector parses (imported scores, or a detector this installation does
+    not register) counts as the family named by its text before "("."""
+    if "detector" not in cube.candidates:
+        return ["knn"] * len(cube.candidates)
+    families = []
+    for label in cube.candidates["detector"]:
+        try:
+            families.append(parse_detector(label).family)
+        except (KeyError, ValueError, TypeError):  # not a registered detector label: the text before "("
+            families.append(str(label).split("(")[0])
+    return families
+
+
+@dataclass
+class ReportTables:
+    """The DataFrames a report shows: Tables 1 and 2 and the per-task picks (one row per task ×
+    setting), every recorded skip (:data:`SKIP_TABLE_COLUMNS`), and Table 3 where it was computed
+    (None otherwise)."""
+
+    table1: pd.DataFrame
+    table2: pd.DataFrame
+    picks: pd.DataFrame
+    skips: pd.DataFrame
+    table3: pd.DataFrame | None = None
+
+
+def random_candidates(cube: AurocCube) -> list[str]:
+    """The names of the candidates scored with randomly initialised weights (``weights_kind == "random"``)."""
+    return cube.candidates.loc[cube.candidates["weights_kind"] == "random", "name"].tolist()
+
+
+def all_skips(cube: AurocCube, store_skips: pd.DataFrame | None) -> pd.DataFrame:
+    """Every recorded skip in one table with :data:`SKIP_TABLE_COLUMNS`: the store's (catalog,
+    synthesis, embedding; their backbone as the candidate) then the cube's (stage "score", image -1)."""
+    parts = []
+    if store_skips is not None and len(store_skips):
+        parts.append(store_skips.assign(candidate=store_skips["backbone"])[SKIP_TABLE_COLUMNS])
+    if len(cube.skips):
+        parts.append(cube.skips.assign(stage="score", image_id=-1)[SKIP_TABLE_COLUMNS])
+    if not parts:
+        return pd.DataFrame(columns=SKIP_TABLE_COLUMNS)
+    return pd.concat(parts, ignore_index=True)

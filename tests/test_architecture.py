@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from swsa_engine.report.figures import FIGURES
+from swsa_store.datasets import DATASETS
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("swsa_store", "swsa_engine")
 MAX_MODULE_LINES = 500
@@ -385,3 +388,14 @@ def test_rules_accept_the_allowed_forms(tmp_path):
     })
     found = [str(v) for rule in RULES.values() for v in rule(modules)]
     assert found == [], found
+
+
+def test_a_dataset_or_figure_is_one_module(project_modules):
+    """Every module of ``swsa_store/datasets`` and ``report/figures`` that registers something is
+    registered after a plain package import: adding one needs no edit elsewhere."""
+    for package, registry in (("swsa_store.datasets", DATASETS), ("swsa_engine.report.figures", FIGURES)):
+        registering = {name for name, module in project_modules.items() if name.startswith(package + ".")
+                       and any(isinstance(node, ast.Call) and ast.unparse(node.func).startswith("register_")
+                               for node in ast.walk(module.tree))} - {f"{package}.registry"}
+        registered_from = {getattr(registry.get(name), "__module__", "") for name in registry.names()}
+        assert registering <= registered_from, f"{sorted(registering - registered_from)} register nothing on import"

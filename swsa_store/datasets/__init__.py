@@ -50,8 +50,9 @@ Datasets (one module each; each registers itself when this package is imported)
 
 The index-file loaders (all but ``digits`` and ``folder``) share :class:`~.base.PaperDataset`
 (:mod:`swsa_store.datasets.base`: their extra ``defect`` column, attributes and rules). Adding a
-dataset = one new module that subclasses it (or follows :class:`Dataset`), decorated with
-``@register_dataset("name")``, plus its import below.
+dataset = one new module in this package that subclasses it (or follows :class:`Dataset`),
+decorated with ``@register_dataset("name")``: importing this package imports every module in it,
+so the new dataset registers itself.
 
 :func:`read_image` is the one place that turns a file into an RGB :class:`PIL.Image.Image`;
 it raises :class:`ImageReadError` (a ``ValueError``) with a one-line message;
@@ -62,6 +63,9 @@ of whose images is skipped is an error naming the reasons
 """
 
 from __future__ import annotations
+
+import importlib
+import pkgutil
 
 from swsa_store.datasets.base import NORMAL_DEFECT, PAPER_SAMPLE_COLUMNS, PaperDataset
 from swsa_store.datasets.cub import CUBDataset
@@ -105,3 +109,7 @@ __all__ = [
 
 #: The four datasets of the paper's benchmark (Tiny-ImageNet is its auxiliary-outlier source).
 PAPER_DATASETS = ("cub", "flowers", "mvtec", "visa")
+
+# one module per dataset: import each so that it registers itself (a new module needs no edit here)
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

@@ -1,4 +1,4 @@
-"""Batched ranking metrics: AUROC and Kendall's tau over many tasks in one call.
+"""Batched ranking metrics: AUROC, AUPR, F1-max, FPR@95TPR and Kendall's tau over many tasks in one call.
 
 Every function works along the last axis and is vectorised over all leading axes, so a
 single call evaluates hundreds of tasks (or candidates) without a Python loop over rows.
@@ -18,13 +18,17 @@ per call. Malformed input raises :class:`ValueError` saying what was expected, w
 arrived and how to fix it.
 
 Modules: :mod:`~swsa_engine.core.metrics.ranks` (:func:`auroc`, :func:`rankdata_midrank`),
+:mod:`~swsa_engine.core.metrics.curves` (AUPR, F1-max, FPR at 95 % TPR: :func:`detection_metrics`),
 :mod:`~swsa_engine.core.metrics.kendall` (:func:`kendall_tau`) and
 :mod:`~swsa_engine.core.metrics.inputs` (shared checks, :class:`UndefinedMetricWarning`);
 this package re-exports their public API.
 """
 
+from swsa_engine.core.metrics.curves import (DETECTION_METRICS, average_precision, detection_metrics, f1_max, fpr_at_tpr,
+                                            sorted_counts)
 from swsa_engine.core.metrics.inputs import UndefinedMetricWarning
 from swsa_engine.core.metrics.kendall import kendall_tau
 from swsa_engine.core.metrics.ranks import auroc, rankdata_midrank
 
-__all__ = ["UndefinedMetricWarning", "auroc", "kendall_tau", "rankdata_midrank"]
+__all__ = ["DETECTION_METRICS", "UndefinedMetricWarning", "auroc", "average_precision", "detection_metrics", "f1_max",
+           "fpr_at_tpr", "kendall_tau", "rankdata_midrank", "sorted_counts"]

@@ -1,4 +1,5 @@
-"""Kendall's tau-b and its two-sided p-value, batched, equal to ``scipy.stats.kendalltau`` row by row."""
+"""Kendall's tau-b and its p-value (two-sided, or one-sided with ``alternative``), batched, equal to
+``scipy.stats.kendalltau`` row by row."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ from scipy.special import ndtr
 from swsa_engine.core.metrics.inputs import broadcast_shape, reject_nan_or_nonfinite, warn_undefined
 from swsa_engine.core.validation import as_bool_mask, as_real_array
 
-__all__ = ["kendall_tau"]
+__all__ = ["kendall_tau", "ALTERNATIVES"]
 
 # scipy.stats.kendalltau(method="auto") uses the exact null distribution when there are no
 # ties and n is at most this, or (any n) when min(discordant, total - discordant) <= 1.
 _KENDALL_EXACT_MAX_N = 33
+
+#: the alternatives kendall_tau accepts, as in scipy.stats.kendalltau
+ALTERNATIVES = ("two-sided", "greater", "less")
 
 # kendall_tau materialises (rows, n, n) pairwise comparisons; rows are processed in blocks
 # of at most this many pair elements to keep peak memory near a few tens of MiB.
@@ -69,6 +73,30 @@ def _kendall_exact_pvalue_table(n: int) -> np.ndarray:
     return np.minimum(np.array(table, dtype=np.float64), 1.0)
 
 
+@functools.lru_cache(maxsize=None)
+def _kendall_exact_cdf_table(n: int) -> np.ndarray:
+    """P(discordant <= k) for n untied observations under independence, k = 0..n(n-1)/2
+    (n <= 33), from exact Mahonian numbers: the one-sided exact p-value of scipy's
+    ``_kendall_p_exact(n, c, alternative)`` (which takes the complement plus the mass at c
+    for the far tail; the same number)."""
+    total = n * (n - 1) // 2
+    permutation_count = math.factorial(n)
+    return np.array([below / permutation_count for below in itertools.accumulate(_mahonian_numbers(n, total))])
+
+
+def _kendall_exact_one_sided(n: int, opposing: np.ndarray) -> np.ndarray:
+    """One-sided exact p-values P(K <= opposing) for n untied observations, K the null count of
+    pairs ordered against the alternative (discordant pairs for "greater"). For n > 33 scipy
+    only goes exact when min(K, total - K) <= 1: closed forms there, and the complement
+    1 - P(K <= total - opposing - 1) in the far tail (as scipy: 0.0 once n! overflows)."""
+    if n <= _KENDALL_EXACT_MAX_N:
+        return _kendall_exact_cdf_table(n)[opposing]
+    total = n * (n - 1) // 2
+    near = [1.0 / math.factorial(n) if n < 171 else 0.0, 1.0 / math.factorial(n - 1) if n < 172 else 0.0]
+    near_cdf = lambda k: np.where(k < 0, 0.0, np.where(k == 0, near[0], near[1]))
+    return np.where(opposing <= 1, near_cdf(np.minimum(opposing, 1)), 1.0 - near_cdf(total - opposing - 1))
+
+
 def _kendall_pair_counts(
     x_rows: np.ndarray, y_rows: np.ndarray, included_rows: np.ndarray
 ) -> dict[str, np.ndarray]:
@@ -100,8 +128,8 @@ def _kendall_pair_counts(
     return counts
 
 
-def kendall_tau(x, y, mask=None) -> tuple[np.ndarray, np.ndarray]:
-    """Kendall's tau-b and its two-sided p-value for every row, batched over leading axes.
+def kendall_tau(x, y, mask=None, *, alternative: str = "two-sided") -> tuple[np.ndarray, np.ndarray]:
+    """Kendall's tau-b and its p-value for every row, batched over leading axes.
 
     Parameters
     ----------
@@ -111,13 +139,16 @@ def kendall_tau(x, y, mask=None) -> tuple[np.ndarray, np.ndarray]:
     mask : array of bool, shape broadcastable to (..., n), optional
         True = entry included. Excluded entries are dropped, so rows may effectively have
         different lengths. Default: everything included.
+    alternative : "two-sided" (default), "greater" (tau > 0) or "less" (tau < 0)
+        The alternative hypothesis of the p-value, as in ``scipy.stats.kendalltau``; e.g.
+        "greater" asks whether the two rankings agree.
 
     Returns
     -------
     tau, pvalue : np.ndarray of float64, each of shape (...)
         (``np.float64`` scalars for 1-d input.) Equal row by row to
-        ``scipy.stats.kendalltau(x_row, y_row)`` with its defaults: tau-b, and a two-sided
-        p-value that is exact when there are no ties and n <= 33 or
+        ``scipy.stats.kendalltau(x_row, y_row, alternative=alternative)`` with its other
+        defaults: tau-b, and a p-value that is exact when there are no ties and n <= 33 or
         min(discordant, n(n-1)/2 - discordant) <= 1, else the normal approximation with
         tie corrections. Rows with fewer than two included entries, or where x or y is
         constant, are NaN in both outputs, with one :class:`UndefinedMetricWarning` per
@@ -127,13 +158,16 @@ def kendall_tau(x, y, mask=None) -> tuple[np.ndarray, np.ndarray]:
     ------
     ValueError
         Shapes that do not broadcast or differ in n; n == 0; NaN among included entries
-        (scipy would silently return NaN; exclude such entries with ``mask`` instead).
+        (scipy would silently return NaN; exclude such entries with ``mask`` instead); an
+        unknown ``alternative``.
 
     Notes
     -----
     Uses O(n^2) pairwise comparisons, vectorised over (rows, n, n) blocks; meant for n up
     to a few hundred (e.g. candidate models).
     """
+    if alternative not in ALTERNATIVES:
+        raise ValueError(f"kendall_tau: unknown alternative {alternative!r}; use one of {', '.join(ALTERNATIVES)}")
     x = as_real_array(x, "x")
     y = as_real_array(y, "y")
     mask = None if mask is None else as_bool_mask(mask, "mask")
@@ -171,7 +205,7 @@ def kendall_tau(x, y, mask=None) -> tuple[np.ndarray, np.ndarray]:
     else:  # zero rows: keep the int64 dtypes of empty statistics
         counts = _kendall_pair_counts(x_rows, y_rows, included_rows)
     size = included_rows.sum(axis=-1, dtype=np.int64)
-    tau, pvalue = _kendall_from_counts(size, **counts)
+    tau, pvalue = _kendall_from_counts(size, alternative=alternative, **counts)
     warn_undefined(
         "kendall_tau", np.isnan(tau), "they have fewer than two included entries or x or y "
         "is constant over them"
@@ -182,6 +216,7 @@ def kendall_tau(x, y, mask=None) -> tuple[np.ndarray, np.ndarray]:
 def _kendall_from_counts(
     size: np.ndarray,
     *,
+    alternative: str = "two-sided",
     concordant: np.ndarray,
     discordant: np.ndarray,
     x_tie_pairs: np.ndarray,
@@ -191,7 +226,7 @@ def _kendall_from_counts(
     x_tie_variance: np.ndarray,
     y_tie_variance: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """tau-b and two-sided p-value from per-row pair statistics (all int64, shape (r,)).
+    """tau-b and its p-value for ``alternative`` from per-row pair statistics (all int64, shape (r,)).
 
     Follows scipy.stats.kendalltau step by step, with the same floating-point operations
     in the same order, so that results agree to the last few bits.
@@ -216,7 +251,8 @@ def _kendall_from_counts(
             + (x_tie_cubic.astype(np.float64) * y_tie_cubic) / (9 * m * (size - 2))
         )
         z = con_minus_dis / np.sqrt(variance)
-        pvalue = 2 * ndtr(-np.abs(z))
+        pvalue = {"two-sided": lambda: 2 * ndtr(-np.abs(z)), "greater": lambda: ndtr(-z),
+                  "less": lambda: ndtr(z)}[alternative]()
 
     no_ties = (x_tie_pairs == 0) & (y_tie_pairs == 0)
     use_exact = (
@@ -227,8 +263,12 @@ def _kendall_from_counts(
     # One table per distinct n (cached across calls); rows are looked up, not looped over.
     for n_value in np.unique(size[use_exact]):
         rows = use_exact & (size == n_value)
-        smaller_tail = np.minimum(concordant[rows], total_pairs[rows] - concordant[rows])
-        pvalue[rows] = _kendall_exact_pvalue_table(int(n_value))[smaller_tail]
+        if alternative == "two-sided":
+            smaller_tail = np.minimum(concordant[rows], total_pairs[rows] - concordant[rows])
+            pvalue[rows] = _kendall_exact_pvalue_table(int(n_value))[smaller_tail]
+        else:  # P(pairs ordered against the alternative <= observed)
+            opposing = discordant[rows] if alternative == "greater" else total_pairs[rows] - discordant[rows]
+            pvalue[rows] = np.clip(_kendall_exact_one_sided(int(n_value), opposing), 0.0, 1.0)
 
     tau[undefined] = np.nan
     pvalue[undefined] = np.nan

@@ -7,16 +7,17 @@ import numpy as np
 from swsa_engine.core.metrics.inputs import broadcast_shape, reject_nan_or_nonfinite, warn_undefined
 from swsa_engine.core.validation import as_bool_mask, as_real_array
 
-__all__ = ["auroc", "rankdata_midrank"]
+__all__ = ["auroc", "labels_as_bool", "rankdata_midrank"]
 
 
-def _labels_as_bool(labels: np.ndarray, included: np.ndarray | None) -> np.ndarray:
-    """Boolean labels (True = anomaly) from a boolean or 0/1 array, or ValueError."""
+def labels_as_bool(labels: np.ndarray, included: np.ndarray | None, function: str = "auroc") -> np.ndarray:
+    """Boolean labels (True = anomaly) from a boolean or 0/1 array (entries outside ``included`` are
+    not checked), or ValueError worded for ``function``."""
     if labels.dtype == np.bool_:
         return labels
     if labels.dtype.kind not in "iuf":
         raise ValueError(
-            f"auroc: `labels` must be boolean (True = anomaly) or contain only 0 and 1, got "
+            f"{function}: `labels` must be boolean (True = anomaly) or contain only 0 and 1, got "
             f"dtype {labels.dtype}. Build them with e.g. labels = (kind == 'anomaly')."
         )
     invalid = (labels != 0) & (labels != 1)
@@ -25,7 +26,7 @@ def _labels_as_bool(labels: np.ndarray, included: np.ndarray | None) -> np.ndarr
     if np.any(invalid):
         offending = np.unique(labels[invalid])[:5]
         raise ValueError(
-            f"auroc: `labels` must be boolean (True = anomaly) or contain only 0 and 1, got "
+            f"{function}: `labels` must be boolean (True = anomaly) or contain only 0 and 1, got "
             f"other values such as {offending.tolist()} (dtype {labels.dtype}). Convert them "
             f"with labels == anomaly_value."
         )
@@ -130,7 +131,7 @@ def auroc(scores, labels, mask=None) -> np.ndarray:
 
     scores = np.broadcast_to(scores, shape)
     included = None if mask is None else np.broadcast_to(mask, shape)
-    is_anomaly = _labels_as_bool(np.broadcast_to(labels, shape), included)
+    is_anomaly = labels_as_bool(np.broadcast_to(labels, shape), included)
     reject_nan_or_nonfinite("auroc", "scores", scores, included, allow_inf=False)
 
     sort_keys = scores.astype(np.float64, copy=False)

@@ -1,0 +1,116 @@
+"""Ensembles (swsa_engine.core.ensembles) against scipy, PyOD's combination functions and naive loops."""
+
+import numpy as np
+import pytest
+from scipy.stats import rankdata
+from sklearn.metrics import roc_auc_score
+from sklearn.utils import shuffle
+
+from swsa_engine.core.ensembles import (combine_scores, greedy_ensemble_weights, normalise_scores, part_aurocs,
+                                        shuffled_buckets)
+
+combination = pytest.importorskip("pyod.models.combination", reason="PyOD's combination needs pyod and combo")
+
+
+def tied_scores(seed, shape):
+    return np.random.default_rng(seed).integers(0, 5, size=shape).astype(float)
+
+
+def test_rank_normalisation_is_scaled_midranks_over_the_masked_images():
+    scores = tied_scores(0, (4, 3, 15))
+    mask = np.random.default_rng(1).random((4, 15)) < 0.8
+    got = normalise_scores(scores, mask)
+    for t in range(4):
+        n = mask[t].sum()
+        for c in range(3):
+            want = (rankdata(scores[t, c, mask[t]]) - 1) / (n - 1)
+            np.testing.assert_allclose(got[t, c, mask[t]], want, rtol=0, atol=1e-15)
+            assert np.isnan(got[t, c, ~mask[t]]).all()
+
+
+def test_zscore_normalisation():
+    scores = np.random.default_rng(2).normal(size=(2, 3, 10))
+    scores[1, 2] = 4.0  # a constant member: zeros
+    got = normalise_scores(scores, method="zscore")
+    np.testing.assert_allclose(got[0], (scores[0] - scores[0].mean(-1, keepdims=True)) / scores[0].std(-1, keepdims=True))
+    assert (got[1, 2] == 0).all()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_combinations_equal_pyod(seed):
+    rng = np.random.default_rng(seed)
+    members, n_images, n_buckets = 10, 30, 5
+    normalised = normalise_scores(rng.normal(size=(1, members, n_images)))
+    matrix = normalised[0].T  # PyOD: (n_samples, n_estimators)
+    np.testing.assert_allclose(combine_scores(normalised, "mean")[0], combination.average(matrix))
+    np.testing.assert_allclose(combine_scores(normalised, "max")[0], combination.maximization(matrix))
+    np.testing.assert_allclose(combine_scores(normalised, "median")[0], combination.median(matrix))
+    order = shuffle(list(range(members)), random_state=seed)
+    buckets = np.array_split(np.asarray(order), n_buckets)
+    np.testing.assert_allclose(combine_scores(normalised, "aom", buckets=buckets)[0],
+                               combination.aom(matrix, n_buckets=n_buckets, random_state=seed))
+    np.testing.assert_allclose(combine_scores(normalised, "moa", buckets=buckets)[0],
+                               combination.moa(matrix, n_buckets=n_buckets, random_state=seed))
+    weights = rng.random(members)
+    np.testing.assert_allclose(combine_scores(normalised, "mean", weights=weights)[0],
+                               combination.average(matrix, estimator_weights=weights[None, :]))
+
+
+def test_buckets_and_errors():
+    buckets = shuffled_buckets(7, 3, seed=4)
+    assert sorted(np.concatenate(buckets).tolist()) == list(range(7)) and [len(b) for b in buckets] == [3, 2, 2]
+    with pytest.raises(ValueError, match="n_buckets=8 is more than the 7 members"):
+        shuffled_buckets(7, 8)
+    with pytest.raises(ValueError, match="combination 'vote' is unknown; choose one of mean, max"):
+        combine_scores(np.zeros((1, 2, 3)), "vote")
+    with pytest.raises(ValueError, match=r"non-finite value\(s\) among masked-in images \(first: task row 0, candidate 1"):
+        normalise_scores(np.array([[[0.0, 1.0], [np.nan, 1.0]]]))
+
+
+def test_part_aurocs_equal_sklearn():
+    rng = np.random.default_rng(5)
+    scores = tied_scores(6, (3, 4, 24))
+    parts = rng.integers(-1, 3, size=(3, 24))
+    parts[:, :3] = [0, 1, 2]
+    got = part_aurocs(scores, parts, 2)
+    for t in range(3):
+        for c in range(4):
+            for v in range(2):
+                keep = (parts[t] == 0) | (parts[t] == v + 1)
+                assert got[t, c, v] == pytest.approx(roc_auc_score(parts[t, keep] == v + 1, scores[t, c, keep]))
+
+
+def naive_greedy(normalised, parts, n_sources, steps, bags, fraction, seed):
+    n_tasks, n_candidates, _ = normalised.shape
+    rng = np.random.default_rng(seed)
+    draws = [np.sort(rng.choice(n_candidates, size=max(1, round(fraction * n_candidates)), replace=False))
+             for _ in range(bags)]
+    weights = np.zeros((n_tasks, n_candidates))
+    for t in range(n_tasks):
+        for members in draws:
+            total = np.zeros(normalised.shape[2])
+            for step in range(steps):
+                best, best_value = None, -np.inf
+                for c in members:
+                    trial = (total + normalised[t, c]) / (step + 1)
+                    values = []
+                    for v in range(n_sources):
+                        keep = (parts[t] == 0) | (parts[t] == v + 1)
+                        values.append(roc_auc_score(parts[t, keep] == v + 1, trial[keep]))
+                    if np.mean(values) > best_value + 1e-12:
+                        best, best_value = c, np.mean(values)
+                weights[t, best] += 1
+                total += normalised[t, best]
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def test_greedy_selection_equals_a_naive_loop():
+    rng = np.random.default_rng(8)
+    parts = np.tile(np.r_[np.zeros(12), np.ones(8), np.full(8, 2)].astype(int), (3, 1))
+    signal = (parts > 0).astype(float)
+    raw = tied_scores(9, (3, 6, 28)) + signal[:, None, :] * rng.integers(0, 3, size=(3, 6, 1))
+    normalised = normalise_scores(raw)
+    got = greedy_ensemble_weights(normalised, parts, 2, steps=4, bags=3, fraction=0.5, seed=3)
+    want = naive_greedy(normalised, parts, 2, steps=4, bags=3, fraction=0.5, seed=3)
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    np.testing.assert_allclose(got.sum(axis=1), 1.0)

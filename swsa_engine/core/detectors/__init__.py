@@ -35,19 +35,22 @@ the protocol, registry and input checks in :mod:`.base`, shared batched linear a
 one the sweep calls (:mod:`swsa_engine.run.detector_sweep`)::
 
     score_tasks(queries (T, W, D), query_mask (T, W), bank (T, S, D), bank_mask (T, S),
-                exclude (T, W), *, task_ids (T,), abnormal (T, R, D) = None,
+                exclude (T, W) or (T, W, E), *, task_ids (T,), abnormal (T, R, D) = None,
                 abnormal_mask (T, R) = None) -> (T, W) float64, NaN where ~query_mask
     score_shared(queries (Q, D), bank (T, S, D), bank_mask (T, S), *, task_ids, abnormal,
                  abnormal_mask) -> (T, Q)           # one set of queries shared by every task
     min_bank(has_heldout) -> int                    # smallest bank that can score
-    needs = "features" | "patches";  needs_abnormal;  supports_shared;  draws_references
+    needs = "features" | "patches";  needs_abnormal;  supports_shared;  draws_references;
+    max_exclusions (None: any number of left-out rows per query; 1: Mahalanobis, PCA, residual)
     label;  family;  min_abnormal;  bank_hint;  text_prior;  prepare(features)
 
 declared once by :class:`~swsa_engine.core.detectors.base.Detector` (an ABC every detector
 subclasses; callers read the attributes, they never probe for them).
 
 ``exclude[t, w]`` is the bank row left out for query ``w`` (leave-one-out: a fitted detector is
-refitted without it), or -1. Everything is float64; results equal plain per-task references
+refitted without it), or -1; ``exclude[t, w, :]`` (T, W, E) the rows a query leaves out (its
+origins), -1 padded, for detectors whose ``max_exclusions`` allows more than one (kNN, NAGL,
+patch; :func:`check_batch` refuses the others with a one-line error). Everything is float64; results equal plain per-task references
 (scikit-learn, scipy, explicit loops) to about 1e-10 relative (``tests/test_detectors_more.py``).
 """
 

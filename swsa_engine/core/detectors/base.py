@@ -18,7 +18,8 @@ import numpy as np
 
 from swsa_store.registry import Registry
 
-from swsa_engine.core.validation import as_bool_mask, as_index_array, as_real_array, zero_unusable_rows
+from swsa_engine.core.knn.checks import distinct_exclusions, exclusion_array
+from swsa_engine.core.validation import as_bool_mask, as_real_array, zero_unusable_rows
 
 __all__ = [
     "DETECTORS", "Detector", "register_detector", "create_detector", "list_detectors", "parse_detector",
@@ -56,9 +57,13 @@ class Detector(abc.ABC):
     * ``supports_shared``: :meth:`score_shared` scores one set of queries shared by every task.
     * ``draws_references``: the detector draws references from each bank (:meth:`references`,
       :attr:`reference_rule`, ``seed``); the sweep records the draw.
+    * ``max_exclusions``: how many bank rows one query may leave out (None = any number; 1 for a
+      detector whose fit is downdated for one left-out row).  :func:`check_batch` refuses more.
 
-    Everything is float64; ``exclude[t, w]`` is the bank row left out for query ``w``
-    (leave-one-out: a fitted detector is refitted without it), or -1.
+    Everything is float64; ``exclude[t, w]`` (T, W) is the bank row left out for query ``w``
+    (leave-one-out: a fitted detector is refitted without it), or -1; ``exclude[t, w, :]``
+    (T, W, E) the rows a query leaves out (its *origins*: a held-out normal itself, a synthetic
+    anomaly the images it was made from), -1 padded.
     """
 
     needs: ClassVar[str] = "features"
@@ -67,6 +72,8 @@ class Detector(abc.ABC):
     draws_references: ClassVar[bool] = False
     #: the seed of the reference draw (detectors with ``draws_references``; 0 for the others)
     seed: ClassVar[int] = 0
+    #: the most distinct bank rows one query may leave out (None: any number)
+    max_exclusions: ClassVar[int | None] = 1
 
     @property
     @abc.abstractmethod
@@ -80,7 +87,8 @@ class Detector(abc.ABC):
 
     @abc.abstractmethod
     def min_bank(self, has_heldout: bool) -> int:
-        """Usable bank rows a task needs to be scored (``has_heldout``: with leave-one-out queries)."""
+        """Usable bank rows a task needs to be scored (``has_heldout``: with leave-one-out queries;
+        detectors whose :attr:`max_exclusions` exceeds 1 also take an int, the most rows a query leaves out)."""
 
     @property
     def min_abnormal(self) -> int:
@@ -117,7 +125,8 @@ class Detector(abc.ABC):
         """Scores of per-task queries: (T, W) float64, NaN where ``~query_mask``.
 
         queries (T, W, D) (patch detectors: (T, W, P, D)), query_mask (T, W) bool, bank (T, S, D)
-        (or (T, S, P, D)), bank_mask (T, S) bool, exclude (T, W) int (bank row or -1),
+        (or (T, S, P, D)), bank_mask (T, S) bool, exclude (T, W) int (bank row or -1) or (T, W, E)
+        (up to :attr:`max_exclusions` distinct rows per query, -1 padded),
         task_ids (T,); abnormal (T, R, D) and abnormal_mask (T, R) for ``needs_abnormal``.
         """
 
@@ -193,9 +202,11 @@ def _task_ids(task_ids, n_tasks: int) -> np.ndarray:
 def check_batch(detector: Detector, queries, query_mask, bank, bank_mask, exclude, task_ids, abnormal=None,
                 abnormal_mask=None):
     """Validate the inputs of ``score_tasks``; returns float64 arrays (padding zeroed), bool masks,
-    ``exclude`` as int64 (-1 where it names padding) and ``task_ids`` (T,), then (abnormal,
-    abnormal mask) when the detector needs them. Raises a one-line ValueError on bad shapes,
-    non-boolean masks, non-finite real rows, or a bank smaller than ``detector.min_bank``."""
+    ``exclude`` ((T, W) or (T, W, E) in) as (T, W, E') int64 — each query's distinct real bank rows
+    first, then -1 (masked queries, padding rows and repeats are -1; E' >= 1) — and ``task_ids``
+    (T,), then (abnormal, abnormal mask) when the detector needs them. Raises a one-line ValueError
+    on bad shapes, non-boolean masks, non-finite real rows, a query leaving out more rows than
+    ``detector.max_exclusions``, or a bank smaller than ``detector.min_bank``."""
     q = _as_features(queries, "queries", 3, "(T, W, D)")
     n_tasks, width, dim = q.shape
     b = _as_features(bank, "bank", 3, f"(T, S, D) = ({n_tasks}, S, {dim})")
@@ -203,16 +214,15 @@ def check_batch(detector: Detector, queries, query_mask, bank, bank_mask, exclud
         raise ValueError(f"bank must have shape (T, S, D) = ({n_tasks}, S, {dim}) to match queries {q.shape}, got {b.shape}")
     qm = as_bool_mask(query_mask, "query_mask", (n_tasks, width), "(T, W)")
     bm = as_bool_mask(bank_mask, "bank_mask", (n_tasks, b.shape[1]), "(T, S)")
-    if exclude is None:
-        ex = np.full((n_tasks, width), -1, dtype=np.int64)
-    else:
-        ex = as_index_array(exclude, "exclude", (n_tasks, width), b.shape[1], "a bank row", "(T, W)")
-    if b.shape[1]:
-        ex = np.where((ex >= 0) & np.take_along_axis(bm, np.maximum(ex, 0), axis=1) & qm, ex, -1)
     ids = _task_ids(task_ids, n_tasks)
+    if exclude is None:
+        ex = np.full((n_tasks, width, 1), -1, dtype=np.int64)
+    else:
+        ex = distinct_exclusions(exclusion_array(exclude, (n_tasks, width), b.shape[1], "a bank row", "(T, W)"), qm, bm)
+        _check_exclusion_count(detector, ex, ids)
     q = zero_unusable_rows(q, qm, "queries")
     b = zero_unusable_rows(b, bm, "bank")
-    _check_bank(detector, bm, qm.any(axis=1), (ex >= 0).any(axis=1), ids)
+    _check_bank(detector, bm, qm.any(axis=1), (ex >= 0).sum(axis=2).max(axis=1, initial=0), ids)
     out = (q, qm, b, bm, ex, ids)
     if detector.needs_abnormal:
         out += _check_abnormal(detector, abnormal, abnormal_mask, qm.any(axis=1), ids, n_tasks, dim)
@@ -231,17 +241,37 @@ def check_shared(detector: Detector, queries, bank, bank_mask, task_ids, abnorma
     q = zero_unusable_rows(q, np.ones(len(q), bool), "queries")
     b = zero_unusable_rows(b, bm, "bank")
     active = np.full(len(b), len(q) > 0)
-    _check_bank(detector, bm, active, np.zeros(len(b), bool), ids)
+    _check_bank(detector, bm, active, np.zeros(len(b), dtype=np.int64), ids)
     out = (q, b, bm, ids)
     if detector.needs_abnormal:
         out += _check_abnormal(detector, abnormal, abnormal_mask, active, ids, len(b), q.shape[1])
     return out
 
 
-def _check_bank(detector: Detector, bank_mask: np.ndarray, active: np.ndarray, has_heldout: np.ndarray,
+def _check_exclusion_count(detector: Detector, ex: np.ndarray, task_ids: np.ndarray) -> None:
+    """Raise unless no query of ``ex`` (T, W, E) (:func:`distinct_exclusions`) leaves out more
+    distinct bank rows than ``detector.max_exclusions``."""
+    limit = detector.max_exclusions
+    if limit is None or ex.shape[2] <= limit:
+        return
+    count = (ex >= 0).sum(axis=2)
+    over = count > limit
+    if over.any():
+        t, w = (int(i) for i in np.argwhere(over)[0])
+        raise ValueError(
+            f"{detector.label} leaves out at most {limit} bank row(s) per query, but query {w} of task {task_ids[t]} "
+            f"excludes {count[t, w]} distinct bank rows ({int(over.sum())} such queries); use the protocol \"paper\" "
+            f"or another detector (knn, nagl and patch leave out any number)")
+
+
+def _check_bank(detector: Detector, bank_mask: np.ndarray, active: np.ndarray, n_excluded: np.ndarray,
                 task_ids: np.ndarray) -> None:
+    """Raise unless every ``active`` task has ``detector.min_bank`` usable rows, given the most
+    bank rows ``n_excluded`` (T,) one of its queries leaves out."""
     n_bank = bank_mask.sum(axis=1)
-    need = np.where(has_heldout, detector.min_bank(True), detector.min_bank(False))
+    # 0 and 1 as False / True (the plain leave-one-out call), more as the count
+    counts, which = np.unique(n_excluded, return_inverse=True)
+    need = np.array([detector.min_bank(int(c) if c > 1 else bool(c)) for c in counts], dtype=np.int64)[which]
     bad = np.flatnonzero(active & (n_bank < need))
     if bad.size:
         t = bad[0]

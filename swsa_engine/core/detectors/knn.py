@@ -10,6 +10,7 @@ every other detector (:func:`candidate_name`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -21,18 +22,21 @@ __all__ = ["NeighbourBank", "KnnDetector", "DEFAULT_DETECTOR", "candidate_name",
 
 class NeighbourBank(Detector):
     """What detectors built on kNN distances to the bank share: ``k`` neighbours, a metric
-    ("l2" = squared L2, "cosine" = squared L2 of L2-normalised rows), leave-one-out by one more row."""
+    ("l2" = squared L2, "cosine" = squared L2 of L2-normalised rows); a query may leave out any
+    number of bank rows (its origins), each costing one more bank row."""
 
     k: int
     metric: str
+    max_exclusions: ClassVar[int | None] = None
 
     def prepare(self, features: np.ndarray) -> np.ndarray:
         """(N, D) features as the detector compares them (L2-normalised rows for cosine)."""
         return features if self.metric == "l2" else unit_rows(features)
 
-    def min_bank(self, has_heldout: bool) -> int:
-        """Usable bank rows needed: k (one more when held-out queries are scored leave-one-out)."""
-        return self.k + int(bool(has_heldout))
+    def min_bank(self, has_heldout: bool | int) -> int:
+        """Usable bank rows needed: k, plus the most rows a query leaves out (True: one, for
+        held-out queries scored leave-one-out; an int: that many)."""
+        return self.k + int(has_heldout)
 
     @property
     def bank_hint(self) -> str:
@@ -61,7 +65,8 @@ class KnnDetector(NeighbourBank):
 
     def score_tasks(self, queries, query_mask, bank, bank_mask, exclude, *, task_ids, abnormal=None,
                     abnormal_mask=None) -> np.ndarray:
-        """(T, W) kNN scores of per-task queries (T, W, D) against banks (T, S, D); NaN where ~query_mask."""
+        """(T, W) kNN scores of per-task queries (T, W, D) against banks (T, S, D), each without its
+        excluded rows (``exclude`` (T, W) or (T, W, E)); NaN where ~query_mask."""
         q, qm, b, bm, ex, task_ids = check_batch(self, queries, query_mask, bank, bank_mask, exclude, task_ids)
         return knn_score_batched(q, b, k=self.k, query_mask=qm, bank_mask=bm, exclude=ex)
 

@@ -8,6 +8,7 @@ eigendecomposition per task; leave-one-out refits use a closed-form downdate.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -46,8 +47,10 @@ class MahalanobisDetector(Detector):
     G = E Eᵀ = U Λ Uᵀ (Woodbury): dᵀΣ⁻¹d = ||d||²/β − (α/β) Σᵢ wᵢ² / (αλᵢ + β) with w = Uᵀ(E d);
     when D ≤ S through the eigendecomposition of M. A leave-one-out fit (bank row j left out)
     has its own Ledoit–Wolf (α′, β′), from G in O(S) per row, and M′ = M − n/(n−1) e_j e_jᵀ,
-    inverted by Sherman–Morrison: no refit, no loop.
+    inverted by Sherman–Morrison: no refit, no loop.  One left-out row per query (``max_exclusions``).
     """
+
+    max_exclusions: ClassVar[int | None] = 1
 
     @property
     def label(self) -> str:
@@ -78,6 +81,7 @@ class MahalanobisDetector(Detector):
                     abnormal_mask=None) -> np.ndarray:
         """(T, W) squared Mahalanobis distances (module docstring); NaN where ~query_mask."""
         q, qm, b, bm, ex, task_ids = check_batch(self, queries, query_mask, bank, bank_mask, exclude, task_ids)
+        ex = ex[..., 0]  # max_exclusions = 1: each query's one left-out row (or -1)
         f = self._fit(b, bm)
         n, gram, diag, lam, basis = f["n"], f["gram"], f["diag"], f["lam"], f["basis"]
         dim = b.shape[2]

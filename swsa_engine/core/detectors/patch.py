@@ -10,7 +10,8 @@ of any reference image. The references are ``K`` normal images drawn (seeded per
 :meth:`PatchDetector.reference_slots`) from the task's usable bank, or the whole bank with
 ``K="all"`` (``K=0``). Leave-one-out: a query that is itself in the bank (a held-out normal)
 never uses its own patches; it is compared with the first ``K`` drawn images that are not
-itself, so every query sees exactly ``K`` references.
+itself, so every query sees exactly ``K`` references. The same holds for a query that leaves
+out several bank images (``exclude`` (T, W, E): a synthetic anomaly without all its origins).
 
 Exactness (float64): distances are computed in float32 (batched GEMMs in torch), with a
 rigorous error bound per distance, ``|d32 − d| ≤ c·(||x||² + ||y||²)`` with
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 
 from swsa_engine.core.detectors.base import Detector, register_detector
+from swsa_engine.core.knn.checks import distinct_exclusions, exclusion_array
 
 __all__ = ["PatchDetector", "patch_cost"]
 
@@ -70,6 +72,7 @@ class PatchDetector(Detector):
     needs: ClassVar[str] = "patches"  # the sweep feeds (T, W, P, D) patch tokens, see load_patch_features
     supports_shared: ClassVar[bool] = False  # per-task queries only
     draws_references: ClassVar[bool] = True
+    max_exclusions: ClassVar[int | None] = None  # a query uses the first K drawn images it does not exclude
 
     def __post_init__(self):
         if isinstance(self.K, bool) or not isinstance(self.K, (int, np.integer)) or self.K < 0:
@@ -86,10 +89,11 @@ class PatchDetector(Detector):
     def family(self) -> str:
         return "patch"
 
-    def min_bank(self, has_heldout: bool) -> int:
+    def min_bank(self, has_heldout: bool | int) -> int:
         """Usable bank images a task needs: ``K`` (``K + 1`` when held-out normals are in the bank,
-        so that a query never is its own reference); with ``K=all`` 1 (2)."""
-        return (self.K if self.K > 0 else 1) + (1 if has_heldout else 0)
+        so that a query never is its own reference; ``K + n`` when a query leaves out ``n`` images);
+        with ``K=all`` 1 (2, 1 + n)."""
+        return (self.K if self.K > 0 else 1) + int(has_heldout)
 
     @property
     def bank_hint(self) -> str:
@@ -101,7 +105,7 @@ class PatchDetector(Detector):
         if self.K == 0:
             return "every usable support image (K=all); a held-out normal never uses its own patches"
         return ("the first K of np.random.default_rng([seed, task_id]).permutation(usable support positions); "
-                "a query that is one of them uses the (K+1)-th instead")
+                "a query that is one of them (or leaves some out) uses the next ones of the permutation instead")
 
     def references(self, bank_mask: np.ndarray, task_ids: np.ndarray) -> np.ndarray:
         """``(T, K)`` bank slots of each task's references (the first ``K`` of
@@ -110,19 +114,21 @@ class PatchDetector(Detector):
         return self.reference_slots(bank_mask, task_ids)[:, : self.K]
 
     # ------------------------------------------------------------------ references
-    def reference_slots(self, bank_mask: np.ndarray, task_ids: np.ndarray) -> np.ndarray:
+    def reference_slots(self, bank_mask: np.ndarray, task_ids: np.ndarray, spare: int = 1) -> np.ndarray:
         """``(T, J)`` int64 bank slots drawn as references, in draw order, padded with -1.
 
-        For ``K >= 1``: ``J = K + 1`` — the first ``K + 1`` of
+        For ``K >= 1``: ``J = K + spare`` — the first ``K + spare`` of
         ``np.random.default_rng([seed, task_id]).permutation(usable slots)`` (usable slots =
         ``flatnonzero(bank_mask[t])``, in slot order); a query uses the first ``K`` of them that
-        are not itself. For ``K=all``: every usable slot. The draw depends on the task id, the
-        seed and the task's bank only — not on the other tasks scored with it.
+        it does not exclude (``spare``: the most slots one query excludes, at least 1). For
+        ``K=all``: every usable slot. The draw depends on the task id, the seed and the task's
+        bank only — not on the other tasks scored with it.
         """
         bank_mask = np.asarray(bank_mask, dtype=bool)
         task_ids = np.asarray(task_ids, dtype=np.int64).reshape(-1)
         n_usable = bank_mask.sum(axis=1)
-        width = int(n_usable.max(initial=0)) if self.K == 0 else self.K + 1
+        spare = max(1, int(spare))
+        width = int(n_usable.max(initial=0)) if self.K == 0 else self.K + spare
         slots = np.full((bank_mask.shape[0], max(width, 1)), -1, dtype=np.int64)
         for t, (mask, task_id) in enumerate(zip(bank_mask, task_ids)):
             usable = np.flatnonzero(mask)
@@ -130,14 +136,15 @@ class PatchDetector(Detector):
                 slots[t, : len(usable)] = usable
             else:
                 order = np.random.default_rng([int(self.seed), int(task_id)]).permutation(len(usable))
-                drawn = usable[order[: self.K + 1]]
+                drawn = usable[order[: self.K + spare]]
                 slots[t, : len(drawn)] = drawn
         return slots
 
     def _allowed(self, slots: np.ndarray, exclude: np.ndarray) -> np.ndarray:
-        """``(T, W, J)`` bool: the slots each query compares with (its own slot never)."""
+        """``(T, W, J)`` bool: the slots each query compares with (its excluded slots, ``exclude``
+        (T, W, E), never)."""
         valid = slots >= 0
-        own = (slots[:, None, :] == exclude[:, :, None]) & (exclude[:, :, None] >= 0)
+        own = ((slots[:, None, :, None] == exclude[:, :, None, :]) & (exclude[:, :, None, :] >= 0)).any(-1)
         usable = valid[:, None, :] & ~own
         if self.K == 0:
             return usable
@@ -151,7 +158,8 @@ class PatchDetector(Detector):
 
         ``query_mask`` ``(T, W)`` and ``bank_mask`` ``(T, S)`` bool mark real rows (padding and
         rows without patch tokens are False); ``exclude`` ``(T, W)`` int64 is the bank slot of the
-        query itself (leave-one-out) or -1; ``task_ids`` ``(T,)`` seed the reference draw.
+        query itself (leave-one-out) or -1, or ``(T, W, E)`` the slots it leaves out (-1 padded);
+        ``task_ids`` ``(T,)`` seed the reference draw.
         ``abnormal`` / ``abnormal_mask`` are ignored (``needs_abnormal`` is False).
         """
         queries, bank = np.asarray(queries), np.asarray(bank)
@@ -168,15 +176,15 @@ class PatchDetector(Detector):
             raise ValueError(f"patch detector: bank {bank.shape} does not fit queries {queries.shape}; "
                              "both need (T, ·, P, D) with the same T, P and D")
         for what, array, shape in (("query_mask", query_mask, (T, W)), ("bank_mask", bank_mask, (T, S)),
-                                   ("exclude", exclude, (T, W)), ("task_ids", task_ids, (T,))):
+                                   ("exclude", exclude, (T, W) + exclude.shape[2:3]), ("task_ids", task_ids, (T,))):
             if array.shape != shape:
                 raise ValueError(f"patch detector: {what} has shape {array.shape}, expected {shape}")
+        exclude = distinct_exclusions(exclusion_array(exclude, (T, W), S, "a bank slot", "(T, W)"), query_mask, bank_mask)
         out = np.full((T, W), np.nan, dtype=np.float64)
         if T == 0 or W == 0 or not query_mask.any():
             return out
 
-        slots = self.reference_slots(bank_mask, task_ids)
-        exclude = np.where(query_mask, exclude, -1)
+        slots = self.reference_slots(bank_mask, task_ids, spare=exclude.shape[2])
         allowed = self._allowed(slots, exclude)  # (T, W, J)
         self._check_references(allowed, query_mask, bank_mask, exclude, slots, task_ids)
         J = slots.shape[1]
@@ -205,12 +213,16 @@ class PatchDetector(Detector):
             return
         t = int(np.flatnonzero(short.any(axis=1))[0])
         usable = int(bank_mask[t].sum())
-        heldout = bool((exclude[t] >= 0).any())
+        left_out = int((exclude[t] >= 0).sum(-1).max(initial=0))
+        why = ""
+        if left_out == 1 and self.K:
+            why = " (K references + 1, since its held-out normals are in the bank)"
+        elif left_out > 1 and self.K:
+            why = f" (K references + {left_out}, since a query leaves {left_out} support images out)"
         raise ValueError(
-            f"{self.label} needs {self.min_bank(heldout)} usable normal support images"
-            f"{' (K references + 1, since its held-out normals are in the bank)' if heldout and self.K else ''} "
-            f"but task {int(task_ids[t])} has {usable}; use a smaller K "
-            f"(e.g. patch(K={max(1, usable - heldout)})) or skip such tasks with min_bank()"
+            f"{self.label} needs {self.min_bank(left_out if left_out > 1 else bool(left_out))} usable normal support "
+            f"images{why} but task {int(task_ids[t])} has {usable}; use a smaller K "
+            f"(e.g. patch(K={max(1, usable - left_out)})) or skip such tasks with min_bank()"
         )
 
     def _score_chunk(self, queries, query_mask, bank, slots, allowed, task_rows, task_ids, dev) -> np.ndarray:

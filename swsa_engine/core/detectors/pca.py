@@ -133,6 +133,8 @@ class PcaDetector(Detector):
     """
 
     n: int = 8
+    #: the leave-one-out refit is a rank-one downdate: one left-out row per query
+    max_exclusions: ClassVar[int | None] = 1
     #: memory that one batch of plain leave-one-out refits may take (bytes)
     refit_bytes: ClassVar[int] = 128 << 20
 
@@ -167,6 +169,7 @@ class PcaDetector(Detector):
                     abnormal_mask=None) -> np.ndarray:
         """(T, W) squared reconstruction errors; NaN where ~query_mask."""
         q, qm, b, bm, ex, task_ids = check_batch(self, queries, query_mask, bank, bank_mask, exclude, task_ids)
+        ex = ex[..., 0]  # max_exclusions = 1: each query's one left-out row (or -1)
         n, mean, centred, gram = centred_gram(b, bm)
         d = q - mean[:, None, :]
         v = d @ centred.transpose(0, 2, 1)  # (T, W, S)

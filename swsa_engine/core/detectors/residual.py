@@ -43,6 +43,8 @@ class ResidualDetector(Detector):
     seed: int = 0
     text: float = 0.0
     draws_references: ClassVar[bool] = True
+    #: a query whose left-out row is a reference is scored against the other K − 1: one row per query
+    max_exclusions: ClassVar[int | None] = 1
 
     def __post_init__(self):
         check_int_setting("residual", "K", self.K, 2, " (a reference scored leave-one-out keeps K-1)")
@@ -99,6 +101,7 @@ class ResidualDetector(Detector):
                     abnormal_mask=None) -> np.ndarray:
         """(T, W) squared L2 residuals to the references (mean or nearest); NaN where ~query_mask."""
         q, qm, b, bm, ex, task_ids = check_batch(self, queries, query_mask, bank, bank_mask, exclude, task_ids)
+        ex = ex[..., 0]  # max_exclusions = 1: each query's one left-out row (or -1)
         refs = self.references(bm, task_ids)
         valid = refs >= 0
         ref_rows = take_rows(b, np.maximum(refs, 0)) * valid[..., None]  # (T, K, D)

@@ -46,7 +46,10 @@ def knn_score_batched(
     query_mask : optional (T, Q) bool, True = real query.  Masked queries score NaN.
     bank_mask : optional (T, S) bool, True = real bank row.
     exclude : optional (T, Q) int, index into that task's bank of a row that must not count as
-        a neighbour of that query (leave-one-out), or -1.  Excluding a padding row is a no-op.
+        a neighbour of that query (leave-one-out), or -1; or (T, Q, E) int, E such rows per query
+        (-1 padded: e.g. a synthetic anomaly without every image it was made from).  Excluding a
+        padding row, or a row twice, is a no-op.  Every real query needs ``k`` <= real bank rows
+        minus its distinct excluded real rows.
     device : 'cpu' or a CUDA device.
     block_size : tasks per chunk (default: sized from ``BLOCK_BYTES``).
     precision : None (float64 on CPU, float32 + exact float64 refinement on CUDA), 'float32'
@@ -83,8 +86,8 @@ def knn_score_batched(
 
 
 def _check_task_arrays(queries, banks, query_mask, bank_mask, exclude):
-    """Validated (T, Q, D) queries, (T, S, D) banks, their masks and the (T, Q) exclusions of
-    :func:`knn_score_batched` (None when no real query excludes a real row)."""
+    """Validated (T, Q, D) queries, (T, S, D) banks, their masks and the (T, Q, E) exclusions of
+    :func:`knn_score_batched` (distinct real rows first; None when no real query excludes a real row)."""
     q = as_feature_array(queries, "queries", 3, "(T, Q, D)")
     b = as_feature_array(banks, "banks", 3, "(T, S, D)")
     n_t, n_q, dim = q.shape
@@ -153,20 +156,20 @@ class _TaskChunk:
 
     def exact_scores(self, q64: torch.Tensor, ex: torch.Tensor | None, ti: torch.Tensor, qi: torch.Tensor, k: int) -> torch.Tensor:
         """Exact scores of queries ``(ti, qi)`` of q64 (t, q, D) from the differences against
-        every usable row of their bank."""
+        every usable row of their bank (``ex`` (t, q, E): excluded positions, or None)."""
         n_qb, dim = q64.shape[1], q64.shape[2]
         s = self.bank.shape[1]
         slots = torch.arange(s, device=q64.device)[None, :]
         usable = self.real[ti]
         if ex is not None:
-            usable = usable & (slots != ex[ti, qi][:, None])
+            usable = usable & ~(slots[:, :, None] == ex[ti, qi][:, None, :]).any(-1)
         return exact_rows(q64.reshape(-1, dim), ti * n_qb + qi, self.bank.reshape(-1, dim), ti[:, None] * s + slots, usable, k)
 
 
 def _score_task_block(chunk: _TaskChunk, queries: np.ndarray, query_mask: np.ndarray, excl: np.ndarray | None,
                       k: int, kc: int) -> tuple[torch.Tensor, int]:
     """Certified scores (t, q) of a block of queries (t, q, D) against their chunk's banks, and
-    how many needed the exact fall-back.  Masked queries hold anything; excl (t, q) or None."""
+    how many needed the exact fall-back.  Masked queries hold anything; excl (t, q, E) or None."""
     dev = chunk.bank.device
     q_np = np.array(queries, dtype=np.float64)
     q_np[~query_mask] = 0.0
@@ -192,12 +195,13 @@ def _score_task_block(chunk: _TaskChunk, queries: np.ndarray, query_mask: np.nda
 
 
 def _exclude_in_place(dist: torch.Tensor, excl: np.ndarray | None) -> torch.Tensor | None:
-    """Set each query's excluded bank column of dist (t, q, S) to +inf; returns the exclusions
-    (t, q) as a tensor, None when this block has none."""
+    """Set each query's excluded bank columns of dist (t, q, S) to +inf; returns the exclusions
+    (t, q, E) as a tensor, None when this block has none."""
     if excl is None or not (excl >= 0).any():
         return None
     ex = torch.from_numpy(excl).to(dist.device)
-    col = ex.clamp(min=0)[:, :, None]
-    cur = dist.gather(2, col)
-    dist.scatter_(2, col, torch.where(ex[:, :, None] >= 0, torch.full_like(cur, INF), cur))
+    s = dist.shape[2]
+    hit = torch.zeros((*dist.shape[:2], s + 1), dtype=torch.bool, device=dist.device)
+    hit.scatter_(2, torch.where(ex >= 0, ex, s), True)  # -1 marks the spare column s
+    dist.masked_fill_(hit[:, :, :s], INF)
     return ex

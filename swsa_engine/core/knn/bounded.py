@@ -16,7 +16,7 @@ from swsa_engine.core.knn.centred import DOT_CHUNK, CentredRows, centre_rows, ch
 from swsa_engine.core.knn.certify import k_smallest_mid, matmul_input_roundoff
 from swsa_engine.core.knn.checks import (
     BLOCK_BYTES, EXTRA_CANDIDATES, INF, as_feature_array, as_task_mask, check_block_size, check_task_rows,
-    task_exclusions, too_small_message,
+    check_usable_rows, distinct_exclusions, exclusion_array, task_exclusions, too_small_message,
 )
 from swsa_engine.core.knn.gathered import knn_score_gathered, local_bank_index
 from swsa_engine.core.validation import as_index_array, check_finite_rows, check_positive_int
@@ -98,8 +98,10 @@ def bounded_knn_tasks(rows: CentredRows, query_ids, bank_ids, k: int = 3, *, exc
     ----------
     rows : prepared features (:func:`centre_rows`) holding every query and bank row.
     query_ids : (T, W) row ids, -1 = padding (its score is NaN, its bound 0).
-    bank_ids : (T, S) row ids, -1 = padding; every task with a query has >= k usable rows.
-    exclude : (T, W) position in the task's bank of a row each query must not count (leave-one-out), or -1.
+    bank_ids : (T, S) row ids, -1 = padding; every query keeps >= k usable rows (else ValueError).
+    exclude : (T, W) position in the task's bank of a row each query must not count (leave-one-out),
+        or -1; or (T, W, E), E such positions per query (-1 padded).  Positions of padding rows and
+        repeats count as none; usable rows = real bank rows minus the query's distinct excluded ones.
 
     Returns ``scores`` (T, W) float64 and ``bounds`` (T, W) with ``|scores - exact| <= bounds``
     (see :func:`bounded_knn_shared`); chunks of tasks keep memory under ``block_bytes``.
@@ -113,7 +115,7 @@ def bounded_knn_tasks(rows: CentredRows, query_ids, bank_ids, k: int = 3, *, exc
     present = query_ids >= 0
     if n_t == 0 or n_w == 0 or not present.any():
         return scores, bounds
-    excl = np.full((n_t, n_w), -1, dtype=np.int64) if exclude is None else np.asarray(exclude, dtype=np.int64)
+    excl = _task_exclusions(exclude, present, bank_ids, k)
     if not rows.safe:
         scores[:] = knn_score_batched(rows.source[np.maximum(query_ids, 0)], rows.source[np.maximum(bank_ids, 0)], k,
                                       query_mask=present, bank_mask=bank_ids >= 0, exclude=excl, precision="float64")
@@ -127,6 +129,19 @@ def bounded_knn_tasks(rows: CentredRows, query_ids, bank_ids, k: int = 3, *, exc
         scores[tasks[:, None], cols] = np.where(mine, smallest, np.nan)
         bounds[tasks[:, None], cols] = np.where(mine, score_bounds(k, dim, nq, max_nb, np.nan_to_num(smallest), u_in), 0.0)
     return scores, bounds
+
+
+def _task_exclusions(exclude, present: np.ndarray, bank_ids: np.ndarray, k: int) -> np.ndarray:
+    """``exclude`` of :func:`bounded_knn_tasks` / :func:`exact_knn_candidates` ((T, W), (T, W, E) or
+    None) as distinct real positions (T, W, E'); raise unless every query keeps >= k usable rows."""
+    in_bank = bank_ids >= 0
+    if exclude is None:
+        excl = np.full((*present.shape, 1), -1, dtype=np.int64)
+    else:
+        excl = exclusion_array(exclude, present.shape, bank_ids.shape[1], "a position in that task's bank", "(T, W)")
+        excl = distinct_exclusions(excl, present, in_bank)
+    check_usable_rows(k, present, in_bank, excl)
+    return excl
 
 
 def _task_chunks(n_queries: np.ndarray, n_bank: np.ndarray, dim: int, block_bytes: int) -> list[np.ndarray]:
@@ -154,7 +169,7 @@ def _task_distances(rows: CentredRows, query_ids: np.ndarray, bank_ids: np.ndarr
     task.  ``tasks`` (t,) rows of the input; ``cols`` (t, W') and ``bank_cols`` (t, S') the input
     columns of the packed queries and bank rows; ``dist`` (t, W', S') float32 squared distances
     of the bounded kernels (+inf for padding and excluded rows); ``nq`` (t, W') the queries'
-    squared norms; ``max_nb`` (t, 1) each task's largest bank squared norm.
+    squared norms; ``max_nb`` (t, 1) each task's largest bank squared norm.  ``excl`` (T, W, E).
     """
     dev = rows.values.device
     present = query_ids >= 0
@@ -162,7 +177,7 @@ def _task_distances(rows: CentredRows, query_ids: np.ndarray, bank_ids: np.ndarr
     q_order = np.argsort(~present, axis=1, kind="stable")
     b_order = np.argsort(~in_bank, axis=1, kind="stable")
     b_position = np.argsort(b_order, axis=1)  # input bank column → packed column
-    packed_excl = np.where(excl >= 0, np.take_along_axis(b_position, np.maximum(excl, 0), axis=1), -1)
+    packed_excl = np.where(excl >= 0, b_position[np.arange(len(excl))[:, None, None], np.maximum(excl, 0)], -1)
     n_present, n_bank = present.sum(axis=1), in_bank.sum(axis=1)
     for tasks in _task_chunks(n_present, n_bank, rows.dim, block_bytes):
         w, s = int(n_present[tasks].max()), int(n_bank[tasks].max())
@@ -179,10 +194,10 @@ def _task_distances(rows: CentredRows, query_ids: np.ndarray, bank_ids: np.ndarr
         nq = np.where(q_ids >= 0, rows.sq_norms[np.maximum(q_ids, 0)], 0.0)
         dist.add_(torch.from_numpy(nb.astype(np.float32)).to(dev)[:, None, :])
         dist.add_(torch.from_numpy(nq.astype(np.float32)).to(dev)[:, :, None])
-        ex = packed_excl[tasks[:, None], cols]
-        ti, wi = np.nonzero((ex >= 0) & (ex < s) & (q_ids >= 0))
+        ex = packed_excl[tasks[:, None], cols]  # (t, W', E)
+        ti, wi, ei = np.nonzero((ex >= 0) & (ex < s) & (q_ids >= 0)[:, :, None])
         if ti.size:
-            dist[torch.from_numpy(ti).to(dev), torch.from_numpy(wi).to(dev), torch.from_numpy(ex[ti, wi]).to(dev)] = INF
+            dist[torch.from_numpy(ti).to(dev), torch.from_numpy(wi).to(dev), torch.from_numpy(ex[ti, wi, ei]).to(dev)] = INF
         max_nb = np.where(b_ids >= 0, nb, 0.0).max(axis=1, initial=0.0)[:, None]
         yield tasks, cols, bank_cols, dist, nq, max_nb
 
@@ -212,7 +227,7 @@ def exact_knn_candidates(rows: CentredRows, query_ids, bank_ids, k: int, *, excl
         return scores, certified
     if not rows.safe:
         raise ValueError("exact_knn_candidates needs rows that are safe in float32 (rows.safe); use knn_score_batched")
-    excl = np.full((n_t, n_w), -1, dtype=np.int64) if exclude is None else np.asarray(exclude, dtype=np.int64)
+    excl = _task_exclusions(exclude, present, bank_ids, k)
     m = min(k + extra, s)
     dim = rows.dim
     u_in = matmul_input_roundoff(rows.values.device)
@@ -321,7 +336,7 @@ def knn_score_batched_bounded(queries, banks, k: int = 3, *, query_mask=None, ba
     qmask = as_task_mask(query_mask, "query_mask", (n_t, n_q), "(T, Q)")
     bmask = as_task_mask(bank_mask, "bank_mask", (n_t, s), "(T, S)")
     block_size = check_block_size(block_size)
-    excl = np.full((n_t, n_q), -1, dtype=np.int64) if exclude is None else task_exclusions(exclude, qmask, bmask)
+    excl = np.full((n_t, n_q, 1), -1, dtype=np.int64) if exclude is None else task_exclusions(exclude, qmask, bmask)
     check_task_rows(k, q, b, qmask, bmask, excl)
     if n_t == 0 or n_q == 0 or not qmask.any():
         return np.full((n_t, n_q), np.nan), np.zeros((n_t, n_q))

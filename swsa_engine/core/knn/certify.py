@@ -81,14 +81,17 @@ def direct_certify(vals_k, err, k):
 
 
 def without_excluded(cand_valid, idx, n_real, ex):
-    """``(cand_valid, n_usable)`` once each query's excluded bank row is taken out.
+    """``(cand_valid, n_usable)`` once each query's excluded bank rows are taken out.
 
     cand_valid, idx (..., kc) whether each candidate is a real bank row, and its position;
-    n_real (broadcasting to ...) real bank rows; ex (...) excluded position (-1 none), or None.
+    n_real (broadcasting to ...) real bank rows; ex (..., E) the excluded positions (-1 none),
+    distinct real rows of each query (:func:`~swsa_engine.core.knn.checks.distinct_exclusions`),
+    or None.
     """
     if ex is None:
         return cand_valid, n_real
-    return cand_valid & (idx != ex[..., None]), n_real - (ex >= 0).long()
+    hit = (idx[..., :, None] == ex[..., None, :]).any(-1) if ex.shape[-1] > 1 else idx == ex
+    return cand_valid & ~hit, n_real - (ex >= 0).sum(-1)
 
 
 def exact_candidates(b_tab, b_idx, q_rows, cand_valid):

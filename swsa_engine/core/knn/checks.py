@@ -22,7 +22,8 @@ LOG = logging.getLogger(__name__)
 __all__ = [
     "BLOCK_BYTES", "CERT_RTOL", "EXTRA_CANDIDATES", "U32", "U64", "INF", "as_feature_array", "as_task_mask",
     "resolve_device", "check_block_size", "sq_norms", "f32_safe", "too_small_message", "check_same_dim",
-    "drop_if_unused", "check_run_options", "task_exclusions", "check_task_rows", "safe_precision", "log_plan",
+    "drop_if_unused", "check_run_options", "exclusion_array", "distinct_exclusions", "task_exclusions", "check_usable_rows",
+    "check_task_rows", "safe_precision", "log_plan",
 ]
 
 
@@ -164,23 +165,83 @@ def check_run_options(block_size: Any, device: Any, precision: Any, default_prec
     return block_size, dev, _resolve_precision(precision, dev)
 
 
+def exclusion_array(exclude: Any, shape: tuple[int, int], high: int, what: str, shape_doc: str) -> np.ndarray:
+    """``exclude`` validated as (T, Q, E) int64: E bank positions per query, -1 = none.
+
+    Takes (T, Q) (one position per query: it is E = 1) or (T, Q, E); ``shape`` is (T, Q),
+    ``shape_doc`` its name (e.g. ``"(T, Q)"``, ``"(T, Q, E)"`` for the 3-axis form).  Entries
+    must be -1 or in ``[0, high)``; the messages are those of
+    :func:`~swsa_engine.core.validation.as_index_array`.
+    """
+    arr = as_numpy(exclude)
+    if arr.ndim == 3:
+        full, doc = (*shape, arr.shape[2]), shape_doc[:-1] + ", E)"
+    else:
+        full, doc = tuple(shape), shape_doc
+    excl = as_index_array(arr, "exclude", full, high=high, what=what, shape_doc=doc)
+    return excl.reshape(*shape, -1)
+
+
+def distinct_exclusions(excl: np.ndarray, query_mask: np.ndarray, bank_mask: np.ndarray) -> np.ndarray:
+    """(T, Q, E') int64: per query the distinct *real* bank rows of ``excl`` (T, Q, E), then -1.
+
+    Positions that name a padding row (``bank_mask`` (T, S) False), positions of a masked query
+    (``query_mask`` (T, Q) False) and repeats of a position within one query become -1; the
+    rows left come first, so ``(out >= 0).sum(-1)`` counts each query's distinct excluded real
+    rows and E' = max(1, the largest such count).  E = 1 is returned as it is (masked to -1).
+    """
+    n_t, n_q, n_e = excl.shape
+    if n_e == 0 or bank_mask.shape[1] == 0:
+        return np.full((n_t, n_q, 1), -1, dtype=np.int64)
+    real = bank_mask[np.arange(n_t)[:, None, None], np.maximum(excl, 0)]
+    out = np.where(query_mask[:, :, None] & (excl >= 0) & real, excl, -1).astype(np.int64, copy=False)
+    if n_e == 1:
+        return out
+    out = -np.sort(-out, axis=2)  # descending: real rows first, equal positions side by side
+    repeat = np.zeros(out.shape, dtype=bool)
+    repeat[:, :, 1:] = out[:, :, 1:] == out[:, :, :-1]
+    out = -np.sort(-np.where(repeat, -1, out), axis=2)
+    width = max(1, int((out >= 0).sum(axis=2).max(initial=0)))
+    return np.ascontiguousarray(out[:, :, :width])
+
+
 def task_exclusions(exclude: Any, query_mask: np.ndarray, bank_mask: np.ndarray) -> np.ndarray:
-    """Validated (T, Q) per-task exclusions; excluding for a masked query, or a padding row, is a no-op (-1)."""
-    excl = as_index_array(exclude, "exclude", query_mask.shape, high=bank_mask.shape[1], what="a row of that task's bank",
-                          shape_doc="(T, Q)")
-    excl_hit = query_mask & (excl >= 0) & np.take_along_axis(bank_mask, np.maximum(excl, 0), axis=1)
-    return np.where(excl_hit, excl, -1)
+    """Validated per-task exclusions (T, Q) or (T, Q, E) as :func:`distinct_exclusions` (T, Q, E'):
+    excluding for a masked query, a padding row, or a row twice is a no-op (-1)."""
+    excl = exclusion_array(exclude, query_mask.shape, bank_mask.shape[1], "a row of that task's bank", "(T, Q)")
+    return distinct_exclusions(excl, query_mask, bank_mask)
+
+
+def check_usable_rows(k: int, query_mask: np.ndarray, bank_mask: np.ndarray, excl: np.ndarray | None) -> None:
+    """Raise unless every real query (T, Q) keeps >= k usable rows: its task's real bank rows
+    (``bank_mask`` (T, S)) minus its distinct excluded real rows (``excl`` (T, Q, E) from
+    :func:`distinct_exclusions`, or None)."""
+    n_real = bank_mask.sum(axis=1)[:, None]
+    n_excl = (excl >= 0).sum(axis=2) if excl is not None else np.zeros(query_mask.shape, dtype=np.int64)
+    usable = n_real - n_excl
+    short = query_mask & (usable < k)
+    if not short.any():
+        return
+    tasks = np.flatnonzero(short.any(axis=1))
+    low = np.where(query_mask, usable, np.iinfo(np.int64).max).min(axis=1)
+    if excl is None or excl.shape[2] == 1:
+        tail = "= real bank rows minus an excluded row"
+        raise ValueError(too_small_message(k, [(int(t), int(low[t])) for t in tasks], tail))
+    worst = np.where(short, usable, np.iinfo(np.int64).max).argmin(axis=1)
+    shown = ", ".join(f"task {t}: {int(n_real[t, 0])} real - {int(n_excl[t, worst[t]])} excluded = {int(low[t])} "
+                      f"(query {int(worst[t])})" for t in tasks[:10])
+    more = f" (and {tasks.size - 10} more)" if tasks.size > 10 else ""
+    raise ValueError(
+        f"k={k} is larger than the usable bank rows of {tasks.size} task(s) (usable rows = real bank rows minus the "
+        f"query's distinct excluded rows: {shown}{more}); use k <= {int(low[tasks].min())}, or mask out / drop those tasks"
+    )
 
 
 def check_task_rows(k: int, q: np.ndarray, b: np.ndarray, query_mask: np.ndarray, bank_mask: np.ndarray,
                     excl: np.ndarray | None) -> None:
-    """Raise unless every real query (T, Q) keeps >= k usable rows of its bank and every real row is finite."""
-    usable = bank_mask.sum(axis=1)[:, None] - (excl >= 0 if excl is not None else 0)
-    short = query_mask & (usable < k)
-    if short.any():
-        tasks = np.flatnonzero(short.any(axis=1))
-        low = np.where(query_mask, usable, np.iinfo(np.int64).max).min(axis=1)
-        raise ValueError(too_small_message(k, [(int(t), int(low[t])) for t in tasks], "= real bank rows minus an excluded row"))
+    """Raise unless every real query (T, Q) keeps >= k usable rows of its bank (``excl`` (T, Q, E)
+    from :func:`distinct_exclusions`, or None) and every real row is finite."""
+    check_usable_rows(k, query_mask, bank_mask, excl)
     check_finite_rows(q, "queries", query_mask, ("task", "row"))
     check_finite_rows(b, "banks", bank_mask, ("task", "row"))
 

@@ -194,7 +194,7 @@ def _certify_one_bank(vals, idx, ex, bank64, q64, err, k: int):
     refined exactly against the float64 bank64 (S, D) and certified → (sums, ok) (n,)."""
     s = bank64.shape[0]
     n_all = torch.full((idx.shape[0],), s, device=idx.device)
-    cand_valid, n_usable = without_excluded(idx >= 0, idx, n_all, ex)
+    cand_valid, n_usable = without_excluded(idx >= 0, idx, n_all, ex[:, None] if ex is not None else None)
     exact = exact_candidates(bank64, idx.clamp(min=0), q64[:, None, :], cand_valid)
     return refine_certify(exact, cand_valid, vals.max(dim=1).values, n_usable, err, k)
 

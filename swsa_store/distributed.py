@@ -46,7 +46,7 @@ from swsa_store.ingest import Embedder, ImageReader, collate_items, embed_store,
 from swsa_store.samples import decode_rgb
 from swsa_store.schema import DONE_FAILED, DONE_WRITTEN
 from swsa_store.synth import GENERATORS, create_generator
-from swsa_store.synthesize import SynthWriter, generate_task, plan_synthesis, png_bytes, synth_source_name
+from swsa_store.synthesize import SynthWriter, encode_synthetic, generate_task, plan_synthesis, synth_source_name
 
 log = logging.getLogger(__name__)
 
@@ -330,10 +330,11 @@ class SynthActor:
 
     def __call__(self, row: dict) -> dict:
         """``{"job", "payload": (TaskJob, seed bytes)}`` → ``{"job", "payload": [(index, png bytes,
-        width, height, parent_ids, params), ...]}``."""
+        width, height, parent_ids, params, skip_reason), ...]}`` (:func:`encode_synthetic`; a skip
+        has no bytes)."""
         job, seeds = pickle.loads(row["payload"])
         images = [decode_rgb(data) for data in seeds]
-        made = [(int(index), png_bytes(item.image), item.image.width, item.image.height, item.parent_ids, item.params)
+        made = [encode_synthetic(index, item)
                 for index, item in generate_task(self.generator, job, images, self.seed, self.source)]
         return {"job": row["job"], "payload": _payload(made)}
 
@@ -362,7 +363,7 @@ def synthesize_ray(store_path: str | os.PathLike, method: str = "cutpaste", *, a
     jobs, skipped, files_dir = plan_synthesis(store_path, generator, source, count, task_ids)
     writer = SynthWriter(store_path, files_dir, source=source, method=method, seed=seed, commit_every_s=commit_every_s)
     if not jobs:
-        return {"source": source, "tasks_done": 0, "tasks_skipped": skipped, "images": 0}
+        return {"source": source, "tasks_done": 0, "tasks_skipped": skipped, "images": 0, "skipped_images": 0}
     with ray_session(address, num_cpus=num_cpus) as ray:
         started = time.perf_counter()
         plan = actor_plan(ray, actors_per_gpu=actors_per_gpu, num_actors=num_actors)
@@ -380,7 +381,8 @@ def synthesize_ray(store_path: str | os.PathLike, method: str = "cutpaste", *, a
         if len(seen) != len(jobs):
             raise RuntimeError(f"Ray returned {len(seen)} of {len(jobs)} tasks; run the same command again "
                                "to make the rest (catalogued images are kept)")
-    return {"source": source, "tasks_done": len(jobs), "tasks_skipped": skipped, "images": writer.written}
+    return {"source": source, "tasks_done": len(jobs), "tasks_skipped": skipped, "images": writer.written,
+            "skipped_images": writer.skipped}
 
 
 def _driver_generator(method: str, generator_kwargs: dict) -> tuple[Any, bool]:
@@ -414,8 +416,8 @@ def _write_synth_rows(ds, jobs: list, writer, description: str, progress: bool) 
             if j in seen:
                 duplicates += 1
                 continue
-            for index, data, width, height, parent_ids, params in pickle.loads(row["payload"]):
-                writer.add(jobs[j], index, data, width, height, parent_ids, params)
+            for index, data, width, height, parent_ids, params, skip_reason in pickle.loads(row["payload"]):
+                writer.add(jobs[j], index, data, width, height, parent_ids, params, skip_reason)
                 bar.update(1)
             seen.add(j)
     return seen, duplicates

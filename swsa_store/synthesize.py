@@ -6,6 +6,11 @@ generator's parameters and the base seed. Deterministic per (task, generator, se
 already catalogued for a task (by their index) are skipped, so an interrupted run is resumed
 by running it again; generators with ``iter_generate(..., skip=...)`` (``diffusion``) do not
 even recompute them.
+
+An output the generator could not make an anomaly of (one that stayed within tolerance of its
+parent through every redraw: a :class:`~swsa_store.synth.SyntheticImage` with ``image=None``)
+is catalogued as ``status="skipped"`` with its ``skip_reason`` (no file; the skips table gets a
+``stage="synth"`` row), so it is never validated on, reported, and not made again on a rerun.
 """
 
 from __future__ import annotations
@@ -109,6 +114,15 @@ def plan_synthesis(store_path: str | os.PathLike, generator, source: str, count:
     return jobs, skipped, files_dir
 
 
+def encode_synthetic(index: int, item) -> tuple:
+    """``(index, png bytes, width, height, parent_ids, params, skip_reason)`` of one generated
+    :class:`~swsa_store.synth.SyntheticImage` — ``(index, None, 0, 0, parent_ids, params, reason)``
+    for a skip — the arguments of :meth:`SynthWriter.add` (also sent back by Ray actors)."""
+    if item.image is None:
+        return int(index), None, 0, 0, item.parent_ids, item.params, item.skip_reason
+    return int(index), png_bytes(item.image), item.image.width, item.image.height, item.parent_ids, item.params, ""
+
+
 def generate_task(generator, job: TaskJob, seed_images: list, seed: int, source: str):
     """Lazily ``(index, SyntheticImage)`` for the job's missing indices — the one generation step
     of the local and the Ray path (same rng, same skip, hence the same images)."""
@@ -132,21 +146,31 @@ class SynthWriter:
         self.commit_every_s = commit_every_s
         self.pending: list[dict] = []
         self.written = 0
+        self.skipped = 0
         self._last_commit = time.monotonic()
 
-    def add(self, job: TaskJob, index: int, data: bytes, width: int, height: int, parent_ids, params: dict) -> None:
-        """Write one encoded image (PNG ``data``) of ``job`` at ``index`` and queue its row."""
-        path = self.files_dir / "synth" / self.source / f"task_{job.task_id:05d}" / f"{index:04d}.png"
-        _write_atomic(path, data)
+    def add(self, job: TaskJob, index: int, data: bytes | None, width: int, height: int, parent_ids, params: dict,
+            skip_reason: str = "") -> None:
+        """Write one encoded image (PNG ``data``) of ``job`` at ``index`` and queue its row; with
+        ``data=None`` (a skip) queue a ``status="skipped"`` row with ``skip_reason`` and no file."""
+        if data is None:
+            if not skip_reason:
+                raise ValueError(f"task {job.task_id} image {index}: a skipped synthetic image needs a skip_reason")
+            path_text, digest, status, width, height = "", "", "skipped", 0, 0
+            self.skipped += 1
+        else:
+            path = self.files_dir / "synth" / self.source / f"task_{job.task_id:05d}" / f"{index:04d}.png"
+            _write_atomic(path, data)
+            path_text, digest, status, skip_reason = str(path.resolve()), hashlib.sha256(data).hexdigest(), "ok", ""
+            self.written += 1
         self.pending.append({
             "dataset": job.dataset, "class_name": job.normal_class, "split": "synthetic",
-            "kind": self.source, "path": str(path.resolve()), "sha256": hashlib.sha256(data).hexdigest(),
-            "status": "ok", "skip_reason": "", "width": int(width), "height": int(height),
+            "kind": self.source, "path": path_text, "sha256": digest,
+            "status": status, "skip_reason": skip_reason, "width": int(width), "height": int(height),
             "task_id": int(job.task_id), "parent_ids": json.dumps(list(map(int, parent_ids))),
             "params": json.dumps({"generator": self.method, **params}, sort_keys=True),
             "seed": self.seed, "source_index": int(index),
         })
-        self.written += 1
         if time.monotonic() - self._last_commit > self.commit_every_s:
             self.flush()
 
@@ -178,7 +202,8 @@ def synthesize(
     are committed every ``commit_every_s`` seconds, so a run that is interrupted and started
     again makes only the images still missing (by their index in the task; generators are
     deterministic, so the result equals an uninterrupted run). Returns ``{"source",
-    "tasks_done", "tasks_skipped", "images"}`` (``images``: written by this call).
+    "tasks_done", "tasks_skipped", "images", "skipped_images"}`` (``images``: written by this
+    call; ``skipped_images``: outputs catalogued as skipped because they stayed unchanged).
     """
     if count is not None and (isinstance(count, bool) or count < 1):
         raise ValueError(f"count must be at least 1, got {count}")
@@ -192,12 +217,16 @@ def synthesize(
         bar = tqdm(total=job.count, initial=len(job.existing), desc=f"task {job.task_id}", unit="img", leave=False,
                    disable=not progress or not streaming)
         for index, item in generate_task(generator, job, seed_images, seed, source):
-            writer.add(job, index, png_bytes(item.image), item.image.width, item.image.height,
-                       item.parent_ids, item.params)
+            index, data, width, height, parent_ids, params, reason = encode_synthetic(index, item)
+            writer.add(job, index, data, width, height, parent_ids, params, reason)
             bar.update(1)
         bar.close()
     writer.flush()
-    return {"source": source, "tasks_done": len(jobs), "tasks_skipped": skipped, "images": writer.written}
+    if writer.skipped:
+        log.warning("synth %s: %d image(s) skipped (no visible change from the parent after every redraw; "
+                    "reasons in the skips table)", source, writer.skipped)
+    return {"source": source, "tasks_done": len(jobs), "tasks_skipped": skipped, "images": writer.written,
+            "skipped_images": writer.skipped}
 
 
 def synth_source_name(method: str, generator_kwargs: dict, source: str | None = None) -> str:

@@ -118,16 +118,21 @@ def test_scar_geometry_over_many_draws(size):
     width, height = size
     img = noise_image(width, height, seed=4)
     cfg = CutPasteConfig(variant="scar")
-    scale = min(width, height) / 256
+    side = min(width, height)
+    scale = side / 256
+    # the paper's px at 256 px as fractions of the shorter side, floored at 2 px (width) / 5 px (length)
+    w_lo, w_hi = max(2 * scale, 2), max(16 * scale, 2)
+    l_lo, l_hi = max(10 * scale, 5), max(25 * scale, 5)
     rng = np.random.default_rng(7)
     angles = []
     for _ in range(60):
         out, p = cutpaste(img, rng, cfg)
         json.dumps(p, allow_nan=False)
-        assert p["variant"] == "scar" and p["scale"] == pytest.approx(scale)
+        assert p["variant"] == "scar" and p["side"] == side
+        assert p["width_range_px"] == pytest.approx([w_lo, w_hi]) and p["length_range_px"] == pytest.approx([l_lo, l_hi])
         pw, ph = p["patch_size"]
-        assert max(1, round(2 * scale)) <= pw <= max(1, round(16 * scale))
-        assert max(1, round(10 * scale)) <= ph <= max(1, round(25 * scale))
+        assert round(w_lo) <= pw <= min(round(w_hi), width)
+        assert round(l_lo) <= ph <= min(round(l_hi), height)
         assert -45 <= p["angle"] <= 45
         angles.append(p["angle"])
         assert_box_inside(p["src_box"], width, height)
@@ -148,16 +153,35 @@ def test_scar_geometry_over_many_draws(size):
 
 
 def test_scar_custom_ranges_scale_with_shorter_side():
-    img = noise_image(512, 384, seed=5)  # scale 1.5
-    cfg = CutPasteConfig(variant="scar", scar_width=(10, 10), scar_length=(20, 20), scar_rotation=(0, 0))
+    img = noise_image(512, 384, seed=5)  # shorter side 384
+    cfg = CutPasteConfig(variant="scar", scar_width=(10 / 256, 10 / 256), scar_length=(20 / 256, 20 / 256),
+                         scar_rotation=(0, 0))
     out, p = cutpaste(img, np.random.default_rng(0), cfg)
     assert p["patch_size"] == [15, 30]
     assert p["rotated_size"] == [15, 30] and p["angle"] == 0.0
 
 
+@pytest.mark.parametrize("side, width_px, length_px", [
+    (256, (2, 16), (10, 25)),        # the paper's resolution: exactly the paper's px
+    (512, (4, 32), (20, 50)),        # twice the side, twice the px
+    (64, (2, 4), (5, 6.25)),         # floors lift the low ends
+    (32, (2, 2), (5, 5)),            # everything at the floors: a visible 2 x 5 px scar
+])
+def test_scar_size_is_a_fraction_of_the_side_with_pixel_floors(side, width_px, length_px):
+    from swsa_store.synth.cutpaste import scar_ranges_px
+
+    got_w, got_l = scar_ranges_px(side, CutPasteConfig(variant="scar"))
+    assert got_w == pytest.approx(width_px) and got_l == pytest.approx(length_px)
+    img = noise_image(side, side, seed=9)
+    rng = np.random.default_rng(3)
+    sizes = np.array([cutpaste(img, rng, CutPasteConfig(variant="scar"))[1]["patch_size"] for _ in range(80)])
+    assert sizes[:, 0].min() >= round(width_px[0]) and sizes[:, 0].max() <= round(width_px[1])
+    assert sizes[:, 1].min() >= round(length_px[0]) and sizes[:, 1].max() <= round(length_px[1])
+
+
 def test_oversized_scar_is_cropped_to_fit():
     img = noise_image(16, 16, seed=6)
-    cfg = CutPasteConfig(variant="scar", scar_width=(200, 200), scar_length=(250, 250))
+    cfg = CutPasteConfig(variant="scar", scar_width=(0.9, 1.0), scar_length=(1.0, 1.0), scar_rotation=(30, 45))
     for seed in range(10):
         out, p = cutpaste(img, np.random.default_rng(seed), cfg)
         assert_box_inside(p["dst_box"], 16, 16)
@@ -340,6 +364,10 @@ def test_cutpaste_errors():
         ({"aspect_ratio": (0.3,)}, r"expected CutPasteConfig.aspect_ratio to be a \(min, max\) pair"),
         ({"jitter": 0.7}, r"expected CutPasteConfig.jitter in \[0, 0.5\].*got 0.7; fix"),
         ({"scar_width": (-1, 3)}, r"CutPasteConfig.scar_width"),
+        ({"scar_width": (2, 16)}, r"expected CutPasteConfig.scar_width = \(min, max\) fractions of the image's "
+                                  r"shorter side in \(0, 1\], got \(2, 16\) \(the paper's px at 256 px divided"),
+        ({"scar_length": (0.1, 0.05)}, r"CutPasteConfig.scar_length = \(min, max\) fractions"),
+        ({"scar_min_px": (-1, 5)}, r"CutPasteConfig.scar_min_px"),
     ],
 )
 def test_config_validation(kwargs, match):
@@ -350,7 +378,8 @@ def test_config_validation(kwargs, match):
 def test_config_is_frozen_and_serialisable():
     cfg = CutPasteConfig()
     assert cfg.area_ratio == (0.02, 0.15) and cfg.aspect_ratio == (0.3, 3.3) and cfg.jitter == 0.1
-    assert cfg.scar_width == (2.0, 16.0) and cfg.scar_length == (10.0, 25.0)
+    assert cfg.scar_width == (2 / 256, 16 / 256) and cfg.scar_length == (10 / 256, 25 / 256)
+    assert cfg.scar_min_px == (2.0, 5.0)
     assert cfg.scar_rotation == (-45.0, 45.0)
     assert json.loads(json.dumps(cfg.to_dict()))["area_ratio"] == [0.02, 0.15]
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -172,8 +172,8 @@ def test_diffusers_split_equals_forward():
 @pytest.mark.parametrize("interpolation", ["linear", "slerp"])
 def test_gamma_zero_is_plain_ddim_of_the_style_image(kind, interpolation):
     net = tiny_adm() if kind == "adm" else tiny_diffusers()
-    gen = DiffStyleGenerator(net, steps=STEPS, gamma=0.0, t_edit=0, interpolation=interpolation, device="cpu",
-                             batch_size=4)
+    gen = DiffStyleGenerator(net, steps=STEPS, t_edit=0, interpolation=interpolation, device="cpu", batch_size=4)
+    gen.gamma = 0.0  # the generator refuses gamma=0 (a no-op); set it here to check the mechanics
     x = _style_content(gen)
     pairs = [(0, 2, 0), (1, 3, 0), (0, 3, 0)]
     out = torch.stack([t for _, t in gen.run_pairs({i: x[i] for i in range(4)}, pairs)])
@@ -407,7 +407,8 @@ def test_synthesize_end_to_end_and_resume_per_pair(tmp_path, monkeypatch):
         assert (s.images()["kind"] == "diffusion").sum() == 3
 
     summary = synthesize(store, "diffusion", **kwargs)
-    assert summary == {"source": "diffusion", "tasks_done": 2, "tasks_skipped": 0, "images": 2 * 4 - 3}
+    assert summary == {"source": "diffusion", "tasks_done": 2, "tasks_skipped": 0, "images": 2 * 4 - 3,
+                       "skipped_images": 0}
     with open_store(store) as s:
         images = s.images()
     rows = images[images["kind"] == "diffusion"]

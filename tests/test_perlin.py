@@ -65,7 +65,7 @@ def test_mask_coverage_within_range_over_many_draws(shape):
         assert params["coverage"] == pytest.approx(mask.mean())
         assert 1 <= params["tries"] <= config.max_tries
         for drawn, used, side in zip(params["scales"], params["cells"], shape):
-            assert drawn in (1, 2, 4, 8, 16, 32) and used == min(drawn, max(1, side // 2))
+            assert drawn in (1, 2, 4, 8, 16, 32) and used == min(drawn, max(1, side // 4))  # cells >= 4 px
         assert -90.0 <= params["angle"] <= 90.0
 
 
@@ -180,11 +180,32 @@ def test_synthesize_writes_perlin_rows(tmp_path):
         ({"shuffle_grid": 0}, "shuffle_grid"),
         ({"jitter": 0.9}, "jitter"),
         ({"rotation": "no"}, "rotation"),
+        ({"shuffle_grid": 1, "jitter": 0.0},
+         r"^PerlinConfig.shuffle_grid=1 with jitter=0 and no texture_dir makes the texture the seed image itself, "
+         r"so every output equals its parent; set shuffle_grid >= 2, jitter > 0 or a texture_dir$"),
     ],
 )
 def test_config_errors_name_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message):
         PerlinConfig(**kwargs)
+
+
+def test_no_op_refusal_needs_all_three_settings(tmp_path):
+    PerlinConfig(shuffle_grid=1, jitter=0.1)  # jittered self texture: changes the image
+    PerlinConfig(shuffle_grid=2, jitter=0.0)  # shuffled tiles: changes the image
+    PerlinConfig(shuffle_grid=1, jitter=0.0, texture_dir=str(tmp_path))  # a texture folder: changes it
+
+
+def test_cells_scale_with_the_image_side():
+    from swsa_store.synth.perlin import MIN_CELL_PX
+
+    rng = np.random.default_rng(2)
+    for side, most in ((32, 8), (64, 16), (128, 32), (300, 32)):
+        cells = set()
+        for _ in range(60):
+            _, params = perlin_mask((side, side), rng, PerlinConfig(coverage=(0.001, 1.0)))
+            cells.update(params["cells"])
+        assert max(cells) == most and side / max(cells) >= MIN_CELL_PX  # the DRAEM range from 128 px up
 
 
 def test_other_errors(tmp_path):

@@ -269,7 +269,7 @@ def test_diffusion_synthesis_on_ray_gives_the_local_path_images(ray_instance, tm
     # one task already made locally: the Ray run must skip it (resume rule)
     synthesize(remote, "diffusion", device="cpu", **{**kwargs, "task_ids": task_ids[:1]})
     summary = synthesize_ray(remote, "diffusion", cpu_threads=torch.get_num_threads(), **kwargs)
-    assert summary == {"source": "diffusion", "tasks_done": 2, "tasks_skipped": 1, "images": 2 * 4}
+    assert summary == {"source": "diffusion", "tasks_done": 2, "tasks_skipped": 1, "images": 2 * 4, "skipped_images": 0}
     a, b = _synthetic_rows(local), _synthetic_rows(remote)
     assert len(a) == 3 * 4
     # pixel-identical: the PNG files' bytes (sha256) and provenance are the local path's

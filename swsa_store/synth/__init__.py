@@ -12,22 +12,32 @@ Determinism: a generator draws every random number from the ``rng`` it is given 
 from numpy's, torch's or Python's global state), and :func:`generator_rng` derives that
 ``rng`` from (base seed, task id, generator name) only, so the same config and seed give
 the same synthetic images on every machine and in every process.
+
+Honesty: an output that does not visibly differ from its parent (:func:`unchanged_reason`) is
+redrawn, and after :data:`MAX_ATTEMPTS` unchanged attempts returned as a skip (``image=None``,
+``skip_reason``), which ``synthesize`` catalogues as skipped, never as an anomaly.
 """
 
 from __future__ import annotations
 
 from swsa_store.synth import cutpaste, diffstyle, perlin
 from swsa_store.synth.base import (
-    GENERATORS, MIN_IMAGE_SIDE, AnomalyGenerator, SingleParentGenerator, SyntheticImage, check_edit_args,
-    check_generate_args, create_generator, generator_rng, list_generators, register_generator,
+    CHANGE_LEVEL, GENERATORS, MAX_ATTEMPTS, MIN_CHANGED_PIXELS, MIN_CHANGED_SHARE, MIN_IMAGE_SIDE, AnomalyGenerator,
+    SingleParentGenerator, SyntheticImage, changed_pixels, check_edit_args, check_generate_args, create_generator,
+    generator_rng, list_generators, min_changed_pixels, register_generator, unchanged_reason,
 )
 
 __all__ = [
+    "CHANGE_LEVEL",
     "GENERATORS",
+    "MAX_ATTEMPTS",
+    "MIN_CHANGED_PIXELS",
+    "MIN_CHANGED_SHARE",
     "MIN_IMAGE_SIDE",
     "AnomalyGenerator",
     "SingleParentGenerator",
     "SyntheticImage",
+    "changed_pixels",
     "check_edit_args",
     "check_generate_args",
     "create_generator",
@@ -35,6 +45,8 @@ __all__ = [
     "diffstyle",
     "generator_rng",
     "list_generators",
+    "min_changed_pixels",
     "perlin",
     "register_generator",
+    "unchanged_reason",
 ]

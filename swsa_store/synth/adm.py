@@ -49,6 +49,7 @@ __all__ = [
     "load_adm",
     "load_diffusers_unet",
     "load_diffusion_model",
+    "num_train_timesteps_hint",
     "save_adm",
     "state_dict_sha256",
     "timestep_embedding",
@@ -322,6 +323,30 @@ def load_diffusers_unet(path_or_id: str | os.PathLike, *, local_files_only: bool
         warnings.warn(f"no scheduler config found for {source}; assuming the linear β schedule 1e-4..0.02 over 1000 steps",
                       stacklevel=2)
     return wrap_diffusers(unet, sched, name=Path(source).name or source, sha256=sha, info={"path": source})
+
+
+def num_train_timesteps_hint(model: Any) -> int | None:
+    """The number of training timesteps T of ``model`` when it is known without loading weights:
+    a loaded :class:`DiffusionModel`, an :class:`ADMUNet` (its config), a diffusers module (its
+    default schedule, 1000) or a diffusers directory (its ``scheduler_config.json``, else 1000);
+    ``None`` for a ``.pt`` file or a repo id (known only once loaded)."""
+    if isinstance(model, DiffusionModel):
+        return model.num_train_timesteps
+    if isinstance(model, ADMUNet):
+        return int(model.config.num_train_timesteps)
+    if isinstance(model, nn.Module):
+        return 1000  # wrap_diffusers' default schedule
+    if isinstance(model, (str, os.PathLike)) and Path(model).expanduser().is_dir():
+        local = Path(model).expanduser()
+        unet_dir = local / "unet" if (local / "unet" / "config.json").is_file() else local
+        for path in (local / "scheduler" / "scheduler_config.json", unet_dir / "scheduler_config.json"):
+            if path.is_file():
+                try:
+                    return int(json.loads(path.read_text()).get("num_train_timesteps", 1000))
+                except (OSError, ValueError, TypeError, AttributeError):
+                    return None  # unreadable here: the loader reports it
+        return 1000
+    return None
 
 
 def load_diffusion_model(model: Any, *, local_files_only: bool = True) -> DiffusionModel:

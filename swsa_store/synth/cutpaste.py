@@ -7,9 +7,22 @@ Two variants, with the paper's parameters:
   (``area_ratio=(0.02, 0.15)``) and whose aspect ratio (w/h) is log-uniform in
   ``(0.3, 3.3)`` (i.e. (0.3, 1/0.3)), colour-jitter it (brightness, contrast, saturation
   and hue, each 0.1) and paste it back at a uniform location of the same image.
-* ``scar`` — cut a thin rectangle of width 2–16 px and length 10–25 px (at a 256-px image;
-  here scaled linearly with the image's shorter side), colour-jitter it, rotate it by a
-  uniform angle in [-45°, 45°] and paste it (with its rotation mask) at a uniform location.
+* ``scar`` — cut a thin rectangle of width 2–16 px and length 10–25 px at the paper's 256-px
+  images, colour-jitter it, rotate it by a uniform angle in [-45°, 45°] and paste it (with its
+  rotation mask) at a uniform location.
+
+Sizes scale with the image. The normal patch's area is a share of the image area (the paper's
+definition). The scar's width and length are fractions of the image's shorter side — the
+paper's pixels divided by 256: width 0.0078–0.0625, length 0.039–0.098 — so the defaults are
+exactly the paper's at 256 px, and 2.3–18.8 × 11.7–29.3 px on a 300-px ELPV cell. Below about
+128 px those fractions give scars of 1–2 px (a 32-px image: 0.25–2 × 1.25–3 px, invisible or a
+single pixel), so each range is floored at ``scar_min_px`` = (2, 5) px (width, length): the
+smallest scar stays a thin line, 2 px wide and 2.5× as long, like the paper's smallest (2 × 10
+px). A floored range keeps its upper end when that is larger (64 px: width 2–4, length 5–6.25
+px); the length floor acts below 128 px, the width floor below 256 px (where it only lifts the
+low end, e.g. 1.6 → 2 px at 200 px, which rounding did anyway), neither at 256 px and above. The generator's base
+(:class:`~swsa_store.synth.base.SingleParentGenerator`) redraws any output that still leaves its
+parent unchanged (a scar cut from and pasted onto flat background).
 
 Everything random is drawn from the ``numpy.random.Generator`` passed in, including the
 colour-jitter factors and their order (torchvision's ``ColorJitter`` would use torch's
@@ -29,9 +42,9 @@ from PIL import Image
 
 from swsa_store.synth.base import SingleParentGenerator, check_edit_args, register_generator
 
-__all__ = ["CutPasteConfig", "CutPasteGenerator", "color_jitter", "cutpaste"]
+__all__ = ["SCAR_REFERENCE_SIDE", "CutPasteConfig", "CutPasteGenerator", "color_jitter", "cutpaste", "scar_ranges_px"]
 
-#: Image size (shorter side, px) at which the scar's width/length are given (the paper's 256).
+#: The paper's image side (px): its scar sizes in px, divided by this, are the default fractions.
 SCAR_REFERENCE_SIDE = 256
 
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
@@ -66,8 +79,11 @@ class CutPasteConfig:
     aspect_ratio: normal patch width/height, log-uniform in (min, max).
     jitter: colour-jitter strength for brightness, contrast and saturation (factor uniform
         in [1 - jitter, 1 + jitter]) and hue (shift uniform in [-jitter, jitter]).
-    scar_width, scar_length: scar size in px at a 256-px image (scaled with the shorter
-        side), each uniform in (min, max); width is the x extent, length the y extent.
+    scar_width, scar_length: scar size as fractions of the image's shorter side, each
+        uniform in (min, max) (defaults: the paper's 2–16 and 10–25 px at 256 px); width is
+        the x extent, length the y extent.
+    scar_min_px: (width, length) floors in px for the two ranges (default (2, 5)): a range
+        whose ends fall below its floor is raised to it, so small images get visible scars.
     scar_rotation: scar rotation in degrees (counter-clockwise), uniform in (min, max).
     """
 
@@ -75,8 +91,9 @@ class CutPasteConfig:
     area_ratio: tuple[float, float] = (0.02, 0.15)
     aspect_ratio: tuple[float, float] = (0.3, 3.3)
     jitter: float = 0.1
-    scar_width: tuple[float, float] = (2.0, 16.0)
-    scar_length: tuple[float, float] = (10.0, 25.0)
+    scar_width: tuple[float, float] = (2.0 / SCAR_REFERENCE_SIDE, 16.0 / SCAR_REFERENCE_SIDE)
+    scar_length: tuple[float, float] = (10.0 / SCAR_REFERENCE_SIDE, 25.0 / SCAR_REFERENCE_SIDE)
+    scar_min_px: tuple[float, float] = (2.0, 5.0)
     scar_rotation: tuple[float, float] = (-45.0, 45.0)
 
     def __post_init__(self) -> None:
@@ -88,8 +105,17 @@ class CutPasteConfig:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
         set_("area_ratio", _check_range("area_ratio", self.area_ratio, low=0.0, high=1.0, open_low=True))
         set_("aspect_ratio", _check_range("aspect_ratio", self.aspect_ratio, low=0.0, open_low=True))
-        set_("scar_width", _check_range("scar_width", self.scar_width, low=0.0, open_low=True))
-        set_("scar_length", _check_range("scar_length", self.scar_length, low=0.0, open_low=True))
+        for label in ("scar_width", "scar_length"):
+            value = getattr(self, label)
+            try:
+                set_(label, _check_range(label, value, low=0.0, high=1.0, open_low=True))
+            except ValueError:
+                raise ValueError(
+                    f"expected CutPasteConfig.{label} = (min, max) fractions of the image's shorter side in "
+                    f"(0, 1], got {value!r} (the paper's px at 256 px divided by 256, e.g. (2/256, 16/256)); "
+                    f"fix CutPasteConfig.{label}"
+                ) from None
+        set_("scar_min_px", _check_range("scar_min_px", self.scar_min_px, low=0.0, high=None))
         set_("scar_rotation", _check_range("scar_rotation", self.scar_rotation, low=-360.0, high=360.0))
         jitter = self.jitter
         if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not 0.0 <= jitter <= 0.5:
@@ -162,11 +188,21 @@ def _cutpaste_normal(img: Image.Image, rng: np.random.Generator, cfg: CutPasteCo
     }
 
 
+def scar_ranges_px(side: int, cfg: CutPasteConfig) -> tuple[tuple[float, float], tuple[float, float]]:
+    """The scar's (width, length) ranges in px for an image whose shorter side is ``side``:
+    the configured fractions times ``side``, each end raised to its ``scar_min_px`` floor."""
+    out = []
+    for (lo, hi), floor in zip((cfg.scar_width, cfg.scar_length), cfg.scar_min_px):
+        out.append((max(lo * side, floor), max(hi * side, floor)))
+    return out[0], out[1]
+
+
 def _cutpaste_scar(img: Image.Image, rng: np.random.Generator, cfg: CutPasteConfig) -> dict:
     width, height = img.size
-    scale = min(width, height) / SCAR_REFERENCE_SIDE
-    pw = int(min(max(round(float(rng.uniform(*cfg.scar_width)) * scale), 1), width))
-    ph = int(min(max(round(float(rng.uniform(*cfg.scar_length)) * scale), 1), height))
+    side = min(width, height)
+    width_px, length_px = scar_ranges_px(side, cfg)
+    pw = int(min(max(round(float(rng.uniform(*width_px))), 1), width))
+    ph = int(min(max(round(float(rng.uniform(*length_px))), 1), height))
     sx, sy = _uniform_int(rng, width - pw), _uniform_int(rng, height - ph)
     patch = img.crop((sx, sy, sx + pw, sy + ph))
     patch, jitter = color_jitter(patch, rng, cfg.jitter)
@@ -190,7 +226,9 @@ def _cutpaste_scar(img: Image.Image, rng: np.random.Generator, cfg: CutPasteConf
         "dst_box": [dx, dy, dx + rw, dy + rh],
         "patch_size": [pw, ph],
         "rotated_size": [rw, rh],
-        "scale": scale,
+        "side": side,
+        "width_range_px": list(width_px),
+        "length_range_px": list(length_px),
         "area_ratio": pw * ph / (width * height),
         "aspect_ratio": pw / ph,
         "angle": angle,
@@ -208,7 +246,8 @@ def cutpaste(
     rotated patch's bounding box), ``patch_size`` [w, h], ``area_ratio`` (w·h / W·H actually
     used) and ``aspect_ratio`` (w/h actually used), ``jitter`` (order and factors); for
     ``normal`` also the drawn ``area_ratio_drawn`` / ``aspect_ratio_drawn`` before rounding;
-    for ``scar`` also ``angle`` (degrees, counter-clockwise), ``rotated_size`` and ``scale``.
+    for ``scar`` also ``angle`` (degrees, counter-clockwise), ``rotated_size``, ``side`` (the
+    shorter side) and ``width_range_px`` / ``length_range_px`` (the ranges drawn from, in px).
     """
     cfg = config if config is not None else CutPasteConfig()
     if not isinstance(cfg, CutPasteConfig):

@@ -41,8 +41,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from swsa_store.synth.adm import DiffusionModel, load_diffusion_model
-from swsa_store.synth.base import AnomalyGenerator, SyntheticImage, check_generate_args, register_generator
+from swsa_store.synth.adm import DiffusionModel, load_diffusion_model, num_train_timesteps_hint
+from swsa_store.synth.base import (
+    AnomalyGenerator, SyntheticImage, check_generate_args, register_generator, unchanged_reason,
+)
 
 __all__ = [
     "DEFAULT_GAMMA",
@@ -50,6 +52,7 @@ __all__ = [
     "DEFAULT_T_EDIT",
     "DiffStyleGenerator",
     "asyrp_generate",
+    "check_diffstyle_settings",
     "ddim_invert",
     "ddim_timesteps",
     "interpolate_h",
@@ -93,10 +96,14 @@ def preprocess(image: Image.Image, size: int) -> "torch.Tensor":
     return torch.from_numpy(arr.transpose(2, 0, 1).copy())
 
 
-def postprocess(x: "torch.Tensor") -> list[Image.Image]:
-    """(B, 3, H, W) in [-1, 1] → RGB PIL images (clamped, rounded)."""
+def _to_images(x: "torch.Tensor") -> list[Image.Image]:
     arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to("cpu").numpy().astype(np.uint8)
     return [Image.fromarray(a.transpose(1, 2, 0), "RGB") for a in arr]
+
+
+def postprocess(x: "torch.Tensor") -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] → RGB PIL images (clamped, rounded)."""
+    return _to_images(x)
 
 
 def interpolate_h(h: "torch.Tensor", h_content: "torch.Tensor", gamma: float, mode: str = "linear") -> "torch.Tensor":
@@ -206,6 +213,32 @@ def _resolve_device(device: str | None) -> str:
     return str(device)
 
 
+def check_diffstyle_settings(*, gamma: Any, t_edit: Any, t_boost: Any = 0,
+                             num_train_timesteps: int | None = None) -> None:
+    """Refuse DiffStyle settings that are invalid or cannot change the image (one-line errors).
+
+    No-ops refused: ``gamma = 0`` (h_gen = h for both interpolations: every output is the DDIM
+    reconstruction of its style image) and ``t_edit >= T`` (the DDIM grid's largest step is
+    T − 1, so no step injects the content; T = ``num_train_timesteps`` when known, 1000 for the
+    paper's model). ``t_edit = 0`` is *not* a no-op (the content is injected at every step, the
+    last one included) and is accepted; a negative ``t_edit`` is refused as invalid.
+    """
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float, np.floating)) or not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"expected gamma in [0, 1], got {gamma!r}; fix --gamma")
+    if gamma == 0:
+        raise ValueError("gamma=0 cannot change the image (h_gen = h: every output is its style image's DDIM "
+                         "reconstruction, no anomaly); set --gamma in (0, 1] (the paper's 0.7)")
+    for label, value in (("t_edit", t_edit), ("t_boost", t_boost)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"expected {label} to be a non-negative integer, got {value!r}")
+    if num_train_timesteps is not None and t_edit >= num_train_timesteps:
+        raise ValueError(
+            f"t_edit={t_edit} cannot change the image: the model has {num_train_timesteps} diffusion steps (the "
+            f"largest is t={num_train_timesteps - 1}), so no step injects the content; set --t-edit below "
+            f"{num_train_timesteps} (the paper's {DEFAULT_T_EDIT})"
+        )
+
+
 @register_generator("diffusion")
 class DiffStyleGenerator(AnomalyGenerator):
     """DiffStyle h-space content injection (Jeong et al. 2023) as used by SWSA (Fung et al.).
@@ -216,6 +249,9 @@ class DiffStyleGenerator(AnomalyGenerator):
     directory or cached repo id, or a module (``ADMUNet`` / ``UNet2DModel`` /
     ``DiffusionModel``); default: ``$SWSA_DIFFUSION_MODEL``. ``count`` in :meth:`generate` is
     the number of pairs (None: all ``|style| × |content|``; fewer: a subset drawn with ``rng``).
+    Settings that cannot change the image (``gamma=0``, ``t_edit`` at or above the model's
+    number of diffusion steps) are refused here, before the model is loaded when its number of
+    steps is known without loading it (:func:`check_diffstyle_settings`).
     """
 
     name = "diffusion"
@@ -224,11 +260,8 @@ class DiffStyleGenerator(AnomalyGenerator):
                  t_edit: int = DEFAULT_T_EDIT, interpolation: str = "linear", t_boost: int = 0,
                  device: str | None = "auto", batch_size: int = 8, dtype: str = "float32",
                  local_files_only: bool = True):
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"expected gamma in [0, 1], got {gamma!r}; fix --gamma")
-        for label, value in (("t_edit", t_edit), ("t_boost", t_boost)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-                raise ValueError(f"expected {label} to be a non-negative integer, got {value!r}")
+        check_diffstyle_settings(gamma=gamma, t_edit=t_edit, t_boost=t_boost,
+                                 num_train_timesteps=num_train_timesteps_hint(model))
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"expected interpolation in {list(INTERPOLATIONS)}, got {interpolation!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -246,6 +279,8 @@ class DiffStyleGenerator(AnomalyGenerator):
                 )
         self.device = _resolve_device(device)
         self.model = load_diffusion_model(model, local_files_only=local_files_only).to(self.device, dtypes[dtype])
+        check_diffstyle_settings(gamma=gamma, t_edit=t_edit, t_boost=t_boost,
+                                 num_train_timesteps=self.model.num_train_timesteps)  # T of a file, now known
         self.timesteps = ddim_timesteps(steps, self.model.num_train_timesteps)
         self.steps, self.gamma, self.t_edit = int(steps), float(gamma), int(t_edit)
         self.interpolation, self.t_boost = interpolation, int(t_boost)
@@ -340,6 +375,10 @@ class DiffStyleGenerator(AnomalyGenerator):
 
         An output does not depend on ``skip``: with the same ``batch_size`` and device it has
         the same bytes as in an uninterrupted run (other batch sizes agree up to rounding).
+        The base rule of every generator applies (:func:`~swsa_store.synth.base.unchanged_reason`):
+        an output within tolerance of its style or its content image (both as preprocessed to the
+        model's resolution) is yielded as a skip; it is not redrawn, since the η = 0 process is
+        deterministic for a pair (``params["redraws"]`` is always 0).
         """
         count = self.resolve_count(len(seed_images), count)
         check_generate_args(seed_images, seed_ids, count, rng)
@@ -354,14 +393,22 @@ class DiffStyleGenerator(AnomalyGenerator):
         base.pop("name")
         n_content = len(split_style_content(len(seed_images))[1])
         n_style = len(seed_images) // 2
+        inputs = {k: _to_images(images[k][None])[0] for k in used}  # the parents as the model saw them
         for index, tensor in self.run_pairs(images, plan, wanted=todo):
             s, c, pair_seed = plan[index]
             params = {
                 **base, "style_id": int(seed_ids[s]), "content_id": int(seed_ids[c]),
-                "pair_index": int(s * n_content + (c - n_style)), "pair_seed": pair_seed,
+                "pair_index": int(s * n_content + (c - n_style)), "pair_seed": pair_seed, "redraws": 0,
             }
-            yield index, SyntheticImage(image=postprocess(tensor[None])[0],
-                                        parent_ids=(int(seed_ids[s]), int(seed_ids[c])), params=params)
+            out = postprocess(tensor[None])[0]
+            parent_ids = (int(seed_ids[s]), int(seed_ids[c]))
+            reason = next((r for r in (unchanged_reason(out, inputs[k], seed_ids[k], what="diffusion output")
+                                       for k in (s, c)) if r), "")
+            if reason:  # deterministic (η = 0): a redraw would repeat it, so it is a skip at once
+                yield index, SyntheticImage(image=None, parent_ids=parent_ids, params=params,
+                                            skip_reason=f"{reason} (at the model's {out.width} px)")
+            else:
+                yield index, SyntheticImage(image=out, parent_ids=parent_ids, params=params)
 
     def generate(self, seed_images: Sequence[Image.Image], seed_ids: Sequence[int], count: int | None,
                  rng: np.random.Generator) -> list[SyntheticImage]:

@@ -95,7 +95,7 @@ def _same(csv_value, cell: tuple[str, str], column: str) -> bool:
     if isinstance(csv_value, (int, float)):
         if float(raw) != float(csv_value):
             return False
-        if column in ("p_value", "bonferroni_threshold"):
+        if column in ("p_value", "p_one_sided", "bonferroni_threshold"):
             return text == f"{float(csv_value):.3g}"
         if column == "picks":
             return text == f"{float(csv_value):.1f}"
@@ -107,6 +107,7 @@ def _same(csv_value, cell: tuple[str, str], column: str) -> bool:
     ("table1", ["dataset", "setting", "strategy", "pick_rate", "auroc", "best"]),
     ("table2", None),
     ("table3", None),
+    ("strategies", None),
 ])
 def test_html_numbers_equal_csv(demo, name, csv_columns):
     report = demo / "report"

@@ -33,6 +33,7 @@ from swsa_store.ingest import embed_store, embedding_name
 from swsa_store.models.backbones import WeightsNotFoundError, get_backbone_cfg, resolve_weights
 from swsa_store.synthesize import synthesize
 
+from swsa_engine.core.protocol import DEFAULT_PROTOCOL
 from swsa_engine.report.html import write_html_report
 from swsa_engine.report.summary import write_report
 from swsa_engine.run.report_inputs import embedding_configs, read_skips, read_tasks
@@ -125,11 +126,13 @@ def run_demo(
     progress: bool = True,
     detectors: list[str] | None = None,
     diffusion_model: str | None = None,
+    protocol: str = DEFAULT_PROTOCOL,
 ) -> dict:
     """Run the whole demo into ``out_dir`` (``store.h5``, ``images/``, ``report/``); returns the report's paths.
 
     Options left ``None`` take the dataset's defaults (:func:`demo_plan`); with ``progress``, steps are
-    announced, the sizes printed and the report's head shown at the end.
+    announced, the sizes printed and the report's head shown at the end. ``protocol`` is the
+    validation protocol of the sweep (:data:`swsa_engine.core.protocol.PROTOCOLS`).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -149,7 +152,7 @@ def run_demo(
                  weights_dir=weights_dir, image_size=plan.image_size, batch_size=batch_size, num_workers=workers,
                  device=device, progress=progress)
     cube = step("score", run_sweep, store_path, backbones=[embedding_name(b) for b in plan.backbones], device=device,
-                progress=progress, detectors=list(plan.detectors))
+                progress=progress, detectors=list(plan.detectors), protocol=protocol)
     notes = demo_notes(store_path, cube, plan, step.timings)
     paths = write_demo_reports(step, cube, store_path, out, plan, notes)
     if progress:

@@ -17,6 +17,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from swsa_engine.core.protocol import cube_protocol
+
 #: the two real-validation settings, in the order of the cube's ``real[..., setting]`` axis
 SETTINGS = ("one-vs-rest", "one-vs-closest")
 #: the name of the kNN / detector sweep's cube among a store's results
@@ -110,7 +112,11 @@ class AurocCube:
     class_names : (T, G) the out-class of each ``per_class`` column ("" padded)
     skips : DataFrame (task_id, candidate, reason) of (task, candidate) cells left NaN, or scored
         with some images left out (the reason says how many and why)
-    config : settings of the sweep (k, hardest counts, ...)
+    config : settings of the sweep (k, hardest counts, ``protocol`` — the validation protocol of
+        :mod:`swsa_engine.core.protocol`; absent in older cubes, which read as ``"paper"`` —, ...)
+    self_validated : (T, C, V) bool: synthetic cells left NaN because validating the candidate on
+        them would be self-validation (its abnormal references come from the same generator or the
+        same parents); all False when not given (older cubes)
     """
 
     tasks: pd.DataFrame
@@ -122,6 +128,20 @@ class AurocCube:
     class_names: np.ndarray
     skips: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=SKIP_COLUMNS))
     config: dict = field(default_factory=dict)
+    self_validated: np.ndarray | None = None
+
+    def __post_init__(self):
+        shape = np.shape(self.synthetic)
+        if self.self_validated is None:
+            self.self_validated = np.zeros(shape, dtype=bool)
+        elif np.shape(self.self_validated) != shape:
+            raise ValueError(f"self_validated must have the shape of synthetic {shape}, got {np.shape(self.self_validated)}")
+        self.self_validated = np.asarray(self.self_validated, dtype=bool)
+
+    @property
+    def protocol(self) -> str:
+        """The validation protocol the cube was scored with (``"paper"`` for cubes that do not say)."""
+        return cube_protocol(self.config)
 
     @property
     def candidate_names(self) -> list[str]:
@@ -139,13 +159,14 @@ class AurocCube:
     def to_arrays(self) -> tuple[dict, dict]:
         """``(arrays, attrs)``: the cube's arrays (strings as object arrays) and its JSON-able attributes.
 
-        ``arrays``: ``real`` (T, C, 2), ``synthetic`` (T, C, V), ``per_class`` (T, C, G),
+        ``arrays``: ``real`` (T, C, 2), ``synthetic`` (T, C, V), ``self_validated`` (T, C, V) uint8, ``per_class`` (T, C, G),
         ``class_names`` (T, G), ``task_id``, ``dataset``, ``normal_class`` (T,).
         ``attrs``: ``sources``, ``settings``, ``candidates`` and ``skips`` (column → list),
         ``config`` and a ``description``.
         """
         arrays = {
             "real": self.real, "synthetic": self.synthetic, "per_class": self.per_class,
+            "self_validated": self.self_validated.astype(np.uint8),
             "class_names": self.class_names.astype(object),
             "task_id": self.tasks["task_id"].to_numpy(), "dataset": self.tasks["dataset"].to_numpy().astype(object),
             "normal_class": self.tasks["normal_class"].to_numpy().astype(object),
@@ -161,7 +182,7 @@ class AurocCube:
     @classmethod
     def from_arrays(cls, arrays: dict, attrs: dict) -> "AurocCube":
         """The cube from the flat form of :meth:`to_arrays` (string arrays already decoded to ``str``;
-        ``attrs`` already decoded from JSON)."""
+        ``attrs`` already decoded from JSON; ``self_validated`` may be absent: all False)."""
         tasks = pd.DataFrame({
             "task_id": arrays["task_id"],
             "dataset": np.asarray(arrays["dataset"]).astype(object),
@@ -173,4 +194,5 @@ class AurocCube:
             class_names=np.asarray(arrays["class_names"]).astype(object),
             skips=pd.DataFrame(attrs["skips"]) if attrs["skips"] else pd.DataFrame(columns=SKIP_COLUMNS),
             config=attrs["config"],
+            self_validated=None if arrays.get("self_validated") is None else np.asarray(arrays["self_validated"], dtype=bool),
         )

@@ -10,7 +10,9 @@ random strategy is its expectation, so results are exact and need no seed). Regi
     def median_synthetic(**_):
         return lambda ctx: np.nanmedian(ctx.synthetic_base, axis=2).argmax(axis=1)
 
-Only strategies marked ``uses_labels`` (the oracle) may read ``ctx.real``.
+Only strategies marked ``uses_labels`` (the oracle) may read ``ctx.real``. A strategy registered
+with ``default_label="..."`` (and no required settings) is one of :func:`default_strategies`'
+rows, so Table 1 and the strategies comparison show it with no further change.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from swsa_engine.core.detectors import DEFAULT_DETECTOR
 from swsa_engine.core.metrics import kendall_tau
 
 STRATEGIES: Registry = Registry("selection strategy")
+#: strategy name → its row label in :func:`default_strategies` (``register_strategy(default_label=...)``)
+DEFAULT_LABELS: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -59,12 +63,17 @@ class SelectionContext:
         return np.stack([self.source(s) for s in self.base_sources], axis=2)
 
 
-def register_strategy(name: str, *, uses_labels: bool = False):
-    """Decorator registering a strategy factory ``factory(**settings) -> (ctx -> picks)``."""
+def register_strategy(name: str, *, uses_labels: bool = False, default_label: str | None = None):
+    """Decorator registering a strategy factory ``factory(**settings) -> (ctx -> picks)``;
+    ``default_label``: the row label under which :func:`default_strategies` includes it (built
+    with no settings); None: only when asked for by name."""
 
     def decorate(factory):
         factory.uses_labels = uses_labels
-        return STRATEGIES.register(name)(factory)
+        registered = STRATEGIES.register(name)(factory)
+        if default_label:
+            DEFAULT_LABELS[name] = default_label
+        return registered
 
     return decorate
 
@@ -205,12 +214,16 @@ def evaluate_weights(weights: np.ndarray, real: np.ndarray) -> dict[str, np.ndar
 
 
 def default_strategies(cube: AurocCube) -> list[tuple[str, str, dict]]:
-    """Table 1's rows: (label, strategy name, settings)."""
+    """Table 1's rows (and the strategies comparison's): (label, strategy name, settings) — the
+    largest model, the random pick, SWSA per base source and aggregated, every strategy
+    registered with a ``default_label``, the oracle, and :func:`detector_strategies`."""
     rows = [("Largest model", "largest", {}), ("Random (expected)", "random", {})]
     base = cube.config.get("base_sources", [s for s in cube.sources if "@" not in s])
     rows += [(f"SWSA ({source})", "swsa", {"source": source}) for source in base]
     if len(base) > 1:
         rows += [("SWSA (mean of sources)", "swsa_mean", {}), ("SWSA (rank aggregation)", "swsa_rank", {})]
+    listed = {name for _, name, _ in rows} | {"oracle"}
+    rows += [(label, name, {}) for name, label in DEFAULT_LABELS.items() if name not in listed]
     rows.append(("Best model (oracle)", "oracle", {}))
     rows += detector_strategies(cube)
     return rows
@@ -235,12 +248,20 @@ def detector_strategies(cube: AurocCube) -> list[tuple[str, str, dict]]:
     return rows
 
 
-def _context(cube: AurocCube, rows: np.ndarray, setting_index: int) -> SelectionContext:
+def selection_context(cube: AurocCube, rows: np.ndarray, setting_index: int) -> SelectionContext:
+    """What the strategies see of the tasks ``rows`` of ``cube`` in setting ``SETTINGS[setting_index]``."""
     base = tuple(cube.config.get("base_sources", [s for s in cube.sources if "@" not in s]))
     return SelectionContext(
         synthetic=cube.synthetic[rows], sources=tuple(cube.sources), base_sources=base,
         candidates=cube.candidates, real=cube.real[rows, :, setting_index],
     )
+
+
+def strategy_weights(ctx: SelectionContext, strategies: list[tuple[str, str, dict]]) -> list[np.ndarray]:
+    """Each strategy's picks on ``ctx`` as (T, C) weights, in the order of ``strategies``
+    ((label, strategy name, settings) rows, as :func:`default_strategies` gives)."""
+    n_candidates = len(ctx.candidates)
+    return [as_weights(create_strategy(name, **settings)(ctx), n_candidates) for _, name, settings in strategies]
 
 
 def selection_table(cube: AurocCube, strategies: list[tuple[str, str, dict]] | None = None) -> pd.DataFrame:
@@ -255,9 +276,8 @@ def selection_table(cube: AurocCube, strategies: list[tuple[str, str, dict]] | N
     for dataset in sorted(cube.tasks["dataset"].unique()):
         rows = np.flatnonzero(cube.tasks["dataset"].to_numpy() == dataset)
         for s, setting in enumerate(SETTINGS):
-            ctx = _context(cube, rows, s)
-            for label, name, settings in strategies:
-                weights = as_weights(create_strategy(name, **settings)(ctx), len(cube.candidates))
+            ctx = selection_context(cube, rows, s)
+            for (label, _, _), weights in zip(strategies, strategy_weights(ctx, strategies)):
                 outcome = evaluate_weights(weights, ctx.real)
                 defined = ~np.isnan(outcome["hit"])
                 n = int(defined.sum())
@@ -296,13 +316,27 @@ def per_task_picks(cube: AurocCube, source: str | None = None) -> pd.DataFrame:
     return pd.DataFrame(records)
 
 
+#: Table 2's verdicts, from the one-sided test of agreement and the paper's two-sided test
+VERDICTS = {
+    "agrees": "the synthetic ranking agrees with the real one (one-sided p for tau > 0 below the threshold)",
+    "disagrees (significant)": "tau < 0 and the two-sided p is below the threshold: the synthetic ranking is reversed",
+    "disagrees": "tau < 0, not significant",
+    "not significant": "tau >= 0, but the one-sided p is not below the threshold",
+    "undefined": "no tau (fewer than two candidates with finite AUROCs, or constant AUROCs)",
+}
+
+
 def ranking_table(cube: AurocCube, alpha: float = 0.05) -> pd.DataFrame:
     """The paper's Table 2: Kendall's tau between synthetic and real rankings of the candidates.
 
     Per dataset × setting × source: x = the candidates' synthetic AUROC averaged over tasks,
-    y = their real AUROC averaged over tasks (n = number of candidates), tau-b and its p-value;
-    also the mean of the per-task taus. ``significant`` uses the Bonferroni threshold
-    ``alpha / (number of tests in the table)``.
+    y = their real AUROC averaged over tasks (n = number of candidates), tau-b with ``p_value``
+    (two-sided, as in the paper) and ``p_one_sided`` (the alternative tau > 0: "does the
+    synthetic ranking agree with the real one?"); also the mean of the per-task taus.
+    ``agrees`` is True when ``p_one_sided`` is below the Bonferroni threshold
+    ``alpha / (number of tests in the table)`` — never for a negative tau — and ``verdict`` says
+    which of :data:`VERDICTS` holds (a negative tau is "disagrees", "(significant)" when its
+    two-sided p is below the threshold).
     """
     records = []
     for dataset in sorted(cube.tasks["dataset"].unique()):
@@ -310,21 +344,40 @@ def ranking_table(cube: AurocCube, alpha: float = 0.05) -> pd.DataFrame:
         for s, setting in enumerate(SETTINGS):
             real = cube.real[rows, :, s]
             for v, source in enumerate(cube.sources):
-                synth = cube.synthetic[rows, :, v]
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    x, y = np.nanmean(synth, axis=0), np.nanmean(real, axis=0)
-                    tau, p = kendall_tau(np.nan_to_num(x), np.nan_to_num(y), mask=np.isfinite(x) & np.isfinite(y))
-                    both = np.isfinite(synth) & np.isfinite(real)
-                    task_tau, _ = kendall_tau(np.nan_to_num(synth), np.nan_to_num(real), mask=both)
-                    mean_task_tau = np.nanmean(task_tau) if np.isfinite(task_tau).any() else np.nan
-                records.append({
-                    "dataset": dataset, "setting": setting, "source": source, "n_candidates": int(np.isfinite(x).sum()),
-                    "tau": float(tau), "p_value": float(p), "mean_task_tau": float(mean_task_tau),
-                })
-    table = pd.DataFrame(records)
+                records.append({"dataset": dataset, "setting": setting, "source": source,
+                                **_ranking_row(cube.synthetic[rows, :, v], real)})
+    table = pd.DataFrame(records, columns=["dataset", "setting", "source", "n_candidates", "tau", "p_value",
+                                           "p_one_sided", "mean_task_tau"])
     n_tests = int(table["p_value"].notna().sum()) if len(table) else 0
     threshold = alpha / n_tests if n_tests else np.nan
     table["bonferroni_threshold"] = threshold
-    table["significant"] = table["p_value"] < threshold
+    table["agrees"] = (table["p_one_sided"] < threshold) & (table["tau"] > 0)
+    table["verdict"] = [_verdict(tau, p, p1, threshold) for tau, p, p1 in
+                        zip(table["tau"], table["p_value"], table["p_one_sided"])]
     return table
+
+
+def _ranking_row(synth: np.ndarray, real: np.ndarray) -> dict:
+    """Table 2's numbers for one dataset × setting × source; ``synth``, ``real``: (T, C)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        x, y = np.nanmean(synth, axis=0), np.nanmean(real, axis=0)
+        finite = np.isfinite(x) & np.isfinite(y)
+        tau, p = kendall_tau(np.nan_to_num(x), np.nan_to_num(y), mask=finite)
+        _, p_one_sided = kendall_tau(np.nan_to_num(x), np.nan_to_num(y), mask=finite, alternative="greater")
+        both = np.isfinite(synth) & np.isfinite(real)
+        task_tau, _ = kendall_tau(np.nan_to_num(synth), np.nan_to_num(real), mask=both)
+        mean_task_tau = np.nanmean(task_tau) if np.isfinite(task_tau).any() else np.nan
+    return {"n_candidates": int(np.isfinite(x).sum()), "tau": float(tau), "p_value": float(p),
+            "p_one_sided": float(p_one_sided), "mean_task_tau": float(mean_task_tau)}
+
+
+def _verdict(tau: float, p_two_sided: float, p_one_sided: float, threshold: float) -> str:
+    """One of :data:`VERDICTS`' keys."""
+    if not np.isfinite(tau):
+        return "undefined"
+    if p_one_sided < threshold:
+        return "agrees"
+    if tau < 0:
+        return "disagrees (significant)" if p_two_sided < threshold else "disagrees"
+    return "not significant"

@@ -34,14 +34,17 @@ from pathlib import Path
 import pandas as pd
 
 from swsa_engine.core.cube import SETTINGS, AurocCube
+from swsa_engine.core.protocol import protocol_line
 from swsa_engine.core.selection import per_task_picks, ranking_table, selection_table
+from swsa_engine.core.strategy_comparison import strategies_table
 from swsa_engine.report.distribution import sample_tasks
 from swsa_engine.report.figures.figure3 import figure3_data
 from swsa_engine.report.html_assets import CSS, JS
 from swsa_engine.report.html_format import COLUMN_FORMATS, fmt_number, html_table, json_script
 from swsa_engine.report.html_payload import task_payloads
 from swsa_engine.report.html_thumbs import file_uri, thumbnail
-from swsa_engine.report.tables import RANDOM_CANDIDATES_NOTE, ReportTables, all_skips, random_candidates, table1_display
+from swsa_engine.report.tables import (RANDOM_CANDIDATES_NOTE, STRATEGIES_NOTE, ReportTables, all_skips,
+                                       random_candidates, table1_display, table2_note)
 
 __all__ = ["write_html_report", "FILTER_COLUMNS", "fmt_number", "html_table", "thumbnail", "COLUMN_FORMATS"]
 
@@ -128,13 +131,15 @@ def _report_tables(cube: AurocCube, report_dir: Path | None, store_skips: pd.Dat
     table2 = _read_csv(report_dir, "table2.csv")
     table2 = ranking_table(cube) if table2 is None else table2
     table3 = _read_csv(report_dir, "table3.csv")
+    strategies = _read_csv(report_dir, "strategies.csv")
+    strategies = strategies_table(cube) if strategies is None else strategies
     picks = _read_csv(report_dir, "tasks.csv")
     picks = per_task_picks(cube) if picks is None else picks
     skips = _read_csv(report_dir, "skips.csv")
     if skips is None:
         skips = all_skips(cube, store_skips)
     skips = skips.fillna({"candidate": "", "reason": "", "stage": ""})
-    return ReportTables(table1, table2, picks, skips, table3)
+    return ReportTables(table1, table2, picks, skips, table3, strategies)
 
 
 @dataclass
@@ -145,6 +150,7 @@ class _ReportFigures:
     figure3_png: str | None
     figure4_png: str | None
     tsne_tasks: set[int]
+    strategies_png: str | None = None
 
     @classmethod
     def read(cls, cube: AurocCube, report_dir: Path | None) -> _ReportFigures:
@@ -153,7 +159,8 @@ class _ReportFigures:
         tsne_tasks: set[int] = set()
         if figure4_png:
             tsne_tasks = {int(cube.tasks["task_id"].iloc[r]) for r in sample_tasks(cube, 1, 0)}
-        return cls(figure3_png, figure4_png, tsne_tasks)
+        strategies_png = file_uri(report_dir / "strategies.png") if report_dir else None
+        return cls(figure3_png, figure4_png, tsne_tasks, strategies_png)
 
 
 def _page_head(title: str) -> list[str]:
@@ -181,6 +188,7 @@ def _intro_html(cube: AurocCube, notes: list[str] | None, randoms: list[str]) ->
         f"{html.escape(', '.join(cube.candidate_names))}; synthetic validation sources: {html.escape(', '.join(cube.sources))}; "
         f"kNN score with k = {html.escape(str(cube.config.get('k')))}.</p>"
     )
+    parts.append(f"<p class=note>{html.escape(protocol_line(cube.config))}</p>")
     parts.append('<div id="filters" class="filters"></div>')
     return parts
 
@@ -195,10 +203,14 @@ def _tables_html(tables: ReportTables) -> list[str]:
         "AUROC of pick = mean real AUROC of the picked candidate; best possible = mean best real AUROC.</p>",
         html_table(shown1, "table1"),
         "<h3>Table 2 — ranking agreement (Kendall's tau)</h3>",
-        "<p class=cap>Kendall's tau-b between the candidates' synthetic and real AUROCs (averaged over tasks), its "
-        "p-value and significance after Bonferroni correction; mean_task_tau averages the per-task taus.</p>",
+        f"<p class=cap>Kendall's tau-b between the candidates' synthetic and real AUROCs (averaged over tasks). "
+        f"{html.escape(table2_note(tables.table2).replace('`', '').replace('*', ''))} mean_task_tau averages the "
+        "per-task taus.</p>",
         html_table(tables.table2, "table2"),
     ]
+    if tables.strategies is not None:
+        parts += ["<h3>Strategies compared — real AUROC of the pick, regret, pick rate</h3>",
+                  f"<p class=cap>{html.escape(STRATEGIES_NOTE)}</p>", html_table(tables.strategies, "strategies")]
     if tables.table3 is not None:
         parts += [
             "<h3>Table 3 — total variation between real and synthetic validation sets</h3>",
@@ -219,6 +231,9 @@ def _figures_html(figures: _ReportFigures) -> list[str]:
     ]
     if figures.figure3_png:
         parts.append(f'<details><summary>Figure 3 as rendered for the Markdown report</summary><img class="fig" alt="figure 3" src="{figures.figure3_png}"></details>')
+    if figures.strategies_png:
+        parts += ["<h3>Strategies compared — mean regret per strategy</h3>",
+                  f'<img id="strategies-figure" class="fig" alt="strategies: mean regret" src="{figures.strategies_png}">']
     if figures.figure4_png:
         parts += ["<h3>Figure 4 — t-SNE of one task per dataset</h3>",
                   f'<img id="figure4" class="fig" alt="figure 4" src="{figures.figure4_png}">']

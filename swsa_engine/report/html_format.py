@@ -48,7 +48,8 @@ def raw_value(value) -> str:
 
 
 #: Per-column display formats of the overview tables (default: 3 decimals for floats).
-COLUMN_FORMATS = {"p_value": fmt_p, "bonferroni_threshold": fmt_p, "picks": lambda v: fmt_number(v, 1)}
+COLUMN_FORMATS = {"p_value": fmt_p, "p_one_sided": fmt_p, "bonferroni_threshold": fmt_p,
+                  "picks": lambda v: fmt_number(v, 1)}
 
 
 def html_table(frame: pd.DataFrame, table_id: str, formats: dict | None = None) -> str:

@@ -1,7 +1,8 @@
 """The report: Markdown, CSV and JSON tables in the shape of the paper's Tables 1 and 2, per-task
-picks, recorded skips, and the Figure-3 scatter of real vs synthetic AUROC per candidate
-(figures are drawn through the registry of :mod:`swsa_engine.report.figures`; the shared table
-helpers live in :mod:`swsa_engine.report.tables` and are importable from here too)."""
+picks, the strategies comparison (with its regret figure), recorded skips, and the Figure-3
+scatter of real vs synthetic AUROC per candidate (figures are drawn through the registry of
+:mod:`swsa_engine.report.figures`; the shared table helpers live in
+:mod:`swsa_engine.report.tables` and are importable from here too)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,16 @@ import numpy as np
 import pandas as pd
 
 from swsa_engine.core.cube import AurocCube
+from swsa_engine.core.protocol import protocol_line
 from swsa_engine.core.selection import per_task_picks, ranking_table, selection_table
+from swsa_engine.core.strategy_comparison import strategies_table
 from swsa_engine.report.clip_tables import clip_report_lines
 from swsa_engine.report.distribution import tv_table
 from swsa_engine.report.figures import create_figure
 from swsa_engine.report.figures.figure3 import figure3
-from swsa_engine.report.tables import (RANDOM_CANDIDATES_NOTE, TABLE2_FORMATS, ReportTables, all_skips,
-                                       detector_families, markdown_table, random_candidates, table1_display)
+from swsa_engine.report.tables import (RANDOM_CANDIDATES_NOTE, STRATEGIES_NOTE, TABLE2_FORMATS, ReportTables,
+                                       all_skips, detector_families, markdown_table, random_candidates,
+                                       strategies_display, table1_display, table2_display, table2_note)
 
 __all__ = ["write_report", "markdown_table", "table1_display", "detector_families", "figure3", "RANDOM_CANDIDATES_NOTE"]
 
@@ -36,8 +40,9 @@ def write_report(
     figure4: bool = False,
     candidate: str | None = None,
 ) -> dict[str, Path]:
-    """Write ``report.md``, ``table1.csv/.md``, ``table2.csv/.md``, ``tasks.csv``, ``summary.json``
-    and ``figure3.png`` into ``out_dir``; returns their paths.
+    """Write ``report.md``, ``table1.csv/.md``, ``table2.csv/.md``, ``tasks.csv``, ``summary.json``,
+    ``strategies.csv`` (:func:`~swsa_engine.core.strategy_comparison.strategies_table`),
+    ``figure3.png`` and ``strategies.png`` into ``out_dir``; returns their paths.
 
     With ``store_path``: ``table3_tasks > 0`` adds Table 3 (total variation, that many tasks per
     dataset) and ``figure4=True`` the t-SNE figure, both for ``candidate`` (default ViT-B/16).
@@ -47,7 +52,8 @@ def write_report(
     paths = {
         "table1_csv": out / "table1.csv", "table2_csv": out / "table2.csv", "tasks_csv": out / "tasks.csv",
         "figure3": out / "figure3.png", "summary": out / "summary.json", "report": out / "report.md",
-        "skips_csv": out / "skips.csv",
+        "skips_csv": out / "skips.csv", "strategies_csv": out / "strategies.csv",
+        "strategies_figure": out / "strategies.png",
     }
     tables = _write_cube_tables(cube, store_skips, paths)
     if store_path is not None:
@@ -70,7 +76,10 @@ def write_report(
 def _write_cube_tables(cube: AurocCube, store_skips: pd.DataFrame | None, paths: dict[str, Path]) -> ReportTables:
     """Compute Tables 1 and 2, the per-task picks and the skips from ``cube`` (and the store's
     ``store_skips``), and write them and Figure 3 to ``paths``."""
-    tables = ReportTables(selection_table(cube), ranking_table(cube), per_task_picks(cube), all_skips(cube, store_skips))
+    tables = ReportTables(selection_table(cube), ranking_table(cube), per_task_picks(cube), all_skips(cube, store_skips),
+                          strategies=strategies_table(cube))
+    tables.strategies.to_csv(paths["strategies_csv"], index=False)
+    create_figure("strategies", cube=cube, path=paths["strategies_figure"], table=tables.strategies)
     tables.table1.to_csv(paths["table1_csv"], index=False)
     tables.table2.to_csv(paths["table2_csv"], index=False)
     tables.picks.to_csv(paths["tasks_csv"], index=False)
@@ -110,6 +119,9 @@ def _intro_lines(cube: AurocCube, title: str, notes: list[str] | None, randoms: 
         + (f"Detectors: {', '.join(cube.config['detectors'])}." if cube.config.get("detectors")
          else f"kNN score with k = {cube.config.get('k')}."),
         "",
+        protocol_line(cube.config) + (f" {int(cube.self_validated.sum())} synthetic cells were left out as "
+                                      "self-validation (see the skips)." if cube.self_validated.any() else ""),
+        "",
     ]
     return lines
 
@@ -127,12 +139,12 @@ def _table_lines(tables: ReportTables) -> list[str]:
         "",
         "## Table 2 — ranking agreement (Kendall's tau)",
         "",
-        "Kendall's tau-b between the candidates' synthetic and real AUROCs (each averaged over the tasks), "
-        "with p-values; " + _significance_note(table2) + " `mean_task_tau` averages the per-task taus.",
+        "Kendall's tau-b between the candidates' synthetic and real AUROCs (each averaged over the tasks). "
+        + table2_note(table2) + " `mean_task_tau` averages the per-task taus.",
         "",
-        markdown_table(table2.assign(significant=table2["significant"].map({True: "**yes**", False: "no"})),
-                       TABLE2_FORMATS),
+        markdown_table(table2_display(table2), TABLE2_FORMATS),
         "",
+        *_strategies_lines(tables.strategies),
         "## Figure 3 — real vs synthetic AUROC per candidate",
         "",
         "![figure 3](figure3.png)",
@@ -149,6 +161,15 @@ def _table_lines(tables: ReportTables) -> list[str]:
             "",
         ]
     return lines
+
+
+def _strategies_lines(strategies: pd.DataFrame | None) -> list[str]:
+    """The strategies comparison section (``strategies.csv``) and its figure."""
+    if strategies is None:
+        return []
+    return ["## Strategies compared — real AUROC of the pick, regret, pick rate", "", STRATEGIES_NOTE
+            + " All numbers in `strategies.csv`.", "", markdown_table(strategies_display(strategies)), "",
+            "![strategies: mean regret per strategy](strategies.png)", ""]
 
 
 def _picks_lines(cube: AurocCube, picks: pd.DataFrame) -> list[str]:
@@ -191,16 +212,9 @@ def _write_summary(cube: AurocCube, tables: ReportTables, randoms: list[str], pa
         "random_candidates": randoms, "skips": int(len(tables.skips)),
         "table3": None if tables.table3 is None else tables.table3.to_dict(orient="records"),
         "table1": tables.table1.to_dict(orient="records"), "table2": tables.table2.to_dict(orient="records"),
+        "strategies": None if tables.strategies is None else tables.strategies.to_dict(orient="records"),
     }
     path.write_text(json.dumps(summary, indent=2, default=_json_default), encoding="utf-8")
-
-
-def _significance_note(table2: pd.DataFrame) -> str:
-    n_tests = int(table2["p_value"].notna().sum()) if len(table2) else 0
-    if n_tests == 0:
-        return "no test could be computed (fewer than two candidates with finite AUROCs, or constant AUROCs)."
-    threshold = float(table2["bonferroni_threshold"].iloc[0])
-    return f"**significant** after Bonferroni correction means p < {threshold:.3g} (0.05 / {n_tests} tests)."
 
 
 def _json_default(value):

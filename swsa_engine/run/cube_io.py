@@ -34,6 +34,8 @@ def load_cube(store_path: str | os.PathLike, name: str = CUBE_RESULT) -> AurocCu
         group = store.result_group(name)
         attrs = {k: json.loads(v) if isinstance(v, str) and v[:1] in "[{" else v for k, v in group.attrs.items()}
         arrays = {key: group[key][...] for key in _NUMBER_ARRAYS}
+        if "self_validated" in group:  # cubes from before self-validation was marked have none: all False
+            arrays["self_validated"] = group["self_validated"][...]
         arrays.update({key: group[key].asstr()[...].astype(object) for key in _STRING_ARRAYS})
     return AurocCube.from_arrays(arrays, attrs)
 

@@ -23,6 +23,7 @@ class CubeLayout:
     group order) and where each group's tasks sit in them (``offsets`` (len(groups) + 1,)).
 
     ``real`` (T, C, 2), ``synthetic`` (T, C, V) and ``per_class`` (T, C, G) start NaN;
+    ``self_validated`` (T, C, V) starts False (a cell left out as self-validation: True);
     ``class_names`` (T, G) is filled ("" padded); ``sources`` are ``base_sources`` then their
     hardest-N variants; ``tasks`` the (task_id, dataset, normal_class) rows in group order.
     """
@@ -35,6 +36,11 @@ class CubeLayout:
     synthetic: np.ndarray
     per_class: np.ndarray
     class_names: np.ndarray
+    self_validated: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.self_validated is None:
+            self.self_validated = np.zeros(self.synthetic.shape, dtype=bool)
 
     @classmethod
     def of(cls, groups: list[TaskGroup], tasks: pd.DataFrame, n_candidates: int, hardest: tuple[int, ...]) -> "CubeLayout":
@@ -58,3 +64,5 @@ class CubeLayout:
         self.real[span, column] = result["real"]
         self.synthetic[span, column] = result["synthetic"]
         self.per_class[span, column, : len(group.group_names)] = result["per_class"]
+        if "self_validated" in result:  # detectors with abnormal references
+            self.self_validated[span, column] = result["self_validated"]

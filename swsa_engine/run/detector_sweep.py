@@ -17,9 +17,11 @@ import numpy as np
 
 from swsa_store import open_store
 
+from swsa_engine.core.protocol import DEFAULT_PROTOCOL, exclusion_counts, shares_parents
 from swsa_engine.core.validation import usable_ids
-from swsa_engine.run.group_scoring import (empty_result, features_for, leave_one_out, own_real_queries, put_real,
-                                           synthetic_queries, usable_banks, validation_aurocs)
+from swsa_engine.run.group_scoring import (empty_result, features_for, kernel_exclude, own_real_queries, put_real,
+                                           short_banks, synthetic_queries, usable_banks, validation_aurocs,
+                                           validation_exclusions)
 from swsa_engine.run.patch_features import load_patch_features
 from swsa_engine.run.task_groups import TaskGroup
 
@@ -35,6 +37,8 @@ def score_group_detector(
     device: str = "cpu",
     chunk_bytes: int = 256 << 20,
     prior=None,
+    protocol: str = DEFAULT_PROTOCOL,
+    allow_self_validation: bool = False,
 ) -> dict:
     """AUROCs of one (feature source, detector) candidate for the tasks of one dataset.
 
@@ -52,17 +56,34 @@ def score_group_detector(
         or (T', W) per task; :meth:`swsa_engine.run.text_prior.TextPrior.for_group`); ``weight × prior`` is added to every score.
         Images that ``prior.usable`` (N,) bool marks False (no CLIP embedding) are left out of the
         candidate like unusable rows, and each task that loses some gets a skip saying how many.
+    protocol : the validation protocol (:mod:`swsa_engine.core.protocol`): which bank rows each
+        synthetic query is scored without. A source whose anomalies have more origins in the bank
+        than ``detector.max_exclusions`` is left out of the task (NaN, with a skip saying why).
+    allow_self_validation : for detectors with ``needs_abnormal``: keep the synthetic validation
+        anomalies of the references' own generator and those sharing parents with the references
+        (self-validation). By default the first are NaN and marked in ``self_validated``, the
+        second left out (a skip counts them; a source left with none is NaN and marked too).
 
     Returns a dict like :func:`swsa_engine.run.knn_sweep.score_group`: ``real`` (T, 2), ``synthetic``
     (T, V) over ``sources`` then their hardest variants, ``per_class`` (T, G), ``skips``
     [(task_id, reason)], ``knn_flops`` (distance-like multiply-adds, for the timing report), and
     for detectors with ``references`` (the few-shot residual) ``references`` (T, K) image ids of
-    each task's drawn references (-1 where none).
+    each task's drawn references (-1 where none), and ``self_validated`` (T, V) bool: the cells
+    left NaN because they would be self-validation.
     """
     weight = float(detector.text_prior)
-    usable, support, heldout, abnormal, scoreable, skips = _detector_banks(group, sources, usable, detector, prior, weight)
+    usable, support, _, abnormal, scoreable, skips = _detector_banks(group, sources, usable, detector, prior, weight)
     out = empty_result(group, sources, hardest, skips)
+    out["self_validated"] = np.zeros(out["synthetic"].shape, dtype=bool)
     rows = np.flatnonzero(scoreable)
+    if rows.size == 0:
+        return out
+    # synthetic validation: held-out normals + each source's anomalies, each without its origins
+    plan = synthetic_plan(group, rows, support[rows], usable, sources, detector, protocol, allow_self_validation)
+    out["skips"] += plan.skips
+    out["self_validated"][rows[plan.keep]] = np.concatenate(
+        [plan.self_validated, np.repeat(plan.self_validated, len(hardest), axis=1)], axis=1)[plan.keep]
+    rows, queries, widths = rows[plan.keep], plan.queries[plan.keep], plan.widths
     if rows.size == 0:
         return out
     support = support[rows]
@@ -73,9 +94,7 @@ def score_group_detector(
     real_ok = usable[group.real_ids]
     member = (group.real_label[rows] >= 0) & real_ok[None, :]
     real_scores = _real_detector_scores(scorer, group, real_ok, member)
-    # synthetic validation: held-out normals (leave-one-out) + each source's anomalies
-    queries, widths = synthetic_queries(group, rows, sources, usable)
-    synth_scores = scorer.task_scores(queries, leave_one_out(heldout[rows], support, queries, widths[0]))
+    synth_scores = scorer.task_scores(queries, kernel_exclude(plan.exclude[plan.keep]))
     out["knn_flops"] = scorer.flops[0]
     if weight:
         _add_text_prior(detector, prior, weight, rows, group.real_ids, real_ok, real_scores, queries, synth_scores)
@@ -87,6 +106,86 @@ def score_group_detector(
         aurocs[key][broken] = np.nan
         out[key][rows] = aurocs[key]
     return out
+
+
+@dataclass
+class SyntheticPlan:
+    """What one detector is validated on for tasks ``rows`` (T'): :func:`synthetic_plan`."""
+
+    queries: np.ndarray  # (T', W) synthetic validation ids, -1 where padded or left out
+    widths: list[int]  # held-out normals, then each source's anomalies
+    exclude: np.ndarray  # (T', W, E) bank positions each query is scored without
+    keep: np.ndarray  # (T',) bool: tasks whose bank is large enough once the origins are left out
+    self_validated: np.ndarray  # (T', n_sources) bool: cells left out as self-validation
+    skips: list  # (task_id, reason)
+
+
+def synthetic_plan(group: TaskGroup, rows: np.ndarray, support: np.ndarray, usable: np.ndarray, sources: list[str],
+                   detector, protocol: str, allow_self_validation: bool) -> SyntheticPlan:
+    """The synthetic validation queries of ``detector`` for tasks ``rows`` (banks ``support`` (T', S)).
+
+    Each query is scored without its origins under ``protocol``
+    (:func:`~swsa_engine.run.group_scoring.validation_exclusions`). Left out, each with a skip:
+    a source whose anomalies leave out more bank rows than ``detector.max_exclusions`` allows (its
+    cell NaN: never scored with its parents silently back in the bank); for detectors with
+    ``needs_abnormal`` unless ``allow_self_validation``, the anomalies of the references' own
+    generator (the cell NaN and marked) and those sharing parents with the task's references
+    (the cell marked when none is left); tasks whose bank is then too small.
+    """
+    queries, widths = synthetic_queries(group, rows, sources, usable)
+    exclude = validation_exclusions(group, rows, support, queries, widths, sources, protocol)
+    counts = exclusion_counts(exclude)
+    offsets = np.cumsum([0] + widths)
+    task_ids = group.task_ids[rows]
+    limit = detector.max_exclusions
+    self_validated = np.zeros((len(rows), len(sources)), dtype=bool)
+    skips = []
+    for i, source in enumerate(sources):
+        part = slice(offsets[i + 1], offsets[i + 2])
+        present = queries[:, part] >= 0
+        drop = np.zeros(present.shape, dtype=bool)
+        if limit is not None:
+            over = (present & (counts[:, part] > limit)).any(axis=1)
+            drop[over] = True
+            skips += [(int(t), f"{detector.label} can score a query without at most {limit} bank image(s); {source} "
+                               f"anomalies are made from up to {n} of them, so the {protocol} protocol leaves this "
+                               "source out of its validation (`--protocol paper` scores it with the parents in the bank)")
+                      for t, n in zip(task_ids[over], counts[over][:, part].max(axis=1))]
+        if detector.needs_abnormal and not allow_self_validation:
+            drop, marked, reasons = _self_validation(group, rows, source, present, drop, detector)
+            self_validated[:, i] = marked
+            skips += reasons
+        queries[:, part] = np.where(drop, -1, queries[:, part])
+    exclude = np.where((queries >= 0)[..., None], exclude, -1)
+    if limit is not None:
+        exclude = exclude[..., : max(1, limit)]
+    short, short_skips = short_banks(group, rows, support, exclude, (detector.min_bank(False), detector.min_bank(True)),
+                                     detector.label, f"; {detector.bank_hint}")
+    return SyntheticPlan(queries, widths, exclude, ~short, self_validated, skips + short_skips)
+
+
+_SELF = "{label} takes its abnormal references from {ref}; "
+
+
+def _self_validation(group: TaskGroup, rows: np.ndarray, source: str, present: np.ndarray, drop: np.ndarray, detector):
+    """For ``source``'s anomalies (``present`` (T', A) bool) of tasks ``rows``: ``drop`` (T', A)
+    widened by the self-validating ones, which tasks' cells are self-validation (T',) and the skips."""
+    task_ids = group.task_ids[rows]
+    has = present & ~drop
+    intro = _SELF.format(label=detector.label, ref=", ".join(group.abnormal_sources) or "synthetic anomalies")
+    allow = "; `--allow-self-validation` keeps them"
+    if source in group.abnormal_sources:
+        marked = has.any(axis=1)
+        reasons = [(int(t), f"{intro}validating it on {source} too would be self-validation, so that cell is left "
+                            f"out{allow}") for t in task_ids[marked]]
+        return drop | present, marked, reasons
+    sharing = has & shares_parents(group.synthetic_parents[source][rows], group.abnormal_parents[rows])
+    marked = has.any(axis=1) & ~(has & ~sharing).any(axis=1)
+    n_sharing, n_has = sharing.sum(axis=1), has.sum(axis=1)
+    reasons = [(int(t), f"{intro}{m} of the task's {n} {source} anomalies share parents with them (self-validation) "
+                        f"and are left out{' (none left: the cell is left out)' if whole else ''}{allow}")
+               for t, m, n, whole in zip(task_ids, n_sharing, n_has, marked) if m]
+    return drop | sharing, marked, reasons
 
 
 def _detector_banks(group: TaskGroup, sources: list[str], usable: np.ndarray, detector, prior, weight: float):

@@ -8,7 +8,8 @@ The kNN pass (:mod:`swsa_engine.run.knn_sweep`), the other detectors' pass
 * the real validation queries, shared by the group's tasks or each task's own
   (:func:`own_real_queries`, :func:`put_real`);
 * the synthetic validation queries: held-out normals, then each source's anomalies
-  (:func:`synthetic_queries`);
+  (:func:`synthetic_queries`), and the bank rows each is scored without under the validation
+  protocol (:func:`validation_exclusions`, :mod:`swsa_engine.core.protocol`);
 * every AUROC from those scores (:func:`validation_aurocs`): one-vs-rest, per out-class and
   one-vs-closest, synthetic per source and over its ``N`` hardest anomalies.
 
@@ -24,6 +25,7 @@ import pandas as pd
 
 from swsa_engine.core.cube import grouped_auroc
 from swsa_engine.core.metrics import UndefinedMetricWarning, auroc
+from swsa_engine.core.protocol import exclusion_counts, origin_positions, query_origins
 from swsa_engine.core.validation import usable_ids
 from swsa_engine.run.task_groups import TaskGroup, rest_mask
 
@@ -94,6 +96,37 @@ def leave_one_out(heldout: np.ndarray, support: np.ndarray, queries: np.ndarray,
     match = (heldout[:, :, None] == support[:, None, :]) & (heldout[:, :, None] >= 0)
     exclude[:, :n_heldout] = np.where(match.any(axis=2), match.argmax(axis=2), -1)
     return exclude
+
+
+def validation_exclusions(group: TaskGroup, rows: np.ndarray, support: np.ndarray, queries: np.ndarray,
+                          widths: list[int], sources: list[str], protocol: str) -> np.ndarray:
+    """(T', W, E) the bank positions in ``support`` (T', S) that each :func:`synthetic_queries`
+    query of tasks ``rows`` is scored without under ``protocol`` (:mod:`swsa_engine.core.protocol`):
+    held-out normals without themselves; under ``"leak-free"`` anomalies also without their parents
+    (``group.synthetic_parents``). -1 = nothing; origins not in the bank give -1."""
+    parents = [group.synthetic_parents[s][rows] if s in group.synthetic else np.full((len(rows), 0, 0), -1)
+               for s in sources]
+    return origin_positions(support, query_origins(queries, widths, parents, protocol))
+
+
+def kernel_exclude(exclude: np.ndarray) -> np.ndarray:
+    """``exclude`` (T', W, E) as the scorers take it: (T', W) when E == 1, else (T', W, E)."""
+    return exclude[..., 0] if exclude.shape[2] == 1 else exclude
+
+
+def short_banks(group: TaskGroup, rows: np.ndarray, support: np.ndarray, exclude: np.ndarray, min_bank: tuple[int, int],
+                who: str, advice: str = "") -> tuple[np.ndarray, list]:
+    """(T',) bool: tasks ``rows`` whose bank ``support`` (T', S) is too small once a query leaves
+    out its ``exclude`` (T', W, E) rows (``min_bank``: rows needed without and with one left out),
+    and their skips [(task_id, reason)]."""
+    n_bank = (support >= 0).sum(axis=1)
+    most = exclusion_counts(exclude).max(axis=1, initial=0)
+    needed = np.where(most > 0, min_bank[1] + np.maximum(most, 1) - 1, min_bank[0])
+    short = n_bank < needed
+    skips = [(int(t), f"{who} needs at least {need} usable support images when a validation query is scored without "
+                      f"its {m} origin(s), the task has {n}{advice}")
+             for t, n, need, m in zip(group.task_ids[rows][short], n_bank[short], needed[short], most[short])]
+    return short, skips
 
 
 def synthetic_queries(group: TaskGroup, rows: np.ndarray, sources: list[str],

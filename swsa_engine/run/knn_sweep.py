@@ -16,8 +16,10 @@ import numpy as np
 
 from swsa_engine.core.certified import order_uncertain, synthetic_uncertain
 from swsa_engine.core.knn import bounded_knn_shared, bounded_knn_tasks, centre_rows, exact_knn_candidates, knn_score_batched
-from swsa_engine.run.group_scoring import (empty_result, features_for, leave_one_out, own_real_queries, put_real,
-                                           synthetic_queries, usable_banks, validation_aurocs)
+from swsa_engine.core.protocol import DEFAULT_PROTOCOL
+from swsa_engine.run.group_scoring import (empty_result, features_for, kernel_exclude, own_real_queries, put_real,
+                                           short_banks, synthetic_queries, usable_banks, validation_aurocs,
+                                           validation_exclusions)
 from swsa_engine.run.task_groups import TaskGroup
 
 
@@ -53,6 +55,7 @@ def score_group(
     hardest: tuple[int, ...] = (10, 5),
     device: str = "cpu",
     chunk_bytes: int = 256 << 20,
+    protocol: str = DEFAULT_PROTOCOL,
 ) -> dict:
     """AUROCs of one candidate for the tasks of one dataset.
 
@@ -61,6 +64,9 @@ def score_group(
     features : (N, D) the candidate's embeddings for every catalogued image.
     usable : (N,) bool, rows that hold a finite embedding.
     sources : synthetic sources to evaluate (missing ones give NaN).
+    protocol : the validation protocol (:mod:`swsa_engine.core.protocol`): which bank rows each
+        synthetic query is scored without (``"leak-free"``: its origins; ``"paper"``: held-out
+        normals leave-one-out only). Real queries are scored against the whole bank.
 
     Returns a dict: ``real`` (T, 2), ``synthetic`` (T, V) over ``sources`` then their hardest
     variants, ``per_class`` (T, G), ``skips`` [(task_id, reason)], ``knn_flops`` and
@@ -71,21 +77,27 @@ def score_group(
     :func:`~swsa_engine.core.certified.hardest_uncertain`) are recomputed exactly (``refined_scores`` counts them), so every
     AUROC equals the one from exact float64 scores.
     """
-    support, heldout, scoreable, skips = usable_banks(group, usable, (k, k + 1), f"k={k}")
+    support, _, scoreable, skips = usable_banks(group, usable, (k, k + 1), f"k={k}")
     out = empty_result(group, sources, hardest, skips)
     rows = np.flatnonzero(scoreable)
     if rows.size == 0:
         return out
     support = support[rows]
-    heldout = heldout[rows]
     queries, widths = synthetic_queries(group, rows, sources, usable)
+    exclude = validation_exclusions(group, rows, support, queries, widths, sources, protocol)
+    short, short_skips = short_banks(group, rows, support, exclude, (k, k + 1), f"k={k}")
+    if short.any():  # too few bank rows once a query's origins are left out
+        out["skips"] += short_skips
+        rows, support, queries, exclude = rows[~short], support[~short], queries[~short], exclude[~short]
+        if rows.size == 0:
+            return out
     real_ok = usable[group.real_ids]
     # one centre and one float64 norm per row for every kernel call of this group
     prepared = centre_rows(features, np.r_[support[support >= 0], group.real_ids[real_ok], queries[queries >= 0]],
                            support[support >= 0], device=device)
     knn = _KnnPass(features, prepared, support, k, device, chunk_bytes, out)
     real_scores, refined_real = _real_knn_scores(knn, group, rows, real_ok)
-    synth_scores, refined_synthetic = _synthetic_knn_scores(knn, heldout, queries, widths, hardest)
+    synth_scores, refined_synthetic = _synthetic_knn_scores(knn, queries, kernel_exclude(exclude), widths, hardest)
     out["refined_scores"] = refined_real + refined_synthetic
     aurocs = validation_aurocs(group, rows, real_scores, queries, synth_scores, widths, sources, hardest)
     for key in ("real", "synthetic", "per_class"):
@@ -122,12 +134,11 @@ def _real_knn_scores(knn: _KnnPass, group: TaskGroup, rows: np.ndarray, real_ok:
     return real_scores, refined
 
 
-def _synthetic_knn_scores(knn: _KnnPass, heldout: np.ndarray, queries: np.ndarray, widths: list[int],
+def _synthetic_knn_scores(knn: _KnnPass, queries: np.ndarray, exclude: np.ndarray, widths: list[int],
                           hardest: tuple[int, ...]) -> tuple[np.ndarray, int]:
-    """(T', W) kNN scores of the :func:`synthetic_queries` ``queries`` (held-out normals
-    ``heldout`` (T', H) leave-one-out, then each source's anomalies), exact wherever a synthetic
-    AUROC or hardest-N set depends on it; and how many were refined."""
-    exclude = leave_one_out(heldout, knn.support, queries, widths[0])
+    """(T', W) kNN scores of the :func:`synthetic_queries` ``queries`` (held-out normals, then each
+    source's anomalies), each without the bank rows ``exclude`` (T', W) or (T', W, E) names, exact
+    wherever a synthetic AUROC or hardest-N set depends on it; and how many were refined."""
     scores, bounds = knn.scores(queries, exclude)
     uncertain = synthetic_uncertain(scores, bounds, queries >= 0, widths, hardest)
     refined = knn.refine(queries, exclude, scores, uncertain)
@@ -185,7 +196,7 @@ def _refine(features, prepared, queries, support, exclude, scores, uncertain, k,
     order = np.argsort(~uncertain[rows], axis=1, kind="stable")[:, :width]
     present = np.take_along_axis(uncertain[rows], order, axis=1)
     query_ids = np.where(present, np.take_along_axis(queries[rows], order, axis=1), -1)
-    excluded = None if exclude is None else np.where(present, np.take_along_axis(exclude[rows], order, axis=1), -1)
+    excluded = None if exclude is None else _where_query(present, _take_queries(exclude[rows], order), -1)
     if prepared.safe and support.shape[1] > SMALL_BANK:
         exact, certified = exact_knn_candidates(prepared, query_ids, support[rows], k, exclude=excluded, block_bytes=chunk_bytes)
         out["knn_flops"] += 2.0 * present.sum() * support.shape[1] * prepared.dim
@@ -195,7 +206,7 @@ def _refine(features, prepared, queries, support, exclude, scores, uncertain, k,
     if left.any():
         again = np.flatnonzero(left.any(axis=1))
         redo = np.where(left[again], query_ids[again], -1)
-        redo_excluded = None if excluded is None else np.where(left[again], excluded[again], -1)
+        redo_excluded = None if excluded is None else _where_query(left[again], excluded[again], -1)
         full, _ = _batched_knn(features, redo, support[rows][again], redo_excluded, k, device, chunk_bytes, out, exact=True)
         exact[again] = np.where(left[again], full, exact[again])
         if prepared.safe and support.shape[1] > SMALL_BANK:
@@ -204,3 +215,13 @@ def _refine(features, prepared, queries, support, exclude, scores, uncertain, k,
     np.put_along_axis(block, order, np.where(present, exact, np.take_along_axis(block, order, axis=1)), axis=1)
     scores[rows] = block
     return int(uncertain.sum())
+
+
+def _take_queries(exclude: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """``exclude`` (T, W) or (T, W, E) with its query axis reordered by ``order`` (T, W')."""
+    return np.take_along_axis(exclude, order if exclude.ndim == 2 else order[..., None], axis=1)
+
+
+def _where_query(mask: np.ndarray, exclude: np.ndarray, fill: int) -> np.ndarray:
+    """``exclude`` (T, W) or (T, W, E) where the query ``mask`` (T, W) holds, else ``fill``."""
+    return np.where(mask if exclude.ndim == 2 else mask[..., None], exclude, fill)

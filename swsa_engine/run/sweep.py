@@ -6,8 +6,9 @@ For each candidate backbone (streamed one at a time) and each dataset's tasks at
   bank (:func:`swsa_engine.core.knn.knn_score_gathered`), AUROC one-vs-rest (all out-classes
   together, or the task's ``rest_groups`` only: :func:`~swsa_engine.run.task_groups.rest_mask`) and
   per out-class (:func:`~swsa_engine.core.cube.grouped_auroc`), whose minimum is one-vs-closest;
-* synthetic validation per source: held-out normals (scored leave-one-out) against the
-  source's anomalies (:func:`swsa_engine.core.knn.knn_score_batched`), AUROC over all anomalies and
+* synthetic validation per source: held-out normals against the source's anomalies, each scored
+  without the bank rows the validation protocol names (:mod:`swsa_engine.core.protocol`; by
+  default leak-free: a held-out normal without itself, an anomaly without its parents), AUROC over all anomalies and
   over the ``N`` hardest (the ``N`` with the lowest anomaly score, per candidate).
 
 This module reads the store's inputs and fills the cube; the scoring passes are
@@ -34,6 +35,7 @@ from swsa_store.schema import DONE_TODO, DONE_WRITTEN
 
 from swsa_engine.core.cube import AurocCube
 from swsa_engine.core.detectors import KnnDetector, candidate_name, parse_detector
+from swsa_engine.core.protocol import DEFAULT_PROTOCOL, check_protocol
 from swsa_engine.run.cube_io import save_cube
 from swsa_engine.run.cube_layout import CubeLayout
 from swsa_engine.run.detector_sweep import ReferenceLog, detector_features, score_group_detector
@@ -87,7 +89,7 @@ class _SweepInputs:
 def _read_sweep_inputs(store_path, backbones, detectors, k: int, references) -> _SweepInputs:
     """The catalog, tasks and candidates of :func:`run_sweep`; one-line errors for missing sources."""
     with open_store(store_path) as store:
-        images = store.images(columns=["image_id", "kind", "status", "task_id"])
+        images = store.images(columns=["image_id", "kind", "status", "task_id", "parent_ids"])
         tasks, members = store.tasks(), store.task_members()
         held, imported = store.backbones(), store.score_sets()
         names = list(backbones) if backbones else held + [n for n in imported if n not in held]
@@ -122,6 +124,8 @@ class _SweepRun:
     device: str
     priors: list  # per group: its text prior (text_prior.TextPrior.for_group) or None
     reference_log: ReferenceLog
+    protocol: str = DEFAULT_PROTOCOL  # the validation protocol (swsa_engine.core.protocol)
+    allow_self_validation: bool = False
     skips: list = field(default_factory=list)  # (task_id, candidate, reason)
     read_seconds: float = 0.0
     knn_flops: float = 0.0
@@ -166,10 +170,12 @@ class _SweepRun:
         sources = self.layout.base_sources
         for g, group in enumerate(self.groups):
             if isinstance(detector, KnnDetector):
-                result = score_group(prepared, usable_rows, group, sources, k=detector.k, hardest=self.hardest, device=self.device)
+                result = score_group(prepared, usable_rows, group, sources, k=detector.k, hardest=self.hardest, device=self.device,
+                                     protocol=self.protocol)
             else:
                 result = score_group_detector(prepared, usable_rows, group, sources, detector, hardest=self.hardest,
-                                              device=self.device, prior=self.priors[g])
+                                              device=self.device, prior=self.priors[g], protocol=self.protocol,
+                                              allow_self_validation=self.allow_self_validation)
                 self.reference_log.add(candidate, detector, group.task_ids, result.get("references"))
             self.layout.put(g, group, c, result)
             self.skips += [(t, candidate, reason) for t, reason in result["skips"]]
@@ -182,8 +188,9 @@ class _SweepRun:
         return AurocCube(
             tasks=layout.tasks[["task_id", "dataset", "normal_class"]], candidates=inputs.info, sources=layout.sources,
             real=layout.real, synthetic=layout.synthetic, per_class=layout.per_class, class_names=layout.class_names,
-            skips=pd.DataFrame(self.skips, columns=["task_id", "candidate", "reason"]),
+            skips=pd.DataFrame(self.skips, columns=["task_id", "candidate", "reason"]), self_validated=layout.self_validated,
             config={"k": k, "detectors": [d.label for d in inputs.detectors], "hardest": list(self.hardest),
+                    "protocol": self.protocol, "allow_self_validation": self.allow_self_validation,
                     "base_sources": layout.base_sources, "device": self.device,
                     "seconds": round(time.perf_counter() - started, 3), "read_seconds": round(self.read_seconds, 3),
                     "knn_flops": self.knn_flops, "refined_scores": self.refined_scores,
@@ -205,6 +212,8 @@ def run_sweep(
     task_ids: list[int] | np.ndarray | None = None,
     detectors: list | None = None,
     references: tuple[pd.DataFrame, dict] | None = None,
+    protocol: str = DEFAULT_PROTOCOL,
+    allow_self_validation: bool = False,
 ) -> AurocCube:
     """Score every task with every candidate backbone of the store and return the AUROC cube.
 
@@ -219,11 +228,18 @@ def run_sweep(
     (``swsa split-refs``) feeds NAGL and is left out of every candidate's synthetic validation set.
     ``references`` (``(table, attrs)`` of :func:`swsa_store.references.make_references`) is a split
     used instead of the store's, e.g. one made in memory without writing the store.
+    ``protocol`` names which bank rows each synthetic validation query is scored without
+    (:data:`swsa_engine.core.protocol.PROTOCOLS`: ``"leak-free"``, the default, leaves out every
+    query's origins — a held-out normal itself, an anomaly its parents; ``"paper"`` only the
+    held-out normal itself); it is stored as ``cube.config["protocol"]``. Detectors with abnormal
+    references are not validated on their references' generator nor on anomalies sharing parents
+    with them (``cube.self_validated`` marks the cells left out) unless ``allow_self_validation``.
     ``task_ids`` restricts the sweep to those tasks. ``cube.config`` records the time spent
     reading embeddings and scoring, and the kNN floating-point operations.
     """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
+    check_protocol(protocol)
     started = time.perf_counter()
     inputs = _read_sweep_inputs(store_path, backbones, detectors, k, references)
     tasks = inputs.tasks
@@ -235,7 +251,8 @@ def run_sweep(
     layout = CubeLayout.of(groups, tasks, len(inputs.entries), hardest)
     text_prior = TextPrior.from_store(store_path) if any(d.text_prior for d in inputs.detectors) else None
     priors = [text_prior.for_group(g) for g in groups] if text_prior is not None else [None] * len(groups)
-    run = _SweepRun(store_path, groups, layout, inputs.entries, hardest, device, priors, ReferenceLog())
+    run = _SweepRun(store_path, groups, layout, inputs.entries, hardest, device, priors, ReferenceLog(), protocol,
+                    bool(allow_self_validation))
     usable_images = (inputs.images["status"] == "ok").to_numpy()
     buffer = np.empty(inputs.largest_matrix, dtype=np.float32)  # one matrix at a time, reused
     for name in tqdm(inputs.names, desc="score", unit="source", disable=not progress):

@@ -48,6 +48,11 @@ class TaskGroup:
         (:mod:`swsa_store.references`); never in ``synthetic`` (checked), ``(T, 0)`` without a split
     group_in_rest : (T, G) bool: whether anomalies of group g enter task t's one-vs-rest AUROC
         (the task's ``rest_groups``); all True by default. One-vs-closest uses every group.
+    synthetic_parents : source → (T, A, E) the ids each anomaly of ``synthetic[source]`` was made
+        from (the catalog's ``parent_ids``), -1 padded; ``(T, A, 0)`` (none known) by default. The
+        leak-free protocol (:mod:`swsa_engine.core.protocol`) scores each anomaly without them.
+    abnormal_parents : (T, R, E) the parents of each ``abnormal`` reference, -1 padded
+    abnormal_sources : the sources (generators) the abnormal references come from
     """
 
     dataset: str
@@ -62,10 +67,22 @@ class TaskGroup:
     n_members: dict = field(default_factory=dict)
     abnormal: np.ndarray | None = None
     group_in_rest: np.ndarray | None = None
+    synthetic_parents: dict[str, np.ndarray] | None = None
+    abnormal_parents: np.ndarray | None = None
+    abnormal_sources: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.abnormal is None:
             self.abnormal = np.full((len(self.task_ids), 0), -1, dtype=np.int64)
+        if self.abnormal_parents is None:
+            self.abnormal_parents = np.full(self.abnormal.shape + (0,), -1, dtype=np.int64)
+        parents = dict(self.synthetic_parents or {})
+        for source, ids in self.synthetic.items():
+            known = parents.setdefault(source, np.full(np.shape(ids) + (0,), -1, dtype=np.int64))
+            if np.ndim(known) != 3 or np.shape(known)[:2] != np.shape(ids):
+                raise ValueError(f"synthetic_parents[{source!r}] must be (tasks, anomalies, E) = {np.shape(ids)} + (E,), "
+                                 f"got {np.shape(known)}")
+        self.synthetic_parents = parents
         shape = (len(self.task_ids), len(self.group_names))
         if self.group_in_rest is None:
             self.group_in_rest = np.ones(shape, dtype=bool)
@@ -118,6 +135,42 @@ def check_references_disjoint(group: TaskGroup) -> None:
                              "abnormal_references table (`swsa split-refs`)")
 
 
+def parent_lookup(images: pd.DataFrame):
+    """A function ``ids (...) → (..., E)`` giving the parents of synthetic image ids (-1 padded;
+    -1 ids have none), read from the images table's ``parent_ids`` (JSON lists); without that
+    column every image has none (E = 0)."""
+    if "parent_ids" not in images:
+        return lambda ids: np.full(np.shape(ids) + (0,), -1, dtype=np.int64)
+    made = images[images["kind"] != "real"]
+    image_ids = made["image_id"].to_numpy(dtype=np.int64)
+    lists = [_parent_list(text, image_id) for text, image_id in zip(made["parent_ids"], image_ids)]
+    table = pad_rows([np.asarray(p, dtype=np.int64) for p in lists])
+    order = np.argsort(image_ids)
+    image_ids, table = image_ids[order], table[order] if len(table) else table
+
+    def lookup(ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        if image_ids.size == 0:
+            return np.full(ids.shape + (0,), -1, dtype=np.int64)
+        at = np.clip(np.searchsorted(image_ids, ids), 0, image_ids.size - 1)
+        found = (image_ids[at] == ids) & (ids >= 0)
+        return np.where(found[..., None], table[at], -1)
+
+    return lookup
+
+
+def _parent_list(text, image_id: int) -> list[int]:
+    if not isinstance(text, str) or not text.strip():
+        return []
+    try:
+        parents = json.loads(text)
+    except json.JSONDecodeError:
+        parents = None
+    if not isinstance(parents, list) or not all(isinstance(p, int) for p in parents):
+        raise ValueError(f"image {image_id}: parent_ids {text[:80]!r} is not a JSON list of image ids")
+    return parents
+
+
 def build_task_groups(images: pd.DataFrame, tasks: pd.DataFrame, members: pd.DataFrame,
                       references: pd.DataFrame | None = None) -> list[TaskGroup]:
     """One :class:`TaskGroup` per dataset, over the tasks whose status is ``"ok"``.
@@ -125,8 +178,11 @@ def build_task_groups(images: pd.DataFrame, tasks: pd.DataFrame, members: pd.Dat
     ``references`` (``task_id, image_id``: the store's abnormal-reference split, see
     :func:`swsa_store.references.read_references`) become each task's ``abnormal`` ids and are
     removed from its synthetic validation set, so every candidate validates on the same images.
+    With a ``parent_ids`` column in ``images``, each anomaly's and reference's parents are filled in
+    (``synthetic_parents``, ``abnormal_parents``); without it none are known.
     """
     groups = []
+    parents_of = parent_lookup(images)
     ok_tasks = tasks[tasks["status"] == "ok"].sort_values("task_id")
     synthetic_images = images[(images["kind"] != "real") & (images["status"] == "ok")]
     sources = sorted(synthetic_images["kind"].unique())
@@ -168,5 +224,9 @@ def build_task_groups(images: pd.DataFrame, tasks: pd.DataFrame, members: pd.Dat
         abnormal = pad_rows([of_task.get(t, empty) for t in task_ids])
         groups.append(TaskGroup(str(dataset), task_ids, support, heldout, synthetic, real_ids,
                                 real_label, real_group, group_names, abnormal=abnormal,
-                                group_in_rest=groups_in_rest(dataset_tasks, task_ids, group_names)))
+                                group_in_rest=groups_in_rest(dataset_tasks, task_ids, group_names),
+                                synthetic_parents={s: parents_of(ids) for s, ids in synthetic.items()},
+                                abnormal_parents=parents_of(abnormal),
+                                abnormal_sources=tuple(sorted(reference_rows.loc[
+                                    reference_rows["task_id"].isin(task_ids), "kind"].unique()))))
     return groups

@@ -1,12 +1,13 @@
 """The ``swsa`` command line: demo, catalog, synth, embed, embed-text, score, report, info, bench,
-import-scores, export-validation, split-refs.
+import-scores, export-validation, split-refs,
+export-detector, predict.
 
 Every subcommand has ``--help``. Errors print one line (``swsa: error: ...``) and exit with a
 non-zero status; ``--debug`` shows the full traceback instead.
 
 One module per command group: :mod:`.data` (catalog, synth, embed, embed-text, import-scores,
 split-refs, export-validation), :mod:`.scoring` (score), :mod:`.report` (report, info),
-:mod:`.bench` (bench), :mod:`.demo` (demo); :mod:`.common` holds the shared option helpers.
+:mod:`.bench` (bench), :mod:`.demo` (demo), :mod:`.predict` (export-detector, predict); :mod:`.common` holds the shared option helpers.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from swsa_engine.app.cli.data import (add_catalog_command, add_embed_command, ad
                                       add_export_validation_command, add_import_scores_command, add_split_refs_command,
                                       add_synth_command)
 from swsa_engine.app.cli.demo import add_demo_command
+from swsa_engine.app.cli.predict import add_export_detector_command, add_predict_command
 from swsa_engine.app.cli.report import add_info_command, add_report_command
 from swsa_engine.app.cli.scoring import add_score_command
 from swsa_engine.run.report_inputs import grouped_skip_reasons
@@ -42,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     # in the order `swsa --help` lists them
     for add in (add_demo_command, add_catalog_command, add_synth_command, add_embed_command,
                 add_score_command, add_embed_text_command, add_report_command, add_import_scores_command,
-                add_bench_command, add_split_refs_command, add_info_command, add_export_validation_command):
+                add_bench_command, add_split_refs_command, add_info_command, add_export_validation_command,
+                add_export_detector_command, add_predict_command):
         add(sub)
     return parser
 

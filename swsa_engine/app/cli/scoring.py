@@ -7,6 +7,7 @@ import argparse
 
 from swsa_engine.app.cli.common import add_command, add_device_option, add_store_option, print_summary, split_list
 from swsa_engine.core.cube import BLISS_KS, BLISS_LAMBDAS
+from swsa_engine.core.protocol import DEFAULT_PROTOCOL, LEAK_FREE, PAPER, PROTOCOLS
 from swsa_engine.report.clip_tables import bliss_selection_table, prompt_selection_table
 from swsa_engine.report.tables import markdown_table, table1_display
 from swsa_engine.run.prompt_sweep import run_bliss_sweep, run_prompt_sweep
@@ -20,10 +21,12 @@ def cmd_score(args: argparse.Namespace) -> int:
         return cmd_score_clip(args)
     detectors = [d.strip() for d in (args.detectors or "").split(";") if d.strip()] or None
     cube = run_sweep(args.store, backbones=split_list(args.backbones) or None, k=args.k, detectors=detectors,
-                     hardest=tuple(int(n) for n in split_list(args.hardest)), device=args.device, progress=not args.quiet)
+                     hardest=tuple(int(n) for n in split_list(args.hardest)), device=args.device, progress=not args.quiet,
+                     protocol=args.protocol, allow_self_validation=args.allow_self_validation)
     print_summary("score", {
         "tasks": len(cube.tasks), "candidates": len(cube.candidates), "sources": cube.sources,
-        "skipped cells": len(cube.skips), "seconds": cube.config["seconds"],
+        "protocol": cube.protocol, "skipped cells": len(cube.skips),
+        "self-validation cells left out": int(cube.self_validated.sum()), "seconds": cube.config["seconds"],
     })
     return 0
 
@@ -56,6 +59,12 @@ def add_score_command(sub: argparse._SubParsersAction) -> None:
                                        "'knn(k=3);knn(k=5,cosine);mahalanobis;residual(K=4,mean);residual(K=4,min);"
                                        "nagl(k=3,beta=1.0);pca(n=8)' (default: knn(k=K)); nagl needs `swsa split-refs`")
     p.add_argument("--hardest", default="10,5", help="also validate on the N hardest synthetic anomalies (default 10,5)")
+    p.add_argument("--protocol", default=DEFAULT_PROTOCOL, choices=list(PROTOCOLS),
+                   help=f"validation protocol (default {DEFAULT_PROTOCOL}). {LEAK_FREE}: {PROTOCOLS[LEAK_FREE]}. "
+                        f"{PAPER}: {PROTOCOLS[PAPER]}")
+    p.add_argument("--allow-self-validation", action="store_true",
+                   help="also validate detectors with abnormal references (nagl) on the references' own generator and "
+                        "on anomalies sharing parents with them (left out by default: self-validation inflates them)")
     add_device_option(p)
     p.add_argument("--prompts", action="store_true",
                    help="score CLIP prompts instead of kNN backbones: /results/prompt_cube (needs `swsa embed-text` "

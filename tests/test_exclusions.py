@@ -398,3 +398,26 @@ def test_patch_detector_leaves_out_several_images(K):
         with pytest.raises(ValueError, match=rf"patch\(K={K}\) needs {K + 3} usable normal support images \(K references \+ 3, "
                                              rf"since a query leaves 3 support images out\) but task 3 has {K + 2}"):
             detector.score_tasks(queries, query_mask, bank, bank_mask & (np.arange(n_bank) < K + 2), short, task_ids=ids)
+
+
+def test_float64_scores_are_the_brute_force_sums_exactly_on_integer_features():
+    """Integer-valued features (raw pixels) tie often; the expanded form ||q||² + ||b||² − 2 q·b can land
+    one ulp off (652.9999999999999 for 653) and break a tie. Every route refines from the differences."""
+    from swsa_engine.core.knn import knn_score, knn_score_batched, knn_score_gathered
+
+    rng = np.random.default_rng(0)
+    bank = rng.integers(0, 256, size=(3, 40, 97)).astype(np.float64)
+    queries = rng.integers(0, 256, size=(3, 25, 97)).astype(np.float64)
+    queries[:, :5] = bank[:, :5] + rng.integers(-1, 2, size=(3, 5, 97))  # near duplicates: small exact sums
+
+    def brute(q, b, k=3):
+        d = ((q[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+        return np.sort(d, axis=1)[:, :k].sum(1)
+
+    want = np.stack([brute(queries[t], bank[t]) for t in range(3)])
+    np.testing.assert_array_equal(knn_score_batched(queries, bank, k=3, precision="float64"), want)
+    np.testing.assert_array_equal(knn_score(queries[0], bank[0], k=3, precision="float64"), want[0])
+    features = bank.reshape(-1, 97)
+    index = np.arange(120).reshape(3, 40)
+    got = knn_score_gathered(queries[0], features, index, k=3, precision="float64")
+    np.testing.assert_array_equal(got[0], want[0])

@@ -7,6 +7,7 @@ sorted, the first k summed — one query and one task at a time.
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -344,14 +345,16 @@ def test_batched_leave_one_out_and_padded_exclusion():
 def test_batched_ties_need_fallback(caplog):
     rng = np.random.default_rng(4)
     base = rng.normal(size=(2, 4, 6)) * 40
-    banks = np.concatenate([base, base, base], axis=1)  # (2, 12, 6) with triplicated rows
+    # (2, 32, 6): every row 8 times, more tied rows than the k + 3 candidates the kernels refine,
+    # so the certificate cannot separate them and the exact fall-back must run
+    banks = np.concatenate([base] * 8, axis=1)
     queries = np.concatenate([base, base + 1e-7], axis=1)
     with caplog.at_level(logging.DEBUG, logger="swsa_engine.core.knn"):
         for precision in ("float32", "float64"):
             for k in (2, 4):
                 got = knn_score_batched(queries, banks, k, precision=precision)
                 assert_close(got, brute_batched(queries, banks, k))
-                ex = np.tile(np.arange(8) % 12, (2, 1))
+                ex = np.tile(np.arange(8) % 32, (2, 1))
                 got = knn_score_batched(queries, banks, k, exclude=ex, precision=precision)
                 assert_close(got, brute_batched(queries, banks, k, exclude=ex))
     assert "not certified; recomputed exactly" in caplog.text
@@ -523,9 +526,11 @@ def test_gathered_leave_one_out_and_duplicates():
 def test_gathered_ties_need_fallback(caplog):
     rng = np.random.default_rng(13)
     base = rng.normal(size=(4, 6)) * 40
-    features = np.concatenate([base, base, base])  # rows i, i+4, i+8 identical
+    # rows i, i+4, ..., i+28 identical: each bank holds 8 copies of a row, more tied rows than the
+    # k + 3 candidates the kernels refine, so the certificate cannot separate them (exact fall-back)
+    features = np.concatenate([base] * 8)
     queries = np.concatenate([base, base + 1e-7])
-    bi = np.array([[0, 4, 8, 1, 5, 9], [2, 6, 10, 3, -1, -1]])
+    bi = np.array([np.r_[np.arange(0, 32, 4), np.arange(1, 32, 4)], np.r_[np.arange(2, 32, 4), np.arange(3, 28, 4), -1]])
     with caplog.at_level(logging.DEBUG, logger="swsa_engine.core.knn"):
         for precision in ("float32", "float64"):
             for k in (1, 3):
@@ -616,7 +621,7 @@ def test_small_banks_on_hard_data(k):
 
 
 def test_leave_one_out_on_hard_data_through_the_exact_fallback(caplog):
-    """Distances ~1e-9 of the norms: no certificate holds, every score is recomputed exactly,
+    """Distances ~1e-9 of the norms: most certificates fail, those scores are recomputed exactly,
     and the exclusion must still apply there."""
     rng = np.random.default_rng(40)
     features = clustered(rng, 24, 6, centers=[1.0, 2.0])
@@ -634,7 +639,7 @@ def test_leave_one_out_on_hard_data_through_the_exact_fallback(caplog):
             assert_close(got, brute_batched(qs, banks, 2, exclude=np.where(exclude >= 0, exclude % 12, -1)))
         got = knn_score(queries, features[:12], 2, exclude=np.arange(12), precision="float64")
         assert_close(got, brute_score(queries, features[:12], 2, np.arange(12)))
-    assert "knn_score_gathered: 24 of 24 scores not certified" in caplog.text
+    assert re.search(r"knn_score_gathered: [1-9]\d* of 24 scores not certified", caplog.text)
 
 
 def test_knn_score_exclusion_in_the_last_fallback_tier(caplog):

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from swsa_engine.core.knn.certify import (
-    direct_certify, exact_candidates, exact_rows, recompute_uncertified, refine_certify, torch_error_coefficient,
+    exact_candidates, exact_rows, recompute_uncertified, refine_certify, torch_error_coefficient,
     without_excluded,
 )
 from swsa_engine.core.knn.checks import (
@@ -106,7 +106,7 @@ def _plan_task_chunks(q_shape: tuple[int, int, int], s: int, k: int, mode: str, 
     :func:`knn_score_batched`, logged."""
     n_t, n_q, dim = q_shape
     kc = min(s, k + EXTRA_CANDIDATES)
-    per_query = dim * 8 * 2 + s * 8 * 3 + (kc * (dim * 8 * 2 + 40) if mode == "float32" else 0)
+    per_query = dim * 8 * 2 + s * 8 * 3 + kc * (dim * 8 * 2 + 40)
     qc = max(1, min(n_q, int(BLOCK_BYTES // per_query)))
     per_task = qc * per_query + s * dim * 8 * 3
     tc = block_size or max(1, min(n_t, int(BLOCK_BYTES // per_task)))
@@ -180,16 +180,15 @@ def _score_task_block(chunk: _TaskChunk, queries: np.ndarray, query_mask: np.nda
     dist = chunk.distances(q64, nq, mode)
     ex = _exclude_in_place(dist, excl)
     err = torch_error_coefficient(q64.shape[2], mode, dev) * (nq + chunk.max_norm[:, None])
-    if mode == "float64":
-        vals = torch.topk(dist, k, dim=-1, largest=False, sorted=True).values
-        sums, good = direct_certify(vals, err, k)
-    else:
-        vals, idx = torch.topk(dist, kc, dim=-1, largest=False, sorted=True)
-        real = torch.gather(chunk.real[:, None, :].expand(-1, idx.shape[1], -1), 2, idx)
-        cand_valid, n_usable = without_excluded(real, idx, chunk.n_real[:, None], ex)
-        tasks = torch.arange(idx.shape[0], device=dev)[:, None, None]
-        exact = exact_candidates(chunk.bank, (tasks, idx), q64[:, :, None, :], cand_valid)
-        sums, good = refine_certify(exact, cand_valid, vals.max(dim=-1).values, n_usable, err, k)
+    # both precisions: the kc nearest by the expanded form, then their distances recomputed from the
+    # differences, so a score is the brute-force sum exactly (ties between integer-valued features
+    # stay ties, which the expanded form's last-bit rounding would break)
+    vals, idx = torch.topk(dist, kc, dim=-1, largest=False, sorted=True)
+    real = torch.gather(chunk.real[:, None, :].expand(-1, idx.shape[1], -1), 2, idx)
+    cand_valid, n_usable = without_excluded(real, idx, chunk.n_real[:, None], ex)
+    tasks = torch.arange(idx.shape[0], device=dev)[:, None, None]
+    exact = exact_candidates(chunk.bank, (tasks, idx), q64[:, :, None, :], cand_valid)
+    sums, good = refine_certify(exact, cand_valid, vals.max(dim=-1).values, n_usable, err, k)
     good = good | ~torch.from_numpy(query_mask).to(dev)
     return sums, recompute_uncertified(sums, good, lambda ti, qi: chunk.exact_scores(q64, ex, ti, qi, k))
 

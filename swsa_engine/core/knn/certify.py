@@ -2,8 +2,8 @@
 
 A distance computed in the expanded form ``||q||² + ||b||² - 2 q·b`` is off by at most
 ``c · (||q||² + ||b||²)`` (:func:`error_coefficient`).  Float32 scores are refined exactly from
-their candidates and certified (:func:`refine_certify`); float64 scores are certified directly
-(:func:`direct_certify`); scores that fail are recomputed from the differences against every
+their candidates and certified (:func:`refine_certify`), and so are float64 ones (their candidates'
+distances recomputed from the differences, so ties stay exact); scores that fail are recomputed from the differences against every
 usable bank row (:func:`exact_rows`, :func:`exact_shared`).
 """
 
@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from swsa_engine.core.knn.checks import BLOCK_BYTES, CERT_RTOL, INF, U32, U64
+from swsa_engine.core.knn.checks import BLOCK_BYTES, INF, U32, U64
 
 __all__ = [
-    "matmul_input_roundoff", "error_coefficient", "torch_error_coefficient", "refine_certify", "direct_certify",
+    "matmul_input_roundoff", "error_coefficient", "torch_error_coefficient", "refine_certify",
     "without_excluded", "exact_candidates", "recompute_uncertified", "exact_rows", "exact_shared", "k_smallest_mid",
 ]
 
@@ -69,14 +69,6 @@ def refine_certify(exact_c, cand_valid, boundary, n_usable, err, k):
     sums = top.sum(-1)
     complete = cand_valid.sum(-1) >= n_usable
     ok = complete | (boundary.to(torch.float64) - err >= top[..., -1])
-    return sums, ok
-
-
-def direct_certify(vals_k, err, k):
-    """Float64 route: the sum of the k smallest computed distances is within k·err of the truth."""
-    sums = vals_k.sum(-1)
-    slack = k * err
-    ok = slack <= CERT_RTOL * (sums - slack)
     return sums, ok
 
 

@@ -20,7 +20,7 @@ from swsa_engine.core.validation import as_index_array, as_numpy, check_finite_r
 LOG = logging.getLogger(__name__)
 
 __all__ = [
-    "BLOCK_BYTES", "CERT_RTOL", "EXTRA_CANDIDATES", "U32", "U64", "INF", "as_feature_array", "as_task_mask",
+    "BLOCK_BYTES", "EXTRA_CANDIDATES", "U32", "U64", "INF", "as_feature_array", "as_task_mask",
     "resolve_device", "check_block_size", "sq_norms", "f32_safe", "too_small_message", "check_same_dim",
     "drop_if_unused", "check_run_options", "exclusion_array", "distinct_exclusions", "task_exclusions", "check_usable_rows",
     "check_task_rows", "safe_precision", "log_plan",
@@ -29,8 +29,6 @@ __all__ = [
 
 #: memory (bytes) that one block of work may use; blocks are sized from it.
 BLOCK_BYTES = 256 * 2**20
-#: relative error at which a float64 expanded-form score is accepted without recomputation.
-CERT_RTOL = 1e-10
 #: extra candidates re-computed exactly in the float32 paths (beyond k).
 EXTRA_CANDIDATES = 3
 # float32 arithmetic is only used when squared norms stay inside this range (no overflow,

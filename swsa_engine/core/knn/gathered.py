@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from swsa_engine.core.knn.certify import (
-    direct_certify, exact_candidates, exact_rows, k_smallest_mid, recompute_uncertified, refine_certify,
+    exact_candidates, exact_rows, recompute_uncertified, refine_certify,
     torch_error_coefficient,
 )
 from swsa_engine.core.knn.checks import (
@@ -171,8 +171,7 @@ def _plan_gathered(q_shape: tuple[int, int], n_u: int, bank_shape: tuple[int, in
     kc = min(s, k + EXTRA_CANDIDATES)
     csize = 8 if mode == "float64" else 4
     per_query = n_cols * csize + n_t * s * (csize * (1 if direct else 2) + 1) + n_t * (8 * 2 * k + 16) + dim * 8
-    if mode == "float32":
-        per_query += n_t * kc * (dim * 8 * 2 + 40)
+    per_query += n_t * kc * (dim * 8 * 2 + 40)
     qb = block_size or max(1, min(n_q, int(_block_budget(dev) // per_query)))
     log_plan(
         n_q * n_cols * dim,
@@ -270,18 +269,15 @@ def _score_gathered_block(banks: _GatheredBanks, q64: np.ndarray, nq: np.ndarray
         g.masked_fill_(hit, INF)
     coef = torch_error_coefficient(qd.shape[1], banks.mode, dev)
     err = coef * (torch.from_numpy(nq).to(dev)[:, None] + banks.max_norm[None, :])
-    if banks.mode == "float64":
-        vals = k_smallest_mid(g, k) if k <= 8 else torch.topk(g, k, dim=1, largest=False, sorted=True).values.transpose(1, 2)
-        sums, good = direct_certify(vals, err, k)
-    else:
-        sums, good = _refine_gathered(banks, g, qd, hit, err, k, kc)
+    # both precisions refine from the differences: scores equal the brute-force sums exactly
+    sums, good = _refine_gathered(banks, g, qd, hit, err, k, kc)
     return sums, recompute_uncertified(sums, good, lambda qi, ti: banks.exact_scores(qd, hit, qi, ti, k))
 
 
 def _refine_gathered(banks: _GatheredBanks, g: torch.Tensor, qd: torch.Tensor, hit: torch.Tensor | None,
                      err: torch.Tensor, k: int, kc: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float32 route of :func:`_score_gathered_block`: the kc nearest slots per task of g (Qb, S, T)
-    refined exactly and certified → (sums, ok) (Qb, T)."""
+    """The kc nearest slots per task of g (Qb, S, T) by :func:`_score_gathered_block`'s distances,
+    refined from the differences and certified → (sums, ok) (Qb, T)."""
     nb_, n_t = g.shape[0], g.shape[2]
     vals, idx = torch.topk(g, kc, dim=1, largest=False, sorted=True)  # (Qb, kc, T)
     valid_sT = banks.valid.T[None].expand(nb_, -1, -1)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from swsa_engine.core.knn.certify import (
-    direct_certify, error_coefficient, exact_candidates, exact_shared, refine_certify, torch_error_coefficient,
+    error_coefficient, exact_candidates, exact_shared, refine_certify, torch_error_coefficient,
     without_excluded,
 )
 from swsa_engine.core.knn.checks import (
@@ -152,13 +152,13 @@ def _faiss_search(one: _OneBank, kc: int):
 
 def _torch_search(one: _OneBank, mode: str, kc: int, qb: int):
     """First-tier candidates from torch in ``mode`` on the device, as :func:`_faiss_search`
-    (excluded rows are +inf; float64 finds just the k nearest, certified without refinement)."""
+    (excluded rows are +inf; both precisions return ``kc`` candidates, refined from the differences)."""
     dtype = torch.float64 if mode == "float64" else torch.float32
     bank = one.bank_dev.to(dtype)
     norms = (bank * bank).sum(-1)
     s = bank.shape[0]
     block_s = max(1, min(s, int(BLOCK_BYTES // max(1, 24 * qb))))
-    n_found = kc if mode == "float32" else one.k
+    n_found = kc
     q_t = torch.from_numpy(one.q64)
 
     def search(q0: int, q1: int, ex):
@@ -171,7 +171,7 @@ def _torch_search(one: _OneBank, mode: str, kc: int, qb: int):
 
 def _first_tier(one: _OneBank, mode: str, coef: float, search, qb: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scores, certified)`` (Q,) float64 and bool of every query from its ``search`` candidates,
-    block by block: refined exactly and certified (float32), or certified directly (float64)."""
+    block by block, refined from the differences and certified."""
     n_q = one.q64.shape[0]
     q_t, b64_t, excl_t = torch.from_numpy(one.q64), torch.from_numpy(one.b64), one.excl_t
     nq_t = torch.from_numpy(one.nq)
@@ -182,10 +182,8 @@ def _first_tier(one: _OneBank, mode: str, coef: float, search, qb: int) -> tuple
         ex = excl_t[q0:q1] if excl_t is not None else None
         err = coef * (nq_t[q0:q1] + one.max_nb)
         vals, idx = search(q0, q1, ex)
-        if mode == "float64":
-            out[q0:q1], ok[q0:q1] = direct_certify(vals.to(torch.float64), err, one.k)
-        else:
-            out[q0:q1], ok[q0:q1] = _certify_one_bank(vals, idx, ex, b64_t, q_t[q0:q1], err, one.k)
+        # both precisions refine from the differences: scores equal the brute-force sums exactly
+        out[q0:q1], ok[q0:q1] = _certify_one_bank(vals.to(torch.float64), idx, ex, b64_t, q_t[q0:q1], err, one.k)
     return out, ok
 
 

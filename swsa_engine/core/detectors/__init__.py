@@ -28,6 +28,9 @@ Detectors shipped:
   leave-one-out refits by a rank-one downdate through the secular equation.
 * ``patch`` (InCTRL's patch-level residual, training-free): the query's most anomalous patch
   against the patches of ``K`` drawn normal references (:mod:`.patch`).
+* ``pyod`` (PyOD's models over any embedding, an optional extra): ``pyod(model=iforest,...)``,
+  ``lof``, ``ocsvm``, ``ecod``, ``copod``, ``pca``, ``knn``, ``loda``, fitted on each task's bank
+  minus each query's left-out rows (:mod:`.pyod`).
 
 One module per family (``knn``, ``mahalanobis``, ``residual``, ``nagl``, ``pca``, ``patch``),
 the protocol, registry and input checks in :mod:`.base`, shared batched linear algebra in
@@ -65,10 +68,12 @@ from swsa_engine.core.detectors.residual import ResidualDetector
 from swsa_engine.core.detectors.nagl import NaglDetector
 from swsa_engine.core.detectors.pca import PcaDetector, downdated_top_axes
 from swsa_engine.core.detectors.patch import PatchDetector, patch_cost
+from swsa_engine.core.detectors.pyod import PYOD_MODELS, PyodDetector
 
 __all__ = [
     "DETECTORS", "Detector", "register_detector", "create_detector", "list_detectors", "parse_detector",
     "candidate_name", "DEFAULT_DETECTOR", "check_batch", "check_shared", "check_int_setting", "int_setting",
     "float_setting", "NeighbourBank", "KnnDetector", "MahalanobisDetector", "ledoit_wolf_from_gram",
     "ResidualDetector", "NaglDetector", "PcaDetector", "downdated_top_axes", "PatchDetector", "patch_cost",
+    "PyodDetector", "PYOD_MODELS",
 ]

@@ -32,7 +32,7 @@ import pandas as pd
 from swsa_store.catalog import add_images
 from swsa_store.datasets import DEFAULT_EXTENSIONS
 from swsa_store.datasets.tiny_imagenet import TinyImageNetDataset
-from swsa_store.samples import inspect_image_file
+from swsa_store.samples import check_source_name, inspect_image_file
 from swsa_store.store import open_store
 from swsa_store.tasks import select_tasks, stable_seed
 
@@ -82,11 +82,13 @@ def sample_auxiliary(
     ``counts`` defaults to :data:`PAPER_AUX_COUNTS` (Flowers: 25). Returns
     ``{"source", "tasks_done", "tasks_skipped", "images", "pool_size"}``.
     """
+    if source is not None:
+        check_source_name(source)  # before any file is listed
     counts = dict(PAPER_AUX_COUNTS if counts is None else counts)
     if count < 1 or any(int(n) < 1 for n in counts.values()):
         raise ValueError(f"auxiliary counts must be at least 1, got count={count}, counts={counts}")
     root, pool, tiny = auxiliary_pool(root)
-    source = source or ("tinyimagenet" if tiny else "auxiliary")
+    source = check_source_name(source or ("tinyimagenet" if tiny else "auxiliary"))
     root_real = os.path.realpath(root)
     with open_store(store_path) as store:
         images, tasks = store.images(), store.tasks()

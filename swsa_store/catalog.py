@@ -10,7 +10,9 @@ dataset        the dataset the image belongs to (synthetic images: their task's 
 class_name     its class (synthetic images: the task's normal class)
 split          "train" / "test" for real images, "synthetic" for generated ones
 kind           "real", or the name of the generator that made it (e.g. "cutpaste")
-path           absolute path of the image file
+path           path of the image file: stored relative to its dataset's root (real images)
+               or to the store's folder (synthetic ones), read back absolute
+               (:mod:`swsa_store.paths`; stores from before hold absolute paths, read as they are)
 sha256         hex digest of the file's bytes ("" when unreadable)
 status         "ok" or "skipped" (then never embedded nor used by a task)
 skip_reason    why it was skipped ("" when ok)
@@ -27,6 +29,10 @@ defect         defect type in defect datasets (MVTec-AD, VisA: "good" for normal
 A dataset may also have ``rest_groups`` (the anomaly groups that enter one-vs-rest, stored per
 task; see :func:`swsa_store.tasks.build_tasks`) and ``skipped_entries`` (reasons for index lines
 that name no image, recorded in the skips table).
+
+Ids are handed out under the store's writer lock from the catalogue's ``next_image_id``
+attribute (never lower than its row count), so two writers never give out the same id and an
+id is never reused. The images table's ``dataset_roots`` attribute records each dataset's root.
 
 The tasks table's attributes record how its real validation sets were built:
 ``validation_rule`` (the multi-class rule), ``defect_validation_rule`` and
@@ -47,6 +53,9 @@ from PIL import Image
 
 from swsa_store.datasets import create_dataset
 from swsa_store.schema import IMAGE_COLUMNS, INT_IMAGE_COLUMNS
+from swsa_store.locks import store_lock
+from swsa_store.paths import NEXT_ID_ATTR, dataset_root, store_folder, stored_root
+from swsa_store.schema import StoreError
 from swsa_store.store import create_store, edit_store, open_store
 from swsa_store.tasks import DEFECT_VALIDATION_RULE, VALIDATION_RULE, build_tasks
 
@@ -97,35 +106,59 @@ def catalog_dataset(
     dataset of the same name with other files is an error (catalog it under another name).
     Returns a summary dict (images, skipped images, tasks, skipped tasks, skipped classes).
     """
-    dataset = create_dataset(dataset_name, **dataset_kwargs)
-    samples = dataset.samples()
-    name = str(samples["dataset"].iloc[0]) if len(samples) else getattr(dataset, "name", dataset_name)
-    create_store(store_path)
-    with open_store(store_path) as store:
-        images = _with_defaults(store.images())
-        tasks_attrs = store.table_attrs("tasks")
-    if _is_already_catalogued(store_path, images, name, samples):
-        log.info("dataset %s is already catalogued in %s; nothing to do", name, store_path)
-        return _summary(store_path, name, already=True)
-    rows = normalise_image_rows(samples, first_id=len(images))
+    with store_lock(store_path):  # the catalogue is read and written by one writer at a time
+        dataset = create_dataset(dataset_name, **dataset_kwargs)
+        samples = dataset.samples()
+        name = str(samples["dataset"].iloc[0]) if len(samples) else getattr(dataset, "name", dataset_name)
+        create_store(store_path)
+        with open_store(store_path) as store:
+            already = _is_already_catalogued(store_path, _with_defaults(store.images(["dataset", "kind", "sha256"])),
+                                             name, samples)
+        if already:
+            log.info("dataset %s is already catalogued in %s; nothing to do", name, store_path)
+        else:
+            with edit_store(store_path) as store:
+                _write_dataset(store, store_path, dataset, name, samples, _with_defaults(store.images()),
+                               n_seed=n_seed, split_seed=split_seed)
+        return _summary(store_path, name, already=already)
+
+
+def next_image_id(store, images: pd.DataFrame) -> int:
+    """The first id a new image gets: the catalogue's persistent counter, never below its row count.
+    A catalogue that handed out more ids than it holds rows (rows removed) is refused, since an
+    image's id is its row number and ids are never reused."""
+    counter = int(store.table_attrs("images").get(NEXT_ID_ATTR, 0))
+    if counter > len(images):
+        raise StoreError(f"store {store.path}: its catalogue handed out image ids up to {counter - 1} but holds "
+                         f"{len(images)} rows (rows were removed); ids are never reused, so no image can be added — "
+                         "restore the store from a copy")
+    return len(images)
+
+
+def _write_dataset(store, store_path, dataset, name: str, samples: pd.DataFrame, images: pd.DataFrame, *,
+                   n_seed: int, split_seed: int) -> None:
+    """Append dataset ``name``'s ``samples`` to the open, writable ``store`` and build its tasks."""
+    rows = normalise_image_rows(samples, first_id=next_image_id(store, images))
     catalog = _appended(images, rows)
     skipped_classes = list(getattr(dataset, "skipped_classes", []))
-    with edit_store(store_path) as store:
-        tasks_before, members_before = _with_task_defaults(store.tasks()), store.task_members()
-        first_task = int(tasks_before["task_id"].max()) + 1 if len(tasks_before) else 0
-        protocol = getattr(dataset, "protocol", "multiclass")
-        tasks, members = build_tasks(catalog, name, n_seed=n_seed, seed=split_seed, first_task_id=first_task,
-                                     protocol=protocol, class_labels=getattr(dataset, "class_labels", None),
-                                     rest_groups=getattr(dataset, "rest_groups", None))
-        attrs = _tasks_table_attrs(tasks_attrs, name, getattr(dataset, "validation_source", ""), protocol)
-        store.replace_table("images", catalog)
-        store.replace_table("tasks", _appended(tasks_before, tasks), attrs=attrs)
-        store.replace_table("task_members", _appended(members_before, members))
-        skips = _catalog_skips(rows, skipped_classes, tasks, list(getattr(dataset, "skipped_entries", [])))
-        if skips:
-            store.append_skips(pd.DataFrame(skips))
-        store.grow_embeddings(len(catalog))
-    return _summary(store_path, name, already=False)
+    tasks_attrs = store.table_attrs("tasks")
+    real_paths = rows.loc[rows["path"].astype(str) != "", "path"].astype(str)
+    root = dataset_root([p for p in real_paths if os.path.isabs(p)])
+    roots = {name: stored_root(root, store_folder(store_path))} if root else {}
+    tasks_before, members_before = _with_task_defaults(store.tasks()), store.task_members()
+    first_task = int(tasks_before["task_id"].max()) + 1 if len(tasks_before) else 0
+    protocol = getattr(dataset, "protocol", "multiclass")
+    tasks, members = build_tasks(catalog, name, n_seed=n_seed, seed=split_seed, first_task_id=first_task,
+                                 protocol=protocol, class_labels=getattr(dataset, "class_labels", None),
+                                 rest_groups=getattr(dataset, "rest_groups", None))
+    attrs = _tasks_table_attrs(tasks_attrs, name, getattr(dataset, "validation_source", ""), protocol)
+    store.replace_images(catalog, roots)
+    store.replace_table("tasks", _appended(tasks_before, tasks), attrs=attrs)
+    store.replace_table("task_members", _appended(members_before, members))
+    skips = _catalog_skips(rows, skipped_classes, tasks, list(getattr(dataset, "skipped_entries", [])))
+    if skips:
+        store.append_skips(pd.DataFrame(skips))
+    store.grow_embeddings(len(catalog))
 
 
 def _appended(before: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
@@ -193,12 +226,27 @@ def _catalog_skips(rows: pd.DataFrame, skipped_classes: list, tasks: pd.DataFram
     return skips
 
 
+#: What identifies a synthetic image: the same key twice is the same image (never catalogued twice).
+SYNTHETIC_KEY = ("kind", "task_id", "source_index")
+
+
 def add_images(store_path: str | os.PathLike, rows: pd.DataFrame) -> np.ndarray:
-    """Append image rows (e.g. synthetic images) to the catalog; returns their new ids."""
+    """Append image rows (e.g. synthetic images) to the catalog; returns the ``(len(rows),)`` ids.
+
+    Under the store's writer lock, from the catalogue as it is then: a synthetic row whose
+    (kind, task_id, source_index) is already catalogued (or earlier in ``rows``) is not added
+    again — its existing id is returned — so two runs of ``swsa synth`` never write duplicate rows."""
+    rows = rows.reset_index(drop=True)
     with edit_store(store_path, compact=True) as store:
         images = _with_defaults(store.images())
-        new_rows = normalise_image_rows(rows, first_id=len(images))
-        store.replace_table("images", _appended(images, new_rows))
+        keys, ids = _synthetic_keys(images, rows)
+        unique = [k if k is not None else ("row", i) for i, k in enumerate(keys)]  # non-synthetic: all new
+        fresh = (ids < 0) & ~pd.Series(unique).duplicated().to_numpy()
+        new_rows = normalise_image_rows(rows[fresh], first_id=next_image_id(store, images))
+        ids[fresh] = new_rows["image_id"].to_numpy()
+        first_id = {k: i for k, i in zip(keys, ids) if i >= 0 and k is not None}
+        ids = np.array([i if i >= 0 else first_id[k] for k, i in zip(keys, ids)], dtype=np.int64)
+        store.replace_images(_appended(images, new_rows))
         skipped = new_rows[new_rows["status"] != "ok"]
         if len(skipped):
             store.append_skips(pd.DataFrame({
@@ -206,7 +254,24 @@ def add_images(store_path: str | os.PathLike, rows: pd.DataFrame) -> np.ndarray:
                 "backbone": "", "reason": skipped["skip_reason"],
             }))
         store.grow_embeddings(len(images) + len(new_rows))
-    return new_rows["image_id"].to_numpy()
+    return ids
+
+
+def _synthetic_keys(images: pd.DataFrame, rows: pd.DataFrame) -> tuple[list, np.ndarray]:
+    """Each row's :data:`SYNTHETIC_KEY` (None for non-synthetic rows, which are always new) and
+    ``(len(rows),)`` ids: the catalogued id of a synthetic row already in ``images``, else -1."""
+    ids = np.full(len(rows), -1, dtype=np.int64)
+    if not len(rows) or not {*SYNTHETIC_KEY, "split"} <= set(rows):
+        return [None] * len(rows), ids
+    key = list(SYNTHETIC_KEY)
+    held = images[images["split"] == "synthetic"]
+    known = dict(zip(map(tuple, held[key].astype(str).to_numpy()), held["image_id"].astype(np.int64)))
+    synthetic = (rows["split"] == "synthetic").to_numpy()
+    keys = [tuple(k) if s else None for k, s in zip(rows[key].astype(str).to_numpy(), synthetic)]
+    for i, k in enumerate(keys):
+        if k is not None and k in known:
+            ids[i] = known[k]
+    return keys, ids
 
 
 def _summary(store_path: str | os.PathLike, dataset: str, *, already: bool) -> dict:

@@ -27,10 +27,11 @@ from tqdm.auto import tqdm
 
 from swsa_store.catalog import resolve_path
 from swsa_store.models.backbones import create_backbone, patch_token_model
-from swsa_store.row_writer import EmbeddingRowWriter
+from swsa_store.locks import store_lock
+from swsa_store.row_writer import EmbeddingRowWriter, backfill_checksums
 from swsa_store.samples import read_image
 from swsa_store.schema import DONE_FAILED, DONE_WRITTEN, StoreError
-from swsa_store.store import edit_store, open_store, writer_lock
+from swsa_store.store import edit_store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +237,17 @@ def embed_store(
     name = name or embedding_name(backbone)
     if "/" in name:
         raise ValueError(f"embedding name {name!r} must not contain '/'; pass another --name")
+    with store_lock(store_path):  # before any work: a second writer is refused at once
+        return _embed_locked(store_path, backbone, name, weights=weights, weights_dir=weights_dir,
+                             allow_download=allow_download, image_size=image_size, batch_size=batch_size,
+                             num_workers=num_workers, device=device, dtype=dtype, progress=progress,
+                             max_batches=max_batches, runner=runner, patch_tokens=patch_tokens, preprocess=preprocess)
+
+
+def _embed_locked(store_path, backbone: str, name: str, *, weights, weights_dir, allow_download, image_size,
+                  batch_size, num_workers, device, dtype, progress, max_batches, runner, patch_tokens,
+                  preprocess) -> IngestReport:
+    """:func:`embed_store`'s work, under the store's writer lock."""
     with open_store(store_path) as store:
         images = store.images()
         existing_attrs = store.embedding_attrs(name) if name in store.backbones() else None
@@ -247,9 +259,10 @@ def embed_store(
     model = _prepare_matrices(store_path, name, loaded, batch_size=batch_size, dtype=dtype, patch_tokens=patch_tokens,
                               existing_attrs=existing_attrs, existing_patch_attrs=existing_patch_attrs)
     usable = images.loc[images["status"] == "ok", "image_id"].to_numpy()
-    with writer_lock(store_path), EmbeddingRowWriter(store_path, name, patches=patch_tokens) as writer:
+    with EmbeddingRowWriter(store_path, name, patches=patch_tokens) as writer:
         batches, already = _batches_to_embed(writer, usable, batch_size, patch_tokens=patch_tokens,
                                              max_batches=max_batches)
+        writer.rows_before, writer.rows_total = already, len(usable)
         todo_ids = np.concatenate(batches) if batches else np.empty(0, dtype=np.int64)
         paths = images["path"].to_numpy()[todo_ids]
         reader = ImageReader(todo_ids, paths, loaded.transform, store_path)
@@ -281,13 +294,24 @@ def _prepare_matrices(store_path: str | os.PathLike, name: str, loaded, *, batch
     if existing_attrs is not None:
         _check_compatible(name, existing_attrs, attrs)
     new_patches = patch_tokens and existing_patch_attrs is None
-    if existing_attrs is None or new_patches:
+    if existing_attrs is None or new_patches or _lacks_checksums(store_path, name):
         with edit_store(store_path) as store:
             if existing_attrs is None:
                 store.create_embeddings(name, loaded.feature_dim, attrs, dtype=dtype)
             if new_patches:
                 store.create_patches(name, patch_attrs["n_patches"], patch_attrs["patch_dim"], patch_attrs)
+            backfill_checksums(store.file["embeddings"][name], "features")  # a matrix from before checksums
+            if name in store.patch_sets():
+                backfill_checksums(store.file["patches"][name], "tokens")
     return model
+
+
+def _lacks_checksums(store_path, name: str) -> bool:
+    """Whether the matrix (or patch tokens) ``name`` was written before rows carried checksums."""
+    with open_store(store_path) as store:
+        groups = [store.file["embeddings"][name]] if name in store.backbones() else []
+        groups += [store.file["patches"][name]] if name in store.patch_sets() else []
+        return any("checksum" not in g for g in groups)
 
 
 def _batches_to_embed(writer: EmbeddingRowWriter, usable: np.ndarray, batch_size: int, *, patch_tokens: bool,

@@ -20,26 +20,35 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import re
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import pandas as pd
 from PIL import Image, ImageFile
 
 __all__ = [
     "SAMPLE_COLUMNS",
     "ImageReadError",
+    "SOURCE_NAME",
+    "check_source_name",
     "check_test_fraction",
     "decode_rgb",
+    "frame_count",
     "inspect_image_file",
     "make_samples_table",
+    "path_inside",
     "read_image",
     "reason_kind",
     "require_usable_classes",
     "short_error",
+    "to_rgb",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Column name -> dtype of the samples table, in column order.
 SAMPLE_COLUMNS: dict[str, str] = {
@@ -75,13 +84,44 @@ def short_error(exc: BaseException, path: str | os.PathLike | None = None) -> st
     return f"{name}: {msg}" if msg else name
 
 
+#: Modes whose samples span 0..65535 (16-bit PNG/TIFF greyscale; Pillow opens some as "I").
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """``im`` (an opened image, at its first frame) as a fully decoded 8-bit RGB image.
+
+    16-bit greyscale (modes ``I;16*``, and ``I`` holding 0..65535) is scaled by 1/257 and rounded
+    (65535 -> 255; a plain ``convert`` would clip everything above 255 to white); palette (with or
+    without transparency), ``LA``/``RGBA`` (alpha dropped), ``CMYK``, ``YCbCr``, ``1`` and ``L``
+    go through Pillow's conversion. Float images (mode ``F``: range unknown) raise ``ValueError``.
+    """
+    if im.mode in _WIDE_MODES:
+        wide = np.asarray(im, dtype=np.int64)
+        grey = np.rint(np.clip(wide, 0, 65535) / 257.0).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if im.mode == "F":
+        raise ValueError("32-bit float image (mode F): its value range is unknown; save it as 8- or 16-bit")
+    if im.mode == "P" and "transparency" in im.info:
+        return im.convert("RGBA").convert("RGB")  # no Pillow warning; alpha dropped as for RGBA
+    return im.convert("RGB")
+
+
+def frame_count(data: bytes) -> int:
+    """How many frames the image file ``data`` holds (1 for a still image; raises like :func:`decode_rgb`)."""
+    with Image.open(io.BytesIO(data)) as im:
+        return int(getattr(im, "n_frames", 1))
+
+
 def decode_rgb(data: bytes) -> Image.Image:
-    """Fully decode ``data`` into an RGB image; truncated files raise (never padded)."""
+    """Fully decode ``data`` into an RGB image (:func:`to_rgb`; an animated file: its first frame);
+    truncated files raise (never padded)."""
     previous = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with Image.open(io.BytesIO(data)) as im:
-            return im.convert("RGB")  # forces a full decode
+            im.seek(0)
+            return to_rgb(im)  # forces a full decode
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
@@ -115,8 +155,11 @@ def inspect_image_file(path: str | os.PathLike) -> tuple[str, str, str, int, int
     digest = hashlib.sha256(data).hexdigest()
     try:
         img = decode_rgb(data)
+        frames = frame_count(data)
     except Exception as exc:
         return "skipped", f"cannot decode image: {short_error(exc, path)}", digest, 0, 0
+    if frames > 1:
+        log.warning("%s is animated (%d frames): its first frame is used", path, frames)
     return "ok", "", digest, img.width, img.height
 
 
@@ -126,6 +169,28 @@ def make_samples_table(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
     rows = sorted(rows, key=lambda r: (r["class_name"], r["split"], r["rel_path"]))
     df = pd.DataFrame(rows, columns=list(SAMPLE_COLUMNS))
     return df.astype(SAMPLE_COLUMNS).reset_index(drop=True)
+
+
+#: What a validation source's name may hold: it names a folder under ``<store>.files/synth/``.
+SOURCE_NAME = re.compile(r"[A-Za-z0-9_.@-]+")
+
+
+def check_source_name(source) -> str:
+    """``source`` when it is a usable validation-source name (``[A-Za-z0-9_.@-]+``, not "." or
+    ".."), else a one-line :class:`ValueError` — a name with a path separator or ".." would make
+    synthesis write outside the store's files folder."""
+    if not isinstance(source, str) or not SOURCE_NAME.fullmatch(source) or source in (".", ".."):
+        raise ValueError(f"source name {source!r} is not allowed: use letters, digits and _ . @ - only "
+                         "(no path separators, not '.' or '..'), e.g. cutpaste-scar")
+    return source
+
+
+def path_inside(path: str | os.PathLike, folder: str | os.PathLike) -> Path:
+    """``path`` resolved, when it lies inside ``folder`` (resolved); else a one-line :class:`ValueError`."""
+    resolved, base = Path(path).resolve(), Path(folder).resolve()
+    if not resolved.is_relative_to(base):
+        raise ValueError(f"refusing to write {resolved}: it is outside the store's files folder {base}")
+    return resolved
 
 
 def check_test_fraction(test_fraction: float) -> float:

@@ -10,6 +10,7 @@ Layout (schema version :data:`SCHEMA_VERSION`)::
     /skips/<column>        recorded skips: (stage, image_id, task_id, backbone, reason)
     /embeddings/<name>/features   (N, D) rows indexed by image id, NaN until written
     /embeddings/<name>/done       (N,) uint8: 0 to do, 1 durably written, 2 failed (see skips)
+    /embeddings/<name>/checksum   (N,) uint32 CRC32 of each written row's bytes (row_writer.row_checksums)
                                   attrs: model, weights source and hash, preprocessing, versions
     /patches/<name>/tokens        (N, P, D') float16 patch tokens of embedding <name> (``swsa embed
                                   --patch-tokens``): ViT patch tokens or a CNN stage's feature map,
@@ -246,7 +247,7 @@ def allocate_filled(group: h5py.Group, name: str, shape: tuple, dtype: np.dtype,
 
 
 def grow_rows(group: h5py.Group, name: str, n_rows: int, chunks: tuple | None = None) -> None:
-    """Replace ``group[name]`` (N, ...) and ``group["done"]`` (N,) by copies with ``n_rows`` rows:
+    """Replace ``group[name]`` (N, ...), ``group["done"]`` (N,) (and ``group["checksum"]``) by copies with ``n_rows`` rows:
     the first N rows as they were, the new ones NaN with done = 0 (to embed).
 
     Written under ``<name>_new`` / ``done_new`` first and copied in blocks of about 64 MiB (a
@@ -264,6 +265,12 @@ def grow_rows(group: h5py.Group, name: str, n_rows: int, chunks: tuple | None = 
     del group[name], group["done"]
     group.move(f"{name}_new", name)
     group.move("done_new", "done")
+    if "checksum" in group:  # per-row CRC32 (swsa_store.row_writer): new rows 0 until written
+        old_sums = group["checksum"][...]
+        allocate_filled(group, "checksum_new", (n_rows,), np.dtype(np.uint32), 0)
+        group["checksum_new"][: len(old_sums)] = old_sums
+        del group["checksum"]
+        group.move("checksum_new", "checksum")
 
 
 def check_schema(file: h5py.File, path: Path) -> None:

@@ -39,8 +39,20 @@ def read_score_table(path: str | os.PathLike) -> pd.DataFrame:
         if path.suffix.lower() in (".parquet", ".pq"):
             return pd.read_parquet(path)
         return pd.read_csv(path)
-    except Exception as error:  # a library's parse error, said in one line
-        raise ScoreImportError(f"cannot read score file {path}: {str(error).splitlines()[0]}") from None
+    except Exception as error:  # a library's parse error, said in one line (the cause kept for --debug)
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ScoreImportError(f"cannot read score file {path}: {first}") from error
+
+
+def check_candidate_name(candidate) -> str:
+    """``candidate`` when it can name a group of the store, else :class:`ScoreImportError`: a
+    non-empty string without "/", control characters or surrounding spaces, and not "." or ".."."""
+    if not isinstance(candidate, str) or not candidate.strip():
+        raise ScoreImportError(f"candidate name {candidate!r} must be a non-empty string")
+    if "/" in candidate or candidate in (".", "..") or candidate != candidate.strip() or not candidate.isprintable():
+        raise ScoreImportError(f"candidate name {candidate!r} cannot name a candidate: no '/', no control characters, "
+                               "no surrounding spaces, not '.' or '..'")
+    return candidate
 
 
 def _show(value) -> str:
@@ -106,24 +118,41 @@ def _image_ids_from_paths(table: pd.DataFrame, images: pd.DataFrame, root: Path)
     return image_ids
 
 
+#: Integer ids beyond this magnitude are refused before any cast (no int64 overflow).
+_MAX_ID = 2**53
+
+
+def _integer_ids(table: pd.DataFrame, column: str) -> np.ndarray:
+    """``(len(table),)`` int64 values of ``column``; a cell that is not an integer (1.7, "x", empty,
+    True, beyond ±2**53) is an error naming its row and its value as written — never truncated."""
+    values = table[column]
+    raw = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    ok = np.isfinite(raw) & (np.abs(np.nan_to_num(raw)) <= _MAX_ID)
+    ok &= np.where(ok, raw, 0.0) % 1 == 0
+    if values.dtype == bool:
+        ok[:] = False
+    elif values.dtype == object:  # True/False cells among numbers are no ids either
+        ok &= ~values.map(lambda v: isinstance(v, (bool, np.bool_))).to_numpy(dtype=bool)
+    bad = np.flatnonzero(~ok)
+    if bad.size:
+        raise ScoreImportError(f"{_row(bad[0])}: {column} {_show(values.iloc[bad[0]])} is not an integer")
+    return raw.astype(np.int64)
+
+
 def _image_ids_from_ids(table: pd.DataFrame, *, n_images: int) -> np.ndarray:
     """``(len(table),)`` image ids of the ``image_id`` column, each an integer id of the catalog."""
-    raw = pd.to_numeric(table["image_id"], errors="coerce")
-    bad = np.flatnonzero(raw.isna().to_numpy() | (raw.to_numpy() % 1 != 0))
-    if bad.size:
-        raise ScoreImportError(f"{_row(bad[0])}: image_id {_show(table['image_id'].iloc[bad[0]])} is not an integer")
-    image_ids = raw.to_numpy().astype(np.int64)
+    image_ids = _integer_ids(table, "image_id")
     bad = np.flatnonzero((image_ids < 0) | (image_ids >= n_images))
     if bad.size:
-        raise ScoreImportError(f"{_row(bad[0])}: unknown image_id {image_ids[bad[0]]} (the catalog has ids 0..{n_images - 1})")
+        raise ScoreImportError(f"{_row(bad[0])}: unknown image_id {_show(table['image_id'].iloc[bad[0]])} "
+                               f"(the catalog has ids 0..{n_images - 1})")
     return image_ids
 
 
 def _known_task_ids(table: pd.DataFrame, task_column: str, tasks: pd.DataFrame) -> np.ndarray:
     """``(len(table),)`` task ids, each one of the store's tasks."""
-    raw_tasks = pd.to_numeric(table[task_column], errors="coerce")
-    task_ids = raw_tasks.fillna(-1).to_numpy().astype(np.int64)
-    bad = np.flatnonzero(~np.isin(task_ids, tasks["task_id"].to_numpy()) | raw_tasks.isna().to_numpy())
+    task_ids = _integer_ids(table, task_column)
+    bad = np.flatnonzero(~np.isin(task_ids, tasks["task_id"].to_numpy()))
     if bad.size:
         raise ScoreImportError(f"{_row(bad[0])}: unknown task {_show(table[task_column].iloc[bad[0]])}")
     return task_ids
@@ -187,13 +216,13 @@ def import_scores(
 
     Nothing in the store changes unless the whole table is valid. Returns a summary.
     """
-    if not candidate or "/" in candidate:
-        raise ScoreImportError(f"candidate name {candidate!r} must be non-empty and contain no '/'")
+    check_candidate_name(candidate)
     source, digest = "DataFrame", ""
     if not isinstance(table, pd.DataFrame):
         source = str(Path(table).resolve())
-        digest = hashlib.sha256(Path(table).read_bytes()).hexdigest() if Path(table).exists() else ""
-        table = read_score_table(table)
+        frame = read_score_table(table)  # a missing or unreadable file: one line, before anything else
+        digest = hashlib.sha256(Path(table).read_bytes()).hexdigest()
+        table = frame
     with open_store(store_path) as store:
         if candidate in store.backbones():
             raise ScoreImportError(f"candidate {candidate!r} is already an embedding matrix in the store; choose another name")

@@ -13,14 +13,17 @@ Crash safety. Two kinds of writes exist and each is safe against SIGKILL at any 
   :func:`edit_store`, which works on a copy of the file and atomically renames it over the
   original on success. A killed edit leaves the original untouched.
 
-One process writes at a time: writers hold an exclusive ``flock`` on ``<store>.lock``.
-Readers open without HDF5 file locking so that ``swsa info`` works during an ingest.
+One process writes at a time: every writer takes the store's lock (:func:`swsa_store.locks.store_lock`,
+an exclusive ``flock`` on ``<store>.lock`` naming its holder) before its work starts; edits inside
+a command that holds it re-enter it. Readers open without HDF5 file locking so that ``swsa info``
+works during an ingest. Embedding rows carry CRC32 checksums (``checksum``, see
+:mod:`swsa_store.row_writer`) that ``swsa verify`` checks; image paths are stored relative
+(:mod:`swsa_store.paths`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -31,6 +34,9 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from swsa_store.locks import store_lock
+from swsa_store.paths import (ABS_ROOTS_ATTR, NEXT_ID_ATTR, ROOTS_ATTR, WRITTEN_FROM_ATTR, read_roots, resolve_paths,
+                              root_dir, store_folder, stored_paths)
 from swsa_store.schema import (
     SCHEMA_VERSION, SKIP_COLUMNS, StoreError, TextEmbeddings, allocate_filled, check_schema, empty_images_table,
     empty_skips, fsync_dir, fsync_path, grow_rows, open_h5, read_contiguous, read_table, save_result, swsa_version,
@@ -79,14 +85,25 @@ class Store:
     def _table(self, name: str, columns: list[str] | None = None) -> pd.DataFrame | None:
         return read_table(self.file[name], columns) if name in self.file else None
 
-    def images(self, columns: list[str] | None = None) -> pd.DataFrame:
+    def images(self, columns: list[str] | None = None, *, raw_paths: bool = False) -> pd.DataFrame:
         """The catalog: one row per image, ``image_id`` equal to the row's position
-        (``columns``: only those columns)."""
+        (``columns``: only those columns). ``path`` is absolute (stored relative to the dataset's
+        root or the store's folder, :mod:`swsa_store.paths`); ``raw_paths``: as stored."""
         table = self._table("images", columns)
         if table is None:
             table = empty_images_table()
             return table if columns is None else table[[c for c in columns if c in table]]
+        if "path" in table and not raw_paths and len(table):
+            rows = table if {"dataset", "kind"} <= set(table) else self._table("images", ["dataset", "kind"])
+            attrs = self.table_attrs("images")
+            table["path"] = resolve_paths(table["path"].to_numpy(), rows["dataset"].to_numpy(), rows["kind"].to_numpy(),
+                                          read_roots(attrs), store_folder(self.path), read_roots(attrs, ABS_ROOTS_ATTR),
+                                          attrs.get(WRITTEN_FROM_ATTR))
         return table
+
+    def dataset_roots(self) -> dict[str, str]:
+        """``{dataset: root}`` as recorded (absolute, or relative to the store's folder)."""
+        return read_roots(self.table_attrs("images"))
 
     def tasks(self) -> pd.DataFrame:
         table = self._table("tasks")
@@ -280,6 +297,26 @@ class Store:
         self._require_writable()
         write_table(self.file, name, table, attrs)
 
+    def replace_images(self, table: pd.DataFrame, roots: dict[str, str] | None = None) -> None:
+        """Replace the catalog with ``table`` (absolute or stored paths), keeping its attributes:
+        ``roots`` updates the recorded dataset roots, paths are stored relative where they can be
+        and ``next_image_id`` never goes down (image ids are never reused)."""
+        self._require_writable()
+        attrs = {k: v for k, v in self.table_attrs("images").items() if k not in ("columns", "n_rows")}
+        merged = {**read_roots(attrs), **(roots or {})}
+        folder = store_folder(self.path)
+        table = table.copy()
+        table["path"] = stored_paths(table["path"].to_numpy(), table["dataset"].to_numpy(), table["kind"].to_numpy(),
+                                     merged, folder)
+        known = read_roots(attrs, ABS_ROOTS_ATTR)  # keep a recorded place that exists over one that does not
+        absolute = {d: root_dir(r, folder) if d in (roots or {}) or os.path.isdir(root_dir(r, folder)) or d not in known
+                    else known[d] for d, r in merged.items()}
+        attrs[ROOTS_ATTR] = json.dumps(merged, sort_keys=True)
+        attrs[ABS_ROOTS_ATTR] = json.dumps(absolute, sort_keys=True)
+        attrs[WRITTEN_FROM_ATTR] = folder
+        attrs[NEXT_ID_ATTR] = max(int(attrs.get(NEXT_ID_ATTR, 0)), len(table))
+        write_table(self.file, "images", table, attrs)
+
     def append_skips(self, rows: pd.DataFrame) -> None:
         """Add skip rows, keeping one row per (stage, image_id, task_id, backbone); rows about no
         image and no task (a skipped class, a bad index line) are kept one per distinct reason."""
@@ -298,6 +335,7 @@ class Store:
         group = self.file.require_group("embeddings").create_group(name)
         allocate_filled(group, "features", (self.n_images, int(feature_dim)), np.dtype(dtype), np.nan)
         allocate_filled(group, "done", (self.n_images,), np.dtype(np.uint8), 0)
+        allocate_filled(group, "checksum", (self.n_images,), np.dtype(np.uint32), 0)
         for key, value in attrs.items():
             group.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
 
@@ -309,6 +347,7 @@ class Store:
         shape = (self.n_images, int(n_patches), int(patch_dim))
         allocate_filled(group, "tokens", shape, np.dtype(np.float16), np.nan, chunks=(1,) + shape[1:])
         allocate_filled(group, "done", (self.n_images,), np.dtype(np.uint8), 0)
+        allocate_filled(group, "checksum", (self.n_images,), np.dtype(np.uint32), 0)
         for key, value in attrs.items():
             group.attrs[key] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
 
@@ -379,22 +418,11 @@ def open_store(path: str | os.PathLike, mode: str = "r") -> Store:
 
 
 @contextlib.contextmanager
-def writer_lock(path: str | os.PathLike) -> Iterator[None]:
-    """Exclusive, non-blocking writer lock for the store at ``path``."""
-    lock_path = Path(str(path) + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StoreError(
-                f"store {path} is being written by another process (lock {lock_path}); "
-                "wait for it to finish"
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def writer_lock(path: str | os.PathLike, *, wait: float | None = 0.0) -> Iterator[None]:
+    """The store's writer lock (:func:`swsa_store.locks.store_lock`): exclusive, re-entrant in a
+    process, failing at once (or after ``wait`` seconds) when another process holds it."""
+    with store_lock(path, wait=wait):
+        yield
 
 
 def create_store(path: str | os.PathLike, *, exist_ok: bool = True) -> Path:
@@ -406,15 +434,18 @@ def create_store(path: str | os.PathLike, *, exist_ok: bool = True) -> Path:
         with open_store(path):
             return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.creating.{os.getpid()}")
-    with h5py.File(tmp, "w") as file:
-        file.attrs["schema_version"] = SCHEMA_VERSION
-        file.attrs["swsa_version"] = swsa_version()
-        file.attrs["created_utc"] = utc_now()
-        write_table(file, "skips", empty_skips())
-    fsync_path(tmp)
-    os.replace(tmp, path)
-    fsync_dir(path)
+    with store_lock(path):
+        if path.exists():  # made by the writer we waited for
+            return path
+        tmp = path.with_name(f".{path.name}.creating.{os.getpid()}")
+        with h5py.File(tmp, "w") as file:
+            file.attrs["schema_version"] = SCHEMA_VERSION
+            file.attrs["swsa_version"] = swsa_version()
+            file.attrs["created_utc"] = utc_now()
+            write_table(file, "skips", empty_skips())
+        fsync_path(tmp)
+        os.replace(tmp, path)
+        fsync_dir(path)
     return path
 
 
@@ -428,7 +459,7 @@ def edit_store(path: str | os.PathLike, *, compact: bool = False) -> Iterator[St
     path = Path(path)
     if not path.exists():
         raise StoreError(f"store {path} does not exist; create it with `swsa catalog ... --store {path}`")
-    with writer_lock(path):
+    with store_lock(path):
         tmp = path.with_name(f".{path.name}.edit.{os.getpid()}")
         shutil.copyfile(path, tmp)
         try:

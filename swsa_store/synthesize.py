@@ -11,6 +11,12 @@ An output the generator could not make an anomaly of (one that stayed within tol
 parent through every redraw: a :class:`~swsa_store.synth.SyntheticImage` with ``image=None``)
 is catalogued as ``status="skipped"`` with its ``skip_reason`` (no file; the skips table gets a
 ``stage="synth"`` row), so it is never validated on, reported, and not made again on a rerun.
+
+A run holds the store's writer lock from before it plans until its last commit
+(:func:`swsa_store.locks.store_lock`): a second ``swsa synth`` on the same store is refused at
+once (or waits), and never writes duplicate rows. At its start, temporary image files left by a
+killed run of the same source are removed. Progress (``rows_done`` catalogued of ``rows_total``)
+is in ``<store>.progress`` after every commit.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from swsa_store.catalog import add_images, resolve_path
-from swsa_store.samples import read_image
+from swsa_store.locks import remove_orphans, store_lock, write_progress
+from swsa_store.samples import check_source_name, path_inside, read_image
 from swsa_store.store import open_store
 from swsa_store.synth import create_generator, generator_rng
 from swsa_store.tasks import ROLE_SEED, select_tasks
@@ -147,6 +154,8 @@ class SynthWriter:
         self.pending: list[dict] = []
         self.written = 0
         self.skipped = 0
+        #: progress: rows catalogued by this writer, of ``rows_total`` (set by the caller) to make
+        self.committed, self.rows_total = 0, None
         self._last_commit = time.monotonic()
 
     def add(self, job: TaskJob, index: int, data: bytes | None, width: int, height: int, parent_ids, params: dict,
@@ -159,7 +168,8 @@ class SynthWriter:
             path_text, digest, status, width, height = "", "", "skipped", 0, 0
             self.skipped += 1
         else:
-            path = self.files_dir / "synth" / self.source / f"task_{job.task_id:05d}" / f"{index:04d}.png"
+            path = path_inside(self.files_dir / "synth" / self.source / f"task_{job.task_id:05d}" / f"{index:04d}.png",
+                               self.files_dir)
             _write_atomic(path, data)
             path_text, digest, status, skip_reason = str(path.resolve()), hashlib.sha256(data).hexdigest(), "ok", ""
             self.written += 1
@@ -178,6 +188,10 @@ class SynthWriter:
         """Commit the queued catalogue rows."""
         if self.pending:
             add_images(self.store_path, pd.DataFrame(self.pending))
+            self.committed += len(self.pending)
+            if self.rows_total is not None:
+                write_progress(self.store_path, stage="synth", source=self.source, rows_done=self.committed,
+                               rows_total=self.rows_total)
         self.pending, self._last_commit = [], time.monotonic()
 
 
@@ -207,10 +221,20 @@ def synthesize(
     """
     if count is not None and (isinstance(count, bool) or count < 1):
         raise ValueError(f"count must be at least 1, got {count}")
-    generator = create_generator(method, **generator_kwargs)
     source = synth_source_name(method, generator_kwargs, source)
+    with store_lock(store_path):  # before any work: what is planned is what gets written
+        generator = create_generator(method, **generator_kwargs)
+        return _synthesize_locked(store_path, generator, method, source, count=count, seed=seed, task_ids=task_ids,
+                                  progress=progress, commit_every_s=commit_every_s)
+
+
+def _synthesize_locked(store_path, generator, method: str, source: str, *, count, seed: int, task_ids, progress: bool,
+                       commit_every_s: float) -> dict:
+    """:func:`synthesize`'s work, under the store's writer lock."""
     jobs, skipped, files_dir = plan_synthesis(store_path, generator, source, count, task_ids)
+    remove_orphans(store_path, under=Path(files_dir) / "synth" / source)  # files of a killed run of this source
     writer = SynthWriter(store_path, files_dir, source=source, method=method, seed=seed, commit_every_s=commit_every_s)
+    writer.rows_total = sum(job.count - len(job.existing) for job in jobs)
     streaming = getattr(generator, "iter_generate", None) is not None
     for job in tqdm(jobs, desc=f"synth {source}", unit="task", disable=not progress):
         seed_images = [read_image(resolve_path(store_path, p)) for p in job.seed_paths]
@@ -233,4 +257,4 @@ def synth_source_name(method: str, generator_kwargs: dict, source: str | None = 
     """``source`` or the default validation-source name: ``method`` (``-<variant>`` appended for a
     non-default variant)."""
     variant = generator_kwargs.get("variant")
-    return source or (method if variant in (None, "normal") else f"{method}-{variant}")
+    return check_source_name(source or (method if variant in (None, "normal") else f"{method}-{variant}"))

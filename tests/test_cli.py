@@ -77,7 +77,8 @@ def test_reduced_demo_end_to_end(tmp_path, capsys):
     assert "Randomly initialised candidates" in text and "timm-resnet10t" in text
     table1 = pd.read_csv(report / "table1.csv")
     assert set(table1["setting"]) == {"one-vs-rest", "one-vs-closest"}
-    assert {"SWSA (cutpaste)", "SWSA (cutpaste-scar)", "SWSA (perlin)", "Largest model", "Best model (oracle)"} <= set(table1["strategy"])
+    assert {"SWSA (cutpaste)", "SWSA (cutpaste-scar)", "SWSA (perlin)", "Largest backbone, all detectors averaged",
+            "Best model (oracle)"} <= set(table1["strategy"])
     assert table1["tasks"].eq(10).all()
     assert ((table1["auroc"] >= 0) & (table1["auroc"] <= table1["best"] + 1e-12)).all()
     summary = json.loads((report / "summary.json").read_text())

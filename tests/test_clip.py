@@ -360,7 +360,7 @@ def test_residual_text_prior_adds_clips_two_prompt_probability(tiny_store):
     store, _ = tiny_store
     name = MODEL.replace("/", "-")
     labels = ["residual(K=2,mean)", "residual(K=2,mean,text=0.5)"]
-    cube = run_sweep(store, backbones=[name], detectors=labels, save=False, progress=False)
+    cube = run_sweep(store, backbones=[name], detectors=labels, save=False, progress=False, ensembles=False)
     assert cube.candidate_names == [f"{name}/{label}" for label in labels]
     assert cube.config["text_prior"]["model"] == name
     assert np.nanmax(np.abs(cube.real[:, 0, 0] - cube.real[:, 1, 0])) > 1e-6  # the prior changes the ranking
@@ -429,7 +429,7 @@ def test_residual_text_prior_reports_images_without_clip_embedding(tiny_store, t
         f["embeddings"][name]["done"][image_id] = 0
         f["embeddings"][name]["features"][image_id] = np.nan
     labels = ["residual(K=2,mean)", "residual(K=2,mean,text=0.5)"]
-    cube = run_sweep(store, backbones=["pixels@4"], detectors=labels, save=False, progress=False)
+    cube = run_sweep(store, backbones=["pixels@4"], detectors=labels, save=False, progress=False, ensembles=False)
     assert np.isfinite(cube.real).all() and np.isfinite(cube.synthetic[:, :, 0]).all()  # still scored
     skips = cube.skips
     assert len(skips) == (members["image_id"] == image_id).sum() == 1

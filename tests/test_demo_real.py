@@ -27,7 +27,9 @@ def _check_report(out, backbones, n_detectors):
     text = (report / "report.md").read_text()
     assert "ELPV" in text and "CC BY-NC-SA 4.0" in text and "Randomly initialised" not in text
     summary = json.loads((report / "summary.json").read_text())
-    assert summary["tasks"] == 2 and len(summary["candidates"]) == len(backbones) * n_detectors
+    single = [name for name in summary["candidates"] if not name.startswith("ensemble(")]
+    assert summary["tasks"] == 2 and len(single) == len(backbones) * n_detectors
+    assert "ensemble(mean)" in summary["candidates"] and "ensemble(selected)" in summary["candidates"]
     table1 = pd.read_csv(report / "table1.csv")
     assert set(table1["setting"]) == {"one-vs-rest", "one-vs-closest"}
     assert {"SWSA (cutpaste)", "SWSA (cutpaste-scar)", "SWSA (perlin)"} <= set(table1["strategy"])

@@ -59,7 +59,8 @@ def store(tmp_path_factory):
 def test_detector_grid_equals_reference_loops(store):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cube = run_sweep(store, progress=False, save=False, detectors=["knn(k=3)", "knn(k=1)", "knn(k=5,cosine)"])
+        cube = run_sweep(store, progress=False, save=False, detectors=["knn(k=3)", "knn(k=1)", "knn(k=5,cosine)"],
+                         ensembles=False)
     assert len(cube.candidates) == 6
     assert set(cube.candidates["detector"]) == {"knn(k=3,l2)", "knn(k=1,l2)", "knn(k=5,cosine)"}
     assert "resnet18" in cube.candidate_names and "resnet18/knn(k=5,cosine)" in cube.candidate_names
@@ -113,7 +114,8 @@ def test_non_knn_detectors_in_the_sweep_and_table1_rows(store, tmp_path):
     assert any("swsa split-refs" in r for r in reasons)
     assert np.isnan(cube.real[:, cube.candidate_names.index("resnet18/nagl(k=2,beta=1.0)")]).all()
     table = selection_table(cube)
-    assert {"SWSA (cutpaste), backbone-only grid", "Fixed detector knn(k=3,l2), largest model",
-            "Best backbone-only candidate (oracle)"} <= set(table["strategy"])
+    assert {"SWSA (cutpaste), backbone-only grid", "Largest backbone with detector knn(k=3,l2)",
+            "Best backbone-only candidate (oracle)", "Largest backbone, all detectors averaged"} <= set(table["strategy"])
+    assert "Largest model" not in set(table["strategy"])  # the two largest-backbone rows say what they are
     loaded = load_cube(copy)
     assert loaded.config["detectors"] == ["knn(k=3,l2)", "residual(K=25,mean)", "nagl(k=2,beta=1.0)"]

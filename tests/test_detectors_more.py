@@ -430,7 +430,7 @@ def test_sweep_with_several_detectors_equals_per_task_references(store, tmp_path
         # the reference loop below scores held-out normals leave-one-out and anomalies against the whole
         # bank, validating nagl on its own generator too: the paper's protocol, self-validation kept
         cube = run_sweep(path, progress=False, save=True, detectors=detectors, task_ids=chosen, protocol="paper",
-                         allow_self_validation=True)
+                         allow_self_validation=True, ensembles=False)
     assert len(cube.candidates) == 12 and cube.config["abnormal_references"]["source"] == "cutpaste"
     draws = cube.config["residual_references"]["residual(K=3,mean)"]
 

@@ -97,42 +97,58 @@ def _run_cli(args, **kw):
                             stderr=subprocess.PIPE, **kw)
 
 
-def _kill_and_resume(digits_store, tmp_path, delays):
+def _kill_and_resume(digits_store, tmp_path, targets):
+    """Kill `swsa embed` once its progress file shows ``targets[i]`` rows done (past what the store
+    held when that run started), check that the kill landed mid-write, then resume and compare."""
+    from swsa_store.locks import progress_path, read_progress
     reference = _copy_store(digits_store, tmp_path / "ref")
     killed = _copy_store(digits_store, tmp_path / "kill")
     assert _run_cli(["embed", "--store", str(reference), *EMBED_ARGS]).wait(timeout=300) == 0
-    for delay in delays:
+    landed = 0
+    for target in targets:
+        before = _done_rows(killed)
+        progress_path(killed).unlink(missing_ok=True)
         process = _run_cli(["embed", "--store", str(killed), *EMBED_ARGS])
-        time.sleep(delay)
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 300
+        while process.poll() is None and time.monotonic() < deadline:
+            seen = read_progress(killed)
+            if seen.get("pid") == process.pid and seen.get("rows_done", 0) >= before + target:
+                os.kill(process.pid, signal.SIGKILL)
+                break
+            time.sleep(0.002)
         process.wait(timeout=60)
         with h5py.File(killed, "r"):  # the file opens cleanly after every kill
             pass
         with open_store(killed) as s:
-            if NAME in s.backbones():
-                features, done = s.embeddings(NAME), s.done_mask(NAME)
-                assert np.isfinite(features[done == DONE_WRITTEN]).all(), f"a done row is not written (kill at {delay:.2f}s)"
+            features, done = s.embeddings(NAME), s.done_mask(NAME)
+            assert np.isfinite(features[done == DONE_WRITTEN]).all(), f"a done row is not written (kill at {target})"
+        landed += int(before < _done_rows(killed) < 1797)
+    assert landed == len(targets), f"only {landed} of {len(targets)} kills landed mid-write (targets {targets})"
     final = _run_cli(["embed", "--store", str(killed), *EMBED_ARGS])
     _, err = final.communicate(timeout=300)
     assert final.returncode == 0, err.decode()[-2000:]
     with open_store(reference) as a, open_store(killed) as b:
-        assert a.embeddings(NAME).tobytes() == b.embeddings(NAME).tobytes(), f"kills at {delays}"
+        assert a.embeddings(NAME).tobytes() == b.embeddings(NAME).tobytes(), f"kills at {targets}"
         np.testing.assert_array_equal(a.done_mask(NAME), b.done_mask(NAME))
+
+
+def _done_rows(store) -> int:
+    with open_store(store) as s:
+        return int((s.done_mask(NAME) != 0).sum()) if NAME in s.backbones() else 0
 
 
 def test_sigkill_at_random_points_then_resume_gives_identical_bytes(digits_store, tmp_path):
     rng = random.Random()  # different kill points on every run; printed on failure
-    delays = [round(rng.uniform(0.5, 7.0), 2) for _ in range(4)]
-    _kill_and_resume(digits_store, tmp_path, delays)
+    targets = [32 * rng.randint(1, 8) for _ in range(4)]  # rows past the run's start: a kill mid-write
+    _kill_and_resume(digits_store, tmp_path, targets)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("repeat", range(5))
 def test_sigkill_many_times(digits_store, tmp_path, repeat):
     rng = random.Random()
-    delays = [round(rng.uniform(0.2, 8.0), 2) for _ in range(8)]
-    _kill_and_resume(digits_store, tmp_path, delays)
+    targets = [32 * rng.randint(1, 5) for _ in range(8)]
+    _kill_and_resume(digits_store, tmp_path, targets)
 
 
 def _folder(root: Path, classes=("a", "b", "c"), per_class=8, size=24):

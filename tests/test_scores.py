@@ -86,7 +86,7 @@ def test_sklearn_detectors_enter_the_cube(store, tmp_path):
         assert main(["import-scores", "--store", str(store), "--candidate", name, str(csv)]) == 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cube = run_sweep(store, progress=False, save=False)
+        cube = run_sweep(store, progress=False, save=False, ensembles=False)
     assert set(DETECTORS) | {"timm-resnet10t"} == set(cube.candidate_names)
     with open_store(store) as s:
         members = s.task_members()

@@ -142,11 +142,22 @@ def test_read_only_store_refuses_writes(tmp_path):
 
 
 def test_second_writer_is_refused(tmp_path):
+    import subprocess
+    import sys
     path = create_store(tmp_path / "s.h5")
-    with writer_lock(path):
-        with pytest.raises(StoreError, match="being written by another process"):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom swsa_store.store import writer_lock\n"
+                               f"with writer_lock({str(path)!r}):\n    print('held', flush=True)\n    time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(StoreError, match=rf"is being written by PID {holder.pid} .* since .*; wait or pass --wait"):
             with edit_store(path):
                 pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with writer_lock(path), edit_store(path):  # free once its holder died; re-entrant within one process
+        pass
 
 
 def test_missing_embeddings_error_names_command(tmp_path):

@@ -47,12 +47,16 @@ DIGITS_BACKBONES = ("pixels", "resnet18", "resnet34", "resnet50", "vit_b_32")
 DIGITS_DETECTORS = ("knn", "mahalanobis", "pca(n=8)")
 #: ELPV: raw pixels and the three ImageNet-trained EfficientNet-Lites shipped by pip packages
 ELPV_BACKBONES = ("pixels", "pixels@32", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
-ELPV_DETECTORS = ("knn", "knn(k=5,cosine)", "mahalanobis", "residual(K=4,mean)", "pca(n=8)")
+#: (two PyOD models, cheap here: about 21 s more CPU in the score stage on the default sizes)
+ELPV_DETECTORS = ("knn", "knn(k=5,cosine)", "mahalanobis", "residual(K=4,mean)", "pca(n=8)", "pyod(model=ecod)",
+                  "pyod(model=ocsvm)")
 #: ELPV default sizes per cell type: support (seeds + held-out normals), test normals, anomalies per
 #: defect-probability bucket, synthetic anomalies per generator — about 600 images to embed in all.
 ELPV_SIZES = {"n_support": 60, "n_test_normal": 60, "n_anomaly": 30}
 ELPV_COUNT = 30
 DIFFUSION_MODEL_ENV = "SWSA_DIFFUSION_MODEL"
+#: the report's section on pick confidence against regret, printed after the report's head
+DISTRUST_HEADING = "## When to distrust a pick"
 
 
 @dataclass
@@ -156,7 +160,10 @@ def run_demo(
     notes = demo_notes(store_path, cube, plan, step.timings)
     paths = write_demo_reports(step, cube, store_path, out, plan, notes)
     if progress:
-        print((out / "report" / "report.md").read_text(encoding="utf-8").split("## Figure 3")[0])
+        report = (out / "report" / "report.md").read_text(encoding="utf-8")
+        print(report.split("## Figure 3")[0])
+        if DISTRUST_HEADING in report:  # does low pick confidence go with high regret, on these data
+            print(DISTRUST_HEADING + report.split(DISTRUST_HEADING)[1].split("\n## ")[0])
         print("[swsa demo] stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in step.timings.items())
               + f"; total {sum(step.timings.values()):.1f}")
     return paths

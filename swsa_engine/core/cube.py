@@ -117,6 +117,12 @@ class AurocCube:
     self_validated : (T, C, V) bool: synthetic cells left NaN because validating the candidate on
         them would be self-validation (its abnormal references come from the same generator or the
         same parents); all False when not given (older cubes)
+    scores : the per-image scores behind the AUROCs (:class:`swsa_engine.core.score_cube.ScoreCube`,
+        same tasks and candidates) or None: kept by :func:`swsa_engine.run.sweep.run_sweep`, saved
+        beside the cube (``swsa_engine.run.cube_io.save_scores``) and attached by ``load_cube``;
+        strategies that need scores (model centrality) read it. Not part of :meth:`to_arrays`.
+        Candidates of family ``"ensemble"`` are combinations of the others
+        (:mod:`swsa_engine.core.ensemble_pass`; members and weights in ``config["ensembles"]``).
     """
 
     tasks: pd.DataFrame
@@ -129,6 +135,7 @@ class AurocCube:
     skips: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=SKIP_COLUMNS))
     config: dict = field(default_factory=dict)
     self_validated: np.ndarray | None = None
+    scores: object | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         shape = np.shape(self.synthetic)
@@ -154,6 +161,24 @@ class AurocCube:
         index = filled.argmin(axis=2)
         names = np.take_along_axis(np.broadcast_to(self.class_names[:, None, :], self.per_class.shape), index[..., None], 2)[..., 0]
         return np.where(np.isnan(self.per_class).all(axis=2), "", names)
+
+    def with_candidates(self, candidates: pd.DataFrame, real: np.ndarray, synthetic: np.ndarray, per_class: np.ndarray,
+                        *, scores=None, skips: pd.DataFrame | None = None) -> "AurocCube":
+        """A new cube with K candidates appended: ``candidates`` (K rows), ``real`` (T, K, 2),
+        ``synthetic`` (T, K, V), ``per_class`` (T, K, G) (not self-validated); ``skips`` added to the
+        cube's; ``scores`` the score cube of all C + K candidates (None: this cube's ``scores``)."""
+        names = list(candidates["name"])
+        if set(names) & set(self.candidate_names):
+            raise ValueError(f"candidates {sorted(set(names) & set(self.candidate_names))} are already in the cube")
+        extra = np.zeros((self.synthetic.shape[0], len(names), self.synthetic.shape[2]), dtype=bool)
+        more = [self.skips] + ([skips] if skips is not None and len(skips) else [])
+        return AurocCube(
+            tasks=self.tasks, candidates=pd.concat([self.candidates, candidates], ignore_index=True), sources=self.sources,
+            real=np.concatenate([self.real, real], axis=1), synthetic=np.concatenate([self.synthetic, synthetic], axis=1),
+            per_class=np.concatenate([self.per_class, per_class], axis=1), class_names=self.class_names,
+            skips=pd.concat(more, ignore_index=True) if len(more) > 1 else self.skips, config=dict(self.config),
+            self_validated=np.concatenate([self.self_validated, extra], axis=1),
+            scores=self.scores if scores is None else scores)
 
     # ---- the flat form a store holds (swsa_engine.run.cube_io)
     def to_arrays(self) -> tuple[dict, dict]:

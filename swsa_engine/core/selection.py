@@ -28,7 +28,11 @@ from swsa_store.registry import Registry
 
 from swsa_engine.core.cube import SETTINGS, AurocCube
 from swsa_engine.core.detectors import DEFAULT_DETECTOR
+from swsa_engine.core.ensemble_pass import ENSEMBLE_FAMILY
+from swsa_engine.core.label_free import model_centrality as centrality_of
+from swsa_engine.core.label_free import robust_rank_aggregation
 from swsa_engine.core.metrics import kendall_tau
+from swsa_engine.core.score_cube import ScoreCube
 
 STRATEGIES: Registry = Registry("selection strategy")
 #: strategy name → its row label in :func:`default_strategies` (``register_strategy(default_label=...)``)
@@ -43,6 +47,12 @@ class SelectionContext:
     base_sources : the sources that are not "hardest N" variants
     candidates : DataFrame with ``name, n_params, feature_dim, weights_kind, family``
     real : (T, C) real AUROC of the setting being evaluated — for label-using strategies only
+    scores : the per-image scores of the T tasks (:class:`~swsa_engine.core.score_cube.ScoreCube`),
+        or None when the cube kept none (strategies that need them give NaN picks)
+
+    Candidates of family ``"ensemble"`` (:mod:`swsa_engine.core.ensemble_pass`) are combinations
+    of the single candidates: the built-in strategies choose among the single candidates
+    (:attr:`single`), and each ensemble is its own row (:func:`default_strategies`).
     """
 
     synthetic: np.ndarray
@@ -50,6 +60,12 @@ class SelectionContext:
     base_sources: tuple[str, ...]
     candidates: pd.DataFrame
     real: np.ndarray
+    scores: ScoreCube | None = None
+
+    @property
+    def single(self) -> np.ndarray:
+        """(C,) bool: the candidates that are not ensembles."""
+        return single_candidates(self.candidates)
 
     def source(self, name: str) -> np.ndarray:
         """(T, C) synthetic AUROC of one source."""
@@ -99,10 +115,19 @@ def argmax_weights(values: np.ndarray) -> np.ndarray:
     return weights
 
 
+def single_candidates(candidates: pd.DataFrame) -> np.ndarray:
+    """(C,) bool: the candidates whose ``family`` is not ``"ensemble"`` (all, without a family column)."""
+    if "family" not in candidates:
+        return np.ones(len(candidates), dtype=bool)
+    return candidates["family"].astype(str).to_numpy() != ENSEMBLE_FAMILY
+
+
 def restrict(ctx: SelectionContext, values: np.ndarray, detectors: list[str] | None) -> np.ndarray:
     """``values`` (T, C) or (C,) with candidates whose detector is not in ``detectors`` set to NaN
-    (``None``: every candidate), so a strategy can choose within a sub-grid, e.g. the paper's
-    backbone-only grid ``detectors=["knn(k=3,l2)"]``."""
+    (``None``: every single candidate), so a strategy can choose within a sub-grid, e.g. the paper's
+    backbone-only grid ``detectors=["knn(k=3,l2)"]``. Ensembles are always NaN here: the
+    strategies choose among single candidates."""
+    values = np.where(ctx.single, np.asarray(values, dtype=np.float64), np.nan)
     if detectors is None:
         return values
     if "detector" not in ctx.candidates:
@@ -131,8 +156,14 @@ def largest_model(detectors: list[str] | None = None, **_):
 
 @register_strategy("random")
 def random_pick(**_):
-    """A uniformly random candidate, as its expectation (uniform weights)."""
-    return lambda ctx: np.full(ctx.real.shape, 1.0 / ctx.real.shape[1])
+    """A uniformly random single candidate, as its expectation (uniform weights over the single
+    candidates: :func:`swsa_engine.core.label_free.expected_random_pick`'s value, not one draw)."""
+
+    def pick(ctx):
+        single = ctx.single.astype(np.float64)
+        return np.broadcast_to(single / max(single.sum(), 1.0), ctx.real.shape).copy()
+
+    return pick
 
 
 @register_strategy("fixed")
@@ -164,7 +195,7 @@ def swsa_mean(**_):
     def pick(ctx):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            return argmax_weights(np.nanmean(ctx.synthetic_base, axis=2))
+            return argmax_weights(restrict(ctx, np.nanmean(ctx.synthetic_base, axis=2), None))
 
     return pick
 
@@ -174,12 +205,76 @@ def swsa_rank(**_):
     """Rank aggregation: the best mean rank of the synthetic AUROC across base sources."""
 
     def pick(ctx):
-        base = ctx.synthetic_base
+        base = np.where(ctx.single[None, :, None], ctx.synthetic_base, np.nan)
         ranks = np.argsort(np.argsort(np.where(np.isnan(base), -np.inf, base), axis=1), axis=1).astype(float)
         ranks[np.isnan(base)] = np.nan
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             return argmax_weights(np.nanmean(ranks, axis=2))
+
+    return pick
+
+
+class MissingScoresWarning(UserWarning):
+    """A strategy that reads per-image scores got a cube without them: its picks are NaN."""
+
+
+#: why a strategy that reads per-image scores gives no pick on a cube without them
+NO_SCORES = ("{name}: the cube holds no per-image scores, which {name} needs, so it gives no pick; re-run "
+             "`swsa score` (it keeps them by default) to compute them")
+
+
+def centrality(ctx: SelectionContext) -> np.ndarray | None:
+    """(T, C) model centrality of the single candidates from their scores of each task's real test
+    images (:func:`swsa_engine.core.label_free.model_centrality`; NaN for ensembles and candidates
+    without scores on the task; images some scored candidate lacks a score for are left out), or
+    None without scores."""
+    if ctx.scores is None:
+        return None
+    values = ctx.scores.real_scores[:, ctx.single]
+    pool = ctx.scores.real_pool
+    finite = np.isfinite(values) & pool[:, None, :]
+    available = finite.any(axis=2)
+    mask = pool & ~(available[:, :, None] & pool[:, None, :] & ~np.isfinite(values)).any(axis=1)
+    out = np.full(ctx.real.shape, np.nan)
+    if values.shape[2]:
+        out[:, ctx.single] = centrality_of(np.where(available[:, :, None], values, np.nan), mask)
+    return out
+
+
+@register_strategy("model_centrality", default_label="Model centrality (Ma et al. 2021)")
+def model_centrality(**_):
+    """Model centrality: the single candidate whose ranking of the task's unlabelled real test
+    images agrees most with the others' (mean Kendall tau-b; Ma, Zhao, Zhang & Akoglu, "A
+    Large-scale Study on Unsupervised Outlier Model Selection: Do Internal Strategies Suffice?",
+    arXiv:2104.01422, 2021). Reads ``ctx.scores``; no labels, no synthetic anomalies. The same
+    pick in every setting (it never sees which images are normal)."""
+
+    def pick(ctx):
+        values = centrality(ctx)
+        if values is None:
+            warnings.warn(NO_SCORES.format(name="model_centrality"), MissingScoresWarning, stacklevel=2)
+            return np.full(ctx.real.shape, np.nan)
+        return argmax_weights(restrict(ctx, values, None))
+
+    return pick
+
+
+# Goix's Excess-Mass / Mass-Volume criteria (swsa_engine.core.label_free.excess_mass_mass_volume) are
+# not a strategy yet: they need uniform samples of the feature space scored by every candidate,
+# which the sweep does not draw or score; the score cube holds only the task's real and synthetic images.
+
+
+@register_strategy("rra", default_label="SWSA (robust rank aggregation)")
+def robust_rank_aggregation_pick(**_):
+    """Robust rank aggregation of the synthetic sources' rankings (Kolde, Laur, Adler & Vilo,
+    Bioinformatics 28(4), 2012; as a model-selection aggregator: Goswami et al., "Unsupervised
+    Model Selection for Time-series Anomaly Detection", ICLR 2023): the single candidate that the
+    base sources rank near the top most consistently (:func:`swsa_engine.core.label_free.robust_rank_aggregation`)."""
+
+    def pick(ctx):
+        base = np.where(ctx.single[None, :, None], ctx.synthetic_base, np.nan)
+        return argmax_weights(restrict(ctx, robust_rank_aggregation(base), None))
 
     return pick
 
@@ -196,17 +291,23 @@ def as_weights(picks: np.ndarray, n_candidates: int) -> np.ndarray:
     return picks.astype(np.float64)
 
 
-def evaluate_weights(weights: np.ndarray, real: np.ndarray) -> dict[str, np.ndarray]:
+def evaluate_weights(weights: np.ndarray, real: np.ndarray, pool: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Per-task outcome of a selection. ``weights``, ``real``: (T, C).
 
     Returns ``hit`` (T,) probability that the pick is a best candidate (ties with the best count
-    as hits), ``auroc`` (T,) expected real AUROC of the pick, ``best`` (T,) the best real AUROC.
-    Tasks with a NaN anywhere in their real row or in the weights are NaN.
+    as hits; a pick outside ``pool`` at least as good as the best counts too), ``auroc`` (T,)
+    expected real AUROC of the pick, ``best`` (T,) the best real AUROC among the ``pool``
+    candidates ((C,) bool, default all; :attr:`SelectionContext.single` keeps ensembles out, so
+    regret is measured against the best single candidate and an ensemble's can be negative).
+    Tasks with a NaN in their real row (among ``pool`` or where the pick has weight) or in the
+    weights are NaN.
     """
-    undefined = np.isnan(real).any(axis=1) | np.isnan(weights).any(axis=1)
+    pool = np.ones(real.shape[1], dtype=bool) if pool is None else np.asarray(pool, dtype=bool)
+    undefined = (np.isnan(real[:, pool]).any(axis=1) | np.isnan(weights).any(axis=1)
+                 | ((np.nan_to_num(weights) > 0) & np.isnan(real)).any(axis=1))
     safe_real = np.where(np.isnan(real), 0.0, real)
-    best = safe_real.max(axis=1)
-    hit = (weights * (safe_real == best[:, None])).sum(axis=1)
+    best = np.where(pool, safe_real, -np.inf).max(axis=1, initial=-np.inf)
+    hit = (weights * (safe_real >= best[:, None])).sum(axis=1)
     chosen = (weights * safe_real).sum(axis=1)
     for values in (hit, chosen, best):
         values[undefined] = np.nan
@@ -217,15 +318,20 @@ def default_strategies(cube: AurocCube) -> list[tuple[str, str, dict]]:
     """Table 1's rows (and the strategies comparison's): (label, strategy name, settings) — the
     largest model, the random pick, SWSA per base source and aggregated, every strategy
     registered with a ``default_label``, the oracle, and :func:`detector_strategies`."""
-    rows = [("Largest model", "largest", {}), ("Random (expected)", "random", {})]
+    detector_rows = detector_strategies(cube)
+    # with a detector grid, "largest" shares its pick among every detector on the largest backbone
+    largest = "Largest backbone, all detectors averaged" if detector_rows else "Largest model"
+    rows = [(largest, "largest", {}), ("Random (expected)", "random", {})]
     base = cube.config.get("base_sources", [s for s in cube.sources if "@" not in s])
     rows += [(f"SWSA ({source})", "swsa", {"source": source}) for source in base]
     if len(base) > 1:
         rows += [("SWSA (mean of sources)", "swsa_mean", {}), ("SWSA (rank aggregation)", "swsa_rank", {})]
     listed = {name for _, name, _ in rows} | {"oracle"}
     rows += [(label, name, {}) for name, label in DEFAULT_LABELS.items() if name not in listed]
+    rows += [(name, "fixed", {"candidate": name}) for name in
+             cube.candidates.loc[~single_candidates(cube.candidates), "name"] if str(name).startswith("ensemble(")]
     rows.append(("Best model (oracle)", "oracle", {}))
-    rows += detector_strategies(cube)
+    rows += detector_rows
     return rows
 
 
@@ -233,17 +339,17 @@ def detector_strategies(cube: AurocCube) -> list[tuple[str, str, dict]]:
     """Table 1's detector-selection rows, when the cube's candidates span several detectors: SWSA
     over the paper's backbone-only grid (the default detector, kNN k = 3), the default detector
     on the largest model, and the best backbone-only candidate (oracle). The full-grid rows are
-    the usual ones ("SWSA (source)", "Largest model", "Best model (oracle)")."""
+    the usual ones ("SWSA (source)", "Largest backbone, all detectors averaged", "Best model (oracle)")."""
     if "detector" not in cube.candidates:
         return []
-    labels = set(cube.candidates["detector"]) - {"imported"}
+    labels = set(cube.candidates.loc[single_candidates(cube.candidates), "detector"]) - {"imported"}
     default = DEFAULT_DETECTOR.label
     if len(labels) < 2 or default not in labels:
         return []
     base = cube.config.get("base_sources", [s for s in cube.sources if "@" not in s])
     only = {"detectors": [default]}
     rows = [(f"SWSA ({source}), backbone-only grid", "swsa", {"source": source, **only}) for source in base]
-    rows += [(f"Fixed detector {default}, largest model", "largest", only),
+    rows += [(f"Largest backbone with detector {default}", "largest", only),
              ("Best backbone-only candidate (oracle)", "oracle", only)]
     return rows
 
@@ -251,9 +357,11 @@ def detector_strategies(cube: AurocCube) -> list[tuple[str, str, dict]]:
 def selection_context(cube: AurocCube, rows: np.ndarray, setting_index: int) -> SelectionContext:
     """What the strategies see of the tasks ``rows`` of ``cube`` in setting ``SETTINGS[setting_index]``."""
     base = tuple(cube.config.get("base_sources", [s for s in cube.sources if "@" not in s]))
+    scores = cube.scores
     return SelectionContext(
         synthetic=cube.synthetic[rows], sources=tuple(cube.sources), base_sources=base,
         candidates=cube.candidates, real=cube.real[rows, :, setting_index],
+        scores=None if scores is None else scores.take(rows),
     )
 
 
@@ -278,7 +386,7 @@ def selection_table(cube: AurocCube, strategies: list[tuple[str, str, dict]] | N
         for s, setting in enumerate(SETTINGS):
             ctx = selection_context(cube, rows, s)
             for (label, _, _), weights in zip(strategies, strategy_weights(ctx, strategies)):
-                outcome = evaluate_weights(weights, ctx.real)
+                outcome = evaluate_weights(weights, ctx.real, ctx.single)
                 defined = ~np.isnan(outcome["hit"])
                 n = int(defined.sum())
                 records.append({
@@ -292,15 +400,18 @@ def selection_table(cube: AurocCube, strategies: list[tuple[str, str, dict]] | N
 
 
 def per_task_picks(cube: AurocCube, source: str | None = None) -> pd.DataFrame:
-    """One row per task and setting: SWSA's pick on ``source``, the oracle's pick and their real AUROCs."""
+    """One row per task and setting: SWSA's pick on ``source``, the oracle's pick and their real AUROCs
+    — among the single candidates, as the strategies choose (an ensemble is a row of its own)."""
     base = cube.config.get("base_sources", [s for s in cube.sources if "@" not in s])
     source = source or (base[0] if base else None)
     names = np.array(cube.candidate_names)
     closest = cube.closest_class()
+    single = single_candidates(cube.candidates)[None, :]
     records = []
     for s, setting in enumerate(SETTINGS):
-        real = cube.real[:, :, s]
-        synth = cube.synthetic[:, :, cube.sources.index(source)] if source else np.full(real.shape, np.nan)
+        real = np.where(single, cube.real[:, :, s], np.nan)
+        synth = (np.where(single, cube.synthetic[:, :, cube.sources.index(source)], np.nan) if source
+                 else np.full(real.shape, np.nan))
         safe = lambda a: np.where(np.isnan(a), -np.inf, a)
         pick = safe(synth).argmax(axis=1)
         best = safe(real).argmax(axis=1)

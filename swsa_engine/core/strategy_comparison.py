@@ -74,7 +74,7 @@ def bootstrap_ci(values: np.ndarray, indices: np.ndarray, level: float = CI_LEVE
 
 
 def compare_weights(weights: np.ndarray, real: np.ndarray, *, n_resamples: int = BOOTSTRAP_RESAMPLES,
-                    seed: int = BOOTSTRAP_SEED, level: float = CI_LEVEL) -> pd.DataFrame:
+                    seed: int = BOOTSTRAP_SEED, level: float = CI_LEVEL, pool: np.ndarray | None = None) -> pd.DataFrame:
     """The comparison's numbers for K strategies on the same tasks.
 
     Parameters
@@ -82,6 +82,8 @@ def compare_weights(weights: np.ndarray, real: np.ndarray, *, n_resamples: int =
     weights : (K, T, C) each strategy's pick per task as weights over the C candidates (one 1
         for a single pick; ties or a random pick spread it); NaN where a strategy has no pick
     real : (T, C) the candidates' real AUROC; a task with a NaN candidate is left out
+    pool : (C,) bool, the candidates the best (and so the regret) is taken over (default all;
+        the strategies table passes the single candidates, so an ensemble's regret can be negative)
 
     Returns
     -------
@@ -95,7 +97,7 @@ def compare_weights(weights: np.ndarray, real: np.ndarray, *, n_resamples: int =
         raise ValueError(f"weights must be (K, T, C) with (T, C) = real's shape {real.shape}, got {weights.shape}")
     records = []
     for one in weights:
-        outcome = evaluate_weights(one, real)
+        outcome = evaluate_weights(one, real, pool)
         defined = ~np.isnan(outcome["hit"])
         values = np.stack([outcome["auroc"], outcome["best"] - outcome["auroc"], outcome["hit"]])[:, defined]
         n = int(defined.sum())
@@ -130,7 +132,8 @@ def strategies_table(cube: AurocCube, strategies: list[tuple[str, str, dict]] | 
             blocks.append((ALL_DATASETS, np.concatenate([b[1] for b in blocks], axis=1),
                            np.concatenate([b[2] for b in blocks], axis=0)))
         for dataset, weights, real in blocks:
-            numbers = compare_weights(weights, real, n_resamples=n_resamples, seed=seed, level=level)
+            numbers = compare_weights(weights, real, n_resamples=n_resamples, seed=seed, level=level,
+                                      pool=ctx.single)
             numbers.insert(0, "dataset", dataset)
             numbers.insert(1, "strategy", [label for label, _, _ in strategies])
             numbers.insert(2, "setting", setting)

@@ -16,7 +16,7 @@ import pandas as pd
 
 from swsa_engine.core.cube import BLISS_CUBE, BLISS_DEFAULT, ENSEMBLE, PROMPT_CUBE, SETTINGS, AurocCube, bliss_name
 from swsa_engine.core.selection import selection_table
-from swsa_engine.report.tables import markdown_table, table1_display
+from swsa_engine.report.tables import markdown_table, table1_display, write_csv
 from swsa_engine.run.cube_io import load_cube, stored_results
 
 
@@ -106,7 +106,7 @@ def clip_report_lines(store_path: str | os.PathLike, out_dir: str | os.PathLike,
         cube = load_cube(store_path, PROMPT_CUBE)
         table = prompt_selection_table(cube)
         paths["prompt_table_csv"] = out / "table1_prompts.csv"
-        table.to_csv(paths["prompt_table_csv"], index=False)
+        write_csv(table, paths["prompt_table_csv"])
         shown = table1_display(table.assign(strategy=table["strategy"].str.replace("Best prompt", "Best model")))
         shown["strategy"] = shown["strategy"].str.replace("Best model", "Best prompt")
         lines += ["## Table 1 — prompt selection (zero-shot CLIP)", "",
@@ -123,8 +123,8 @@ def clip_report_lines(store_path: str | os.PathLike, out_dir: str | os.PathLike,
         grid = bliss_grid_table(cube)
         paths["bliss_table_csv"] = out / "table1_bliss.csv"
         paths["bliss_grid_csv"] = out / "bliss_grid.csv"
-        table.to_csv(paths["bliss_table_csv"], index=False)
-        grid.to_csv(paths["bliss_grid_csv"], index=False)
+        write_csv(table, paths["bliss_table_csv"])
+        write_csv(grid, paths["bliss_grid_csv"])
         shown = table1_display(table.assign(strategy=table["strategy"].str.replace("Best setting", "Best model")))
         shown["strategy"] = shown["strategy"].str.replace("Best model", "Best setting")
         grid.columns = [str(c) if not isinstance(c, (int, np.integer)) else f"K={c}" for c in grid.columns]

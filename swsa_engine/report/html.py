@@ -37,6 +37,7 @@ from swsa_engine.core.cube import SETTINGS, AurocCube
 from swsa_engine.core.protocol import protocol_line
 from swsa_engine.core.selection import per_task_picks, ranking_table, selection_table
 from swsa_engine.core.strategy_comparison import strategies_table
+from swsa_engine.report.confidence import picks_with_confidence, report_confidence
 from swsa_engine.report.distribution import sample_tasks
 from swsa_engine.report.figures.figure3 import figure3_data
 from swsa_engine.report.html_assets import CSS, JS
@@ -44,7 +45,7 @@ from swsa_engine.report.html_format import COLUMN_FORMATS, fmt_number, html_tabl
 from swsa_engine.report.html_payload import task_payloads
 from swsa_engine.report.html_thumbs import file_uri, thumbnail
 from swsa_engine.report.tables import (RANDOM_CANDIDATES_NOTE, STRATEGIES_NOTE, ReportTables, all_skips,
-                                       random_candidates, table1_display, table2_note)
+                                       random_candidates, read_csv, table1_display, table2_note)
 
 __all__ = ["write_html_report", "FILTER_COLUMNS", "fmt_number", "html_table", "thumbnail", "COLUMN_FORMATS"]
 
@@ -62,7 +63,7 @@ def _read_csv(directory: Path | None, name: str) -> pd.DataFrame | None:
     if not path.is_file():
         return None
     try:
-        return pd.read_csv(path, keep_default_na=True)
+        return read_csv(path, keep_default_na=True)  # text cells as before write_csv's formula guard
     except pd.errors.EmptyDataError:
         return None
 
@@ -98,7 +99,7 @@ def write_html_report(
     index, sections = [], []
     for task_id, entry, payload in task_payloads(
         cube, store_path, tables.picks, tables.skips, thumb_size=thumb_size, max_per_generator=max_per_generator,
-        n_real=n_real, tsne_tasks=figures.tsne_tasks,
+        n_real=n_real, tsne_tasks=figures.tsne_tasks, confidence=tables.confidence,
     ):
         index.append(entry)
         sections.append(json_script(f"task-{task_id}", payload))
@@ -134,12 +135,16 @@ def _report_tables(cube: AurocCube, report_dir: Path | None, store_skips: pd.Dat
     strategies = _read_csv(report_dir, "strategies.csv")
     strategies = strategies_table(cube) if strategies is None else strategies
     picks = _read_csv(report_dir, "tasks.csv")
-    picks = per_task_picks(cube) if picks is None else picks
+    confidence = _read_csv(report_dir, "pick_confidence.csv")
+    if picks is None:  # computed here, with the pick confidence when the cube carries its per-image scores
+        computed = report_confidence(cube)
+        picks = picks_with_confidence(per_task_picks(cube), cube, computed)
+        confidence = computed.table if confidence is None else confidence
     skips = _read_csv(report_dir, "skips.csv")
     if skips is None:
         skips = all_skips(cube, store_skips)
     skips = skips.fillna({"candidate": "", "reason": "", "stage": ""})
-    return ReportTables(table1, table2, picks, skips, table3, strategies)
+    return ReportTables(table1, table2, picks, skips, table3, strategies, confidence=confidence)
 
 
 @dataclass

@@ -179,10 +179,21 @@ function aurocHtml(task){
   });
   s+='</tbody></table></div>';
   if(task.picks.length){
-    s+='<table class="data picks"><thead><tr><th>setting</th><th>source</th><th>SWSA pick</th><th>its synthetic AUROC</th><th>its real AUROC</th>'+
-      '<th>oracle pick</th><th>best real AUROC</th><th>hit</th></tr></thead><tbody>'+task.picks.map(p=>'<tr><td>'+esc(p.setting)+'</td><td>'+esc(p.source)+
-      '</td><td>'+esc(p.swsa)+'</td><td class="num">'+p.swsa_synth+'</td><td class="num">'+p.swsa_real+'</td><td>'+esc(p.oracle)+
+    s+='<table class="data picks"><thead><tr><th>setting</th><th>source</th><th>SWSA pick</th><th>its synthetic AUROC</th>'+
+      '<th title="share of bootstrap resamples of the synthetic validation set in which it is picked again">resample probability</th>'+
+      '<th title="share of the other synthetic sources that pick it too">source agreement</th><th title="its synthetic AUROC minus the runner-up\'s">margin</th>'+
+      '<th>its real AUROC</th><th>oracle pick</th><th>best real AUROC</th><th>hit</th></tr></thead><tbody>'+task.picks.map(p=>'<tr><td>'+esc(p.setting)+'</td><td>'+esc(p.source)+
+      '</td><td>'+esc(p.swsa)+'</td><td class="num">'+p.swsa_synth+'</td><td class="num">'+esc(p.resample||'–')+'</td><td class="num">'+esc(p.agreement||'–')+
+      '</td><td class="num">'+esc(p.margin||'–')+'</td><td class="num">'+p.swsa_real+'</td><td>'+esc(p.oracle)+
       '</td><td class="num">'+p.oracle_real+'</td><td>'+(p.hit?'yes':'no')+'</td></tr>').join('')+'</tbody></table>';
+  }
+  if((task.confidence||[]).length){
+    const settings=Object.keys(task.confidence[0].regret);
+    s+='<h5>How much to trust each pick (label-free)</h5><table class="data confidence"><thead><tr><th>strategy</th><th>pick</th>'+
+      '<th>resample probability</th><th>source agreement</th><th>margin</th>'+settings.map(k=>'<th>regret · '+esc(k)+'</th>').join('')+
+      '</tr></thead><tbody>'+task.confidence.map(c=>'<tr><td>'+esc(c.strategy)+'</td><td>'+esc(c.pick||'–')+'</td><td class="num">'+esc(c.resample)+
+      '</td><td class="num">'+esc(c.agreement)+'</td><td class="num">'+esc(c.margin)+'</td>'+settings.map(k=>'<td class="num">'+esc(c.regret[k]||'–')+'</td>').join('')+
+      '</tr>').join('')+'</tbody></table>';
   }
   return s;
 }

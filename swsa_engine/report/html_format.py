@@ -74,5 +74,7 @@ def html_table(frame: pd.DataFrame, table_id: str, formats: dict | None = None) 
 def json_script(element_id: str, value) -> str:
     """``value`` as JSON in a ``<script type="application/json" id=element_id>`` element (NaN refused)."""
     text = json.dumps(value, separators=(",", ":"), allow_nan=False)
-    text = text.replace("</", "<\\/")  # never close the script element early
+    # "<", ">" and "&" only occur inside JSON strings: as \u escapes they can never close the script
+    # element early nor open a comment or a script inside it (user text such as "<!--<script>")
+    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     return f'<script type="application/json" id="{element_id}">{text}</script>'

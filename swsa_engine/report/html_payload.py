@@ -1,7 +1,9 @@
 """The HTML report's task payloads: one JSON object per task, from which the page builds the
 task's section when it is opened — its seed images, synthetic anomalies per generator, a sample
 of real validation images (thumbnail data URIs carried by the payload), every candidate's
-synthetic and real AUROC, SWSA's and the oracle's picks, and its recorded skips. The store is
+synthetic and real AUROC, SWSA's and the oracle's picks, the label-free confidence of every pick
+(``pick_confidence.csv``: resample probability, source agreement, margin, and the regret per setting)
+and its recorded skips. The store is
 read through :class:`swsa_engine.run.report_inputs.StoreImages`."""
 
 from __future__ import annotations
@@ -107,18 +109,38 @@ def _picks_payload(picks: list[dict]) -> list[dict]:
         "setting": row["setting"], "source": row["source"], "swsa": row["swsa_pick"],
         "swsa_synth": fmt_number(row["swsa_pick_synthetic_auroc"]), "swsa_real": fmt_number(row["swsa_pick_real_auroc"]),
         "oracle": row["oracle_pick"], "oracle_real": fmt_number(row["oracle_real_auroc"]), "hit": bool(row["hit"]),
+        **{key: fmt_number(row.get(column, float("nan"))) for key, column in _CONFIDENCE_KEYS.items()},
     } for row in picks]
+
+
+#: payload key → column of ``tasks.csv`` / ``pick_confidence.csv`` (the pick's label-free confidence)
+_CONFIDENCE_KEYS = {"resample": "pick_resample_probability", "agreement": "pick_source_agreement",
+                    "margin": "pick_margin"}
+
+
+def _confidence_payload(rows: list[dict]) -> list[dict]:
+    """A task's rows of ``pick_confidence.csv`` (one per strategy and setting) as one entry per
+    strategy: its pick, the three confidence measures and the regret per setting."""
+    by_strategy: dict[str, dict] = {}
+    for row in rows:
+        entry = by_strategy.setdefault(str(row["strategy"]), {
+            "strategy": str(row["strategy"]), "pick": "" if pd.isna(row["pick"]) else str(row["pick"]),
+            **{key: fmt_number(row[column]) for key, column in _CONFIDENCE_KEYS.items()}, "regret": {}})
+        entry["regret"][str(row["setting"])] = fmt_number(row["regret"])
+    return list(by_strategy.values())
 
 
 def task_payloads(cube: AurocCube, store_path: str | os.PathLike | None, picks: pd.DataFrame, skips: pd.DataFrame, *,
                   thumb_size: int, max_per_generator: int, n_real: int,
-                  tsne_tasks: set[int]) -> Iterator[tuple[int, dict, dict]]:
+                  tsne_tasks: set[int], confidence: pd.DataFrame | None = None) -> Iterator[tuple[int, dict, dict]]:
     """Yield (task_id, index entry, JSON payload) per task, in the cube's task order, then the
     store's tasks that the cube has no AUROCs for. ``picks``: the rows of ``tasks.csv``;
-    ``skips``: every recorded skip (``skips.csv``); ``tsne_tasks``: the ids of the tasks Figure 4 shows."""
+    ``skips``: every recorded skip (``skips.csv``); ``tsne_tasks``: the ids of the tasks Figure 4 shows;
+    ``confidence``: the rows of ``pick_confidence.csv`` (None: no per-image scores)."""
     images = StoreImages.read(store_path)
     cache = ThumbnailCache(images, thumb_size)
     picks_by_task = group_rows(picks, "task_id")
+    confidence_by_task = group_rows(confidence, "task_id")
     skips_by_task = _skips_by_task(skips, images.task_of_synthetic)
     closest = cube.closest_class()
     base = cube.config.get("base_sources", [s for s in cube.sources if "@" not in s])
@@ -131,6 +153,7 @@ def task_payloads(cube: AurocCube, store_path: str | os.PathLike | None, picks: 
         payload = {
             **entry, "seeds": seeds, "generators": generators, "normals": normals, "anomalies": anomalies,
             "auroc": _auroc_payload(cube, t, closest, base), "picks": _picks_payload(_records(picks_by_task, task_id)),
+            "confidence": _confidence_payload(_records(confidence_by_task, task_id)),
             "skips": _skip_rows(skips_by_task, task_id), "tsne": task_id in tsne_tasks, "thumbs": thumbs.by_id,
         }
         yield task_id, entry, payload
@@ -149,6 +172,6 @@ def _unscored_payloads(cube: AurocCube, store_tasks: pd.DataFrame, skips_by_task
         state = "skipped" if row.get("status", "ok") != "ok" else "not scored"
         entry = _task_entry(task_id, row["dataset"], row["normal_class"], state)
         payload = {**entry, "reason": str(row.get("skip_reason", "")),
-                   "seeds": [], "generators": [], "normals": [], "anomalies": [], "auroc": None, "picks": [],
+                   "seeds": [], "generators": [], "normals": [], "anomalies": [], "auroc": None, "picks": [], "confidence": [],
                    "skips": _skip_rows(skips_by_task, task_id), "tsne": False, "thumbs": {}}
         yield task_id, entry, payload

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from PIL import Image
+from swsa_store.samples import to_rgb
 
 from swsa_engine.run.report_inputs import StoreImages
 
@@ -33,7 +34,7 @@ def thumbnail(path: str | os.PathLike | None, size: int = 64) -> str | None:
         return None
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB")
+            image = to_rgb(image)  # 16-bit scaled, palette/CMYK converted
             image.thumbnail((size, size))
             best = None
             for fmt, mime, kwargs in (("PNG", "image/png", {"optimize": True}), ("JPEG", "image/jpeg", {"quality": 80})):

@@ -17,13 +17,15 @@ from swsa_engine.core.cube import AurocCube
 from swsa_engine.core.protocol import protocol_line
 from swsa_engine.core.selection import per_task_picks, ranking_table, selection_table
 from swsa_engine.core.strategy_comparison import strategies_table
+from swsa_engine.report.atomic import publish, staging_dir
 from swsa_engine.report.clip_tables import clip_report_lines
+from swsa_engine.report.confidence import CONFIDENCE_PICK_COLUMNS, distrust_lines, picks_with_confidence, report_confidence
 from swsa_engine.report.distribution import tv_table
 from swsa_engine.report.figures import create_figure
 from swsa_engine.report.figures.figure3 import figure3
 from swsa_engine.report.tables import (RANDOM_CANDIDATES_NOTE, STRATEGIES_NOTE, TABLE2_FORMATS, ReportTables,
                                        all_skips, detector_families, markdown_table, random_candidates,
-                                       strategies_display, table1_display, table2_display, table2_note)
+                                       strategies_display, table1_display, table2_display, table2_note, write_csv)
 
 __all__ = ["write_report", "markdown_table", "table1_display", "detector_families", "figure3", "RANDOM_CANDIDATES_NOTE"]
 
@@ -42,20 +44,21 @@ def write_report(
 ) -> dict[str, Path]:
     """Write ``report.md``, ``table1.csv/.md``, ``table2.csv/.md``, ``tasks.csv``, ``summary.json``,
     ``strategies.csv`` (:func:`~swsa_engine.core.strategy_comparison.strategies_table`),
-    ``figure3.png`` and ``strategies.png`` into ``out_dir``; returns their paths.
+    ``pick_confidence.csv`` (:mod:`swsa_engine.report.confidence`; with the cube's per-image scores,
+    ``cube.scores`` or the store's), ``figure3.png`` and ``strategies.png`` into ``out_dir``; returns their paths.
 
     With ``store_path``: ``table3_tasks > 0`` adds Table 3 (total variation, that many tasks per
     dataset) and ``figure4=True`` the t-SNE figure, both for ``candidate`` (default ViT-B/16).
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = staging_dir(out_dir)  # written whole, then renamed into out_dir (report.atomic)
     paths = {
         "table1_csv": out / "table1.csv", "table2_csv": out / "table2.csv", "tasks_csv": out / "tasks.csv",
         "figure3": out / "figure3.png", "summary": out / "summary.json", "report": out / "report.md",
         "skips_csv": out / "skips.csv", "strategies_csv": out / "strategies.csv",
         "strategies_figure": out / "strategies.png",
     }
-    tables = _write_cube_tables(cube, store_skips, paths)
+    confidence = report_confidence(cube, store_path)
+    tables = _write_cube_tables(cube, store_skips, paths, confidence)
     if store_path is not None:
         tables.table3 = _write_store_figures(cube, store_path, out, paths, table3_tasks=table3_tasks,
                                              figure4=figure4, candidate=candidate)
@@ -65,26 +68,31 @@ def write_report(
         lines += ["## Figure 4 — t-SNE of one task per dataset", "", "![figure 4](figure4.png)", ""]
     if store_path is not None:  # prompt selection and BLISS blocks, when those cubes exist
         lines += clip_report_lines(store_path, out, paths)
-    lines += _picks_lines(cube, tables.picks) + _skips_lines(tables.skips)
+    lines += _picks_lines(cube, tables.picks) + distrust_lines(confidence) + _skips_lines(tables.skips)
     paths["report"].write_text("\n".join(lines) + "\n", encoding="utf-8")
     _write_summary(cube, tables, randoms, paths["summary"])
     (out / "table1.md").write_text(markdown_table(table1_display(tables.table1)) + "\n", encoding="utf-8")
     (out / "table2.md").write_text(markdown_table(tables.table2, TABLE2_FORMATS) + "\n", encoding="utf-8")
-    return paths
+    return publish(out, Path(out_dir), paths)
 
 
-def _write_cube_tables(cube: AurocCube, store_skips: pd.DataFrame | None, paths: dict[str, Path]) -> ReportTables:
-    """Compute Tables 1 and 2, the per-task picks and the skips from ``cube`` (and the store's
-    ``store_skips``), and write them and Figure 3 to ``paths``."""
-    tables = ReportTables(selection_table(cube), ranking_table(cube), per_task_picks(cube), all_skips(cube, store_skips),
-                          strategies=strategies_table(cube))
-    tables.strategies.to_csv(paths["strategies_csv"], index=False)
+def _write_cube_tables(cube: AurocCube, store_skips: pd.DataFrame | None, paths: dict[str, Path],
+                       confidence) -> ReportTables:
+    """Compute Tables 1 and 2, the per-task picks (with the ``confidence`` of SWSA's pick) and the
+    skips from ``cube`` (and the store's ``store_skips``), and write them and Figure 3 to ``paths``."""
+    picks = picks_with_confidence(per_task_picks(cube), cube, confidence)
+    tables = ReportTables(selection_table(cube), ranking_table(cube), picks, all_skips(cube, store_skips),
+                          strategies=strategies_table(cube), confidence=confidence.table, distrust=confidence.distrust)
+    if confidence.table is not None:
+        paths["pick_confidence_csv"] = paths["tasks_csv"].with_name("pick_confidence.csv")
+        write_csv(confidence.table, paths["pick_confidence_csv"])
+    write_csv(tables.strategies, paths["strategies_csv"])
     create_figure("strategies", cube=cube, path=paths["strategies_figure"], table=tables.strategies)
-    tables.table1.to_csv(paths["table1_csv"], index=False)
-    tables.table2.to_csv(paths["table2_csv"], index=False)
-    tables.picks.to_csv(paths["tasks_csv"], index=False)
+    write_csv(tables.table1, paths["table1_csv"])
+    write_csv(tables.table2, paths["table2_csv"])
+    write_csv(tables.picks, paths["tasks_csv"])
     create_figure("figure3", cube=cube, path=paths["figure3"])
-    tables.skips.to_csv(paths["skips_csv"], index=False)
+    write_csv(tables.skips, paths["skips_csv"])
     return tables
 
 
@@ -96,7 +104,7 @@ def _write_store_figures(cube: AurocCube, store_path: str | os.PathLike, out: Pa
     if table3_tasks > 0:
         table3 = tv_table(store_path, cube, candidate=candidate, tasks_per_dataset=table3_tasks)
         paths["table3_csv"] = out / "table3.csv"
-        table3.to_csv(paths["table3_csv"], index=False)
+        write_csv(table3, paths["table3_csv"])
     if figure4:
         paths["figure4"] = create_figure("figure4", cube=cube, path=out / "figure4.png", store_path=store_path,
                                          candidate=candidate)
@@ -179,12 +187,17 @@ def _picks_lines(cube: AurocCube, picks: pd.DataFrame) -> list[str]:
         "## Per-task picks",
         "",
         f"`tasks.csv` has {len(picks)} rows: per task and setting, SWSA's pick on `{picks['source'].iloc[0] if len(picks) else ''}`, "
-        "the oracle's pick and their real AUROCs.",
+        "the oracle's pick and their real AUROCs, and the pick's label-free confidence (`pick_resample_probability`, "
+        "`pick_source_agreement`, `pick_margin`; see \"When to distrust a pick\").",
         "",
     ]
     if 0 < len(cube.tasks) <= 40:
-        shown = picks[["normal_class", "setting", "swsa_pick", "swsa_pick_real_auroc", "oracle_pick", "oracle_real_auroc", "hit"]]
+        shown = picks[["normal_class", "setting", "swsa_pick", *CONFIDENCE_PICK_COLUMNS, "swsa_pick_real_auroc",
+                       "oracle_pick", "oracle_real_auroc", "hit"]]
         lines += [markdown_table(shown.rename(columns={"normal_class": "normal class", "swsa_pick": "SWSA pick",
+                                                        "pick_resample_probability": "resample probability",
+                                                        "pick_source_agreement": "source agreement",
+                                                        "pick_margin": "margin",
                                                         "swsa_pick_real_auroc": "its real AUROC", "oracle_pick": "oracle pick",
                                                         "oracle_real_auroc": "best real AUROC"})), ""]
     return lines
@@ -213,6 +226,7 @@ def _write_summary(cube: AurocCube, tables: ReportTables, randoms: list[str], pa
         "table3": None if tables.table3 is None else tables.table3.to_dict(orient="records"),
         "table1": tables.table1.to_dict(orient="records"), "table2": tables.table2.to_dict(orient="records"),
         "strategies": None if tables.strategies is None else tables.strategies.to_dict(orient="records"),
+        "pick_confidence_distrust": None if tables.distrust is None else tables.distrust.to_dict(orient="records"),
     }
     path.write_text(json.dumps(summary, indent=2, default=_json_default), encoding="utf-8")
 

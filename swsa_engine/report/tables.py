@@ -6,6 +6,7 @@ each candidate's detector family."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,8 +20,12 @@ from swsa_engine.core.detectors import parse_detector
 __all__ = [
     "fmt_cell", "markdown_table", "table1_display", "detector_families", "ReportTables", "TABLE2_FORMATS",
     "RANDOM_CANDIDATES_NOTE", "random_candidates", "all_skips", "SKIP_TABLE_COLUMNS", "strategies_display",
-    "table2_display", "table2_note", "STRATEGIES_NOTE",
+    "table2_display", "table2_note", "STRATEGIES_NOTE", "csv_cell", "write_csv", "read_csv", "md_cell",
+    "FORMULA_START",
 ]
+
+#: First characters that make a spreadsheet read a CSV cell as a formula (CSV injection).
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 #: Markdown formats of Table 2's p-value columns (the other floats get 3 decimals).
 TABLE2_FORMATS = {"p_value": ".3g", "p_one_sided": ".3g", "bonferroni_threshold": ".3g"}
@@ -42,18 +47,53 @@ RANDOM_CANDIDATES_NOTE = ("They were built with random weights, as asked for (`-
 SKIP_TABLE_COLUMNS = ["stage", "image_id", "task_id", "candidate", "reason"]
 
 
+def csv_cell(value):
+    """``value`` as written to a CSV swsa writes: a string starting with a formula character
+    (:data:`FORMULA_START`) or with a single quote gets one single quote in front, so a
+    spreadsheet shows it as text (and :func:`read_csv` gives the string back); other values as is."""
+    if isinstance(value, str) and value.startswith((*FORMULA_START, "'")):
+        return "'" + value
+    return value
+
+
+def _text_columns(frame: pd.DataFrame) -> list:
+    return [c for c in frame.columns if frame[c].dtype == object or isinstance(frame[c].dtype, pd.StringDtype)]
+
+
+def write_csv(frame: pd.DataFrame, path: str | os.PathLike, **kwargs) -> None:
+    """``frame`` to the CSV ``path`` (no index) with every text cell through :func:`csv_cell` —
+    the one writer of the report's CSV files."""
+    safe = frame.assign(**{str(c): frame[c].map(csv_cell) for c in _text_columns(frame)})
+    safe.to_csv(path, index=False, **kwargs)
+
+
+def read_csv(path: str | os.PathLike, **kwargs) -> pd.DataFrame:
+    """A CSV written by :func:`write_csv`, its text cells as they were before :func:`csv_cell`."""
+    frame = pd.read_csv(path, **kwargs)
+    for c in _text_columns(frame):
+        frame[c] = frame[c].map(lambda v: v[1:] if isinstance(v, str) and v.startswith("'") else v)
+    return frame
+
+
+def md_cell(text) -> str:
+    """``text`` safe inside a Markdown table cell: ``|`` escaped, line breaks as spaces, ``<`` as ``&lt;``."""
+    text = str(text).replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;")
+    return " ".join(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"))
+
+
 def fmt_cell(value, digits: int = 3) -> str:
-    """A Markdown cell: floats with ``digits`` decimals ("–" for NaN), anything else as ``str``."""
+    """A Markdown cell: floats with ``digits`` decimals ("–" for NaN), anything else as ``str``
+    made safe by :func:`md_cell`."""
     if isinstance(value, (float, np.floating)):
         return "–" if np.isnan(value) else f"{value:.{digits}f}"
-    return str(value)
+    return md_cell(value)
 
 
 def markdown_table(frame: pd.DataFrame, formats: dict[str, str] | None = None) -> str:
     """A GitHub-flavoured Markdown table (no extra dependency); ``formats`` maps a column to the
     format spec of its finite floats."""
     formats = formats or {}
-    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    header = "| " + " | ".join(map(md_cell, frame.columns)) + " |"
     rule = "| " + " | ".join("---" for _ in frame.columns) + " |"
     lines = [header, rule]
     for row in frame.itertuples(index=False):
@@ -131,7 +171,9 @@ def detector_families(cube: AurocCube) -> list[str]:
 class ReportTables:
     """The DataFrames a report shows: Tables 1 and 2 and the per-task picks (one row per task ×
     setting), every recorded skip (:data:`SKIP_TABLE_COLUMNS`), Table 3 where it was computed
-    (None otherwise) and the strategies comparison (None where not computed)."""
+    (None otherwise), the strategies comparison (None where not computed), and the picks' label-free
+    confidence and its correlation with the regret (``pick_confidence.csv`` and the distrust table of
+    :mod:`swsa_engine.report.confidence`; None without per-image scores)."""
 
     table1: pd.DataFrame
     table2: pd.DataFrame
@@ -139,6 +181,8 @@ class ReportTables:
     skips: pd.DataFrame
     table3: pd.DataFrame | None = None
     strategies: pd.DataFrame | None = None
+    confidence: pd.DataFrame | None = None
+    distrust: pd.DataFrame | None = None
 
 
 def random_candidates(cube: AurocCube) -> list[str]:

@@ -68,8 +68,9 @@ def score_group_detector(
     (T, V) over ``sources`` then their hardest variants, ``per_class`` (T, G), ``skips``
     [(task_id, reason)], ``knn_flops`` (distance-like multiply-adds, for the timing report), and
     for detectors with ``references`` (the few-shot residual) ``references`` (T, K) image ids of
-    each task's drawn references (-1 where none), and ``self_validated`` (T, V) bool: the cells
-    left NaN because they would be self-validation.
+    each task's drawn references (-1 where none), ``self_validated`` (T, V) bool: the cells
+    left NaN because they would be self-validation, and ``scores``: the per-image scores of the
+    tasks scored without a non-finite score, as :func:`swsa_engine.run.knn_sweep.score_group` gives them.
     """
     weight = float(detector.text_prior)
     usable, support, _, abnormal, scoreable, skips = _detector_banks(group, sources, usable, detector, prior, weight)
@@ -105,6 +106,8 @@ def score_group_detector(
     for key in ("real", "synthetic", "per_class"):
         aurocs[key][broken] = np.nan
         out[key][rows] = aurocs[key]
+    out["scores"] = {"rows": rows[~broken], "real": real_scores[~broken], "queries": queries[~broken],
+                     "synthetic": synth_scores[~broken]}
     return out
 
 

@@ -204,7 +204,8 @@ def _two_part_auroc(normal_scores, normal_mask, anomaly_scores, anomaly_mask) ->
 def score_group_imported(table: pd.DataFrame, complete: np.ndarray, n_images: int, group: TaskGroup,
                          sources: list[str], *, hardest: tuple[int, ...]) -> dict:
     """AUROCs of an imported score candidate (``table``: task_id, image_id, score) for one group;
-    tasks not in ``complete`` are left NaN (their skips were recorded at import)."""
+    tasks not in ``complete`` are left NaN (their skips were recorded at import). ``scores``: the
+    imported scores of the real and synthetic queries, as :func:`swsa_engine.run.knn_sweep.score_group` gives them."""
     out = empty_result(group, sources, hardest, [])
     rows = np.flatnonzero(np.isin(group.task_ids, complete))
     if rows.size == 0:
@@ -222,7 +223,9 @@ def score_group_imported(table: pd.DataFrame, complete: np.ndarray, n_images: in
     task_ids = group.task_ids[rows]
     real_scores = lookup(task_ids, np.broadcast_to(group.real_ids, (len(rows), len(group.real_ids))))
     queries, widths = synthetic_queries(group, rows, sources)
-    aurocs = validation_aurocs(group, rows, real_scores, queries, lookup(task_ids, queries), widths, sources, hardest)
+    synth_scores = lookup(task_ids, queries)
+    aurocs = validation_aurocs(group, rows, real_scores, queries, synth_scores, widths, sources, hardest)
     for key in ("real", "synthetic", "per_class"):
         out[key][rows] = aurocs[key]
+    out["scores"] = {"rows": rows, "real": real_scores, "queries": queries, "synthetic": synth_scores}
     return out

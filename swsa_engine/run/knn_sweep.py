@@ -69,8 +69,11 @@ def score_group(
         normals leave-one-out only). Real queries are scored against the whole bank.
 
     Returns a dict: ``real`` (T, 2), ``synthetic`` (T, V) over ``sources`` then their hardest
-    variants, ``per_class`` (T, G), ``skips`` [(task_id, reason)], ``knn_flops`` and
-    ``refined_scores``.
+    variants, ``per_class`` (T, G), ``skips`` [(task_id, reason)], ``knn_flops``,
+    ``refined_scores`` and ``scores`` (the per-image scores behind the AUROCs, for
+    :class:`~swsa_engine.run.cube_layout.ScoreLayout`: ``rows`` (T',) the scored tasks, ``real``
+    (T', Q) scores of ``group.real_ids``, ``queries`` (T', W) the synthetic queries and
+    ``synthetic`` (T', W) their scores).
 
     Scores are computed in float32 with a rigorous error bound each; the few whose bound could
     change an order that an AUROC or a hardest-N set depends on (:func:`~swsa_engine.core.certified.order_uncertain`,
@@ -102,6 +105,7 @@ def score_group(
     aurocs = validation_aurocs(group, rows, real_scores, queries, synth_scores, widths, sources, hardest)
     for key in ("real", "synthetic", "per_class"):
         out[key][rows] = aurocs[key]
+    out["scores"] = {"rows": rows, "real": real_scores, "queries": queries, "synthetic": synth_scores}
     return out
 
 

@@ -35,9 +35,10 @@ from swsa_store.schema import DONE_TODO, DONE_WRITTEN
 
 from swsa_engine.core.cube import AurocCube
 from swsa_engine.core.detectors import KnnDetector, candidate_name, parse_detector
+from swsa_engine.core.ensemble_pass import with_ensembles
 from swsa_engine.core.protocol import DEFAULT_PROTOCOL, check_protocol
-from swsa_engine.run.cube_io import save_cube
-from swsa_engine.run.cube_layout import CubeLayout
+from swsa_engine.run.cube_io import SCORES_RESULT, save_cube, save_scores
+from swsa_engine.run.cube_layout import CubeLayout, ScoreLayout
 from swsa_engine.run.detector_sweep import ReferenceLog, detector_features, score_group_detector
 from swsa_engine.run.group_scoring import score_group_imported
 from swsa_engine.run.knn_sweep import score_group
@@ -126,6 +127,7 @@ class _SweepRun:
     reference_log: ReferenceLog
     protocol: str = DEFAULT_PROTOCOL  # the validation protocol (swsa_engine.core.protocol)
     allow_self_validation: bool = False
+    scores: ScoreLayout | None = None  # the per-image scores being kept (run_sweep(keep_scores=True))
     skips: list = field(default_factory=list)  # (task_id, candidate, reason)
     read_seconds: float = 0.0
     knn_flops: float = 0.0
@@ -141,7 +143,13 @@ class _SweepRun:
             table, complete, _ = store.score_set(name)
         for g, group in enumerate(self.groups):
             result = score_group_imported(table, complete, n_images, group, self.layout.base_sources, hardest=self.hardest)
-            self.layout.put(g, group, c, result)
+            self.put(g, group, c, result)
+
+    def put(self, g: int, group: TaskGroup, column: int, result: dict) -> None:
+        """Write one candidate's AUROCs (and scores, when kept) for the ``g``-th group."""
+        self.layout.put(g, group, column, result)
+        if self.scores is not None:
+            self.scores.put(g, column, result)
 
     def read_features(self, name: str, usable_images: np.ndarray, buffer: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The embeddings ``name`` (N, D), read into ``buffer``, and their usable rows (N,) bool;
@@ -177,7 +185,7 @@ class _SweepRun:
                                               device=self.device, prior=self.priors[g], protocol=self.protocol,
                                               allow_self_validation=self.allow_self_validation)
                 self.reference_log.add(candidate, detector, group.task_ids, result.get("references"))
-            self.layout.put(g, group, c, result)
+            self.put(g, group, c, result)
             self.skips += [(t, candidate, reason) for t, reason in result["skips"]]
             self.knn_flops += result["knn_flops"]
             self.refined_scores += result.get("refined_scores", 0)
@@ -189,6 +197,7 @@ class _SweepRun:
             tasks=layout.tasks[["task_id", "dataset", "normal_class"]], candidates=inputs.info, sources=layout.sources,
             real=layout.real, synthetic=layout.synthetic, per_class=layout.per_class, class_names=layout.class_names,
             skips=pd.DataFrame(self.skips, columns=["task_id", "candidate", "reason"]), self_validated=layout.self_validated,
+            scores=None if self.scores is None else self.scores.scores,
             config={"k": k, "detectors": [d.label for d in inputs.detectors], "hardest": list(self.hardest),
                     "protocol": self.protocol, "allow_self_validation": self.allow_self_validation,
                     "base_sources": layout.base_sources, "device": self.device,
@@ -214,6 +223,8 @@ def run_sweep(
     references: tuple[pd.DataFrame, dict] | None = None,
     protocol: str = DEFAULT_PROTOCOL,
     allow_self_validation: bool = False,
+    keep_scores: bool = True,
+    ensembles: bool = True,
 ) -> AurocCube:
     """Score every task with every candidate backbone of the store and return the AUROC cube.
 
@@ -236,6 +247,15 @@ def run_sweep(
     with them (``cube.self_validated`` marks the cells left out) unless ``allow_self_validation``.
     ``task_ids`` restricts the sweep to those tasks. ``cube.config`` records the time spent
     reading embeddings and scoring, and the kNN floating-point operations.
+
+    ``keep_scores`` (default True) keeps every candidate's per-image scores as ``cube.scores``
+    (:class:`~swsa_engine.core.score_cube.ScoreCube`), saved beside the cube as the result
+    ``"scores"`` (:func:`~swsa_engine.run.cube_io.save_scores`); they take
+    ``T × C × (Q + W) × 8`` bytes (Q real test images, W synthetic queries of the widest task),
+    logged and stored as ``cube.config["scores_bytes"]``: a few MB for the ELPV demo. Without
+    them, strategies that read scores (model centrality) give no pick, and there are no ensembles.
+    ``ensembles`` (default True, needs ``keep_scores``) appends the ensembles of
+    :func:`swsa_engine.core.ensemble_pass.with_ensembles` as candidates of family ``"ensemble"``.
     """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
@@ -252,7 +272,8 @@ def run_sweep(
     text_prior = TextPrior.from_store(store_path) if any(d.text_prior for d in inputs.detectors) else None
     priors = [text_prior.for_group(g) for g in groups] if text_prior is not None else [None] * len(groups)
     run = _SweepRun(store_path, groups, layout, inputs.entries, hardest, device, priors, ReferenceLog(), protocol,
-                    bool(allow_self_validation))
+                    bool(allow_self_validation),
+                    scores=ScoreLayout.of(groups, layout, [e[0] for e in inputs.entries]) if keep_scores else None)
     usable_images = (inputs.images["status"] == "ok").to_numpy()
     buffer = np.empty(inputs.largest_matrix, dtype=np.float32)  # one matrix at a time, reused
     for name in tqdm(inputs.names, desc="score", unit="source", disable=not progress):
@@ -264,6 +285,13 @@ def run_sweep(
             run.score_candidate(name, detector, features, usable)
         del features
     cube = run.cube(inputs, k, started, text_prior)
+    if keep_scores:
+        cube = with_ensembles(cube, cube.scores) if ensembles else cube
+        cube.config.update({"scores_result": SCORES_RESULT, "scores_bytes": cube.scores.nbytes})
+        log.info("per-image scores: %.1f MB", cube.scores.nbytes / 2**20)
+    cube.config["ensembles_built"] = bool(keep_scores and ensembles)
     if save:
+        if keep_scores:
+            save_scores(cube.scores, store_path)
         save_cube(cube, store_path)
     return cube

@@ -18,7 +18,7 @@ __all__ = ["DATASETS", "DEFAULT_EXTENSIONS", "SPLITS", "Dataset", "create_datase
 #: The splits of a samples table.
 SPLITS = ("train", "test")
 #: Image file endings read by the folder datasets (case-insensitive).
-DEFAULT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+DEFAULT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")  # GIF: first frame
 
 #: name → dataset class or factory (building an object with ``name`` and ``samples()``).
 DATASETS: Registry = Registry("dataset")

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -62,7 +63,15 @@ _ORIGINS: dict[str, str] = {
 
 
 class RandomWeightsWarning(UserWarning):
-    """A backbone was built with random weights: its features mean nothing for real images."""
+    """A backbone was built with random weights: its features mean nothing for real images.
+
+    The loaders say so once, as a log line (shown by ``swsa``, and by logging's last resort when
+    logging is not configured); this warning is for programs that opt in (``-W error::...``,
+    ``pytest.warns``), so it is not displayed by default — else every random backbone would be
+    announced twice."""
+
+
+warnings.filterwarnings("ignore", category=RandomWeightsWarning, append=True)  # after any filter a user sets
 
 
 class WeightsNotFoundError(FileNotFoundError):

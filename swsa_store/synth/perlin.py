@@ -37,6 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from swsa_store.samples import to_rgb
 from swsa_store.synth.base import SingleParentGenerator, check_edit_args, register_generator
 from swsa_store.synth.cutpaste import color_jitter
 
@@ -280,7 +281,7 @@ def _load_texture(root: str, relative: str, size: tuple[int, int]) -> np.ndarray
     path = Path(root) / relative
     try:
         with Image.open(path) as img:
-            texture = img.convert("RGB")
+            texture = to_rgb(img)  # 16-bit textures scaled, not clipped
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise ValueError(f"cannot read texture image {str(path)!r} ({exc}); remove or fix that file") from None
     if texture.size != size:

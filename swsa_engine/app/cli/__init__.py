@@ -1,19 +1,22 @@
 """The ``swsa`` command line: demo, catalog, synth, embed, embed-text, score, report, info, bench,
 import-scores, export-validation, split-refs,
-export-detector, predict.
+export-detector, predict, verify, relocate.
 
 Every subcommand has ``--help``. Errors print one line (``swsa: error: ...``) and exit with a
 non-zero status; ``--debug`` shows the full traceback instead.
 
 One module per command group: :mod:`.data` (catalog, synth, embed, embed-text, import-scores,
 split-refs, export-validation), :mod:`.scoring` (score), :mod:`.report` (report, info),
-:mod:`.bench` (bench), :mod:`.demo` (demo), :mod:`.predict` (export-detector, predict); :mod:`.common` holds the shared option helpers.
+:mod:`.bench` (bench), :mod:`.demo` (demo), :mod:`.predict` (export-detector, predict),
+:mod:`.store_admin` (verify, relocate); :mod:`.common` holds the shared option helpers.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
+import os
 import sys
 
 from swsa_engine.app.cli.bench import add_bench_command
@@ -25,9 +28,10 @@ from swsa_engine.app.cli.demo import add_demo_command
 from swsa_engine.app.cli.predict import add_export_detector_command, add_predict_command
 from swsa_engine.app.cli.report import add_info_command, add_report_command
 from swsa_engine.app.cli.scoring import add_score_command
+from swsa_engine.app.cli.store_admin import add_relocate_command, add_verify_command
 from swsa_engine.run.report_inputs import grouped_skip_reasons
 
-__all__ = ["main", "build_parser", "grouped_skip_reasons", "ray_kwargs"]
+__all__ = ["main", "build_parser", "grouped_skip_reasons", "ray_kwargs", "swsa_version"]
 
 log = logging.getLogger("swsa")
 
@@ -38,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="swsa",
         description="Selection With Synthetic Anomalies: choose anomaly detectors without labelled validation data.",
     )
+    parser.add_argument("--version", action="version", version=f"swsa {swsa_version()}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -45,9 +50,28 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (add_demo_command, add_catalog_command, add_synth_command, add_embed_command,
                 add_score_command, add_embed_text_command, add_report_command, add_import_scores_command,
                 add_bench_command, add_split_refs_command, add_info_command, add_export_validation_command,
-                add_export_detector_command, add_predict_command):
+                add_export_detector_command, add_predict_command, add_verify_command, add_relocate_command):
         add(sub)
     return parser
+
+
+def swsa_version() -> str:
+    """The installed distribution's version (``pyproject.toml``), or a note when swsa is not installed."""
+    try:
+        return importlib.metadata.version("swsa")
+    except importlib.metadata.PackageNotFoundError:
+        return "(version unknown: not installed; pip install -e .)"
+
+
+def _quiet_after_broken_pipe() -> int:
+    """The reader of stdout went away (``swsa ... | head``): point stdout at devnull so the
+    interpreter's final flush cannot fail again, and end quietly (as the Python docs advise)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (captured): nothing to redirect
+        pass
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
+        return status
+    except BrokenPipeError:
+        return _quiet_after_broken_pipe()
     except KeyboardInterrupt:
         print("swsa: interrupted", file=sys.stderr)
         return 130

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
+import math
+import re
+
+import numpy as np
+
+from swsa_engine.core.selection import DEFAULT_LABELS, STRATEGIES
+from swsa_store.locks import store_lock
 
 __all__ = [
     "split_list", "ray_kwargs", "add_ray_options", "print_summary", "add_command", "add_store_option",
-    "add_device_option", "add_loader_options", "add_weights_options",
+    "add_device_option", "add_loader_options", "add_weights_options", "task_id_list", "add_custom_strategy",
 ]
+
+#: ``module:function`` of a custom selection strategy (``--strategy``).
+STRATEGY_SPEC = re.compile(r"([A-Za-z_][\w.]*):([A-Za-z_]\w*)")
 
 
 def split_list(value) -> list[str]:
@@ -17,6 +29,55 @@ def split_list(value) -> list[str]:
     if isinstance(value, (list, tuple)):
         value = ",".join(value)
     return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+def task_id_list(value) -> list[int] | None:
+    """A ``--tasks`` value ("0,3") as a list of task ids; None when not given; a one-line
+    :class:`ValueError` naming an item that is not a whole number."""
+    items = split_list(value)
+    if value is None or not items:
+        return None
+    ids = []
+    for item in items:
+        if not re.fullmatch(r"\d+", item):
+            raise ValueError(f"--tasks: {item!r} is not a task id (comma-separated whole numbers, e.g. 0,3)")
+        ids.append(int(item))
+    return sorted(set(ids))
+
+
+def add_custom_strategy(spec: str) -> str:
+    """Import ``module:function`` and register the function as a selection strategy shown in
+    Table 1 and the strategies comparison; returns its row label ("<function> (custom)").
+
+    The function takes a :class:`~swsa_engine.core.selection.SelectionContext` and returns, per
+    task, the picked candidate's index ``(T,)`` or weights ``(T, C)``. It never sees real labels:
+    its context's ``real`` AUROCs are NaN. A bad spec, a module that fails to import or a missing
+    or non-callable function is a one-line :class:`ValueError`.
+    """
+    match = STRATEGY_SPEC.fullmatch(spec.strip())
+    if not match:
+        raise ValueError(f"--strategy {spec!r}: expected module:function, e.g. my_strategies:median_synthetic")
+    module_name, function_name = match.groups()
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # ImportError, or the module's own error while importing
+        raise ValueError(f"--strategy {spec}: cannot import module {module_name!r}: {type(error).__name__}: {error}") from error
+    function = vars(module).get(function_name)
+    if not callable(function):
+        raise ValueError(f"--strategy {spec}: module {module_name!r} has no function {function_name!r}")
+    label = f"{function_name} (custom)"
+
+    def without_labels(ctx):
+        return function(dataclasses.replace(ctx, real=np.full_like(ctx.real, np.nan)))
+
+    def factory(**_):
+        return without_labels
+
+    factory.uses_labels = False
+    name = f"custom:{spec.strip()}"
+    STRATEGIES.add(name, factory, overwrite=True)  # a second --strategy of the same spec replaces it
+    DEFAULT_LABELS[name] = label
+    return label
 
 
 def ray_kwargs(args: argparse.Namespace) -> dict:
@@ -48,12 +109,40 @@ def print_summary(stage: str, summary: dict) -> None:
     print(f"{stage}: {parts}")
 
 
+#: Commands that write a store: they take its writer lock before any work and take ``--wait``.
+WRITER_COMMANDS = ("catalog", "synth", "embed", "embed-text", "score", "import-scores", "split-refs", "relocate")
+
+
 def add_command(sub: argparse._SubParsersAction, name: str, func, help_text: str) -> argparse.ArgumentParser:
-    """A subcommand running ``func(args)``, with the --quiet every command takes."""
+    """A subcommand running ``func(args)``, with the --quiet every command takes; a command of
+    :data:`WRITER_COMMANDS` runs holding the store's writer lock and takes ``--wait [SECONDS]``."""
     p = sub.add_parser(name, help=help_text, description=help_text)
-    p.set_defaults(func=func)
+    p.set_defaults(func=_holding_lock(func, name) if name in WRITER_COMMANDS else func)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    if name in WRITER_COMMANDS:
+        p.add_argument("--wait", nargs="?", type=_seconds, const=math.inf, default=0.0, metavar="SECONDS",
+                       help="when another process is writing the store, wait for it (for SECONDS; no number: "
+                            "as long as it takes) instead of stopping at once")
     return p
+
+
+def _seconds(text: str) -> float:
+    """``--wait``'s value: a number of seconds >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--wait takes a number of seconds, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"--wait takes a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def _holding_lock(func, name: str):
+    """``func`` run under the writer lock of ``args.store`` (taken before any work, see swsa_store.locks)."""
+    def run(args: argparse.Namespace) -> int:
+        with store_lock(args.store, wait=args.wait, command=f"swsa {name}"):
+            return func(args)
+    return run
 
 
 def add_store_option(p: argparse.ArgumentParser, help: str | None = None) -> None:

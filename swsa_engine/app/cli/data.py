@@ -16,10 +16,12 @@ from swsa_store.models.clip import embed_text_store
 from swsa_store.models.preprocessing import parse_preprocess
 from swsa_store.references import split_references
 from swsa_store.scores import import_scores
+from swsa_store.synth import list_generators
 from swsa_store.synthesize import synthesize
 
 from swsa_engine.app.cli.common import (add_command, add_device_option, add_loader_options, add_ray_options,
-                                        add_store_option, add_weights_options, print_summary, ray_kwargs, split_list)
+                                        add_store_option, add_weights_options, print_summary, ray_kwargs, split_list,
+                                        task_id_list)
 
 __all__ = [
     "PAPER_LAYOUTS", "cmd_catalog", "cmd_synth", "cmd_embed", "cmd_embed_text", "cmd_import_scores",
@@ -67,6 +69,7 @@ def cmd_catalog(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
+    task_ids = task_id_list(args.tasks)
     if args.count is None and args.method == "auxiliary":
         args.count = 100
     if args.method == "auxiliary":
@@ -74,7 +77,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
             raise ValueError("`swsa synth --method auxiliary` needs --root PATH (Tiny-ImageNet or any image folder)")
         if args.ray is not None:
             raise ValueError("--ray does not apply to --method auxiliary (it samples files, computes nothing); drop --ray")
-        summary = sample_auxiliary(args.store, args.root, count=args.count, seed=args.seed, source=args.source)
+        summary = sample_auxiliary(args.store, args.root, count=args.count, seed=args.seed, source=args.source,
+                                   task_ids=task_ids)
         print_summary("synth", summary)
         return 0
     kwargs = {}
@@ -90,7 +94,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         kwargs.update(ray_kwargs(args))
         run = synthesize_ray
     summary = run(args.store, args.method, count=args.count, seed=args.seed, source=args.source,
-                  progress=not args.quiet, **kwargs)
+                  task_ids=task_ids, progress=not args.quiet, **kwargs)
     print_summary("synth", summary)
     return 0
 
@@ -171,15 +175,19 @@ def add_catalog_command(sub: argparse._SubParsersAction) -> None:
 def add_synth_command(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "synth", cmd_synth, "make each task's synthetic anomalies from its seed images")
     add_store_option(p)
-    p.add_argument("--method", default="cutpaste", help="registered generator (default cutpaste)")
+    p.add_argument("--method", default="cutpaste",
+                   help=f"registered generator: {', '.join(list_generators())} (default cutpaste); or auxiliary: real "
+                        "outlier images sampled from --root (the paper's Tiny-ImageNet baseline), catalogued as a source")
     p.add_argument("--variant", help="generator variant, e.g. cutpaste: normal | scar")
     p.add_argument("--texture-dir", help="--method perlin: folder of texture images (e.g. DTD's images/); "
                    "default: a shuffled, colour-jittered copy of each seed image")
     p.add_argument("--count", type=int, default=None,
                    help="anomalies per task (default 100, the paper's; Flowers 25; diffusion: every style x content pair)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--source", help="name of this validation source in reports (default: method[-variant]; "
-                   "auxiliary: tinyimagenet or auxiliary)")
+    p.add_argument("--tasks", help="comma-separated task ids to synthesize for, e.g. 0,3 (default: every task that "
+                   "is not skipped; see `swsa info`)")
+    p.add_argument("--source", help="name of this validation source in reports, letters, digits and _ . @ - "
+                   "(default: method[-variant]; auxiliary: tinyimagenet or auxiliary)")
     p.add_argument("--root", help="--method auxiliary: Tiny-ImageNet root or any image folder to sample outliers from "
                    "(--count per task; Flowers tasks 25, as in the paper)")
     _add_diffusion_options(p)

@@ -38,7 +38,7 @@ def add_demo_command(sub: argparse._SubParsersAction) -> None:
                         "digits: pixels, resnet18, resnet34, resnet50, vit_b_32)")
     p.add_argument("--detectors", default=None,
                    help="detectors applied to every feature source, ';'-separated (default elpv: knn; knn(k=5,cosine); "
-                        "mahalanobis; residual(K=4,mean); pca(n=8); digits: knn; mahalanobis; pca(n=8))")
+                        "mahalanobis; residual(K=4,mean); pca(n=8); pyod(model=ecod); pyod(model=ocsvm); digits: knn; mahalanobis; pca(n=8))")
     p.add_argument("--image-size", type=int, default=None,
                    help="model input size (default: each model's own for elpv; 64 for digits, also their render size)")
     p.add_argument("--count", type=int, default=None,

@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from swsa_engine.app.cli.common import add_command, add_store_option
+from swsa_engine.app.cli.common import add_command, add_custom_strategy, add_store_option
 from swsa_engine.report.html import write_html_report
 from swsa_engine.report.summary import write_report
 from swsa_engine.run.cube_io import load_cube
@@ -17,6 +17,8 @@ __all__ = ["cmd_report", "cmd_info", "info_lines", "add_report_command", "add_in
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    for spec in args.strategy or []:  # registered before any table is computed; a bad spec fails first
+        add_custom_strategy(spec)
     cube = load_cube(args.store)
     skips = read_skips(args.store)
     paths = write_report(cube, args.out, store_skips=skips, store_path=args.store, table3_tasks=args.table3_tasks,
@@ -87,6 +89,10 @@ def add_report_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--figure4", action="store_true", help="add Figure 4 (t-SNE of one task per dataset)")
     p.add_argument("--candidate", help="embedding used by Table 3 and Figure 4 (default vit_b_16, else the first)")
     p.add_argument("--html", metavar="PATH", help="also write one self-contained HTML report (opens offline in a browser)")
+    p.add_argument("--strategy", action="append", metavar="MODULE:FUNCTION",
+                   help="add a custom selection strategy to Table 1 and the strategies comparison (repeatable): "
+                        "FUNCTION(ctx) -> (T,) picked indices or (T, C) weights, ctx a SelectionContext without real "
+                        "labels; MODULE must be importable (e.g. on PYTHONPATH)")
 
 
 def add_info_command(sub: argparse._SubParsersAction) -> None:

@@ -22,7 +22,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     detectors = [d.strip() for d in (args.detectors or "").split(";") if d.strip()] or None
     cube = run_sweep(args.store, backbones=split_list(args.backbones) or None, k=args.k, detectors=detectors,
                      hardest=tuple(int(n) for n in split_list(args.hardest)), device=args.device, progress=not args.quiet,
-                     protocol=args.protocol, allow_self_validation=args.allow_self_validation)
+                     protocol=args.protocol, allow_self_validation=args.allow_self_validation,
+                     keep_scores=not args.no_scores, ensembles=not (args.no_ensembles or args.no_scores))
     print_summary("score", {
         "tasks": len(cube.tasks), "candidates": len(cube.candidates), "sources": cube.sources,
         "protocol": cube.protocol, "skipped cells": len(cube.skips),
@@ -32,6 +33,10 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_score_clip(args: argparse.Namespace) -> int:
+    if args.detectors or args.backbones:
+        option = "--detectors" if args.detectors else "--backbones"
+        raise ValueError(f"{option} applies to embedding candidates, not to --prompts/--bliss (which score CLIP prompts); "
+                         f"run `swsa score {option} ...` and `swsa score --prompts` separately")
     hardest = tuple(int(n) for n in split_list(args.hardest))
     if args.prompts:
         cube = run_prompt_sweep(args.store, model=args.model, prompt_set=args.prompt_set, hardest=hardest)
@@ -65,6 +70,12 @@ def add_score_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-self-validation", action="store_true",
                    help="also validate detectors with abnormal references (nagl) on the references' own generator and "
                         "on anomalies sharing parents with them (left out by default: self-validation inflates them)")
+    p.add_argument("--no-ensembles", action="store_true",
+                   help="do not add the ensembles of the candidates (mean, max, median, AOM, MOA of rank-normalised "
+                        "scores, per backbone, per detector, and the one selected on the synthetic sets) as candidates")
+    p.add_argument("--no-scores", action="store_true",
+                   help="do not keep the per-image scores beside the cube (T x C x (Q + W) x 8 bytes); without them "
+                        "there are no ensembles and model centrality gives no pick")
     add_device_option(p)
     p.add_argument("--prompts", action="store_true",
                    help="score CLIP prompts instead of kNN backbones: /results/prompt_cube (needs `swsa embed-text` "

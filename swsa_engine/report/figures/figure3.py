@@ -9,6 +9,7 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
@@ -16,9 +17,16 @@ from swsa_engine.core.cube import SETTINGS, AurocCube
 from swsa_engine.report.figures.registry import register_figure
 from swsa_engine.report.tables import detector_families
 
-__all__ = ["figure3", "figure3_data"]
+__all__ = ["figure3", "figure3_data", "MAX_LABELS"]
 
 MARKERS = "osD^vP*Xh<>p"
+#: Candidates labelled per dataset in a panel: every one when there are at most this many, else
+#: those with the highest mean synthetic AUROC (the ones a selection looks at); a label that
+#: would overlap another (or leave its panel) at every place tried is left out.
+MAX_LABELS = 10
+#: Where a label may sit around its point (offset points, horizontal alignment), tried in order.
+_LABEL_PLACES = ((3, 3, "left"), (3, -9, "left"), (-3, 3, "right"), (-3, -9, "right"),
+                 (6, 10, "left"), (6, -16, "left"), (-6, 10, "right"), (-6, -16, "right"))
 
 
 def _mean_over_tasks(values: np.ndarray) -> np.ndarray:
@@ -35,7 +43,8 @@ def figure3(cube: AurocCube, path: str | os.PathLike) -> Path:
     candidates labelled. Writes the PNG to ``path`` and returns it."""
     base = cube.config.get("base_sources", [s for s in cube.sources if "@" not in s]) or cube.sources[:1]
     datasets = sorted(cube.tasks["dataset"].unique())
-    fig = Figure(figsize=(5.2 * max(1, len(base)), 4.6 * len(SETTINGS)))
+    grow = min(1.0, max(0, len(cube.candidate_names) - MAX_LABELS) / 40)  # more candidates, larger panels (≤ 2x)
+    fig = Figure(figsize=(5.2 * (1 + grow) * max(1, len(base)), 4.6 * (1 + grow) * len(SETTINGS)), dpi=110)
     axes = fig.subplots(len(SETTINGS), max(1, len(base)), squeeze=False)
     families = np.array(detector_families(cube))
     family_names = sorted(set(families))
@@ -49,9 +58,12 @@ def figure3(cube: AurocCube, path: str | os.PathLike) -> Path:
             ax.grid(alpha=0.3)
             if s == 0 and b == 0:  # one legend: colours = detector families, shapes = datasets
                 ax.legend(handles=_legend_handles(family_names, datasets), fontsize=7, loc="lower right")
+    labels = ("" if len(cube.candidate_names) <= MAX_LABELS else
+              f"; labels: the {MAX_LABELS} highest synthetic AUROCs per dataset where they fit, every value in the HTML report")
     fig.suptitle("Real vs synthetic AUROC per candidate (mean over tasks; colour = detector family, "
-                 "marker = dataset)", fontsize=11)
+                 f"marker = dataset{labels})", fontsize=11)
     fig.tight_layout()
+    _place_labels(fig, axes.ravel())
     path = Path(path)
     fig.savefig(path, dpi=110)
     return path
@@ -71,15 +83,42 @@ def _draw_panel(ax, cube: AurocCube, s: int, v: int, datasets: list, families: n
                 continue
             ax.scatter(x[chosen], y[chosen], color=colours(f % 10), marker=MARKERS[d % len(MARKERS)], s=36,
                        edgecolor="black", linewidth=0.4)
-        for name, xi, yi in zip(cube.candidate_names, x, y):
-            if np.isfinite(xi) and np.isfinite(yi):
-                ax.annotate(name, (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for c in _labelled(x, y, MAX_LABELS):
+            ax.annotate(cube.candidate_names[c], (x[c], y[c]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     finite = np.concatenate([ax.collections[i].get_offsets().data.ravel() for i in range(len(ax.collections))])
     finite = finite[np.isfinite(finite)]
     if finite.size:
         lo, hi = float(finite.min()), float(finite.max())
         pad = max(0.02, 0.05 * (hi - lo))
         ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="grey", linewidth=0.8, linestyle="--")
+
+
+def _labelled(x: np.ndarray, y: np.ndarray, limit: int) -> list[int]:
+    """The candidates to label, best mean synthetic AUROC first: every finite point when there
+    are at most ``limit``, else the ``limit`` with the highest ``x`` (ties: the earlier candidate)."""
+    finite = np.flatnonzero(np.isfinite(x) & np.isfinite(y))
+    return [int(c) for c in finite[np.argsort(-x[finite], kind="stable")][:limit]]
+
+
+def _place_labels(fig: Figure, axes) -> None:
+    """Move each panel's labels, in the order drawn (best first), to the first place of
+    :data:`_LABEL_PLACES` where they neither overlap a label already placed nor leave the panel;
+    a label with no such place is hidden (its point stays)."""
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    for ax in axes:
+        frame = ax.get_window_extent(renderer)
+        placed = []
+        for label in ax.texts:
+            for dx, dy, align in _LABEL_PLACES:
+                label.xyann = (dx, dy)
+                label.set_horizontalalignment(align)
+                box = label.get_window_extent(renderer)
+                inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+                if inside and not any(box.overlaps(other) for other in placed):
+                    placed.append(box)
+                    break
+            else:
+                label.set_visible(False)
 
 
 def _legend_handles(family_names: list, datasets: list) -> list:

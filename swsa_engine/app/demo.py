@@ -31,8 +31,10 @@ from swsa_store.catalog import catalog_dataset
 from swsa_store.datasets.elpv import ElpvDataset
 from swsa_store.ingest import embed_store, embedding_name
 from swsa_store.models.backbones import WeightsNotFoundError, get_backbone_cfg, resolve_weights
+from swsa_store.references import split_references
 from swsa_store.synthesize import synthesize
 
+from swsa_engine.core.detectors import parse_detector
 from swsa_engine.core.protocol import DEFAULT_PROTOCOL
 from swsa_engine.report.html import write_html_report
 from swsa_engine.report.summary import write_report
@@ -47,9 +49,13 @@ DIGITS_BACKBONES = ("pixels", "resnet18", "resnet34", "resnet50", "vit_b_32")
 DIGITS_DETECTORS = ("knn", "mahalanobis", "pca(n=8)")
 #: ELPV: raw pixels and the three ImageNet-trained EfficientNet-Lites shipped by pip packages
 ELPV_BACKBONES = ("pixels", "pixels@32", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
-#: (two PyOD models, cheap here: about 21 s more CPU in the score stage on the default sizes)
-ELPV_DETECTORS = ("knn", "knn(k=5,cosine)", "mahalanobis", "residual(K=4,mean)", "pca(n=8)", "pyod(model=ecod)",
-                  "pyod(model=ocsvm)")
+#: the candidate grid of the issue's hand trials (kNN k = 1, 3, 5-cosine; Mahalanobis; two residual
+#: detectors; NAGL; PCA) plus two PyOD models (cheap here: about 21 s more CPU in the score stage)
+ELPV_DETECTORS = ("knn", "knn(k=1)", "knn(k=5,cosine)", "mahalanobis", "residual(K=4,mean)", "residual(K=2,min)",
+                  "nagl(k=3,beta=0.5)", "pca(n=8)", "pyod(model=ecod)", "pyod(model=ocsvm)")
+#: detectors with abnormal references (NAGL) get a seeded share of this source's anomalies held apart
+#: (``swsa split-refs``); the no-self-validation rule then validates them on the other sources only
+REFERENCE_SOURCE, REFERENCE_SHARE = "cutpaste", 0.25
 #: ELPV default sizes per cell type: support (seeds + held-out normals), test normals, anomalies per
 #: defect-probability bucket, synthetic anomalies per generator — about 600 images to embed in all.
 ELPV_SIZES = {"n_support": 60, "n_test_normal": 60, "n_anomaly": 30}
@@ -155,6 +161,9 @@ def run_demo(
             step(f"embed {backbone}", embed_store, store_path, backbone, weights=weights[backbone],
                  weights_dir=weights_dir, image_size=plan.image_size, batch_size=batch_size, num_workers=workers,
                  device=device, progress=progress)
+    if any(parse_detector(label).needs_abnormal for label in plan.detectors):
+        step(f"split references ({REFERENCE_SOURCE})", split_references, store_path, REFERENCE_SOURCE,
+             REFERENCE_SHARE, seed)
     cube = step("score", run_sweep, store_path, backbones=[embedding_name(b) for b in plan.backbones], device=device,
                 progress=progress, detectors=list(plan.detectors), protocol=protocol)
     notes = demo_notes(store_path, cube, plan, step.timings)

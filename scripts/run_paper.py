@@ -8,24 +8,32 @@ run is continued by running the same command again):
 
 1. catalog  ``swsa_store.catalog.catalog_dataset`` for each dataset (cub, flowers, mvtec, visa);
 2. synth    ``swsa_store.synthesize.synthesize`` per generator and dataset (``[counts]``: 100 per
-            task, Flowers 25); generators marked ``optional`` are skipped when not registered;
+            task, Flowers 25); an ``optional`` generator that is not registered, and the
+            diffusion generator without a model (``model = "..."`` in its table or
+            ``$SWSA_DIFFUSION_MODEL``; ``adm_config`` selects the ADM configuration), are skipped;
 3. auxiliary ``swsa_store.auxiliary.sample_auxiliary`` (the Tiny-ImageNet baseline);
 4. embed    ``swsa_store.ingest.embed_store`` for each of the ten backbones;
 5. score    ``swsa_engine.run.sweep.run_sweep``;
 6. report   ``swsa_engine.report.summary.write_report``.
 
-``--dry-run`` prints the plan and touches nothing. Errors print one line and exit 1.
+A step whose input is missing (a dataset root, weights not on disk, the diffusion model) is
+skipped, said at once and listed at the end; the other steps still run. ``--dry-run`` prints the
+plan and touches nothing. Other errors print one line and exit 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tomllib
 from pathlib import Path
 
+DIFFUSION_MODEL_ENV = "SWSA_DIFFUSION_MODEL"  # DiffStyle's default model (swsa_store.synth.diffstyle)
 PAPER_TASKS = {"cub": 200, "flowers": 102, "mvtec": 15, "visa": 12}
 DATASET_KEYS = {"flowers": ("validation",), "visa": ("multi_defect",)}
+#: [[synth]] keys passed on to the generator (the diffusion model and its ADM configuration, ...)
+GENERATOR_KEYS = ("model", "adm_config", "steps", "gamma", "t_edit", "interpolation", "t_boost", "device", "batch_size")
 
 
 def load_config(path: str | Path) -> dict:
@@ -55,7 +63,7 @@ def build_plan(config: dict, store: str | None = None) -> list[dict]:
     for name, spec in config["datasets"].items():
         if "root" not in spec:
             raise ValueError(f"config: [datasets.{name}] needs a root")
-        kwargs = {"root": spec["root"], **{k: spec[k] for k in DATASET_KEYS.get(name, ()) if k in spec}}
+        kwargs = {"root": spec["root"], **{k: spec[k] for k in DATASET_KEYS.get(name, ()) + ("name",) if k in spec}}
         plan.append({"step": "catalog", "kwargs": {"store_path": store, "dataset_name": name, "n_seed": n_seed,
                                                     "split_seed": seed, **kwargs},
                      "note": f"{PAPER_TASKS.get(name, '?')} tasks expected"})
@@ -63,10 +71,11 @@ def build_plan(config: dict, store: str | None = None) -> list[dict]:
         method = spec["method"]
         variant = spec.get("variant")
         source = spec.get("source") or (method if variant in (None, "normal") else f"{method}-{variant}")
-        for name in config["datasets"]:
+        for name, dataset in config["datasets"].items():
             count = int(counts.get(name, default_count))
             gen = {"variant": variant} if variant else {}
-            plan.append({"step": "synth", "dataset": name, "optional": bool(spec.get("optional", False)),
+            gen.update({k: v for k, v in spec.items() if k in GENERATOR_KEYS})  # e.g. model, adm_config
+            plan.append({"step": "synth", "dataset": dataset.get("name", name), "optional": bool(spec.get("optional", False)),
                          "kwargs": {"store_path": store, "method": method, "count": count, "seed": seed,
                                     "source": source, **gen},
                          "note": f"{source}: {count} per {name} task"})
@@ -81,7 +90,8 @@ def build_plan(config: dict, store: str | None = None) -> list[dict]:
         plan.append({"step": "embed", "kwargs": {
             "store_path": store, "backbone": backbone, "weights_dir": embed.get("weights_dir"),
             "allow_download": bool(embed.get("allow_download", False)), "batch_size": int(embed.get("batch_size", 64)),
-            "num_workers": int(embed.get("num_workers", 0)), "device": embed.get("device", "cpu")}, "note": backbone})
+            "num_workers": int(embed.get("num_workers", 0)), "device": embed.get("device", "cpu"),
+            **{k: embed[k] for k in ("weights", "image_size") if k in embed}}, "note": backbone})
     score = config.get("score", {})
     plan.append({"step": "score", "kwargs": {"store_path": store, "k": int(score.get("k", 3)),
                                              "hardest": tuple(int(n) for n in score.get("hardest", (10, 5))),
@@ -100,52 +110,88 @@ def format_plan(plan: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_plan(plan: list[dict], progress: bool = True) -> None:
+def run_plan(plan: list[dict], progress: bool = True) -> list[str]:
+    """Run every step; a step whose input is missing (a dataset root, an optional generator's model,
+    weights not on disk: ``FileNotFoundError``) is skipped and said so, and the rest still runs.
+    Returns the skipped steps, one line each (also printed at the end); other errors stop the run."""
+    skipped: list[str] = []
+    for step in plan:
+        print(f"== {step['step']}: {step['note']}", flush=True)
+        try:
+            reason = _run_step(step, progress)
+        except FileNotFoundError as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if reason:
+            line = f"{step['step']} {step['note']}: {reason}"
+            print(f"   skipped: {reason}", flush=True)
+            skipped.append(line)
+    if skipped:
+        print(f"skipped {len(skipped)} of {len(plan)} steps (the rest ran):")
+        print("\n".join(f"  - {line}" for line in skipped))
+    else:
+        print(f"all {len(plan)} steps ran")
+    return skipped
+
+
+def _run_step(step: dict, progress: bool) -> str:
+    """Run one step; returns why it was skipped ("" when it ran)."""
     from swsa_store.catalog import catalog_dataset
     from swsa_store.store import open_store
 
-    for step in plan:
-        kind, kwargs = step["step"], dict(step["kwargs"])
-        print(f"== {kind}: {step['note']}", flush=True)
-        if kind == "catalog":
-            print(catalog_dataset(kwargs.pop("store_path"), kwargs.pop("dataset_name"), **kwargs))
-        elif kind == "synth":
-            from swsa_store.synth import list_generators
-            from swsa_store.synthesize import synthesize
+    kind, kwargs = step["step"], dict(step["kwargs"])
+    if kind != "catalog" and not Path(kwargs["store_path"]).exists():
+        return "no store yet (every dataset was skipped)"
+    if kind == "catalog":
+        print(catalog_dataset(kwargs.pop("store_path"), kwargs.pop("dataset_name"), **kwargs))
+    elif kind == "synth":
+        from swsa_store.synth import list_generators
+        from swsa_store.synthesize import synthesize
 
-            if kwargs["method"] not in list_generators():
-                if step.get("optional"):
-                    print(f"   skipped: generator {kwargs['method']!r} is not registered (optional)")
-                    continue
-                raise ValueError(f"generator {kwargs['method']!r} is not registered; registered: {list_generators()}")
-            with open_store(kwargs["store_path"]) as store:
-                tasks = store.tasks()
-            ids = tasks[(tasks["dataset"] == step["dataset"]) & (tasks["status"] == "ok")]["task_id"].tolist()
-            if ids:
-                print(synthesize(kwargs.pop("store_path"), kwargs.pop("method"), task_ids=ids, progress=progress, **kwargs))
-        elif kind == "auxiliary":
-            from swsa_store.auxiliary import sample_auxiliary
+        if kwargs["method"] not in list_generators():
+            if step.get("optional"):
+                return f"generator {kwargs['method']!r} is not registered (optional)"
+            raise ValueError(f"generator {kwargs['method']!r} is not registered; registered: {list_generators()}")
+        if kwargs["method"] == "diffusion" and not kwargs.get("model") and not os.environ.get(DIFFUSION_MODEL_ENV):
+            return (f"no diffusion model given (set model = \"PATH\" in its [[synth]] table or ${DIFFUSION_MODEL_ENV}; "
+                    "256x256_diffusion_uncond.pt from OpenAI guided-diffusion)")
+        with open_store(kwargs["store_path"]) as store:
+            tasks = store.tasks()
+        ids = tasks[(tasks["dataset"] == step["dataset"]) & (tasks["status"] == "ok")]["task_id"].tolist()
+        if not ids:
+            return f"no catalogued task of dataset {step['dataset']}"
+        print(synthesize(kwargs.pop("store_path"), kwargs.pop("method"), task_ids=ids, progress=progress, **kwargs))
+    elif kind == "auxiliary":
+        from swsa_store.auxiliary import sample_auxiliary
 
-            print(sample_auxiliary(kwargs.pop("store_path"), kwargs.pop("root"), **kwargs))
-        elif kind == "embed":
-            from swsa_store.ingest import embed_store
+        print(sample_auxiliary(kwargs.pop("store_path"), kwargs.pop("root"), **kwargs))
+    elif kind == "embed":
+        from swsa_store.ingest import embed_store
 
-            report = embed_store(kwargs.pop("store_path"), kwargs.pop("backbone"), progress=progress, **kwargs)
-            print(f"   {report.written} written, {report.already_done} already done, {report.failed} failed")
-        elif kind == "score":
-            from swsa_engine.run.sweep import run_sweep
+        report = embed_store(kwargs.pop("store_path"), kwargs.pop("backbone"), progress=progress, **kwargs)
+        print(f"   {report.written} written, {report.already_done} already done, {report.failed} failed")
+    elif kind == "score":
+        from swsa_engine.run.sweep import run_sweep
 
-            cube = run_sweep(kwargs.pop("store_path"), progress=progress, **kwargs)
-            print(f"   {len(cube.tasks)} tasks x {len(cube.candidates)} candidates, sources {cube.sources}")
-        elif kind == "report":
-            from swsa_engine.report.summary import write_report
-            from swsa_engine.run.cube_io import load_cube
+        with open_store(kwargs["store_path"]) as store:
+            if not store.backbones() and not store.score_sets():
+                return "no embeddings to score (every embed step was skipped)"
 
-            store_path = kwargs.pop("store_path")
-            with open_store(store_path) as store:
-                skips = store.skips()
-            paths = write_report(load_cube(store_path), kwargs["out_dir"], store_skips=skips)
-            print(f"   report: {paths['report']}")
+        cube = run_sweep(kwargs.pop("store_path"), progress=progress, **kwargs)
+        print(f"   {len(cube.tasks)} tasks x {len(cube.candidates)} candidates, sources {cube.sources}")
+    elif kind == "report":
+        from swsa_engine.report.summary import write_report
+        from swsa_engine.run.cube_io import load_cube
+
+        from swsa_engine.run.cube_io import CUBE_RESULT, stored_results
+
+        store_path = kwargs.pop("store_path")
+        if CUBE_RESULT not in stored_results(store_path):
+            return "no AUROC cube to report (the score step was skipped)"
+        with open_store(store_path) as store:
+            skips = store.skips()
+        paths = write_report(load_cube(store_path), kwargs["out_dir"], store_skips=skips)
+        print(f"   report: {paths['report']}")
+    return ""
 
 
 def main(argv: list[str] | None = None) -> int:

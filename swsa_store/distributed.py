@@ -361,7 +361,8 @@ def synthesize_ray(store_path: str | os.PathLike, method: str = "cutpaste", *, a
     generator, takes_device = _driver_generator(method, generator_kwargs)
     source = synth_source_name(method, generator_kwargs, source)
     jobs, skipped, files_dir = plan_synthesis(store_path, generator, source, count, task_ids)
-    writer = SynthWriter(store_path, files_dir, source=source, method=method, seed=seed, commit_every_s=commit_every_s)
+    writer = SynthWriter(store_path, files_dir, source=source, method=method, seed=seed, commit_every_s=commit_every_s,
+                         commit_every=generator.commit_every)
     if not jobs:
         return {"source": source, "tasks_done": 0, "tasks_skipped": skipped, "images": 0, "skipped_images": 0}
     with ray_session(address, num_cpus=num_cpus) as ray:

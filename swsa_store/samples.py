@@ -155,9 +155,13 @@ def inspect_image_file(path: str | os.PathLike) -> tuple[str, str, str, int, int
     digest = hashlib.sha256(data).hexdigest()
     try:
         img = decode_rgb(data)
-        frames = frame_count(data)
     except Exception as exc:
         return "skipped", f"cannot decode image: {short_error(exc, path)}", digest, 0, 0
+    try:
+        frames = frame_count(data)
+    except Exception as exc:  # later frames unreadable (a cut multi-frame TIFF); the first decoded fully
+        log.warning("%s: its later frames cannot be read (%s): its first frame is used", path, short_error(exc, path))
+        frames = 1
     if frames > 1:
         log.warning("%s is animated (%d frames): its first frame is used", path, frames)
     return "ok", "", digest, img.width, img.height

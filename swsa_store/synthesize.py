@@ -143,14 +143,19 @@ def generate_task(generator, job: TaskJob, seed_images: list, seed: int, source:
 
 class SynthWriter:
     """The single writer of synthetic images: files first (atomic, fsync-ed), catalogue rows
-    committed every ``commit_every_s`` seconds and on :meth:`flush` — a row is never
-    catalogued before its file is durable, so a rerun remakes exactly the uncatalogued ones."""
+    committed every ``commit_every_s`` seconds, every ``commit_every`` rows (when set) and on
+    :meth:`flush` — a row is never catalogued before its file is durable, so a rerun remakes
+    exactly the uncatalogued ones."""
 
     def __init__(self, store_path: str | os.PathLike, files_dir: Path, *, source: str, method: str, seed: int,
-                 commit_every_s: float = 30.0):
+                 commit_every_s: float = 30.0, commit_every: int | None = None):
         self.store_path, self.files_dir = store_path, Path(files_dir)
         self.source, self.method, self.seed = source, method, seed
         self.commit_every_s = commit_every_s
+        if commit_every is not None and (isinstance(commit_every, bool) or int(commit_every) < 1):
+            raise ValueError(f"commit_every must be a positive number of images, got {commit_every!r}")
+        #: also commit when this many rows are queued (None: by time only)
+        self.commit_every = None if commit_every is None else int(commit_every)
         self.pending: list[dict] = []
         self.written = 0
         self.skipped = 0
@@ -181,7 +186,8 @@ class SynthWriter:
             "params": json.dumps({"generator": self.method, **params}, sort_keys=True),
             "seed": self.seed, "source_index": int(index),
         })
-        if time.monotonic() - self._last_commit > self.commit_every_s:
+        if time.monotonic() - self._last_commit > self.commit_every_s or (
+                self.commit_every is not None and len(self.pending) >= self.commit_every):
             self.flush()
 
     def flush(self) -> None:
@@ -215,7 +221,9 @@ def synthesize(
     appended for a non-default variant). Each image is written as it is made and catalogue rows
     are committed every ``commit_every_s`` seconds, so a run that is interrupted and started
     again makes only the images still missing (by their index in the task; generators are
-    deterministic, so the result equals an uninterrupted run). Returns ``{"source",
+    deterministic, so the result equals an uninterrupted run); a generator with ``commit_every``
+    (DiffStyle: its batch size) also commits after each such batch of finished images, so a kill
+    loses at most one batch. Returns ``{"source",
     "tasks_done", "tasks_skipped", "images", "skipped_images"}`` (``images``: written by this
     call; ``skipped_images``: outputs catalogued as skipped because they stayed unchanged).
     """
@@ -233,7 +241,8 @@ def _synthesize_locked(store_path, generator, method: str, source: str, *, count
     """:func:`synthesize`'s work, under the store's writer lock."""
     jobs, skipped, files_dir = plan_synthesis(store_path, generator, source, count, task_ids)
     remove_orphans(store_path, under=Path(files_dir) / "synth" / source)  # files of a killed run of this source
-    writer = SynthWriter(store_path, files_dir, source=source, method=method, seed=seed, commit_every_s=commit_every_s)
+    writer = SynthWriter(store_path, files_dir, source=source, method=method, seed=seed, commit_every_s=commit_every_s,
+                         commit_every=generator.commit_every)
     writer.rows_total = sum(job.count - len(job.existing) for job in jobs)
     streaming = getattr(generator, "iter_generate", None) is not None
     for job in tqdm(jobs, desc=f"synth {source}", unit="task", disable=not progress):

@@ -234,9 +234,10 @@ def _skip_reasons(split: _TaskSplit, rest: list[str] | None) -> list[str]:
     reasons = []
     if len(split.support) == 0:
         reasons.append("no training images of the normal class")
-    if len(split.real_normal) == 0 or len(split.real_anomaly) == 0:
-        missing = "normal" if len(split.real_normal) == 0 else "anomalous"
-        reasons.append(f"real validation has one class (no {missing} test images)")
+    if len(split.real_normal) == 0 or len(split.real_anomaly) == 0:  # every side that is missing, said
+        missing = [side for side, ids in (("normal", split.real_normal), ("anomalous", split.real_anomaly)) if len(ids) == 0]
+        reasons.append(f"real validation has {'one class' if len(missing) == 1 else 'no class'} "
+                       f"(no {' and no '.join(missing)} test images)")
     elif rest is not None and not split.anomalies[split.group_column].astype(str).isin(rest).any():
         reasons.append(f"one-vs-rest has one class (no test anomalies in groups {rest})")
     return reasons

@@ -23,6 +23,8 @@ from swsa_engine.app.cli import main
 from swsa_engine.core.cube import SETTINGS
 from swsa_engine.core.thresholds import f1_optimal_threshold, normal_quantile_threshold
 from swsa_engine.run.bundle import BANK_FILE, MANIFEST, BundleError, load_bundle, manifest_digest
+from swsa_engine.core.selection import recommendation, selection_context
+from swsa_engine.run.bundle_ensemble import load_ensemble_bundle, reference_cdf
 from swsa_engine.run.bundle_export import export_detector, parse_pick, split_candidate
 from swsa_engine.run.cube_io import load_cube
 from swsa_engine.run.predict import Predictor, expand_images, load_bundle_backbone
@@ -244,3 +246,99 @@ def test_commands_have_help(capsys):
         with pytest.raises(SystemExit) as exit_info:
             main([command, "--help"])
         assert exit_info.value.code == 0 and f"usage: swsa {command}" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- ensemble bundles (issue 25 item 3)
+
+
+def _naive_cdf(x, reference):
+    """The documented reference rule, one value at a time: (#below + #equal / 2) / n."""
+    return (sum(r < x for r in reference) + 0.5 * sum(r == x for r in reference)) / len(reference)
+
+
+def test_export_defaults_to_the_recommendation(store, tmp_path, capsys):
+    cube = load_cube(store["path"])
+    row = np.flatnonzero(cube.tasks["task_id"].to_numpy() == TASK)
+    outcome = recommendation(selection_context(cube, row, 0))
+    chosen = np.asarray(cube.candidate_names)[np.nan_to_num(outcome.weights[0]) > 0][0]
+    assert main(["export-detector", "--store", str(store["path"]), "--task", str(TASK), "--out",
+                 str(tmp_path / "rec"), "--quiet"]) == 0
+    assert f"candidate={chosen}" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "rec" / MANIFEST).read_text())
+    assert manifest["candidate"]["chosen_by"]["strategy"] == "recommended"
+
+
+def test_ensemble_bundle_predicts_in_a_fresh_process(store, tmp_path):
+    name = "ensemble(mean)"
+    cube = load_cube(store["path"])
+    assert name in cube.candidate_names
+    bundle = tmp_path / "ens"
+    manifest = export_detector(store["path"], TASK, bundle, candidate=name)
+    members = [m["name"] for m in manifest["ensemble"]["members"]]
+    assert manifest["kind"] == "ensemble" and members == [FEATURE, f"{FEATURE}/mahalanobis"]
+    assert manifest["ensemble"]["method"] == "mean" and [m["weight"] for m in manifest["ensemble"]["members"]] == [0.5, 0.5]
+    for entry in manifest["ensemble"]["members"]:  # each member a complete, hashed single bundle
+        member = load_bundle(bundle / entry["folder"])
+        assert member.manifest["candidate"]["name"] == entry["name"] and member.manifest["backbone"]["backbone"] == FEATURE
+        assert member.manifest["files"][BANK_FILE]["sha256"] and member.manifest["manifest_sha256"] == entry["manifest_sha256"]
+    with pytest.raises(BundleError, match="is an ensemble bundle; load it with Predictor.load"):
+        load_bundle(bundle)
+    test_ids = np.concatenate([store["normal"], store["anomaly"]])
+    paths = [resolve_path(store["path"], p) for p in store["images"]["path"].to_numpy()[test_ids]]
+    hidden = store["path"].with_name("hidden_ens.h5")
+    store["path"].rename(hidden)
+    try:
+        result = run_cli("predict", "--detector", bundle, *paths, "--out", tmp_path / "scores.csv", "--quiet")
+    finally:
+        hidden.rename(store["path"])
+    assert result.returncode == 0, result.stderr
+    frame = pd.read_csv(tmp_path / "scores.csv", keep_default_na=False)
+    assert (frame["error"] == "").all() and frame["path"].tolist() == [str(p) for p in paths]
+    # (a) every member's predicted score is its cube score of the same image
+    row = int(np.flatnonzero(cube.tasks["task_id"].to_numpy() == TASK)[0])
+    where = {int(i): q for q, i in enumerate(cube.scores.real_ids[row])}
+    raw = []
+    for member in members:
+        cube_scores = cube.scores.real_scores[row, cube.candidate_names.index(member), [where[int(i)] for i in test_ids]]
+        raw.append(frame[f"member_score[{member}]"].to_numpy(dtype=float))
+        relative = np.abs(raw[-1] - cube_scores) / np.abs(cube_scores)
+        print(f"\n{member}: max relative difference predicted vs cube score {relative.max():.2e}")
+        # measured: the bundle equals a float64 naive loop (test above) to 1e-6, but the cube's stored real
+        # scores carry float32-level error (up to ~4e-6 relative on pixels@8 kNN): a sweep-side precision gap
+        np.testing.assert_allclose(raw[-1], cube_scores, rtol=1e-5, atol=0)
+    # (b) the ensemble score is the documented reference-CDF rule, written out naively
+    naive = []
+    for i in range(len(frame)):
+        values = []
+        for m, entry in enumerate(manifest["ensemble"]["members"]):
+            member = load_bundle(bundle / entry["folder"])
+            reference = member.validation_scores[~np.asarray(member.manifest["validation"]["is_anomaly"])]
+            values.append(_naive_cdf(raw[m][i], reference.tolist()))
+        naive.append(sum(values) / len(values))
+    np.testing.assert_allclose(frame["score"].to_numpy(dtype=float), naive, rtol=0, atol=1e-12)
+    # (c) its real AUROC beside the cube's ensemble AUROC (normalised over the test pool there)
+    labels = np.r_[np.zeros(len(store["normal"])), np.ones(len(store["anomaly"]))]
+    predicted = roc_auc_score(labels, frame["score"].to_numpy(dtype=float))
+    in_cube = cube.real[row, cube.candidate_names.index(name), SETTINGS.index("one-vs-rest")]
+    print(f"\nensemble(mean) task {TASK}: predicted-scores AUROC {predicted:.4f}, cube AUROC {in_cube:.4f}")
+    assert abs(predicted - in_cube) < 0.1
+    # a tampered member file is refused, in the library and by the command
+    data = bytearray((bundle / manifest["ensemble"]["members"][1]["folder"] / BANK_FILE).read_bytes())
+    data[-1] ^= 1
+    (bundle / manifest["ensemble"]["members"][1]["folder"] / BANK_FILE).write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="bank.npy was modified after export"):
+        load_ensemble_bundle(bundle)
+    result = run_cli("predict", "--detector", bundle, paths[0])
+    assert result.returncode == 1 and "bank.npy was modified" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_reference_cdf_equals_the_naive_rule_with_ties():
+    rng = np.random.default_rng(0)
+    reference = rng.integers(0, 5, size=17).astype(float)
+    x = np.r_[rng.integers(-1, 7, size=30).astype(float), np.nan]
+    got = reference_cdf(x, reference)
+    np.testing.assert_allclose(got[:-1], [_naive_cdf(v, reference.tolist()) for v in x[:-1]], atol=0)
+    assert np.isnan(got[-1])
+    with pytest.raises(BundleError, match="reference pool is empty"):
+        reference_cdf(x, np.array([]))

@@ -27,7 +27,7 @@ from PIL import Image
 from swsa_store import open_store
 from swsa_store.catalog import catalog_dataset
 from swsa_store.ingest import embed_store  # imported here (no torch work done), so forked children start at once
-from swsa_store.locks import progress_path, read_progress
+from swsa_store.locks import progress_path, read_progress, remove_orphans
 from swsa_store.models.backbones import create_backbone  # noqa: F401  (the same: import once, before forking)
 from swsa_store.schema import DONE_TODO
 from swsa_store.synthesize import synthesize
@@ -188,3 +188,77 @@ def test_report_killed_mid_write_leaves_the_previous_report_whole(tmp_path):
     paths = publish(staging, final, {"report": staging / "report.md"})
     assert paths == {"report": final / "report.md"} and (final / "report.md").read_text() == "new report"
     assert not staging.exists()
+
+
+def _cube(seed: int):
+    import pandas as pd
+
+    from swsa_engine.core.cube import AurocCube
+
+    rng = np.random.default_rng(seed)
+    n_tasks, n_candidates = 5, 4
+    return AurocCube(
+        tasks=pd.DataFrame({"task_id": np.arange(n_tasks), "dataset": "d", "normal_class": [f"c{i}" for i in range(n_tasks)]}),
+        candidates=pd.DataFrame({"name": [f"m{i}" for i in range(n_candidates)], "n_params": 10 + np.arange(n_candidates),
+                                 "feature_dim": 8, "weights_kind": "random", "family": "resnet"}),
+        sources=["s1"], real=rng.uniform(0.4, 1.0, (n_tasks, n_candidates, 2)),
+        synthetic=rng.uniform(0.4, 1.0, (n_tasks, n_candidates, 1)),
+        per_class=np.full((n_tasks, n_candidates, 1), np.nan), class_names=np.full((n_tasks, 1), "", dtype=object),
+        config={"k": 3, "base_sources": ["s1"]},
+    )
+
+
+def test_score_killed_while_saving_its_cube_leaves_the_old_cube_or_none(tmp_path):
+    """``score``'s save (run_sweep → save_cube → save_result) SIGKILL-ed inside the write of its
+    temporary file, after a random number of its arrays: 20 kills, each provably mid-write (the
+    child kills itself from inside h5py's dataset creation, with the temporary file on disk).
+    The cube a reader then loads is the old one, whole, or none at all (first kill)."""
+    import h5py
+
+    from swsa_engine.run.cube_io import load_cube, save_cube
+    from swsa_store import StoreError
+
+    store = tmp_path / "s.h5"
+    catalog_dataset(store, "folder", root=_folder(tmp_path / "img", classes=2, per_class=6, size=8), name="toy", n_seed=2)
+    results = Path(f"{store}.results")
+    n_arrays = len(_cube(0).to_arrays()[0])
+    rng = random.Random(0)
+
+    def killed_save(after: int):
+        def run(store_path: str) -> None:
+            real, calls = h5py.Group.create_dataset, []
+
+            def counting(self, *args, **kwargs):
+                if len(calls) == after:  # `after` arrays are in the temporary file: die mid-write
+                    os.kill(os.getpid(), signal.SIGKILL)
+                calls.append(1)
+                return real(self, *args, **kwargs)
+
+            h5py.Group.create_dataset = counting
+            save_cube(_cube(99), store_path)
+        return run
+
+    mid_write, old = 0, None
+    for trial in range(KILLS):
+        after = rng.randrange(1, n_arrays)
+        child = FORK.Process(target=killed_save(after), args=(str(store),))
+        child.start()
+        child.join(60)
+        assert child.exitcode == -signal.SIGKILL
+        orphans = list(results.glob(".cube.h5.*.tmp"))
+        mid_write += len(orphans) == 1 and orphans[0].stat().st_size > 0
+        assert remove_orphans(store) == orphans  # what `swsa verify --repair` removes; the next count is exact
+        if old is None:
+            with pytest.raises(StoreError):
+                load_cube(store)  # none there, never a half-written one
+            save_cube(_cube(trial), store)
+            old = _cube(trial)
+        else:
+            loaded = load_cube(store)
+            np.testing.assert_array_equal(loaded.real, old.real)
+            np.testing.assert_array_equal(loaded.synthetic, old.synthetic)
+            assert loaded.candidate_names == old.candidate_names
+    print(f"score save: {mid_write} of {KILLS} kills landed mid-write")
+    assert mid_write == KILLS
+    save_cube(_cube(99), store)  # an uninterrupted save replaces it
+    np.testing.assert_array_equal(load_cube(store).real, _cube(99).real)

@@ -31,12 +31,15 @@ from swsa_engine.core.detectors import DEFAULT_DETECTOR
 from swsa_engine.core.ensemble_pass import ENSEMBLE_FAMILY
 from swsa_engine.core.label_free import model_centrality as centrality_of
 from swsa_engine.core.label_free import robust_rank_aggregation
-from swsa_engine.core.metrics import kendall_tau
+from swsa_engine.core.ranking import VERDICTS, ranking_table  # noqa: F401 (Table 2, re-exported)
+from swsa_engine.core.recommendation import RECOMMENDED, RECOMMENDED_LABEL, THRESHOLD, Recommendation, recommend
 from swsa_engine.core.score_cube import ScoreCube
 
 STRATEGIES: Registry = Registry("selection strategy")
 #: strategy name → its row label in :func:`default_strategies` (``register_strategy(default_label=...)``)
 DEFAULT_LABELS: dict[str, str] = {}
+#: the strategies registered with ``first=True``: the first rows of :func:`default_strategies`, in order
+FIRST_STRATEGIES: list[str] = []
 
 
 @dataclass(frozen=True)
@@ -79,16 +82,20 @@ class SelectionContext:
         return np.stack([self.source(s) for s in self.base_sources], axis=2)
 
 
-def register_strategy(name: str, *, uses_labels: bool = False, default_label: str | None = None):
+def register_strategy(name: str, *, uses_labels: bool = False, default_label: str | None = None,
+                      first: bool = False):
     """Decorator registering a strategy factory ``factory(**settings) -> (ctx -> picks)``;
     ``default_label``: the row label under which :func:`default_strategies` includes it (built
-    with no settings); None: only when asked for by name."""
+    with no settings); None: only when asked for by name. ``first``: that row comes first (the
+    recommendation)."""
 
     def decorate(factory):
         factory.uses_labels = uses_labels
         registered = STRATEGIES.register(name)(factory)
         if default_label:
             DEFAULT_LABELS[name] = default_label
+            if first and name not in FIRST_STRATEGIES:
+                FIRST_STRATEGIES.append(name)
         return registered
 
     return decorate
@@ -279,6 +286,39 @@ def robust_rank_aggregation_pick(**_):
     return pick
 
 
+def recommendation(ctx: SelectionContext, *, threshold: float = THRESHOLD, n_resamples: int | None = None,
+                   seed: int | None = None) -> Recommendation:
+    """The recommendation's outcome on ``ctx`` (choices, reasons and bootstrap shares per task;
+    :func:`swsa_engine.core.recommendation.recommend`): among the SWSA mean-of-sources pick,
+    ``ensemble(mean)`` and ``ensemble(selected)``."""
+    single = as_weights(swsa_mean()(ctx), len(ctx.candidates))
+    extra = {k: int(v) for k, v in (("n_resamples", n_resamples), ("seed", seed)) if v is not None}
+    return recommend(ctx.synthetic_base, single, [str(n) for n in ctx.candidates["name"]], ctx.base_sources, ctx.scores,
+                     threshold=float(threshold), **extra)
+
+
+class RecommendationFallbackWarning(UserWarning):
+    """The recommendation decided some task without its bootstrap test (no per-image scores, no ensemble)."""
+
+
+@register_strategy(RECOMMENDED, default_label=RECOMMENDED_LABEL, first=True)
+def recommended(threshold: float = THRESHOLD, n_resamples: int | None = None, seed: int | None = None, **_):
+    """The recommendation (:mod:`swsa_engine.core.recommendation`): ``ensemble(mean)`` unless the
+    single SWSA pick (mean of sources) or ``ensemble(selected)`` beats it on the synthetic sets in at
+    least ``threshold`` of the bootstrap resamples. Unlike the other built-ins it may pick an
+    ensemble; its regret is still measured against the best single candidate. Fallbacks warn
+    (:class:`RecommendationFallbackWarning`) with the reason."""
+
+    def pick(ctx):
+        outcome = recommendation(ctx, threshold=threshold, n_resamples=n_resamples, seed=seed)
+        if outcome.fallback.any():
+            warnings.warn(f"{RECOMMENDED}: {outcome.reason[outcome.fallback][0]}", RecommendationFallbackWarning,
+                          stacklevel=2)
+        return outcome.weights
+
+    return pick
+
+
 def as_weights(picks: np.ndarray, n_candidates: int) -> np.ndarray:
     """A strategy's output, ``(T,)`` indices or ``(T, C)`` weights, as ``(T, C)`` weights."""
     picks = np.asarray(picks)
@@ -315,8 +355,8 @@ def evaluate_weights(weights: np.ndarray, real: np.ndarray, pool: np.ndarray | N
 
 
 def default_strategies(cube: AurocCube) -> list[tuple[str, str, dict]]:
-    """Table 1's rows (and the strategies comparison's): (label, strategy name, settings) — the
-    largest model, the random pick, SWSA per base source and aggregated, every strategy
+    """Table 1's rows (and the strategies comparison's): (label, strategy name, settings) — first
+    the strategies registered with ``first=True`` (the recommendation), then the largest model, the random pick, SWSA per base source and aggregated, every strategy
     registered with a ``default_label``, the oracle, and :func:`detector_strategies`."""
     detector_rows = detector_strategies(cube)
     # with a detector grid, "largest" shares its pick among every detector on the largest backbone
@@ -326,6 +366,7 @@ def default_strategies(cube: AurocCube) -> list[tuple[str, str, dict]]:
     rows += [(f"SWSA ({source})", "swsa", {"source": source}) for source in base]
     if len(base) > 1:
         rows += [("SWSA (mean of sources)", "swsa_mean", {}), ("SWSA (rank aggregation)", "swsa_rank", {})]
+    rows = [(DEFAULT_LABELS[name], name, {}) for name in FIRST_STRATEGIES] + rows
     listed = {name for _, name, _ in rows} | {"oracle"}
     rows += [(label, name, {}) for name, label in DEFAULT_LABELS.items() if name not in listed]
     rows += [(name, "fixed", {"candidate": name}) for name in
@@ -425,70 +466,3 @@ def per_task_picks(cube: AurocCube, source: str | None = None) -> pd.DataFrame:
                 "closest_class_of_pick": closest[t, pick[t]] if setting == "one-vs-closest" else "",
             })
     return pd.DataFrame(records)
-
-
-#: Table 2's verdicts, from the one-sided test of agreement and the paper's two-sided test
-VERDICTS = {
-    "agrees": "the synthetic ranking agrees with the real one (one-sided p for tau > 0 below the threshold)",
-    "disagrees (significant)": "tau < 0 and the two-sided p is below the threshold: the synthetic ranking is reversed",
-    "disagrees": "tau < 0, not significant",
-    "not significant": "tau >= 0, but the one-sided p is not below the threshold",
-    "undefined": "no tau (fewer than two candidates with finite AUROCs, or constant AUROCs)",
-}
-
-
-def ranking_table(cube: AurocCube, alpha: float = 0.05) -> pd.DataFrame:
-    """The paper's Table 2: Kendall's tau between synthetic and real rankings of the candidates.
-
-    Per dataset × setting × source: x = the candidates' synthetic AUROC averaged over tasks,
-    y = their real AUROC averaged over tasks (n = number of candidates), tau-b with ``p_value``
-    (two-sided, as in the paper) and ``p_one_sided`` (the alternative tau > 0: "does the
-    synthetic ranking agree with the real one?"); also the mean of the per-task taus.
-    ``agrees`` is True when ``p_one_sided`` is below the Bonferroni threshold
-    ``alpha / (number of tests in the table)`` — never for a negative tau — and ``verdict`` says
-    which of :data:`VERDICTS` holds (a negative tau is "disagrees", "(significant)" when its
-    two-sided p is below the threshold).
-    """
-    records = []
-    for dataset in sorted(cube.tasks["dataset"].unique()):
-        rows = np.flatnonzero(cube.tasks["dataset"].to_numpy() == dataset)
-        for s, setting in enumerate(SETTINGS):
-            real = cube.real[rows, :, s]
-            for v, source in enumerate(cube.sources):
-                records.append({"dataset": dataset, "setting": setting, "source": source,
-                                **_ranking_row(cube.synthetic[rows, :, v], real)})
-    table = pd.DataFrame(records, columns=["dataset", "setting", "source", "n_candidates", "tau", "p_value",
-                                           "p_one_sided", "mean_task_tau"])
-    n_tests = int(table["p_value"].notna().sum()) if len(table) else 0
-    threshold = alpha / n_tests if n_tests else np.nan
-    table["bonferroni_threshold"] = threshold
-    table["agrees"] = (table["p_one_sided"] < threshold) & (table["tau"] > 0)
-    table["verdict"] = [_verdict(tau, p, p1, threshold) for tau, p, p1 in
-                        zip(table["tau"], table["p_value"], table["p_one_sided"])]
-    return table
-
-
-def _ranking_row(synth: np.ndarray, real: np.ndarray) -> dict:
-    """Table 2's numbers for one dataset × setting × source; ``synth``, ``real``: (T, C)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        x, y = np.nanmean(synth, axis=0), np.nanmean(real, axis=0)
-        finite = np.isfinite(x) & np.isfinite(y)
-        tau, p = kendall_tau(np.nan_to_num(x), np.nan_to_num(y), mask=finite)
-        _, p_one_sided = kendall_tau(np.nan_to_num(x), np.nan_to_num(y), mask=finite, alternative="greater")
-        both = np.isfinite(synth) & np.isfinite(real)
-        task_tau, _ = kendall_tau(np.nan_to_num(synth), np.nan_to_num(real), mask=both)
-        mean_task_tau = np.nanmean(task_tau) if np.isfinite(task_tau).any() else np.nan
-    return {"n_candidates": int(np.isfinite(x).sum()), "tau": float(tau), "p_value": float(p),
-            "p_one_sided": float(p_one_sided), "mean_task_tau": float(mean_task_tau)}
-
-
-def _verdict(tau: float, p_two_sided: float, p_one_sided: float, threshold: float) -> str:
-    """One of :data:`VERDICTS`' keys."""
-    if not np.isfinite(tau):
-        return "undefined"
-    if p_one_sided < threshold:
-        return "agrees"
-    if tau < 0:
-        return "disagrees (significant)" if p_two_sided < threshold else "disagrees"
-    return "not significant"

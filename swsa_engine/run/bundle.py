@@ -49,7 +49,8 @@ from swsa_engine.core.detectors import Detector, parse_detector
 
 __all__ = [
     "BUNDLE_SCHEMA", "BUNDLE_SCHEMA_VERSION", "MANIFEST", "BANK_FILE", "ABNORMAL_FILE", "VALIDATION_FILE",
-    "BundleError", "Bundle", "write_bundle", "load_bundle", "manifest_digest", "json_number",
+    "BundleError", "Bundle", "write_bundle", "load_bundle", "manifest_digest", "json_number", "read_manifest",
+    "verified_array", "check_bundle_folder",
 ]
 
 BUNDLE_SCHEMA = "swsa-detector-bundle"
@@ -121,14 +122,15 @@ def manifest_digest(manifest: dict) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def write_bundle(out_dir: str | os.PathLike, manifest: dict, arrays: dict[str, np.ndarray]) -> Path:
+def write_bundle(out_dir: str | os.PathLike, manifest: dict, arrays: dict[str, np.ndarray], *,
+                 keep_folders: tuple[str, ...] = ()) -> Path:
     """Write ``arrays`` (file name → array; numeric dtypes only) and ``manifest`` (with ``files``,
     the schema, the versions and ``manifest_sha256`` filled in) into ``out_dir``; returns it.
 
-    ``out_dir`` must be absent, empty, or an earlier bundle (its files are replaced)."""
+    ``out_dir`` must be absent, empty, or an earlier bundle (its files are replaced); entries named
+    in ``keep_folders`` (an ensemble's ``members``, written first) do not count."""
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
-        raise BundleError(f"{out} exists and is not an empty folder or a detector bundle; choose another --out")
+    check_bundle_folder(out, keep_folders)
     out.mkdir(parents=True, exist_ok=True)
     files = {}
     for name, array in arrays.items():
@@ -145,6 +147,13 @@ def write_bundle(out_dir: str | os.PathLike, manifest: dict, arrays: dict[str, n
     tmp.write_text(json.dumps(full, indent=1, allow_nan=False) + "\n", encoding="utf-8")
     os.replace(tmp, out / MANIFEST)
     return out
+
+
+def check_bundle_folder(out: Path, keep_folders: tuple[str, ...] = ()) -> None:
+    """A one-line :class:`BundleError` unless ``out`` is absent, empty (but for ``keep_folders``) or a bundle."""
+    if out.exists() and (not out.is_dir() or (any(p.name not in keep_folders for p in out.iterdir())
+                                              and not (out / MANIFEST).is_file())):
+        raise BundleError(f"{out} exists and is not an empty folder or a detector bundle; choose another --out")
 
 
 def read_manifest(path: Path) -> dict:
@@ -168,7 +177,8 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
-def _verified_array(path: Path, name: str, entry: dict) -> np.ndarray:
+def verified_array(path: Path, name: str, entry: dict) -> np.ndarray:
+    """The array file ``name`` of the bundle at ``path``, its sha256, dtype and shape checked against ``entry``."""
     file = path / name
     if not file.is_file():
         raise BundleError(f"bundle {path} lacks {name}, which its manifest lists")
@@ -190,11 +200,14 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     """Read and verify the bundle at ``path`` (see the module docstring); :class:`BundleError` on any mismatch."""
     path = Path(path)
     manifest = read_manifest(path)
+    if manifest.get("kind") == "ensemble":
+        raise BundleError(f"{path} is an ensemble bundle; load it with Predictor.load (swsa predict) or "
+                          "swsa_engine.run.bundle_ensemble.load_ensemble_bundle")
     files = manifest.get("files", {})
     for required in (BANK_FILE, VALIDATION_FILE):
         if required not in files:
             raise BundleError(f"{path / MANIFEST} lists no {required}; the bundle is incomplete, export it again")
-    arrays = {name: _verified_array(path, name, entry) for name, entry in files.items()}
+    arrays = {name: verified_array(path, name, entry) for name, entry in files.items()}
     bank = arrays[BANK_FILE]
     ids = np.asarray(manifest["bank"]["image_ids"], dtype=np.int64)
     if bank.ndim != 2 or len(ids) != len(bank):

@@ -36,11 +36,12 @@ from swsa_store.schema import DONE_WRITTEN, utc_now
 from swsa_engine.core.cube import CUBE_RESULT, AurocCube
 from swsa_engine.core.detectors import DEFAULT_DETECTOR, candidate_name, parse_detector
 from swsa_engine.core.protocol import DEFAULT_PROTOCOL, check_protocol, cube_protocol
-from swsa_engine.core.selection import STRATEGIES, as_weights, create_strategy, selection_context
+from swsa_engine.core.selection import STRATEGIES, as_weights, create_strategy, selection_context, single_candidates
 from swsa_engine.core.thresholds import f1_optimal_threshold, normal_quantile_threshold
 from swsa_engine.core.validation import usable_ids
-from swsa_engine.run.bundle import (ABNORMAL_FILE, BANK_FILE, VALIDATION_FILE, BundleError, json_number,
-                                    write_bundle)
+from swsa_engine.run.bundle import (ABNORMAL_FILE, BANK_FILE, VALIDATION_FILE, BundleError, check_bundle_folder,
+                                    json_number, write_bundle)
+from swsa_engine.run.bundle_ensemble import MEMBERS_DIR, member_weights, members_folder, write_ensemble_bundle
 from swsa_engine.run.cube_io import load_cube, stored_results
 from swsa_engine.run.detector_sweep import synthetic_plan
 from swsa_engine.run.group_scoring import features_for, kernel_exclude
@@ -215,7 +216,9 @@ def _stored_cube(store_path) -> AurocCube | None:
 
 
 def _candidate_record(name: str, feature: str, detector, chosen_by: dict, cube, task_id: int) -> dict:
-    record = {"name": candidate_name(feature, detector), "feature_source": feature, "chosen_by": chosen_by}
+    """The manifest's ``candidate``; ``detector`` None: an ensemble (its name as given, no feature source)."""
+    record = {"name": name if detector is None else candidate_name(feature, detector), "feature_source": feature,
+              "chosen_by": chosen_by}
     if cube is not None and record["name"] in cube.candidate_names:
         row = np.flatnonzero(cube.tasks["task_id"].to_numpy() == int(task_id))
         if row.size:
@@ -227,7 +230,8 @@ def _candidate_record(name: str, feature: str, detector, chosen_by: dict, cube, 
 def export_detector(store_path: str | os.PathLike, task_id: int, out: str | os.PathLike, *, candidate: str | None = None,
                     pick: str | None = None, quantile: float = DEFAULT_QUANTILE, protocol: str | None = None) -> dict:
     """Write the bundle of one candidate (``candidate`` named, or chosen by the strategy ``pick`` on
-    the store's cube) fitted on task ``task_id`` into ``out``; returns its manifest (see :mod:`.bundle`)."""
+    the store's cube) fitted on task ``task_id`` into ``out``; returns its manifest (see :mod:`.bundle`).
+    An ensemble candidate of the cube is written as an ensemble bundle (:mod:`.bundle_ensemble`)."""
     if (candidate is None) == (pick is None):
         raise ValueError("give exactly one of --candidate NAME and --pick STRATEGY")
     cube = _stored_cube(store_path)
@@ -238,6 +242,33 @@ def export_detector(store_path: str | os.PathLike, task_id: int, out: str | os.P
     else:
         chosen_by = {"how": "named"}
     protocol = check_protocol(protocol or (cube_protocol(cube.config) if cube is not None else DEFAULT_PROTOCOL))
+    if cube is not None and candidate in cube.candidate_names and \
+            not single_candidates(cube.candidates)[cube.candidate_names.index(candidate)]:
+        return _export_ensemble(store_path, task_id, Path(out), candidate, chosen_by, cube, quantile, protocol)
+    return _export_single(store_path, task_id, out, candidate, chosen_by, cube, quantile, protocol)
+
+
+def _export_ensemble(store_path, task_id: int, out: Path, name: str, chosen_by: dict, cube: AurocCube,
+                     quantile: float, protocol: str) -> dict:
+    """Each member of ensemble ``name`` on the task as a single bundle under ``out/members``, then the ensemble's manifest."""
+    method, weights = member_weights(cube.config, name, task_id)
+    check_bundle_folder(out, (MEMBERS_DIR,))
+    folder = members_folder(out)
+    members = []
+    for i, member in enumerate(weights):
+        members.append(folder / f"{i:02d}")
+        _export_single(store_path, task_id, members[-1], member, {"how": "member", "ensemble": name}, cube, quantile,
+                       protocol)
+    row = cube.tasks[cube.tasks["task_id"] == int(task_id)].iloc[0]
+    common = {"created_utc": utc_now(), "candidate": _candidate_record(name, "", None, chosen_by, cube, task_id),
+              "task": {"task_id": int(task_id), "dataset": str(row["dataset"]), "normal_class": str(row["normal_class"]),
+                       "store": str(Path(store_path).resolve()), "protocol": protocol}}
+    return write_ensemble_bundle(out, name, method, weights, members, common, quantile)
+
+
+def _export_single(store_path, task_id: int, out, candidate: str, chosen_by: dict, cube: AurocCube | None,
+                   quantile: float, protocol: str) -> dict:
+    """The bundle of the single candidate ``candidate`` (see :func:`export_detector`)."""
     with open_store(store_path) as store:
         held, imported = store.backbones(), store.score_sets()
     feature, detector = split_candidate(candidate, held, imported)

@@ -28,8 +28,10 @@ from swsa_store.ingest import Embedder, ImageReader, collate_items
 from swsa_store.models.backbones import LoadedBackbone, create_backbone, get_backbone_cfg
 
 from swsa_engine.run.bundle import Bundle, BundleError, load_bundle
+from swsa_engine.run.bundle_ensemble import EnsembleBundle, is_ensemble_bundle, load_ensemble_bundle
 
-__all__ = ["Predictor", "expand_images", "load_bundle_backbone", "PREDICTION_COLUMNS"]
+__all__ = ["Predictor", "EnsemblePredictor", "load_predictor", "prediction_frame", "expand_images",
+           "load_bundle_backbone", "PREDICTION_COLUMNS"]
 
 PREDICTION_COLUMNS = ["path", "score", "decision", "error"]
 
@@ -132,6 +134,43 @@ class Predictor:
         return self.detector.score_tasks(queries, np.ones(queries.shape[:2], dtype=bool), self._bank, self._bank_mask,
                                          None, task_ids=np.array([self.bundle.task_id]), **self._extra)[0]
 
+    def features(self, listed: list[tuple[str, str]], *, progress: bool = False) -> tuple[np.ndarray, list[str]]:
+        """(N, D) float32 backbone features of :func:`expand_images` rows ``listed`` (NaN rows where an
+        image could not be read or embedded) and each row's error ("" when fine)."""
+        paths = [p for p, _ in listed]
+        errors = [e for _, e in listed]
+        rows: dict[int, np.ndarray] = {}
+        todo = np.array([i for i, (_, e) in enumerate(listed) if not e], dtype=np.int64)
+        reader = ImageReader(todo, [os.path.abspath(paths[i]) for i in todo], self.backbone.transform, os.getcwd())
+        loader = DataLoader(reader, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                            collate_fn=collate_items, pin_memory=self.embedder.device.type == "cuda")
+        with tqdm(total=len(todo), desc="embed", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+            for ids, ok, batch, reasons in loader:
+                for i, reason in zip(ids[~ok], np.asarray(reasons, dtype=object)[~ok]):
+                    errors[i] = reason or "cannot read image"
+                if batch is not None:
+                    features = self.embedder(batch)
+                    features = features[0] if isinstance(features, tuple) else features
+                    rows.update(zip(ids[ok].tolist(), np.asarray(features, dtype=np.float32)))
+                bar.update(len(ids))
+        width = next(iter(rows.values())).shape[0] if rows else int(self.bundle.bank.shape[1])
+        out = np.full((len(listed), width), np.nan, dtype=np.float32)
+        for i, row in rows.items():
+            if np.isfinite(row).all():
+                out[i] = row
+            else:
+                errors[i] = "non-finite embedding (NaN or inf in the backbone's output)"
+        return out, errors
+
+    def scores_of(self, features: np.ndarray) -> np.ndarray:
+        """(N,) scores of :meth:`features` rows (NaN for NaN rows), scored ``batch_size`` at a time."""
+        scores = np.full(len(features), np.nan)
+        ok = np.flatnonzero(np.isfinite(features).all(axis=1))
+        for start in range(0, len(ok), self.batch_size):
+            chunk = ok[start:start + self.batch_size]
+            scores[chunk] = self.score_features(features[chunk])
+        return scores
+
     def predict(self, images, *, threshold: str | float | None = None, progress: bool = False) -> pd.DataFrame:
         """One row per image (:func:`expand_images` of ``images``): ``path``, ``score`` (NaN on error),
         ``decision`` ("anomaly" when score >= the threshold, "normal", "" on error) and ``error``.
@@ -140,33 +179,72 @@ class Predictor:
         None (the bundle's default). ``frame.attrs`` holds the threshold's name and value."""
         rule, value = self.bundle.threshold(threshold)
         listed = expand_images([images] if isinstance(images, (str, os.PathLike)) else images)
-        paths = [p for p, _ in listed]
-        scores = np.full(len(listed), np.nan)
-        errors = [e for _, e in listed]
-        todo = np.array([i for i, (_, e) in enumerate(listed) if not e], dtype=np.int64)
-        reader = ImageReader(todo, [os.path.abspath(paths[i]) for i in todo], self.backbone.transform, os.getcwd())
-        loader = DataLoader(reader, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
-                            collate_fn=collate_items, pin_memory=self.embedder.device.type == "cuda")
-        with tqdm(total=len(todo), desc="predict", unit="img", disable=not progress, dynamic_ncols=True) as bar:
-            for ids, ok, batch, reasons in loader:
-                for i, reason in zip(ids[~ok], np.asarray(reasons, dtype=object)[~ok]):
-                    errors[i] = reason or "cannot read image"
-                if batch is not None:
-                    self._score_batch(ids[ok], batch, scores, errors)
-                bar.update(len(ids))
-        decision = np.where(np.isnan(scores), "", np.where(scores >= value, "anomaly", "normal"))
-        frame = pd.DataFrame({"path": paths, "score": scores, "decision": decision, "error": errors},
-                             columns=PREDICTION_COLUMNS)
-        frame.attrs.update({"threshold": rule, "threshold_value": value, "candidate": self.bundle.manifest["candidate"]["name"]})
-        return frame
+        features, errors = self.features(listed, progress=progress)
+        return prediction_frame(listed, self.scores_of(features), errors, (rule, value),
+                                self.bundle.manifest["candidate"]["name"])
 
-    def _score_batch(self, ids: np.ndarray, batch, scores: np.ndarray, errors: list) -> None:
-        """Embed ``batch`` (the decoded images ``ids``) and write their scores (or errors) in place."""
-        features = self.embedder(batch)
-        if isinstance(features, tuple):
-            features = features[0]
-        finite = np.isfinite(features).all(axis=1)
-        for i in ids[~finite]:
-            errors[i] = "non-finite embedding (NaN or inf in the backbone's output)"
-        if finite.any():
-            scores[ids[finite]] = self.score_features(features[finite])
+
+def prediction_frame(listed, scores: np.ndarray, errors: list[str], threshold: tuple[str, float], candidate: str,
+                     extra: dict | None = None) -> pd.DataFrame:
+    """The predictions table (:data:`PREDICTION_COLUMNS`, then ``extra`` columns) with the threshold in ``attrs``."""
+    rule, value = threshold
+    decision = np.where(np.isnan(scores), "", np.where(scores >= value, "anomaly", "normal"))
+    frame = pd.DataFrame({"path": [p for p, _ in listed], "score": scores, "decision": decision, "error": errors,
+                          **(extra or {})})
+    frame.attrs.update({"threshold": rule, "threshold_value": value, "candidate": candidate})
+    return frame
+
+
+class EnsemblePredictor:
+    """An exported ensemble (:mod:`swsa_engine.run.bundle_ensemble`) ready to score images: each member
+    scores them as its own :class:`Predictor` (members on the same backbone share one embedding pass);
+    the scores are normalised within each member's reference pool and combined. The table has one
+    ``member_score[NAME]`` column per member besides :data:`PREDICTION_COLUMNS`."""
+
+    def __init__(self, bundle: EnsembleBundle, members: list[Predictor]):
+        self.bundle, self.members = bundle, members
+
+    @classmethod
+    def load(cls, path, *, device: str = "cpu", batch_size: int = 64, num_workers: int = 0, weights: str | None = None,
+             weights_dir: str | None = None, allow_download: bool = False) -> "EnsemblePredictor":
+        """Verify the ensemble bundle and every member; build each backbone once. ``weights`` (one file)
+        is used only when every member shares one backbone; otherwise give ``weights_dir``."""
+        bundle = load_ensemble_bundle(path)
+        names = {m.manifest["backbone"]["backbone"] for m in bundle.members}
+        backbones, members = {}, []
+        for member in bundle.members:
+            key = json.dumps(member.manifest["backbone"], sort_keys=True, default=str)
+            if key not in backbones:
+                backbones[key] = load_bundle_backbone(member.manifest["backbone"], device=device,
+                                                      weights=weights if len(names) == 1 else None,
+                                                      weights_dir=weights_dir, allow_download=allow_download)
+            members.append(Predictor(member, backbones[key], device=device, batch_size=batch_size,
+                                     num_workers=num_workers))
+        return cls(bundle, members)
+
+    def predict(self, images, *, threshold: str | float | None = None, progress: bool = False) -> pd.DataFrame:
+        """As :meth:`Predictor.predict`, the score being the ensemble's (see the module of the bundle)."""
+        rule, value = self.bundle.threshold(threshold)
+        listed = expand_images([images] if isinstance(images, (str, os.PathLike)) else images)
+        errors = [e for _, e in listed]
+        raw = np.full((len(self.members), len(listed)), np.nan)
+        embedded: dict[int, tuple[np.ndarray, list[str]]] = {}
+        for m, member in enumerate(self.members):
+            if id(member.backbone) not in embedded:
+                embedded[id(member.backbone)] = member.features(listed, progress=progress)
+            features, member_errors = embedded[id(member.backbone)]
+            errors = [e or f for e, f in zip(errors, member_errors)]
+            raw[m] = member.scores_of(features)
+        scores = np.full(len(listed), np.nan)
+        complete = np.isfinite(raw).all(axis=0)
+        if complete.any():
+            scores[complete] = self.bundle.combine(raw[:, complete])
+        errors = [e or ("" if ok else "a member could not score the image") for e, ok in zip(errors, complete)]
+        names = [entry["name"] for entry in self.bundle.manifest["ensemble"]["members"]]
+        return prediction_frame(listed, scores, errors, (rule, value), self.bundle.manifest["candidate"]["name"],
+                                {f"member_score[{n}]": raw[m] for m, n in enumerate(names)})
+
+
+def load_predictor(path, **options) -> "Predictor | EnsemblePredictor":
+    """:class:`EnsemblePredictor` for an ensemble bundle, :class:`Predictor` otherwise (``options``: their ``load``'s)."""
+    return (EnsemblePredictor if is_ensemble_bundle(path) else Predictor).load(path, **options)

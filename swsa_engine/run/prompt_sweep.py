@@ -35,6 +35,7 @@ import pandas as pd
 
 from swsa_store import StoreError, open_store
 from swsa_store.models.clip import text_model_name
+from swsa_store.models.prompts import templates_used
 from swsa_store.references import read_references
 from swsa_store.schema import DONE_TODO, DONE_WRITTEN
 
@@ -336,7 +337,8 @@ def run_prompt_sweep(store_path: str | os.PathLike, *, model: str | None = None,
     n_templates = int(text.attrs.get("n_templates") or (text.table["template"].max() + 1))
     logit_scale = float(text.attrs.get("logit_scale", 100.0))
     templates = json.loads(text.attrs["templates"]) if isinstance(text.attrs.get("templates"), str) else text.attrs.get("templates", {})
-    first = next(iter(templates.values()), [["", ""]] * n_templates) if templates else [["", ""]] * n_templates
+    scored = tasks[tasks["task_id"].isin(np.concatenate([g.task_ids for g in groups]))]
+    used = templates_used(templates, scored) if templates else [[("", "")]] * n_templates  # the cube's tasks' own
 
     def scorer_for(group):
         normal, anomaly = per_task_text(text, group.task_ids, n_templates)
@@ -346,10 +348,11 @@ def run_prompt_sweep(store_path: str | os.PathLike, *, model: str | None = None,
         "name": [prompt_name(j) for j in range(n_templates)] + [ENSEMBLE],
         "n_params": 0, "feature_dim": unit.shape[1], "weights_kind": str(info.get("weights_kind", "unknown")),
         "family": ["prompt"] * n_templates + ["ensemble"],
-        "template": [f"{p[0]} | {p[1]}" for p in first] + ["mean of the templates' embeddings"],
+        "template": [" ; ".join(f"{n} | {a}" for n, a in pairs) for pairs in used] + ["mean of the templates' embeddings"],
     })
     cube = build_cube(scorer_for, groups, tasks, usable, candidates, hardest=hardest,
                       config={"model": name, "prompt_set": prompt_set, "logit_scale": logit_scale,
+                              "templates_used": [[list(pair) for pair in pairs] for pairs in used],
                               "score": "two-prompt logit s*(cos(z,t_a)-cos(z,t_n))", "kind": "prompts"})
     cube.config["seconds"] = round(time.perf_counter() - started, 3)
     if save:

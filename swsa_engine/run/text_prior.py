@@ -2,8 +2,9 @@
 
 :class:`TextPrior` reads a store's CLIP image embeddings and the ``paper`` prompt set once per
 sweep; :meth:`TextPrior.for_group` gives each task group's :class:`GroupPrior`, the callable that
-:func:`swsa_engine.run.detector_sweep.score_group_detector` adds (times the detector's weight) to
-every score.
+:func:`swsa_engine.run.detector_sweep.score_group_detector` adds, times the detector's weight w,
+to every score: ``score + w · p`` with ``p`` in (0, 1), linear in w and never normalised against the
+detector's own scale (how that plays out: :class:`swsa_engine.core.detectors.residual.ResidualDetector`).
 """
 
 from __future__ import annotations

@@ -210,6 +210,7 @@ class PaperDataset:
             require_usable_classes(table, self.name, self.root)
             self._table = table
             for cls in self.class_labels:
-                if cls not in set(self._table["class_name"]) and cls not in {c for c, _ in self.skipped_classes}:
+                # kept beside any other reason the class was skipped for: every reason that applies is recorded
+                if cls not in set(self._table["class_name"]) and (cls, "no images listed") not in self.skipped_classes:
                     self._skip_class(cls, "no images listed")
         return self._table.copy()

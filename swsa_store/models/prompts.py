@@ -21,7 +21,7 @@ import pandas as pd
 
 __all__ = [
     "BLISS_TEMPLATE", "GENERIC_TEMPLATES", "PAPER_TEMPLATES", "PromptSet", "bliss_dictionary", "fill_template",
-    "load_prompt_file", "paper_prompt_set", "task_label", "task_prompt_table",
+    "load_prompt_file", "paper_prompt_set", "task_label", "task_prompt_table", "templates_used",
 ]
 
 #: BLISS's prompt for class labels and dictionary entries (Section 5).
@@ -160,6 +160,21 @@ def task_prompt_table(tasks: pd.DataFrame, prompt_set: PromptSet) -> pd.DataFram
             rows.append((int(task.task_id), j, 1, fill_template(anomaly, label)))
     return pd.DataFrame(rows, columns=["task_id", "template", "side", "text"]).astype(
         {"task_id": np.int64, "template": np.int64, "side": np.int8})
+
+
+def templates_used(templates: dict, tasks: pd.DataFrame) -> list[list[tuple[str, str]]]:
+    """Per template position ``j``, the distinct ``(normal, anomaly)`` pairs the ``tasks`` were
+    prompted with (first seen first): :meth:`PromptSet.templates_for` of each task's dataset and
+    protocol, as :func:`task_prompt_table` embedded them. ``templates``: a prompt set's stored
+    ``{key: [[normal, anomaly], ...]}``. One pair per position when every task used one family."""
+    prompt_set = PromptSet("stored", {k: [tuple(p) for p in v] for k, v in templates.items()})
+    used: list[list[tuple[str, str]]] = [[] for _ in range(prompt_set.n_templates)]
+    for task in tasks.itertuples(index=False):
+        protocol = str(getattr(task, "protocol", "") or "multiclass")
+        for j, pair in enumerate(prompt_set.templates_for(str(task.dataset), protocol)):
+            if tuple(pair) not in used[j]:
+                used[j].append(tuple(pair))
+    return used
 
 
 def bliss_dictionary(unique: bool = True, template: str | None = BLISS_TEMPLATE) -> list[str]:

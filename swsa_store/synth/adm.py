@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tomllib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -349,9 +350,39 @@ def num_train_timesteps_hint(model: Any) -> int | None:
     return None
 
 
-def load_diffusion_model(model: Any, *, local_files_only: bool = True) -> DiffusionModel:
+def parse_adm_config(value: Any) -> ADMConfig | None:
+    """The ADM configuration a user chose: ``None`` (the paper's :data:`ADM_256_UNCOND`), an
+    :class:`ADMConfig`, a dict, a JSON object (``'{"model_channels": 128, "channel_mult": [1, 1, 2, 3, 4]}'``)
+    or the path of a ``.json`` / ``.toml`` file holding one (keys: :class:`ADMConfig`'s fields,
+    guided-diffusion's names). Anything else is a one-line :class:`ValueError`."""
+    if value is None or isinstance(value, ADMConfig):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        text, where = str(value), "--adm-config"
+        path = Path(text).expanduser()
+        if path.suffix.lower() in (".json", ".toml") or path.is_file():
+            try:
+                text, where = path.read_text(encoding="utf-8"), str(path)
+            except OSError as exc:
+                raise ValueError(f"cannot read ADM config {path}: {exc.strerror or exc}") from None
+        try:
+            value = tomllib.loads(text) if where.lower().endswith(".toml") else json.loads(text)
+        except (ValueError, tomllib.TOMLDecodeError) as exc:
+            raise ValueError(f"ADM config {where} is not a JSON object (or a .json/.toml file): "
+                             f"{str(exc).splitlines()[0]}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"an ADM config must be a mapping of ADMConfig fields, got {type(value).__name__}")
+    try:
+        return ADMConfig.from_dict(value)
+    except TypeError as exc:  # a value of the wrong type inside the dataclass
+        raise ValueError(f"bad ADM config value: {exc}") from None
+
+
+def load_diffusion_model(model: Any, *, local_files_only: bool = True, adm_config: Any = None) -> DiffusionModel:
     """A :class:`DiffusionModel` from a ``.pt`` file (ADM), a diffusers directory or repo id,
-    an :class:`ADMUNet`, a ``UNet2DModel`` or a :class:`DiffusionModel`."""
+    an :class:`ADMUNet`, a ``UNet2DModel`` or a :class:`DiffusionModel`. ``adm_config``
+    (:func:`parse_adm_config`) builds a plain ADM state dict; a diffusers model ignores it."""
+    config = parse_adm_config(adm_config)
     if isinstance(model, DiffusionModel):
         return model
     if isinstance(model, ADMUNet):
@@ -363,8 +394,8 @@ def load_diffusion_model(model: Any, *, local_files_only: bool = True) -> Diffus
         if path.is_dir():
             return load_diffusers_unet(path, local_files_only=True)
         if path.is_file() or path.suffix in (".pt", ".pth", ".ckpt"):
-            return load_adm(path)
+            return load_adm(path, config=config)
         if str(model).count("/") == 1 and not str(model).startswith((".", "/", "~")):
             return load_diffusers_unet(str(model), local_files_only=local_files_only)
-        return load_adm(path)
+        return load_adm(path, config=config)
     raise TypeError(f"expected a model path, a repo id or a UNet module, got {type(model).__name__}")

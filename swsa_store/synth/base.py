@@ -210,6 +210,9 @@ class AnomalyGenerator(abc.ABC):
     """
 
     name: ClassVar[str] = ""
+    #: Commit the catalogue after this many finished images (None: by time only, every
+    #: ``commit_every_s`` seconds). Slow generators set it so that a kill loses one batch at most.
+    commit_every: int | None = None
 
     @abc.abstractmethod
     def generate(

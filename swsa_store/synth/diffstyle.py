@@ -247,7 +247,9 @@ class DiffStyleGenerator(AnomalyGenerator):
     t_boost=0, device="auto", batch_size=8, dtype="float32", local_files_only=True)``.
     ``model``: a local ``.pt`` file (ADM, e.g. ``256x256_diffusion_uncond.pt``), a diffusers
     directory or cached repo id, or a module (``ADMUNet`` / ``UNet2DModel`` /
-    ``DiffusionModel``); default: ``$SWSA_DIFFUSION_MODEL``. ``count`` in :meth:`generate` is
+    ``DiffusionModel``); default: ``$SWSA_DIFFUSION_MODEL``. ``adm_config``: the ADM
+    configuration of a plain state-dict ``.pt`` file (:func:`~swsa_store.synth.adm.parse_adm_config`:
+    a dict, JSON text or a .json/.toml file; default the paper's 256×256 unconditional model). ``count`` in :meth:`generate` is
     the number of pairs (None: all ``|style| × |content|``; fewer: a subset drawn with ``rng``).
     Settings that cannot change the image (``gamma=0``, ``t_edit`` at or above the model's
     number of diffusion steps) are refused here, before the model is loaded when its number of
@@ -259,7 +261,7 @@ class DiffStyleGenerator(AnomalyGenerator):
     def __init__(self, model: Any = None, *, steps: int = DEFAULT_STEPS, gamma: float = DEFAULT_GAMMA,
                  t_edit: int = DEFAULT_T_EDIT, interpolation: str = "linear", t_boost: int = 0,
                  device: str | None = "auto", batch_size: int = 8, dtype: str = "float32",
-                 local_files_only: bool = True):
+                 local_files_only: bool = True, adm_config: Any = None):
         check_diffstyle_settings(gamma=gamma, t_edit=t_edit, t_boost=t_boost,
                                  num_train_timesteps=num_train_timesteps_hint(model))
         if interpolation not in INTERPOLATIONS:
@@ -278,13 +280,15 @@ class DiffStyleGenerator(AnomalyGenerator):
                     f"and pass --model PATH (or set {MODEL_ENV}), or pass a diffusers UNet2DModel directory"
                 )
         self.device = _resolve_device(device)
-        self.model = load_diffusion_model(model, local_files_only=local_files_only).to(self.device, dtypes[dtype])
+        self.model = load_diffusion_model(model, local_files_only=local_files_only,
+                                          adm_config=adm_config).to(self.device, dtypes[dtype])
         check_diffstyle_settings(gamma=gamma, t_edit=t_edit, t_boost=t_boost,
                                  num_train_timesteps=self.model.num_train_timesteps)  # T of a file, now known
         self.timesteps = ddim_timesteps(steps, self.model.num_train_timesteps)
         self.steps, self.gamma, self.t_edit = int(steps), float(gamma), int(t_edit)
         self.interpolation, self.t_boost = interpolation, int(t_boost)
         self.batch_size, self.dtype = int(batch_size), dtype
+        self.commit_every = self.batch_size  # each finished batch is catalogued: a kill loses one batch at most
 
     def describe(self) -> dict:
         return {

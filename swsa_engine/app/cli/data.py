@@ -80,13 +80,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
         summary = sample_auxiliary(args.store, args.root, count=args.count, seed=args.seed, source=args.source,
                                    task_ids=task_ids)
         print_summary("synth", summary)
+        print(synth_summary_words(summary))
         return 0
     kwargs = {}
     if args.variant:
         kwargs["variant"] = args.variant
     if getattr(args, "texture_dir", None):
         kwargs["texture_dir"] = args.texture_dir
-    for name in ("model", "steps", "gamma", "t_edit", "interpolation", "t_boost", "device", "batch_size"):
+    for name in ("model", "adm_config", "steps", "gamma", "t_edit", "interpolation", "t_boost", "device", "batch_size"):
         if getattr(args, name) is not None:  # only what was given, so other generators keep their defaults
             kwargs[name] = getattr(args, name)
     run = synthesize
@@ -96,7 +97,26 @@ def cmd_synth(args: argparse.Namespace) -> int:
     summary = run(args.store, args.method, count=args.count, seed=args.seed, source=args.source,
                   task_ids=task_ids, progress=not args.quiet, **kwargs)
     print_summary("synth", summary)
+    print(synth_summary_words(summary))
     return 0
+
+
+def synth_summary_words(summary: dict) -> str:
+    """:func:`~swsa_store.synthesize.synthesize`'s summary in words, below its ``key=value`` line
+    (whose keys, ``tasks_skipped`` among them, stay as they are for scripts that read them):
+    what was made, which tasks were skipped and why, which images were left out and why."""
+    source, done, skipped = summary["source"], int(summary["tasks_done"]), int(summary["tasks_skipped"])
+    words = [f"  made {summary['images']} new {source} image(s) for {done} task(s)"]
+    if skipped:
+        words.append(f"{skipped} task(s) skipped because they already hold all their {source} images "
+                     "from an earlier run (nothing left to make; use another --source for a new set)")
+    else:
+        words.append("no task skipped")
+    left_out = int(summary.get("skipped_images", 0))
+    if left_out:
+        words.append(f"{left_out} image(s) catalogued as skipped: no visible change from the parent after every "
+                     "redraw (reasons in the store's skips table)")
+    return "; ".join(words)
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -199,6 +219,10 @@ def _add_diffusion_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("--method diffusion (DiffStyle h-space content injection)")
     g.add_argument("--model", help="256x256_diffusion_uncond.pt (local file) or a diffusers UNet2DModel directory "
                    "(default: $SWSA_DIFFUSION_MODEL)")
+    g.add_argument("--adm-config", dest="adm_config", metavar="JSON|FILE",
+                   help="ADM configuration of a plain state-dict .pt model: a JSON object or a .json/.toml file of "
+                        "guided-diffusion's UNet settings, e.g. '{\"model_channels\": 128}' (default: the paper's "
+                        "256x256 unconditional model)")
     g.add_argument("--steps", type=int, help="DDIM steps for inversion and for generation (default 50)")
     g.add_argument("--gamma", type=float, help="content strength of h-space interpolation (default 0.7)")
     g.add_argument("--t-edit", dest="t_edit", type=int, help="inject content only at steps t >= t_edit (default 400)")

@@ -8,20 +8,23 @@ import sys
 
 from swsa_engine.app.cli.common import add_command, add_device_option, add_store_option, print_summary
 from swsa_engine.core.protocol import PROTOCOLS
+from swsa_engine.core.recommendation import RECOMMENDED
 from swsa_engine.run.bundle_export import DEFAULT_QUANTILE, export_detector
-from swsa_engine.run.predict import Predictor
+from swsa_engine.run.predict import load_predictor
 
 __all__ = ["cmd_export_detector", "cmd_predict", "add_export_detector_command", "add_predict_command"]
 
 
 def cmd_export_detector(args: argparse.Namespace) -> int:
-    manifest = export_detector(args.store, args.task, args.out, candidate=args.candidate, pick=args.pick,
+    pick = args.pick if args.pick or args.candidate else RECOMMENDED
+    manifest = export_detector(args.store, args.task, args.out, candidate=args.candidate, pick=pick,
                                quantile=args.quantile, protocol=args.protocol)
     rules = manifest["thresholds"]
     shown = {name: rule["value"] for name, rule in rules.items()}
     print_summary("export-detector", {
         "bundle": args.out, "candidate": manifest["candidate"]["name"], "task": manifest["task"]["task_id"],
-        "bank": sum(i >= 0 for i in manifest["bank"]["image_ids"]), "thresholds": shown,
+        **({"members": len(manifest["ensemble"]["members"])} if "ensemble" in manifest else
+           {"bank": sum(i >= 0 for i in manifest["bank"]["image_ids"])}), "thresholds": shown,
         "default": manifest["default_threshold"],
     })
     if manifest["default_threshold"] != "normal_quantile":
@@ -30,7 +33,7 @@ def cmd_export_detector(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    predictor = Predictor.load(args.detector, device=args.device, batch_size=args.batch_size, num_workers=args.workers,
+    predictor = load_predictor(args.detector, device=args.device, batch_size=args.batch_size, num_workers=args.workers,
                                weights=args.weights, weights_dir=args.weights_dir)
     frame = predictor.predict(args.images, threshold=args.threshold, progress=not args.quiet)
     if args.out:
@@ -52,11 +55,11 @@ def add_export_detector_command(sub: argparse._SubParsersAction) -> None:
                     "write one candidate, fitted on one task's support images, as a portable detector bundle")
     add_store_option(p)
     p.add_argument("--task", type=int, required=True, help="the task id whose support images are the bank")
-    which = p.add_mutually_exclusive_group(required=True)
+    which = p.add_mutually_exclusive_group()
     which.add_argument("--candidate", help="the candidate's cube name: SOURCE (kNN k=3) or SOURCE/DETECTOR, e.g. "
                                            "pixels/mahalanobis")
-    which.add_argument("--pick", help="choose the candidate with a selection strategy on the store's cube, e.g. "
-                                      "swsa:cutpaste, swsa_mean, swsa_rank")
+    which.add_argument("--pick", help="choose the candidate with a selection strategy on the store's cube (default: "
+                                      "recommended, which may choose an ensemble; or e.g. swsa:cutpaste, swsa_mean)")
     p.add_argument("--out", required=True, help="the bundle folder to write")
     p.add_argument("--quantile", type=float, default=DEFAULT_QUANTILE,
                    help=f"quantile of the normal-quantile threshold (default {DEFAULT_QUANTILE}: expected FPR <= 1 %%)")

@@ -31,11 +31,21 @@ class ResidualDetector(Detector):
     ``"min"``: to the nearest reference. A query whose excluded bank row is a reference is
     scored against the other ``K − 1`` references.
 
-    ``text`` > 0 adds InCTRL's text prior, training-free: ``text ×`` CLIP's two-prompt anomaly
-    probability of the image (the "paper" prompt set's ensemble, the store's CLIP model; see
-    :class:`swsa_engine.run.text_prior.TextPrior`), in the units of the squared residual, so a
-    weight near the typical residual of a normal image balances the two.  The sweep adds it;
-    :meth:`score_tasks` is the image-level residual alone.
+    ``text`` = w > 0 adds InCTRL's text prior, training-free: the sweep scores an image
+    ``residual + w · p`` with ``p = sigmoid(s · (cos(z, t_a) − cos(z, t_n)))`` in (0, 1), CLIP's
+    two-prompt anomaly probability of the image (``z`` its CLIP embedding, ``t_n``/``t_a`` the task
+    class's "paper" prompt-set ensembles, ``s`` the model's logit scale, about 100; see
+    :class:`swsa_engine.run.text_prior.TextPrior`). How this scales with w:
+
+    * the added term is linear in w and bounded: it moves any score by less than w, and w = 0 is
+      the residual alone (:meth:`score_tasks` is always the residual alone; the sweep adds it);
+    * neither term is normalised: the residual is a squared L2 distance in the backbone's own
+      feature units, so one w weighs differently on each backbone. A w far below the spread of
+      the task's residuals changes few ranks; a w far above it makes the ranking (so the AUROC)
+      tend to that of ``p`` alone, the residual then only ordering images of similar ``p``;
+    * with s ≈ 100, ``p`` is close to 0 or 1 for most images (a cosine gap of 0.05 gives
+      0.007 / 0.993), so the prior acts almost as a step: about w added to the images CLIP
+      calls anomalous, about nothing to the others.
     """
 
     K: int = 4

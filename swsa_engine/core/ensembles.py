@@ -20,15 +20,14 @@ marks the real ones). Every function works on all tasks at once.
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 
-from swsa_engine.core.metrics import UndefinedMetricWarning, auroc, rankdata_midrank
+from swsa_engine.core.metrics import rankdata_midrank
+from swsa_engine.core.synthetic_resampling import part_aurocs_finite
 from swsa_engine.core.validation import as_bool_mask, as_real_array, check_positive_int
 
 __all__ = ["NORMALISATIONS", "COMBINATIONS", "normalise_scores", "combine_scores", "shuffled_buckets",
-           "part_aurocs", "greedy_ensemble_weights"]
+           "greedy_ensemble_weights"]
 
 NORMALISATIONS = ("rank", "zscore")
 COMBINATIONS = ("mean", "max", "median", "aom", "moa")
@@ -103,22 +102,6 @@ def combine_scores(normalised, method: str = "mean", *, weights=None, buckets: l
     return outer(np.stack([inner(values[:, np.asarray(g), :], axis=1) for g in groups], axis=1), axis=1)
 
 
-def part_aurocs(scores, parts, n_sources: int) -> np.ndarray:
-    """(T, ..., V) synthetic AUROC per source from scores (T, ..., W) of a synthetic validation set
-    whose ``parts`` (T, W) say what each query is: 0 a held-out normal, ``v + 1`` an anomaly of
-    source ``v``, -1 padding. NaN where a task lacks the normals or the source's anomalies."""
-    values = np.asarray(scores, dtype=np.float64)
-    parts = np.asarray(parts)
-    parts = parts.reshape(parts.shape[0], *([1] * (values.ndim - 2)), parts.shape[1])
-    columns = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UndefinedMetricWarning)  # a source a task lacks: NaN
-        for source in range(n_sources):
-            mask = np.broadcast_to((parts == 0) | (parts == source + 1), values.shape)
-            columns.append(auroc(np.where(mask, values, 0.0), parts == source + 1, mask=mask))
-    return np.stack(columns, axis=-1) if columns else np.zeros(values.shape[:-1] + (0,))
-
-
 def _greedy_run(normalised: np.ndarray, parts: np.ndarray, n_sources: int, members: np.ndarray, steps: int) -> np.ndarray:
     """(T, C) counts of one greedy forward selection with replacement over ``members`` (indices)."""
     n_tasks, n_candidates, width = normalised.shape
@@ -128,7 +111,7 @@ def _greedy_run(normalised: np.ndarray, parts: np.ndarray, n_sources: int, membe
     for step in range(steps):
         trial = (total[:, None, :] + pool) / (step + 1)  # (T, M, W) the ensemble if each member were added
         with np.errstate(invalid="ignore"):
-            value = np.nanmean(part_aurocs(np.nan_to_num(trial), parts, n_sources), axis=-1)  # (T, M)
+            value = np.nanmean(part_aurocs_finite(np.nan_to_num(trial), parts, n_sources), axis=-1)  # (T, M)
         value = np.where(np.isnan(value), -np.inf, value)
         # members within TIE_TOLERANCE of the best count as tied: the first of them is taken, so the
         # choice does not hinge on rounding in the last bits of an AUROC
@@ -144,7 +127,7 @@ def greedy_ensemble_weights(normalised, parts, n_sources: int, *, steps: int = 2
     """(T, C) ensemble weights (summing to 1 per task) chosen on the synthetic validation set.
 
     ``normalised`` (T, C, W) the candidates' normalised scores of each task's synthetic validation
-    queries, ``parts`` (T, W) as in :func:`part_aurocs`. Each of ``bags`` runs draws ``fraction``
+    queries, ``parts`` (T, W) as in :func:`~swsa_engine.core.synthetic_resampling.part_aurocs_finite`. Each of ``bags`` runs draws ``fraction``
     of the candidates (seeded) and adds, ``steps`` times, the member (repeats allowed) that most
     raises the ensemble's synthetic AUROC averaged over the ``n_sources`` sources; the weights
     are the members' counts summed over the bags (Caruana et al. 2004, bagged selection).

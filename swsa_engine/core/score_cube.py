@@ -29,7 +29,7 @@ import numpy as np
 from swsa_engine.core.cube import grouped_auroc, hard_source_name
 from swsa_engine.core.metrics import UndefinedMetricWarning, auroc
 
-__all__ = ["ScoreCube", "score_aurocs", "SCORE_ARRAYS"]
+__all__ = ["ScoreCube", "score_aurocs", "two_part_auroc", "SCORE_ARRAYS"]
 
 #: the arrays of a score cube, in the order of :meth:`ScoreCube.to_arrays`
 SCORE_ARRAYS = ("task_ids", "real_ids", "real_label", "real_in_rest", "real_group", "group_names", "real_scores",
@@ -144,8 +144,10 @@ class ScoreCube:
         )
 
 
-def _two_part(normal, normal_mask, anomaly, anomaly_mask) -> np.ndarray:
-    """AUROC of ``normal`` (..., A) against ``anomaly`` (..., B) scores over their masks; NaN where undefined."""
+def two_part_auroc(normal, normal_mask, anomaly, anomaly_mask) -> np.ndarray:
+    """(...) AUROC of ``normal`` (..., A) against ``anomaly`` (..., B) scores over their masks (True =
+    included); NaN where undefined (no normals or no anomalies), without a warning. Every pass
+    computes its synthetic AUROCs (per source and over the hardest N) with it."""
     scores = np.concatenate([np.where(normal_mask, normal, 0.0), np.where(anomaly_mask, anomaly, 0.0)], axis=-1)
     labels = np.concatenate([np.zeros(normal.shape, bool), np.ones(anomaly.shape, bool)], axis=-1)
     mask = np.concatenate([normal_mask, anomaly_mask], axis=-1)
@@ -191,11 +193,11 @@ def score_aurocs(scores: ScoreCube, hardest: tuple[int, ...] = (10, 5), candidat
     columns, hard_columns = [], []
     for v, _ in enumerate(scores.sources):
         anomaly_mask = (part == v + 1) & ok
-        columns.append(_two_part(synth, normal_mask, synth, anomaly_mask))
+        columns.append(two_part_auroc(synth, normal_mask, synth, anomaly_mask))
         ordered = np.sort(np.where(anomaly_mask, synth, np.inf), axis=2)
         for n in hardest:
             hard = ordered[..., :n]
-            hard_columns.append(_two_part(synth, normal_mask, np.where(np.isfinite(hard), hard, 0.0), np.isfinite(hard)))
+            hard_columns.append(two_part_auroc(synth, normal_mask, np.where(np.isfinite(hard), hard, 0.0), np.isfinite(hard)))
     n_columns = len(scores.sources) * (1 + len(hardest))
     synthetic = np.stack(columns + hard_columns, axis=2) if columns else np.full((n_tasks, n_candidates, n_columns), np.nan)
     names = list(scores.sources) + [hard_source_name(s, n) for s in scores.sources for n in hardest]

@@ -26,6 +26,7 @@ import pandas as pd
 from swsa_engine.core.cube import grouped_auroc
 from swsa_engine.core.metrics import UndefinedMetricWarning, auroc
 from swsa_engine.core.protocol import exclusion_counts, origin_positions, query_origins
+from swsa_engine.core.score_cube import two_part_auroc
 from swsa_engine.core.validation import usable_ids
 from swsa_engine.run.task_groups import TaskGroup, rest_mask
 
@@ -182,23 +183,14 @@ def validation_aurocs(
     for index, _ in enumerate(sources):
         anomaly_scores = synth_scores[:, offsets[index + 1] : offsets[index + 2]]
         anomaly_mask = (queries[:, offsets[index + 1] : offsets[index + 2]] >= 0) & np.isfinite(anomaly_scores)
-        columns.append(_two_part_auroc(normal_scores, normal_mask, anomaly_scores, anomaly_mask))
+        columns.append(two_part_auroc(normal_scores, normal_mask, anomaly_scores, anomaly_mask))
         ordered = np.sort(np.where(anomaly_mask, anomaly_scores, np.inf), axis=1)
         for n in hardest:
             hard = ordered[:, :n]
-            hard_columns.append(_two_part_auroc(normal_scores, normal_mask, np.where(np.isfinite(hard), hard, 0.0), np.isfinite(hard)))
+            hard_columns.append(two_part_auroc(normal_scores, normal_mask, np.where(np.isfinite(hard), hard, 0.0), np.isfinite(hard)))
     n_columns = len(sources) * (1 + len(hardest))
     synthetic = np.stack(columns + hard_columns, axis=1) if columns else np.full((len(rows), n_columns), np.nan)
     return {"real": real, "per_class": per_class, "synthetic": synthetic}
-
-
-def _two_part_auroc(normal_scores, normal_mask, anomaly_scores, anomaly_mask) -> np.ndarray:
-    scores = np.concatenate([np.where(normal_mask, normal_scores, 0.0), np.where(anomaly_mask, anomaly_scores, 0.0)], axis=1)
-    labels = np.concatenate([np.zeros(normal_scores.shape, bool), np.ones(anomaly_scores.shape, bool)], axis=1)
-    mask = np.concatenate([normal_mask, anomaly_mask], axis=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UndefinedMetricWarning)  # a source absent for a task: NaN
-        return auroc(scores, labels, mask=mask)
 
 
 def score_group_imported(table: pd.DataFrame, complete: np.ndarray, n_images: int, group: TaskGroup,

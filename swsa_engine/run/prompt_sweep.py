@@ -43,6 +43,7 @@ from swsa_engine.core.clip_scores import DEFAULT_EPS, bliss_from_similarities, l
 from swsa_engine.core.cube import (BLISS_CUBE, BLISS_DEFAULT, BLISS_KS, BLISS_LAMBDAS, ENSEMBLE, PROMPT_CUBE, AurocCube,
                                    bliss_name, grouped_auroc, prompt_name)
 from swsa_engine.core.metrics import UndefinedMetricWarning, auroc
+from swsa_engine.core.score_cube import two_part_auroc
 from swsa_engine.core.validation import usable_ids
 from swsa_engine.run.cube_io import save_cube
 from swsa_engine.run.cube_layout import CubeLayout
@@ -167,23 +168,17 @@ def _score_synthetic(scorer, layout: _GroupQueries, rows: np.ndarray, n_sources:
     for index in range(n_sources):
         a = synth[..., offsets[index + 1]: offsets[index + 2]]
         am = qmask[..., offsets[index + 1]: offsets[index + 2]]
-        columns.append(_two_part(normal_scores, normal_mask, a, am))
+        columns.append(two_part_auroc(normal_scores, normal_mask, a, am))
         ordered = np.sort(np.where(am, a, np.inf), axis=-1)
         for n in hardest:
             hard = ordered[..., :n]
-            hard_columns.append(_two_part(normal_scores, normal_mask, np.where(np.isfinite(hard), hard, 0.0),
+            hard_columns.append(two_part_auroc(normal_scores, normal_mask, np.where(np.isfinite(hard), hard, 0.0),
                                           np.isfinite(hard)))
     if not columns:
         return None, bad
     values = np.stack(columns + hard_columns, axis=-1)
     values[bad] = np.nan
     return values, bad
-
-
-def _two_part(normal_scores, normal_mask, anomaly_scores, anomaly_mask) -> np.ndarray:
-    scores = np.concatenate([np.where(normal_mask, normal_scores, 0.0), np.where(anomaly_mask, anomaly_scores, 0.0)], axis=-1)
-    labels = np.concatenate([np.zeros(normal_scores.shape, bool), np.ones(anomaly_scores.shape, bool)], axis=-1)
-    return _auroc_quiet(scores, labels, np.concatenate([normal_mask, anomaly_mask], axis=-1))
 
 
 def build_cube(scorer_for_group, groups: list[TaskGroup], tasks: pd.DataFrame, usable: np.ndarray,

@@ -67,3 +67,13 @@ def test_rates_at_threshold_equal_sklearn():
         assert got["precision"][t] == pytest.approx(precision_score(labels[t], predicted))
         assert got["recall"][t] == pytest.approx(recall_score(labels[t], predicted))
         assert got["fpr"][t] == pytest.approx(np.mean(predicted[~labels[t]]))
+
+
+def test_non_finite_normal_scores_are_refused_unless_masked_out():
+    scores = np.array([[0.1, np.nan, 0.3, 0.2]])
+    with pytest.raises(ValueError, match=r"normal_scores holds 1 non-finite included score\(s\); mask them out"):
+        normal_quantile_threshold(scores, quantile=0.5)
+    masked = normal_quantile_threshold(scores, np.array([[True, False, True, True]]), quantile=0.5)
+    assert masked[0] == 0.2
+    with pytest.raises(ValueError, match=r"f1_optimal_threshold: `scores` contains 1 non-finite"):
+        f1_optimal_threshold(scores, np.array([[False, True, True, False]]))

@@ -95,6 +95,24 @@ def test_run_bench_reports_matching_numbers(small_store, tmp_path):
     assert (tmp_path / "out" / "bench.json").exists()
     text = format_figures(figures)
     assert "speed-up" in text and "peak memory" in text
+    # the headline: the sweep over its kNN products at the measured float32 peak, with the stages
+    stages = figures["sweep"]["stage_seconds"]
+    assert {"read", "knn", "refine", "aurocs", "ensembles", "save"} <= set(stages)
+    floor = figures["sweep"]["knn_flops"] / (figures["matmul_peak_gflops"]["float32"] * 1e9)
+    assert figures["gemm_floor_seconds"] == pytest.approx(floor)
+    assert figures["sweep_over_gemm"] == pytest.approx(figures["sweep"]["seconds"] / floor)
+    assert figures["cube_over_gemm"] < figures["sweep_over_gemm"]
+    assert text.startswith("HEADLINE sweep / GEMM floor:") and "stages (s): read" in text
+
+
+def test_knn_bench_times_exact_and_bounded_against_gemm():
+    from swsa_engine.app.bench_knn import bench_knn, format_knn_bench
+
+    table = bench_knn(n_queries=300, dim=64, banks=(5, 40), k=2, repeats=1, progress=False)
+    assert list(table["bank_rows"]) == [5, 40]
+    assert (table["knn_score_efficiency"] > 0).all() and (table["bounded_efficiency"] > 0).all()
+    np.testing.assert_allclose(table["knn_score_efficiency"], table["gemm_s"] / table["knn_score_s"])
+    assert "bank     40 rows" in format_knn_bench(table)
 
 
 def test_cluster_histogram_tv_matches_hand_count():

@@ -80,6 +80,28 @@ def test_part_aurocs_equal_sklearn():
                 assert got[t, c, v] == pytest.approx(roc_auc_score(parts[t, keep] == v + 1, scores[t, c, keep]))
 
 
+def test_part_aurocs_bit_identical_to_auroc_per_source_with_nans_and_ties():
+    """The one-sort form gives exactly (==) what metrics.auroc gives on each source's subset, with
+    ties, NaN scores (left out for that candidate only), padding, and sources a task lacks (NaN)."""
+    from swsa_engine.core.metrics import auroc
+
+    rng = np.random.default_rng(11)
+    scores = tied_scores(7, (4, 5, 40)).astype(float)
+    scores[rng.random(scores.shape) < 0.1] = np.nan
+    parts = rng.integers(-1, 4, size=(4, 40))
+    parts[3][parts[3] == 2] = 1  # task 3 has no anomaly of source 1
+    got = part_aurocs_finite(scores, parts, 3)
+    for t in range(4):
+        for c in range(5):
+            for v in range(3):
+                keep = ((parts[t] == 0) | (parts[t] == v + 1)) & np.isfinite(scores[t, c])
+                if not (parts[t, keep] == v + 1).any() or not (parts[t, keep] == 0).any():
+                    assert np.isnan(got[t, c, v])
+                    continue
+                assert got[t, c, v] == auroc(scores[t, c, keep], parts[t, keep] == v + 1)
+    assert np.isnan(got[3, :, 1]).all()
+
+
 def naive_greedy(normalised, parts, n_sources, steps, bags, fraction, seed):
     n_tasks, n_candidates, _ = normalised.shape
     rng = np.random.default_rng(seed)

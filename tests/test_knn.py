@@ -655,3 +655,21 @@ def test_knn_score_exclusion_in_the_last_fallback_tier(caplog):
         for k in (3, 6):
             assert_close(knn_score(queries, bank, k, exclude=ex), brute_score(queries, bank, k, ex))
     assert "recomputed exactly against the whole bank" in caplog.text
+
+
+def test_finite_rows_equals_isfinite_all_with_extremes():
+    """The float64-sum form of the one finite-rows rule equals isfinite(...).all() on float32 and
+    float16 rows holding NaN, ±inf, inf - inf and the largest finite values (no false alarm)."""
+    from swsa_engine.core.validation import finite_rows
+
+    rng = np.random.default_rng(3)
+    for dtype in (np.float32, np.float16, np.float64):
+        big = np.finfo(dtype).max
+        x = rng.normal(size=(200, 33)).astype(dtype)
+        specials = np.array([np.nan, np.inf, -np.inf, big, -big], dtype=dtype)
+        hits = rng.random(x.shape) < 0.02
+        x[hits] = rng.choice(specials, size=int(hits.sum()))
+        x[0, :] = big  # a row of the largest finite values is finite
+        x[1, :2] = [np.inf, -np.inf]
+        np.testing.assert_array_equal(finite_rows(x), np.isfinite(x).all(axis=1))
+        assert finite_rows(x)[0] and not finite_rows(x)[1]

@@ -225,10 +225,20 @@ def test_cube_save_and_load(tmp_path):
     pd.testing.assert_frame_equal(back.tasks, cube.tasks, check_dtype=False)
 
 
-def test_score_group_refines_large_banks_from_candidates(monkeypatch):
-    """The candidate refinement (banks above SMALL_BANK) gives the naive loop's AUROCs too."""
+def test_score_group_whole_bank_refinement_matches_naive_loop(monkeypatch):
+    """Scores the candidate refinement cannot certify go to the whole-bank float64 route: forcing
+    every one there still gives the naive loop's AUROCs (and the route is really taken)."""
     import swsa_engine.run.knn_sweep as knn_sweep
 
-    monkeypatch.setattr(knn_sweep, "SMALL_BANK", 0)
+    real_candidates = knn_sweep.exact_knn_candidates
+    calls = []
+
+    def never_certified(*args, **kwargs):
+        scores, certified = real_candidates(*args, **kwargs)
+        calls.append(int(certified.sum()))
+        return scores, np.zeros_like(certified)
+
+    monkeypatch.setattr(knn_sweep, "exact_knn_candidates", never_certified)
     test_score_group_matches_naive_per_task_loop(3, "per-task")
     test_score_group_matches_naive_per_task_loop(1, "shared")
+    assert calls and sum(calls) > 0  # there were refinements, and all of them went the whole-bank way

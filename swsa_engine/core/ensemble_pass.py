@@ -140,18 +140,28 @@ def eligible_members(scores: ScoreCube, candidates: pd.DataFrame) -> tuple[np.nd
     return reason == "", reason
 
 
-def _combine(real: np.ndarray, synth: np.ndarray, real_pool: np.ndarray, parts: np.ndarray, n_sources: int,
-             method: str, normalisation: str, selection: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """One member set's ensemble over tasks: members' ``real`` (T', M, Q) and ``synth`` (T', M, W)
-    scores → ensemble scores (T', Q), (T', W) (NaN off the pools) and the selected weights (T', M) or None."""
-    real_norm = normalise_scores(np.where(real_pool[:, None, :], real, 0.0), real_pool, normalisation)
+def _normalised(scores: ScoreCube, eligible: np.ndarray, pools: tuple, normalisation: str) -> tuple[np.ndarray, np.ndarray]:
+    """Every candidate's real (T, C, Q) and synthetic (T, C, W) scores normalised over its task's
+    pools, once for all ensembles (a member's normalised scores do not depend on the other
+    members); NaN off the pools, and meaningless (never read) where a candidate is not eligible."""
+    real_pool, parts = pools
     synth_pool = parts >= 0
-    synth_norm = normalise_scores(np.where(synth_pool[:, None, :], synth, 0.0), synth_pool, normalisation)
+    real = np.where(real_pool[:, None, :] & eligible[:, :, None], scores.real_scores, 0.0)
+    synth = np.where(synth_pool[:, None, :] & eligible[:, :, None], scores.synthetic_scores, 0.0)
+    return normalise_scores(real, real_pool, normalisation), normalise_scores(synth, synth_pool, normalisation)
+
+
+def _combine(real_norm: np.ndarray, synth_norm: np.ndarray, real_pool: np.ndarray, parts: np.ndarray, n_sources: int,
+             method: str, selection: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """One member set's ensemble over tasks: members' normalised ``real_norm`` (T', M, Q) and
+    ``synth_norm`` (T', M, W) scores → ensemble scores (T', Q), (T', W) (NaN off the pools) and the
+    selected weights (T', M) or None."""
+    synth_pool = parts >= 0
     weights = None
     if method == "selected":
         weights = greedy_ensemble_weights(synth_norm, parts, n_sources, **selection)
         method = "mean"
-    buckets = shuffled_buckets(real.shape[1], min(5, real.shape[1])) if method in ("aom", "moa") else None
+    buckets = shuffled_buckets(real_norm.shape[1], min(5, real_norm.shape[1])) if method in ("aom", "moa") else None
     combined = [combine_scores(np.nan_to_num(values), method, weights=weights, buckets=buckets)
                 for values in (real_norm, synth_norm)]
     return np.where(real_pool, combined[0], np.nan), np.where(synth_pool, combined[1], np.nan), weights
@@ -165,10 +175,10 @@ def _member_sets(eligible: np.ndarray) -> dict[tuple, np.ndarray]:
     return {members: np.asarray(rows) for members, rows in sets.items()}
 
 
-def _ensemble_scores(scores: ScoreCube, spec: EnsembleSpec, eligible: np.ndarray, pools: tuple, normalisation: str,
+def _ensemble_scores(scores: ScoreCube, spec: EnsembleSpec, eligible: np.ndarray, pools: tuple, normalised: tuple,
                      selection: dict) -> tuple[np.ndarray, np.ndarray, dict]:
     """(T, Q) and (T, W) scores of one ensemble (NaN for a task with no member left) and its
-    per-task members and weights {task_id: {candidate: weight}}."""
+    per-task members and weights {task_id: {candidate: weight}}; ``normalised`` from :func:`_normalised`."""
     real_pool, parts = pools
     real_out = np.full(scores.real_ids.shape, np.nan)
     synth_out = np.full(scores.synthetic_ids.shape, np.nan)
@@ -179,9 +189,8 @@ def _ensemble_scores(scores: ScoreCube, spec: EnsembleSpec, eligible: np.ndarray
         if not members:
             continue
         index = np.asarray(members)
-        real, synth, weights = _combine(scores.real_scores[rows][:, index], scores.synthetic_scores[rows][:, index],
-                                        real_pool[rows], parts[rows], len(scores.sources), spec.method, normalisation,
-                                        selection)
+        real, synth, weights = _combine(normalised[0][rows][:, index], normalised[1][rows][:, index],
+                                        real_pool[rows], parts[rows], len(scores.sources), spec.method, selection)
         real_out[rows], synth_out[rows] = real, synth
         w = np.full((len(rows), len(index)), 1.0 / len(index)) if weights is None else weights
         for r, t in enumerate(rows):
@@ -232,8 +241,9 @@ def ensemble_candidates(scores: ScoreCube, candidates: pd.DataFrame, *, hardest:
     real_pool = scores.real_pool & np.isfinite(scores.real_scores[:, single]).any(axis=1)
     parts = np.where(np.isfinite(scores.synthetic_scores[:, single]).any(axis=1), scores.synthetic_part, -1)
     real, synth, config, skips = [], [], {}, []
+    normalised = _normalised(scores, eligible, (real_pool, parts), normalisation)
     for spec in specs:
-        r, s, weights = _ensemble_scores(scores, spec, eligible, (real_pool, parts), normalisation, selection)
+        r, s, weights = _ensemble_scores(scores, spec, eligible, (real_pool, parts), normalised, selection)
         real.append(r)
         synth.append(s)
         skips += _skips(scores, spec, eligible, reason)

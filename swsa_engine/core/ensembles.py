@@ -111,7 +111,8 @@ def _greedy_run(normalised: np.ndarray, parts: np.ndarray, n_sources: int, membe
     for step in range(steps):
         trial = (total[:, None, :] + pool) / (step + 1)  # (T, M, W) the ensemble if each member were added
         with np.errstate(invalid="ignore"):
-            value = np.nanmean(part_aurocs_finite(np.nan_to_num(trial), parts, n_sources), axis=-1)  # (T, M)
+            # NaN (padding) scores are left out by part_aurocs_finite itself
+            value = np.nanmean(part_aurocs_finite(trial, parts, n_sources), axis=-1)  # (T, M)
         value = np.where(np.isnan(value), -np.inf, value)
         # members within TIE_TOLERANCE of the best count as tied: the first of them is taken, so the
         # choice does not hinge on rounding in the last bits of an AUROC
@@ -140,8 +141,28 @@ def greedy_ensemble_weights(normalised, parts, n_sources: int, *, steps: int = 2
     n_candidates = values.shape[1]
     size = max(1, int(round(fraction * n_candidates)))
     rng = np.random.default_rng(seed)
+    draws = [np.sort(rng.choice(n_candidates, size=size, replace=False)) for _ in range(bags)]
+    parts = np.asarray(parts)
     counts = np.zeros(values.shape[:2])
-    for _ in range(bags):
-        members = np.sort(rng.choice(n_candidates, size=size, replace=False))
-        counts += _greedy_run(values, np.asarray(parts), n_sources, members, steps)
+    # tasks of similar width together, their queries packed to the front: no sorting of padding
+    # (AUROCs do not depend on the queries' order, so the weights are those of the padded arrays)
+    for rows, width in _width_buckets((parts >= 0).sum(axis=1)):
+        order = np.argsort(parts[rows] < 0, axis=1, kind="stable")[:, :width]
+        packed = np.take_along_axis(values[rows], order[:, None, :], axis=2)
+        packed_parts = np.take_along_axis(parts[rows], order, axis=1)
+        for members in draws:
+            counts[rows] += _greedy_run(packed, packed_parts, n_sources, members, steps)
     return counts / counts.sum(axis=1, keepdims=True)
+
+
+def _width_buckets(widths: np.ndarray, growth: float = 1.5) -> list[tuple[np.ndarray, int]]:
+    """Task rows grouped by their query count ``widths`` (T,): within a group the widest is at most
+    ``growth`` times the narrowest (or 16 wider) → [(rows, widest)]."""
+    order = np.argsort(widths, kind="stable")
+    buckets, start = [], 0
+    for i in range(1, len(order) + 1):
+        if i == len(order) or widths[order[i]] > max(growth * widths[order[start]], widths[order[start]] + 16):
+            rows = np.sort(order[start:i])
+            buckets.append((rows, max(1, int(widths[rows].max()))))
+            start = i
+    return buckets

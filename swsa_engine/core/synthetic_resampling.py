@@ -9,11 +9,8 @@ name), so that :mod:`swsa_engine.core.selection` can use it without an import cy
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 
-from swsa_engine.core.metrics import UndefinedMetricWarning, auroc
 from swsa_engine.core.validation import as_real_array, check_positive_int
 
 __all__ = ["DEFAULT_RESAMPLES", "DEFAULT_SEED", "MAX_GATHERED", "resample_positions", "part_aurocs_finite",
@@ -72,21 +69,54 @@ def resample_positions(parts, n_sources: int, n_resamples: int = DEFAULT_RESAMPL
 def part_aurocs_finite(scores, parts, n_sources: int) -> np.ndarray:
     """(T, ..., V) synthetic AUROC per source from scores (T, ..., W) with ``parts`` (T, W) as in
     :func:`resample_positions`; a NaN score leaves that query out for that candidate only, as the
-    cube's sweep does. NaN where a task (or candidate) lacks the normals or the source's anomalies."""
+    cube's sweep does. NaN where a task (or candidate) lacks the normals or the source's anomalies.
+
+    One sort serves every source: an anomaly's doubled Mann-Whitney count is twice the held-out
+    normals below its score plus those tied with it, summed per source and divided by
+    ``2 n_normal n_source`` — the same integers, and the same one division, as
+    :func:`~swsa_engine.core.metrics.auroc` on each source's subset, so the values are identical.
+    """
     values = as_real_array(scores, "synthetic_scores").astype(np.float64, copy=False)
     parts = _checked_parts(parts, n_sources)
     if values.ndim < 2 or values.shape[0] != parts.shape[0] or values.shape[-1] != parts.shape[1]:
         raise ValueError(f"synthetic_scores {values.shape} must be (T, ..., W) for synthetic_part {parts.shape}")
-    parts = parts.reshape(parts.shape[0], *([1] * (values.ndim - 2)), parts.shape[1])
-    finite = np.isfinite(values)
-    columns = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UndefinedMetricWarning)  # a source a task lacks: NaN
-        for source in range(n_sources):
-            mask = ((parts == 0) | (parts == source + 1)) & finite
-            columns.append(auroc(np.where(mask, values, 0.0), np.broadcast_to(parts == source + 1, values.shape),
-                                 mask=mask))
-    return np.stack(columns, axis=-1) if columns else np.zeros(values.shape[:-1] + (0,))
+    if n_sources == 0:
+        return np.zeros(values.shape[:-1] + (0,))
+    parts = np.broadcast_to(parts.reshape(parts.shape[0], *([1] * (values.ndim - 2)), parts.shape[1]), values.shape)
+    parts = np.where(np.isfinite(values), parts, -1)  # a NaN score: that query is out, for that candidate only
+    keys = np.where(parts >= 0, values, np.inf)
+    # one flat gather per array (much faster than take_along_axis on many short rows)
+    flat = np.argsort(keys, axis=-1) + (np.arange(keys.size // keys.shape[-1]) * keys.shape[-1]).reshape(keys.shape[:-1] + (1,))
+    ordered_parts = parts.reshape(-1)[flat]
+    normals_below, normals_tied = _normals_below_and_tied(keys.reshape(-1)[flat], ordered_parts == 0)
+    doubled = 2 * normals_below + normals_tied
+    # per row and part (-1 … V → 0 … V + 1): the doubled counts summed, and the queries counted
+    n_rows = doubled.size // doubled.shape[-1]
+    slot = (ordered_parts + 1 + (n_sources + 2) * np.arange(n_rows).reshape(doubled.shape[:-1] + (1,))).ravel()
+    size = n_rows * (n_sources + 2)
+    summed = np.bincount(slot, weights=doubled.ravel(), minlength=size).reshape(doubled.shape[:-1] + (n_sources + 2,))
+    counts = np.bincount(slot, minlength=size).reshape(summed.shape)
+    n_normal, n_source = counts[..., 1:2], counts[..., 2:]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        area = summed[..., 2:] / (2.0 * n_source * n_normal)
+    return np.where((n_source == 0) | (n_normal == 0), np.nan, area)
+
+
+def _normals_below_and_tied(sorted_keys: np.ndarray, normal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For every entry of rows sorted along the last axis: how many ``normal`` entries lie strictly
+    below its value, and how many share it (int64, shape of ``sorted_keys``)."""
+    n = sorted_keys.shape[-1]
+    starts = np.ones(sorted_keys.shape, dtype=bool)
+    starts[..., 1:] = sorted_keys[..., 1:] != sorted_keys[..., :-1]
+    ends = np.ones(sorted_keys.shape, dtype=bool)
+    ends[..., :-1] = starts[..., 1:]
+    # normals strictly before each position, and at or before it, counted along the row
+    inclusive = np.cumsum(normal, axis=-1, dtype=np.int64)
+    exclusive = inclusive - normal
+    # carry a group's first "exclusive" forward and its last "inclusive" backward (counts only grow)
+    below = np.maximum.accumulate(np.where(starts, exclusive, 0), axis=-1)
+    through = np.minimum.accumulate(np.where(ends, inclusive, np.iinfo(np.int64).max)[..., ::-1], axis=-1)[..., ::-1]
+    return below, through - below
 
 
 def resampled_aurocs(scores, parts, n_sources: int, n_resamples: int = DEFAULT_RESAMPLES,

@@ -46,6 +46,8 @@ def empty_result(group: TaskGroup, sources: list[str], hardest: tuple[int, ...],
         "per_class": np.full((n_tasks, len(group.group_names)), np.nan),
         "skips": skips,
         "knn_flops": 0.0,
+        "refine_flops": 0.0,
+        "stage_seconds": {},
     }
 
 

@@ -10,6 +10,8 @@ equals the one from exact float64 scores. Queries and AUROCs are those of every 
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,12 +39,26 @@ class _KnnPass:
 
     def scores(self, queries: np.ndarray, exclude: np.ndarray | None):
         """Float32 scores with error bounds of per-task queries (T', W): :func:`_batched_knn`."""
-        return _batched_knn(self.prepared, queries, self.support, exclude, self.k, self.device, self.chunk_bytes, self.out)
+        with stage(self.out, "knn"):
+            return _batched_knn(self.prepared, queries, self.support, exclude, self.k, self.device, self.chunk_bytes,
+                                self.out)
 
     def refine(self, queries: np.ndarray, exclude: np.ndarray | None, scores: np.ndarray, uncertain: np.ndarray) -> int:
         """Exact scores in place of ``scores[uncertain]``: :func:`_refine`."""
-        return _refine(self.features, self.prepared, queries, self.support, exclude, scores, uncertain, self.k,
-                       self.device, self.chunk_bytes, self.out)
+        with stage(self.out, "refine"):
+            return _refine(self.features, self.prepared, queries, self.support, exclude, scores, uncertain, self.k,
+                           self.device, self.chunk_bytes, self.out)
+
+
+@contextmanager
+def stage(out: dict, name: str):
+    """Add the seconds spent inside the block to ``out["stage_seconds"][name]`` (the bench's breakdown)."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds = out["stage_seconds"]
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - started
 
 
 def score_group(
@@ -69,8 +85,9 @@ def score_group(
         normals leave-one-out only). Real queries are scored against the whole bank.
 
     Returns a dict: ``real`` (T, 2), ``synthetic`` (T, V) over ``sources`` then their hardest
-    variants, ``per_class`` (T, G), ``skips`` [(task_id, reason)], ``knn_flops``,
-    ``refined_scores`` and ``scores`` (the per-image scores behind the AUROCs, for
+    variants, ``per_class`` (T, G), ``skips`` [(task_id, reason)], ``knn_flops`` (the float32
+    first tier's products), ``refine_flops`` (the exact recomputation's), ``stage_seconds`` (seconds
+    per stage: prepare, knn, certify, refine, aurocs), ``refined_scores`` and ``scores`` (the per-image scores behind the AUROCs, for
     :class:`~swsa_engine.run.cube_layout.ScoreLayout`: ``rows`` (T',) the scored tasks, ``real``
     (T', Q) scores of ``group.real_ids``, ``queries`` (T', W) the synthetic queries and
     ``synthetic`` (T', W) their scores).
@@ -96,13 +113,15 @@ def score_group(
             return out
     real_ok = usable[group.real_ids]
     # one centre and one float64 norm per row for every kernel call of this group
-    prepared = centre_rows(features, np.r_[support[support >= 0], group.real_ids[real_ok], queries[queries >= 0]],
-                           support[support >= 0], device=device)
+    with stage(out, "prepare"):
+        prepared = centre_rows(features, np.r_[support[support >= 0], group.real_ids[real_ok], queries[queries >= 0]],
+                               support[support >= 0], device=device)
     knn = _KnnPass(features, prepared, support, k, device, chunk_bytes, out)
     real_scores, refined_real = _real_knn_scores(knn, group, rows, real_ok)
     synth_scores, refined_synthetic = _synthetic_knn_scores(knn, queries, kernel_exclude(exclude), widths, hardest)
     out["refined_scores"] = refined_real + refined_synthetic
-    aurocs = validation_aurocs(group, rows, real_scores, queries, synth_scores, widths, sources, hardest)
+    with stage(out, "aurocs"):
+        aurocs = validation_aurocs(group, rows, real_scores, queries, synth_scores, widths, sources, hardest)
     for key in ("real", "synthetic", "per_class"):
         out[key][rows] = aurocs[key]
     out["scores"] = {"rows": rows, "real": real_scores, "queries": queries, "synthetic": synth_scores}
@@ -122,10 +141,12 @@ def _real_knn_scores(knn: _KnnPass, group: TaskGroup, rows: np.ndarray, real_ok:
         # tasks share their real validation images (one-vs-rest over classes): one distance
         # block of every query against the union of the banks, gathered per task
         query_ids = group.real_ids[real_ok]
-        approx, bounds = bounded_knn_shared(knn.prepared, query_ids, support, knn.k)
+        with stage(knn.out, "knn"):
+            approx, bounds = bounded_knn_shared(knn.prepared, query_ids, support, knn.k)
         knn.out["knn_flops"] += 2.0 * dense_cost * knn.features.shape[1]
         labels = np.where(member[:, real_ok], group.real_label[rows][:, real_ok], -1)
-        uncertain = order_uncertain(approx, bounds, labels)
+        with stage(knn.out, "certify"):
+            uncertain = order_uncertain(approx, bounds, labels)
         refined = knn.refine(np.broadcast_to(query_ids, approx.shape), None, approx, uncertain)
         real_scores[:, real_ok] = approx
         return real_scores, refined
@@ -133,7 +154,9 @@ def _real_knn_scores(knn: _KnnPass, group: TaskGroup, rows: np.ndarray, real_ok:
     order, present, own_queries = own_real_queries(group, member, widest)
     scores, bounds = knn.scores(own_queries, None)
     labels = np.where(present, np.take_along_axis(group.real_label[rows], order, axis=1), -1)
-    refined = knn.refine(own_queries, None, scores, order_uncertain(scores, bounds, labels))
+    with stage(knn.out, "certify"):
+        uncertain = order_uncertain(scores, bounds, labels)
+    refined = knn.refine(own_queries, None, scores, uncertain)
     put_real(real_scores, order, present, scores, member)
     return real_scores, refined
 
@@ -144,7 +167,8 @@ def _synthetic_knn_scores(knn: _KnnPass, queries: np.ndarray, exclude: np.ndarra
     source's anomalies), each without the bank rows ``exclude`` (T', W) or (T', W, E) names, exact
     wherever a synthetic AUROC or hardest-N set depends on it; and how many were refined."""
     scores, bounds = knn.scores(queries, exclude)
-    uncertain = synthetic_uncertain(scores, bounds, queries >= 0, widths, hardest)
+    with stage(knn.out, "certify"):
+        uncertain = synthetic_uncertain(scores, bounds, queries >= 0, widths, hardest)
     refined = knn.refine(queries, exclude, scores, uncertain)
     return scores, refined
 
@@ -156,7 +180,7 @@ def _batched_knn(features, queries, support, exclude, k, device, chunk_bytes, ou
     ``features``: the prepared rows (:class:`~swsa_engine.core.knn.CentredRows`) → ``(scores, bounds)``
     (T, W) from the float32 kernel with error bounds (:func:`~swsa_engine.core.knn.bounded_knn_tasks`);
     with ``exact``, the (N, D) array → exact scores and zero bounds.  Adds the floating-point
-    operations to ``out["knn_flops"]``.
+    operations to ``out["knn_flops"]`` (the first tier) or, with ``exact``, ``out["refine_flops"]``.
     """
     scores = np.full(queries.shape, np.nan)
     bounds = np.zeros(queries.shape)
@@ -171,7 +195,7 @@ def _batched_knn(features, queries, support, exclude, k, device, chunk_bytes, ou
     for lo in range(0, len(queries), chunk):
         hi = min(lo + chunk, len(queries))
         q_ids, b_ids = queries[lo:hi], support[lo:hi]
-        out["knn_flops"] += 2.0 * q_ids.size * b_ids.shape[1] * dim
+        out["refine_flops"] += 2.0 * q_ids.size * b_ids.shape[1] * dim
         args = (features_for(features, q_ids), features_for(features, b_ids))
         kwargs = dict(k=k, query_mask=q_ids >= 0, bank_mask=b_ids >= 0,
                       exclude=None if exclude is None else exclude[lo:hi], device=device)
@@ -179,19 +203,14 @@ def _batched_knn(features, queries, support, exclude, k, device, chunk_bytes, ou
     return scores, bounds
 
 
-#: banks up to this size are refined by the float64 product over the whole bank, larger ones
-#: from float32 candidates (:func:`~swsa_engine.core.knn.exact_knn_candidates`): with few bank rows
-#: the product moves less memory than gathering ``k + 3`` candidate rows per score.
-SMALL_BANK = 64
-
-
 def _refine(features, prepared, queries, support, exclude, scores, uncertain, k, device, chunk_bytes, out) -> int:
     """Replace ``scores[uncertain]`` (T, W) in place by exact ones; returns how many.
 
-    With banks larger than :data:`SMALL_BANK`, exact scores come from float32 candidates
-    recomputed in float64 (:func:`~swsa_engine.core.knn.exact_knn_candidates`); the few it cannot
-    certify, scores against small banks and every score where float32 is not safe, from the
-    float64 computation over the whole bank.
+    Exact scores come from float32 candidates recomputed in float64 from the differences
+    (:func:`~swsa_engine.core.knn.exact_knn_candidates`: only the ``k`` nearest where the float32 gap
+    certifies them, else ``k + 3``) — for small banks too: gathering a few candidate rows moves far
+    less memory than the differences to every bank row.  The few it cannot certify, and every
+    score where float32 is not safe, come from the float64 computation over the whole bank.
     """
     rows = np.flatnonzero(uncertain.any(axis=1))
     if rows.size == 0:
@@ -201,9 +220,9 @@ def _refine(features, prepared, queries, support, exclude, scores, uncertain, k,
     present = np.take_along_axis(uncertain[rows], order, axis=1)
     query_ids = np.where(present, np.take_along_axis(queries[rows], order, axis=1), -1)
     excluded = None if exclude is None else _where_query(present, _take_queries(exclude[rows], order), -1)
-    if prepared.safe and support.shape[1] > SMALL_BANK:
+    if prepared.safe:
         exact, certified = exact_knn_candidates(prepared, query_ids, support[rows], k, exclude=excluded, block_bytes=chunk_bytes)
-        out["knn_flops"] += 2.0 * present.sum() * support.shape[1] * prepared.dim
+        out["refine_flops"] += 2.0 * present.sum() * support.shape[1] * prepared.dim
         left = present & ~certified
     else:
         exact, left = np.full(query_ids.shape, np.nan), present
@@ -213,7 +232,7 @@ def _refine(features, prepared, queries, support, exclude, scores, uncertain, k,
         redo_excluded = None if excluded is None else _where_query(left[again], excluded[again], -1)
         full, _ = _batched_knn(features, redo, support[rows][again], redo_excluded, k, device, chunk_bytes, out, exact=True)
         exact[again] = np.where(left[again], full, exact[again])
-        if prepared.safe and support.shape[1] > SMALL_BANK:
+        if prepared.safe:
             out["uncertified_refinements"] = out.get("uncertified_refinements", 0) + int(left.sum())
     block = scores[rows]
     np.put_along_axis(block, order, np.where(present, exact, np.take_along_axis(block, order, axis=1)), axis=1)

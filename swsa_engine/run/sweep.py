@@ -37,6 +37,7 @@ from swsa_engine.core.cube import AurocCube
 from swsa_engine.core.detectors import KnnDetector, candidate_name, parse_detector
 from swsa_engine.core.ensemble_pass import with_ensembles
 from swsa_engine.core.protocol import DEFAULT_PROTOCOL, check_protocol
+from swsa_engine.core.validation import finite_rows
 from swsa_engine.run.cube_io import SCORES_RESULT, save_cube, save_scores
 from swsa_engine.run.cube_layout import CubeLayout, ScoreLayout
 from swsa_engine.run.detector_sweep import ReferenceLog, detector_features, score_group_detector
@@ -131,7 +132,9 @@ class _SweepRun:
     skips: list = field(default_factory=list)  # (task_id, candidate, reason)
     read_seconds: float = 0.0
     knn_flops: float = 0.0
+    refine_flops: float = 0.0
     refined_scores: int = 0
+    stage_seconds: dict = field(default_factory=dict)  # seconds per stage of the scoring passes
 
     def __post_init__(self):
         self.column_of = {entry[0]: c for c, entry in enumerate(self.entries)}
@@ -165,7 +168,7 @@ class _SweepRun:
                 f"embeddings {name!r} are incomplete: {pending.size} images still to embed; "
                 f"run `swsa embed --store {self.store_path} --backbone {name}` to finish"
             )
-        return features, usable_images & (done == DONE_WRITTEN) & np.isfinite(features).all(axis=1)
+        return features, usable_images & (done == DONE_WRITTEN) & finite_rows(features)
 
     def score_candidate(self, name: str, detector, features: np.ndarray, usable: np.ndarray) -> None:
         """Fill the column of (feature source ``name``, ``detector``) for every group."""
@@ -188,7 +191,10 @@ class _SweepRun:
             self.put(g, group, c, result)
             self.skips += [(t, candidate, reason) for t, reason in result["skips"]]
             self.knn_flops += result["knn_flops"]
+            self.refine_flops += result.get("refine_flops", 0.0)
             self.refined_scores += result.get("refined_scores", 0)
+            for stage_name, seconds in result.get("stage_seconds", {}).items():
+                self.stage_seconds[stage_name] = self.stage_seconds.get(stage_name, 0.0) + seconds
 
     def cube(self, inputs: _SweepInputs, k: int, started: float, text_prior) -> AurocCube:
         """The filled cube, its config recording the settings, the time spent and the kNN work."""
@@ -202,7 +208,9 @@ class _SweepRun:
                     "protocol": self.protocol, "allow_self_validation": self.allow_self_validation,
                     "base_sources": layout.base_sources, "device": self.device,
                     "seconds": round(time.perf_counter() - started, 3), "read_seconds": round(self.read_seconds, 3),
-                    "knn_flops": self.knn_flops, "refined_scores": self.refined_scores,
+                    "knn_flops": self.knn_flops, "refine_flops": self.refine_flops, "refined_scores": self.refined_scores,
+                    "stage_seconds": {"read": round(self.read_seconds, 3),
+                                      **{k: round(v, 3) for k, v in self.stage_seconds.items()}},
                     **({"text_prior": {"model": text_prior.model, "prompt_set": "paper", "score": "sigmoid(s*(cos(z,t_a)-cos(z,t_n))), "
                                        "prompt ensembles"}} if text_prior is not None else {}),
                     **self.reference_log.config(inputs.reference_attrs if inputs.references is not None else None)},
@@ -285,13 +293,19 @@ def run_sweep(
             run.score_candidate(name, detector, features, usable)
         del features
     cube = run.cube(inputs, k, started, text_prior)
+    stages = cube.config["stage_seconds"]
     if keep_scores:
+        ensembles_started = time.perf_counter()
         cube = with_ensembles(cube, cube.scores) if ensembles else cube
+        stages["ensembles"] = round(time.perf_counter() - ensembles_started, 3)
         cube.config.update({"scores_result": SCORES_RESULT, "scores_bytes": cube.scores.nbytes})
         log.info("per-image scores: %.1f MB", cube.scores.nbytes / 2**20)
     cube.config["ensembles_built"] = bool(keep_scores and ensembles)
+    cube.config["seconds"] = round(time.perf_counter() - started, 3)  # everything but saving
     if save:
+        save_started = time.perf_counter()
         if keep_scores:
             save_scores(cube.scores, store_path)
         save_cube(cube, store_path)
+        stages["save"] = round(time.perf_counter() - save_started, 3)  # in the returned cube only
     return cube

@@ -1,6 +1,7 @@
 """``swsa bench``: the engine timed on a paper-shaped store against reference loops (default), or
-instead the ingest pipeline (--ingest), the CLIP prompt and BLISS re-scoring (--clip), or every
-detector of the grid (--detectors); --make-store only writes the paper-shaped store."""
+instead the ingest pipeline (--ingest), the CLIP prompt and BLISS re-scoring (--clip), every
+detector of the grid (--detectors), or knn_score against a same-shape matrix multiply (--knn);
+--make-store only writes the paper-shaped store."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from swsa_engine.app.bench import format_figures, run_bench
 from swsa_engine.app.bench_clip import bench_clip_rescoring
 from swsa_engine.app.bench_detectors import bench_detectors, format_detector_bench
 from swsa_engine.app.bench_ingest import bench_ingest, format_ingest
+from swsa_engine.app.bench_knn import bench_knn, format_knn_bench
 from swsa_engine.app.bench_store import make_paper_store
 from swsa_engine.app.cli.common import add_command, add_device_option, add_ray_options, print_summary, ray_kwargs
 from swsa_engine.core.detectors import patch_cost
@@ -29,6 +31,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     if args.detectors:
         return _bench_detectors(args)
+    if args.knn:
+        table = bench_knn(progress=not args.quiet)
+        print(format_knn_bench(table))
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            table.to_csv(Path(args.out) / "knn.csv", index=False)
+            print(f"figures written: {Path(args.out) / 'knn.csv'}")
+        return 0
     if args.make_store:
         summary = make_paper_store(args.make_store, task_fraction=args.task_fraction, image_fraction=args.image_fraction,
                                    progress=not args.quiet)
@@ -86,6 +96,9 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--detectors", action="store_true",
                    help="instead: time every detector of the grid (kNN k/metric, Mahalanobis, residual K/reduce, NAGL, "
                         "PCA) over all backbones of the store, and the patch-level score per task")
+    p.add_argument("--knn", action="store_true",
+                   help="instead: time knn_score (exact) and knn_score_bounded on 20,000 × 2,048 queries against banks "
+                        "of 20, 200, 2,000 and 20,000 rows beside the same-shape float32 matrix multiply")
     p.add_argument("--detector-fraction", type=float, default=0.1,
                    help="--detectors: share of each dataset's tasks timed, extrapolated to all (default 0.1)")
     p.add_argument("--out", default=None, help="folder for bench.json and table1.csv (detectors.csv with --detectors)")

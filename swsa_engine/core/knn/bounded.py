@@ -241,11 +241,21 @@ def exact_knn_candidates(rows: CentredRows, query_ids, bank_ids, k: int, *, excl
         tt, ww = np.nonzero(query_ids[tasks[:, None], cols] >= 0)
         cand_ids = bank_ids[tasks[tt, None], bank_cols[tt[:, None], positions[tt, ww]]]  # (n, m')
         usable = np.isfinite(values[tt, ww, : positions.shape[2]])  # padding / excluded rows are +inf
-        exact = _exact_distances(rows, query_ids[tasks[tt], cols[tt, ww]], cand_ids, usable, block_bytes)
-        exact.sort(axis=1)
         error = score_bounds(1, dim, nq[tt, ww], max_nb[tt, 0], 0.0, u_in)  # one distance's bound
-        scores[tasks[tt], cols[tt, ww]] = exact[:, :k].sum(axis=1)
-        certified[tasks[tt], cols[tt, ww]] = boundary[tt, ww] - error >= exact[:, k - 1]
+        q_ids = query_ids[tasks[tt], cols[tt, ww]]
+        # where the float32 gap after the k-th candidate exceeds both errors, the k nearest rows are
+        # certain: only their distances are recomputed (the common case)
+        gap = (np.isfinite(values[tt, ww, k]) if values.shape[2] > k else np.zeros(tt.size, bool))
+        if values.shape[2] > k:
+            gap &= values[tt, ww, k] - error >= values[tt, ww, k - 1] + error
+        near = _exact_distances(rows, q_ids[gap], cand_ids[gap, :k], usable[gap, :k], block_bytes)
+        scores[tasks[tt[gap]], cols[tt[gap], ww[gap]]] = near.sum(axis=1)
+        certified[tasks[tt[gap]], cols[tt[gap], ww[gap]]] = True
+        rest = ~gap
+        exact = _exact_distances(rows, q_ids[rest], cand_ids[rest], usable[rest], block_bytes)
+        exact.sort(axis=1)
+        scores[tasks[tt[rest]], cols[tt[rest], ww[rest]]] = exact[:, :k].sum(axis=1)
+        certified[tasks[tt[rest]], cols[tt[rest], ww[rest]]] = boundary[tt[rest], ww[rest]] - error[rest] >= exact[:, k - 1]
     return scores, certified
 
 
@@ -254,6 +264,8 @@ def _exact_distances(rows: CentredRows, query_ids: np.ndarray, candidate_ids: np
     """(n, m) float64 squared distances ``((q - b) ** 2).sum()`` from the input rows (+inf where not usable)."""
     n, m = candidate_ids.shape
     out = np.full((n, m), INF)
+    if n == 0 or m == 0:
+        return out
     # small blocks: the float64 temporaries stay in cache and their memory is reused
     per = max(1, min(int(block_bytes // max(1, 16 * rows.dim * (m + 1))), (8 << 20) // max(1, 8 * rows.dim * m)))
     raw = rows.source.dtype == np.float32  # rows.values are the input rows themselves

@@ -89,7 +89,11 @@ def without_excluded(cand_valid, idx, n_real, ex):
 def exact_candidates(b_tab, b_idx, q_rows, cand_valid):
     """Float64 ``((q - b) ** 2).sum(-1)`` of the candidates ``b_tab[b_idx]`` (..., kc, D) against
     ``q_rows`` (broadcasting, e.g. (..., 1, D)); +inf where ``cand_valid`` is False → (..., kc)."""
-    rows = b_tab[b_idx]  # a fresh gather, worked on in place
+    # a fresh gather, worked on in place (index_select: faster than advanced indexing by one tensor)
+    if isinstance(b_idx, torch.Tensor):
+        rows = b_tab.index_select(0, b_idx.reshape(-1)).view(*b_idx.shape, b_tab.shape[1])
+    else:
+        rows = b_tab[b_idx]
     return rows.sub_(q_rows).square_().sum(-1).masked_fill_(~cand_valid, INF)
 
 

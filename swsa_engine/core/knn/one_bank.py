@@ -47,8 +47,7 @@ def knn_score(queries, bank, k: int = 3, *, exclude=None, block_size: int | None
     k = check_positive_int(k, "k", "k=3")
     q, b, excl = _check_one_bank(queries, bank, k, exclude)
     block_size, dev, mode = check_run_options(block_size, device, precision, default_precision="float32")
-    check_finite_rows(q, "queries")
-    check_finite_rows(b, "bank")
+    check_finite_rows(b, "bank")  # the queries' check is part of their norms (_OneBank.prepare)
     if q.shape[0] == 0:
         return np.zeros(0, dtype=np.float64)
     one = _OneBank.prepare(q, b, excl, k, dev)
@@ -81,15 +80,22 @@ def _check_one_bank(queries, bank, k: int, exclude) -> tuple[np.ndarray, np.ndar
     return q, b, excl
 
 
+#: queries per block of the exact refinement: their float64 rows and candidates stay in cache.
+REFINE_ROWS = 128
+
+
 @dataclass(frozen=True)
 class _OneBank:
-    """The queries and the bank of :func:`knn_score` in float64.
+    """The queries and the bank of :func:`knn_score`.
 
-    q64 (Q, D), b64 (S, D) and their squared norms nq (Q,), nb (S,) on the CPU; bank_dev the bank
-    on ``dev``; excl (Q,) the bank row each query must not count (-1 none), None when none does.
+    q (Q, D) the queries as given (float32 or float64: never copied whole; blocks are converted
+    to float64 where the refinement needs them), b64 (S, D) the bank in float64, nq (Q,) and
+    nb (S,) squared norms (nq an upper bound within a relative ``2⁻¹⁶`` for float32 queries: it
+    only enters error bounds and the float32 range check), bank_dev the bank on ``dev``; excl (Q,)
+    the bank row each query must not count (-1 none), None when none does.
     """
 
-    q64: np.ndarray
+    q: np.ndarray
     b64: np.ndarray
     nq: np.ndarray
     nb: np.ndarray
@@ -100,11 +106,13 @@ class _OneBank:
 
     @classmethod
     def prepare(cls, q: np.ndarray, b: np.ndarray, excl: np.ndarray | None, k: int, dev: torch.device) -> "_OneBank":
-        q64 = np.ascontiguousarray(q, dtype=np.float64)
+        if q.dtype not in (np.float32, np.float64):
+            q = q.astype(np.float64)
+        q = np.ascontiguousarray(q)
         b64 = np.ascontiguousarray(b, dtype=np.float64)
-        nq = sq_norms(q64, "queries")
+        nq = query_sq_norms(q)
         nb = sq_norms(b64, "bank")
-        return cls(q64, b64, nq, nb, excl, k, dev, torch.from_numpy(b64).to(dev))
+        return cls(q, b64, nq, nb, excl, k, dev, torch.from_numpy(b64).to(dev))
 
     @property
     def dim(self) -> int:
@@ -119,9 +127,38 @@ class _OneBank:
         return torch.from_numpy(self.excl) if self.excl is not None else None
 
 
+def query_sq_norms(q: np.ndarray) -> np.ndarray:
+    """(Q,) squared norms of the rows of ``q`` (Q, D), block by block (no float64 copy of ``q``).
+
+    Float32 rows: partial sums over 32 features in float32, added in float64, then raised by a
+    relative ``2⁻¹⁶`` (far above the ``γ_32`` error of the partial sums) so the result is an upper
+    bound, as error bounds need.  Float64 rows: exact float64 sums.  Raises the one finite-rows error
+    (:func:`~swsa_engine.core.validation.check_finite_rows`) for a row holding NaN or inf, and like
+    :func:`sq_norms` when a norm overflows float64 — so it doubles as the queries' finiteness check.
+    """
+    n, dim = q.shape
+    out = np.empty(n)
+    per = max(1, (4 << 20) // max(1, 8 * dim))
+    pad = -dim % 32
+    for lo in range(0, n, per):
+        block = torch.from_numpy(q[lo : lo + per])
+        if q.dtype == np.float32:
+            if pad:
+                block = torch.nn.functional.pad(block, (0, pad))
+            partial = torch.linalg.vector_norm(block.view(len(block), -1, 32), dim=-1).to(torch.float64)
+            out[lo : lo + per] = partial.square_().sum(-1).mul_(1.0 + 2.0**-16).numpy()
+        else:
+            out[lo : lo + per] = torch.einsum("nd,nd->n", block, block).numpy()
+    bad = ~np.isfinite(out)
+    if bad.any():  # a NaN / inf value, or float32 partial norms that overflowed: redo those rows in float64
+        check_finite_rows(q, "queries", row_ok=bad)
+        out[bad] = sq_norms(q[bad], "queries")
+    return out
+
+
 def _plan_one_bank(one: _OneBank, mode: str, with_faiss: bool, block_size: int | None) -> tuple[int, int]:
     """``(kc, qb)``: candidates per query and queries per block of :func:`knn_score`, logged."""
-    n_q = one.q64.shape[0]
+    n_q = one.q.shape[0]
     s, dim = one.b64.shape
     kc = min(s, one.k + EXTRA_CANDIDATES + (1 if one.excl is not None else 0))
     per_query = 8 * kc * dim * 2 + 4 * dim * 2 + 8 * max(kc, 1) * 4
@@ -140,11 +177,10 @@ def _faiss_search(one: _OneBank, kc: int):
     coefficient of their distances and ``search(q0, q1, ex)`` → (dist, idx) (n, kc') CPU tensors
     for queries ``q0:q1`` (``ex`` is left to the refinement)."""
     faiss_index = _faiss_index(one.b64.astype(np.float32), one.dev)  # (index, GPU resources it needs alive)
-    q32 = one.q64.astype(np.float32)
     n_found = min(one.b64.shape[0], kc)
 
     def search(q0: int, q1: int, ex):
-        dist, idx = faiss_index[0].search(q32[q0:q1], n_found)
+        dist, idx = faiss_index[0].search(np.ascontiguousarray(one.q[q0:q1], dtype=np.float32), n_found)
         return torch.from_numpy(dist), torch.from_numpy(idx.astype(np.int64))
 
     return error_coefficient(one.dim, "float32", 2.0**-11 if one.dev.type == "cuda" else 0.0), search
@@ -159,7 +195,7 @@ def _torch_search(one: _OneBank, mode: str, kc: int, qb: int):
     s = bank.shape[0]
     block_s = max(1, min(s, int(BLOCK_BYTES // max(1, 24 * qb))))
     n_found = kc
-    q_t = torch.from_numpy(one.q64)
+    q_t = torch.from_numpy(one.q)
 
     def search(q0: int, q1: int, ex):
         qc = q_t[q0:q1].to(one.dev, dtype)
@@ -172,29 +208,52 @@ def _torch_search(one: _OneBank, mode: str, kc: int, qb: int):
 def _first_tier(one: _OneBank, mode: str, coef: float, search, qb: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scores, certified)`` (Q,) float64 and bool of every query from its ``search`` candidates,
     block by block, refined from the differences and certified."""
-    n_q = one.q64.shape[0]
-    q_t, b64_t, excl_t = torch.from_numpy(one.q64), torch.from_numpy(one.b64), one.excl_t
-    nq_t = torch.from_numpy(one.nq)
+    n_q = one.q.shape[0]
+    b64_t, excl_t = torch.from_numpy(one.b64), one.excl_t
+    q_t, nq_t = torch.from_numpy(one.q), torch.from_numpy(one.nq)
     out = torch.empty(n_q, dtype=torch.float64)
     ok = torch.ones(n_q, dtype=torch.bool)
     for q0 in range(0, n_q, qb):
         q1 = min(n_q, q0 + qb)
         ex = excl_t[q0:q1] if excl_t is not None else None
-        err = coef * (nq_t[q0:q1] + one.max_nb)
         vals, idx = search(q0, q1, ex)
+        err = coef * (nq_t[q0:q1] + one.max_nb)
         # both precisions refine from the differences: scores equal the brute-force sums exactly
         out[q0:q1], ok[q0:q1] = _certify_one_bank(vals.to(torch.float64), idx, ex, b64_t, q_t[q0:q1], err, one.k)
     return out, ok
 
 
-def _certify_one_bank(vals, idx, ex, bank64, q64, err, k: int):
-    """Float32 route against one bank: candidates (vals, idx) (n, kc) of queries q64 (n, D)
-    refined exactly against the float64 bank64 (S, D) and certified → (sums, ok) (n,)."""
-    s = bank64.shape[0]
-    n_all = torch.full((idx.shape[0],), s, device=idx.device)
-    cand_valid, n_usable = without_excluded(idx >= 0, idx, n_all, ex[:, None] if ex is not None else None)
-    exact = exact_candidates(bank64, idx.clamp(min=0), q64[:, None, :], cand_valid)
-    return refine_certify(exact, cand_valid, vals.max(dim=1).values, n_usable, err, k)
+def _certify_one_bank(vals, idx, ex, bank64, queries, err, k: int):
+    """Candidates (vals, idx) (n, kc), ascending approximate distances, of ``queries`` (n, D) (any
+    float dtype) refined exactly against the float64 bank64 (S, D) and certified → (sums, ok) (n,).
+
+    Where the first ``k + 1`` candidates are usable rows and the approximate gap after the ``k``-th
+    exceeds twice the error bound, the ``k`` nearest rows are certain and only their distances are
+    recomputed (the common case); elsewhere every candidate is, and :func:`refine_certify` decides.
+    The float64 work goes :data:`REFINE_ROWS` queries at a time, so it stays in cache.
+    """
+    n = idx.shape[0]
+    cand_valid, n_usable = without_excluded(idx >= 0, idx, torch.full((n,), bank64.shape[0], device=idx.device),
+                                            ex[:, None] if ex is not None else None)
+    sums = torch.empty(n, dtype=torch.float64, device=idx.device)
+    ok = torch.ones(n, dtype=torch.bool, device=idx.device)
+    gap = torch.zeros(n, dtype=torch.bool, device=idx.device)
+    if idx.shape[1] > k:
+        gap = cand_valid[:, : k + 1].all(1) & (vals[:, k] - err >= vals[:, k - 1] + err)
+    certain = torch.nonzero(gap).flatten()
+    for lo in range(0, certain.numel(), REFINE_ROWS):
+        rows = certain[lo : lo + REFINE_ROWS]
+        near = idx.index_select(0, rows)[:, :k]
+        q64 = queries.index_select(0, rows).to(torch.float64)
+        sums[rows] = exact_candidates(bank64, near, q64[:, None, :], torch.ones_like(near, dtype=torch.bool)).sum(-1)
+    rest = torch.nonzero(~gap).flatten()
+    for lo in range(0, rest.numel(), REFINE_ROWS):
+        rows = rest[lo : lo + REFINE_ROWS]
+        q64 = queries.index_select(0, rows).to(torch.float64)
+        exact = exact_candidates(bank64, idx[rows].clamp(min=0), q64[:, None, :], cand_valid[rows])
+        sums[rows], ok[rows] = refine_certify(exact, cand_valid[rows], vals[rows].max(dim=1).values, n_usable[rows],
+                                              err[rows], k)
+    return sums, ok
 
 
 def _recertify_in_float64(one: _OneBank, out: torch.Tensor, ok: torch.Tensor, kc: int) -> None:
@@ -203,10 +262,11 @@ def _recertify_in_float64(one: _OneBank, out: torch.Tensor, ok: torch.Tensor, kc
     bad = torch.nonzero(~ok).flatten()
     if not bad.numel():
         return
-    LOG.debug("knn_score: %d of %d scores not certified; re-selecting them in float64", bad.numel(), one.q64.shape[0])
+    LOG.debug("knn_score: %d of %d scores not certified; re-selecting them in float64", bad.numel(), one.q.shape[0])
     dev, bank_t, k = one.dev, one.bank_dev, one.k
-    q_t, excl_t = torch.from_numpy(one.q64), one.excl_t
-    qf = q_t[bad].to(dev)
+    excl_t = one.excl_t
+    q_bad = torch.from_numpy(one.q[bad.numpy()]).to(torch.float64)
+    qf = q_bad.to(dev)
     exf = excl_t[bad].to(dev) if excl_t is not None else None
     block_s = max(1, min(bank_t.shape[0], int(BLOCK_BYTES // max(1, 24 * bad.numel()))))
     vals, idx = _torch_candidates(qf, bank_t, torch.from_numpy(one.nb).to(dev), kc, exf, block_s)
@@ -216,7 +276,8 @@ def _recertify_in_float64(one: _OneBank, out: torch.Tensor, ok: torch.Tensor, kc
     still = bad[~good.cpu()]
     if still.numel():
         LOG.debug("knn_score: %d scores recomputed exactly against the whole bank", still.numel())
-        out[still] = exact_shared(q_t[still].to(dev), bank_t, excl_t[still].to(dev) if excl_t is not None else None, k).cpu()
+        q_still = torch.from_numpy(one.q[still.numpy()]).to(torch.float64)
+        out[still] = exact_shared(q_still.to(dev), bank_t, excl_t[still].to(dev) if excl_t is not None else None, k).cpu()
 
 
 def use_faiss(dev: torch.device) -> bool:

@@ -52,6 +52,7 @@ from typing import Iterable, Sequence
 import pandas as pd
 
 from swsa_store.catalog import resolve_path
+from swsa_store.csv_safe import read_csv, write_csv
 from swsa_store.store import open_store
 from swsa_store.tasks import ROLE_HELDOUT, ROLE_REAL_ANOMALY, ROLE_REAL_NORMAL, ROLE_SEED, ROLES
 
@@ -132,7 +133,9 @@ def _place(src: Path, dst: Path, link: bool, counts: dict) -> None:
 
 
 def _write_csv(path: Path, frame: pd.DataFrame) -> None:
-    text = frame.to_csv(index=False, lineterminator="\n")
+    """``frame`` to ``path`` (atomically, untouched when unchanged), text cells formula-escaped
+    (:func:`swsa_store.csv_safe.write_csv`: class names and generators come from user data)."""
+    text = write_csv(frame, None, lineterminator="\n")
     if path.exists() and path.read_text(encoding="utf-8") == text:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -264,7 +267,7 @@ def _export_task(task, frame: pd.DataFrame, task_root: Path, store_path, path_of
 def _remove_unwanted(task_root: Path, previous: Path, wanted: set[str], counts: dict) -> None:
     """Remove the files listed in the earlier export's manifest ``previous`` that are not ``wanted``
     (only inside ``task_root``), and the folders that leaves empty."""
-    old = pd.read_csv(previous, dtype=str, keep_default_na=False)
+    old = read_csv(previous, dtype=str, keep_default_na=False)
     for file in sorted(set(old.get("file", [])) - wanted):
         path = task_root / file
         if path.is_file() and task_root.resolve() in path.resolve().parents:
@@ -280,7 +283,7 @@ def _write_root_manifest(root_manifest: Path, frames: list[pd.DataFrame]) -> Non
     this one did not touch."""
     exported = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=MANIFEST_COLUMNS)
     if root_manifest.exists():
-        old = pd.read_csv(root_manifest, keep_default_na=False, dtype={"generator": str, "group": str})
+        old = read_csv(root_manifest, keep_default_na=False, dtype={"generator": str, "group": str})
         kept = old[~old["task"].isin(exported["task"].unique())] if "task" in old else old.iloc[0:0]
         exported = pd.concat([kept, exported], ignore_index=True)
     exported = exported[MANIFEST_COLUMNS].sort_values(["task", "split", "file"], kind="stable", ignore_index=True)

@@ -17,6 +17,12 @@ earlier writer of the store is an orphan — no other writer can be running — 
 (:func:`remove_orphans`): copies made by ``edit_store`` (``.S.edit.<pid>``, ``…compact``),
 stores being created, results being saved, progress files being replaced. So they never pile up.
 
+The library functions that write a store and are called from Python as well as from the CLI
+(``run_sweep``, ``import_scores``, ``split_references``, ...) are decorated with
+:func:`writes_store`: the lock is taken at their public boundary, before any read or work, for
+their whole run — so a Python caller is refused (or waits) exactly like ``swsa score``; under the
+CLI, which already holds the lock, the decorator re-enters it.
+
 Writers report how far they are in ``<store>.progress`` (JSON, replaced atomically:
 :func:`write_progress` / :func:`read_progress`), readable from outside while they run.
 """
@@ -25,6 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
+import inspect
 import json
 import math
 import os
@@ -36,7 +44,7 @@ from typing import Iterator
 
 from swsa_store.schema import StoreError, utc_now
 
-__all__ = ["store_lock", "lock_holder", "held_by_me", "remove_orphans", "orphan_files", "write_progress",
+__all__ = ["store_lock", "writes_store", "lock_holder", "held_by_me", "remove_orphans", "orphan_files", "write_progress",
            "read_progress", "progress_path", "lock_path"]
 
 #: Seconds between two tries while waiting for the lock.
@@ -152,6 +160,38 @@ def store_lock(store_path: str | os.PathLike, *, wait: float | None = 0.0, comma
             os.unlink(progress_path(store_path))
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()
+
+
+def writes_store(command: str, *, when: str | None = None):
+    """Decorator of a public function that writes a store, ``f(store_path, ..., wait=0.0, ...)``:
+    each call holds the writer lock of its first argument (:func:`store_lock`) for its whole run,
+    taken before the function does anything, recorded as ``command`` (e.g. "swsa score").
+
+    The function declares a keyword ``wait`` (seconds to wait for another writer; 0 fails at once,
+    None waits without limit) and documents it; the decorator reads it. ``when`` names a boolean
+    parameter of the function (e.g. ``"save"``): a call where it is false writes nothing and runs
+    without the lock. Re-entrant: under a caller that holds the lock (the CLI) nothing is waited for.
+    """
+    def decorate(function):
+        signature = inspect.signature(function)
+        needed = {"wait"} | ({when} if when else set())
+        if not needed <= set(signature.parameters):
+            raise TypeError(f"writes_store: {function.__qualname__} must declare the parameter(s) "
+                            f"{sorted(needed - set(signature.parameters))}")
+
+        @functools.wraps(function)
+        def locked(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            if when is not None and not bound.arguments[when]:
+                return function(*args, **kwargs)
+            store_path = next(iter(bound.arguments.values()))
+            with store_lock(store_path, wait=bound.arguments["wait"], command=command):
+                return function(*args, **kwargs)
+
+        return locked
+
+    return decorate
 
 
 # --------------------------------------------------------------------------- orphaned temporary files

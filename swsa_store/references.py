@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from swsa_store.hashing import hash_uniform
+from swsa_store.locks import writes_store
 from swsa_store.schema import read_table
 from swsa_store.store import edit_store
 
@@ -57,8 +58,13 @@ def make_references(images: pd.DataFrame, source: str, share: float, seed: int =
     return table, {"source": source, "share": float(share), "seed": int(seed), "rule": _RULE}
 
 
-def split_references(store_path: str | os.PathLike, source: str, share: float, seed: int = 0) -> pd.DataFrame:
+@writes_store("swsa split-refs")
+def split_references(store_path: str | os.PathLike, source: str, share: float, seed: int = 0, *,
+                     wait: float | None = 0.0) -> pd.DataFrame:
     """Hold apart a ``share`` of every task's synthetic anomalies of ``source`` as abnormal references.
+
+    The whole call holds the store's writer lock (:func:`swsa_store.locks.writes_store`): another
+    writer makes it fail at once, or wait ``wait`` seconds (None: as long as it takes).
 
     Writes (replacing any earlier split) the table ``/abnormal_references`` with one row per
     reference (``task_id, image_id, source``) and the attributes ``source, share, seed, rule``

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from swsa_store.locks import writes_store
 from swsa_store.store import edit_store, open_store
 from swsa_store.tasks import ROLE_HELDOUT, ROLE_REAL_ANOMALY, ROLE_REAL_NORMAL
 
@@ -204,6 +205,7 @@ def _tasks_missing_scores(needed: pd.DataFrame, given: np.ndarray, *, allow_miss
             for t, r in per_task.iterrows()]
 
 
+@writes_store("swsa import-scores")
 def import_scores(
     store_path: str | os.PathLike,
     candidate: str,
@@ -211,10 +213,14 @@ def import_scores(
     *,
     allow_missing: bool = False,
     replace: bool = False,
+    wait: float | None = 0.0,
 ) -> dict:
     """Validate ``table`` (a DataFrame or a CSV/Parquet path) and store it as ``candidate``.
 
-    Nothing in the store changes unless the whole table is valid. Returns a summary.
+    Nothing in the store changes unless the whole table is valid. Returns a summary. The whole call
+    holds the store's writer lock (:func:`swsa_store.locks.writes_store`): another writer makes it
+    fail at once, or wait ``wait`` seconds (None: as long as it takes). With ``replace``, the
+    skips recorded by the earlier import of ``candidate`` are replaced by this import's.
     """
     check_candidate_name(candidate)
     source, digest = "DataFrame", ""
@@ -235,6 +241,10 @@ def import_scores(
             "imported_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "complete_tasks": len(checked["complete_tasks"]),
         })
+        if replace:  # the earlier import's skips of this candidate no longer hold
+            skips = store.skips()
+            store.replace_table("skips", skips[~((skips["stage"] == "import") & (skips["backbone"] == candidate))]
+                                .reset_index(drop=True))
         if checked["skipped_tasks"]:
             store.append_skips(pd.DataFrame([
                 {"stage": "import", "image_id": -1, "task_id": t, "backbone": candidate, "reason": r}

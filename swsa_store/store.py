@@ -318,16 +318,12 @@ class Store:
         write_table(self.file, "images", table, attrs)
 
     def append_skips(self, rows: pd.DataFrame) -> None:
-        """Add skip rows, keeping one row per (stage, image_id, task_id, backbone); rows about no
-        image and no task (a skipped class, a bad index line) are kept one per distinct reason."""
+        """Add skip rows, keeping every distinct reason of a (stage, image_id, task_id, backbone) —
+        several may apply to one image, task or class — and each identical row once (a re-run adds none)."""
         self._require_writable()
         table = pd.concat([self.skips(), rows[list(SKIP_COLUMNS)]], ignore_index=True)
-        # several classes of one dataset may be skipped at once: their rows differ only by reason
-        general = (table["image_id"].to_numpy() < 0) & (table["task_id"].to_numpy() < 0)
-        detail = pd.Series(np.where(general, table["reason"].astype(str).to_numpy(dtype=object), ""), index=table.index)
-        keep = ~pd.concat([table[["stage", "image_id", "task_id", "backbone"]], detail.rename("detail")],
-                          axis=1).duplicated(keep="last")
-        self.replace_table("skips", table[keep].reset_index(drop=True))
+        keys = table[list(SKIP_COLUMNS)].astype({"reason": str})
+        self.replace_table("skips", table[~keys.duplicated(keep="first")].reset_index(drop=True))
 
     def create_embeddings(self, name: str, feature_dim: int, attrs: dict, dtype: str = "float32") -> None:
         """Allocate ``/embeddings/<name>`` for every catalogued image (NaN rows, done = 0)."""

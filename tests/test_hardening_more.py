@@ -1,25 +1,38 @@
 """Issue 22, the rest: the synth summary in words, run_paper.py running what it can without a
-diffusion model, the ADM config from the CLI, DiffStyle committing each finished batch."""
+diffusion model, the ADM config from the CLI, DiffStyle committing each finished batch; formula-escaped
+export manifests and predictions; every distinct skip reason kept."""
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
 
+from swsa_engine.app.bench_store import make_paper_store
 from swsa_engine.app.cli import main
-from swsa_store import open_store
-from swsa_store.catalog import catalog_dataset
+from swsa_engine.core.cube import AurocCube
+from swsa_engine.report.tables import all_skips
+from swsa_engine.run.bundle_export import export_detector
+from swsa_engine.run.report_inputs import grouped_skip_reasons, read_skips
+from swsa_store import create_store, edit_store, open_store
+from swsa_store.catalog import catalog_dataset, resolve_path
+from swsa_store.csv_safe import FORMULA_START, read_csv, write_csv
+from swsa_store.export import export_validation
+from swsa_store.scores import import_scores
 from swsa_store.synth.adm import load_diffusion_model, parse_adm_config
 from swsa_store.synth.adm_unet import ADM_256_UNCOND, ADMConfig
 from swsa_store.synthesize import SynthWriter, synthesize
+from test_bundle import store as bundle_store  # noqa: F401  (test_bundle's module fixture: a small digits store)
 from test_clip import tiny_store as clip_store  # noqa: F401  (test_clip's module fixture)
 from test_diffstyle import tiny_adm
 
@@ -250,3 +263,103 @@ def test_a_task_missing_both_test_sides_names_both():
                            "kind": "real", "status": "ok"})
     tasks, _ = build_tasks(images, "d", n_seed=1)  # no test images at all: both sides of real validation missing
     assert set(tasks["skip_reason"]) == {"real validation has no class (no normal and no anomalous test images)"}
+
+
+# --------------------------------------------------------------------------- formula-escaped CSVs beyond the report
+
+HOSTILE = ("=cmd", "+add", "-sub", "@at")
+
+
+def _raw_cells(path: Path) -> list[str]:
+    return [cell for row in csv.reader(path.open(encoding="utf-8")) for cell in row]
+
+
+def test_export_manifests_escape_class_names_that_start_a_formula(tmp_path):
+    store = tmp_path / "s.h5"
+    catalog_dataset(store, "folder", root=_folder(tmp_path / "images", classes=HOSTILE, n=8), name="toy", n_seed=3)
+    synthesize(store, "cutpaste", count=3, seed=0, progress=False)
+    out = tmp_path / "out"
+    export_validation(store, out)
+    manifests = [out / "manifest.csv", *sorted(out.glob("*/manifest.csv"))]
+    assert len(manifests) == 1 + len(HOSTILE)
+    for manifest in manifests:
+        for cell in _raw_cells(manifest):
+            assert not cell.startswith(FORMULA_START), (manifest, cell)
+    root = read_csv(out / "manifest.csv", keep_default_na=False, dtype={"generator": str, "group": str})
+    assert set(root["group"]) - {""} == set(HOSTILE)  # read back exactly
+    before = {p: p.read_bytes() for p in manifests}
+    export_validation(store, out)  # idempotent: escaped rows read back and written again unchanged
+    assert {p: p.read_bytes() for p in manifests} == before
+
+
+def test_predictions_csv_escapes_paths_that_start_a_formula(bundle_store, tmp_path, monkeypatch):
+    bundle = tmp_path / "bundle"
+    export_detector(bundle_store["path"], 3, bundle, candidate="pixels@8")
+    monkeypatch.chdir(tmp_path)
+    real = resolve_path(bundle_store["path"], bundle_store["images"]["path"].iloc[int(bundle_store["normal"][0])])
+    shutil.copyfile(real, tmp_path / ("=cmd" + Path(real).suffix))
+    names = ["=cmd" + Path(real).suffix, "+missing.png", "-missing.png", "@missing.png"]
+    status, _, err = _run(["predict", "--detector", str(bundle), "--out", "pred.csv", "--quiet", "--", *names])
+    assert status == 0, err
+    for cell in _raw_cells(tmp_path / "pred.csv"):
+        assert not cell.startswith(FORMULA_START), cell
+    frame = read_csv(tmp_path / "pred.csv", keep_default_na=False)
+    assert frame["path"].tolist() == names
+    assert frame["error"].iloc[0] == "" and (frame["error"].iloc[1:] != "").all()
+    assert np.isfinite(float(frame["score"].iloc[0]))
+
+
+def test_csv_cell_escapes_every_formula_start_and_round_trips():
+    values = ["=1+1", "+1", "-1", "@SUM(A1)", "\tx", "\rx", "'quoted", "plain", "", "a=b"]
+    frame = pd.DataFrame({"text": values, "number": np.arange(len(values)) - 3.5})
+    text = write_csv(frame, None)
+    cells = list(csv.reader(io.StringIO(text, newline="")))
+    assert [row[0] for row in cells[1:]] == ["'=1+1", "'+1", "'-1", "'@SUM(A1)", "'\tx", "'\rx", "''quoted", "plain", "",
+                                             "a=b"]
+    assert [row[1] for row in cells[1:]][:2] == ["-3.5", "-2.5"]  # numbers are not escaped
+    assert len(cells) == 1 + len(values)  # the carriage return stays inside its (quoted) cell
+    back = read_csv(io.StringIO(text), keep_default_na=False)
+    assert back["text"].tolist() == values and np.array_equal(back["number"], frame["number"])
+
+
+# --------------------------------------------------------------------------- every distinct skip reason is kept
+
+
+def test_append_skips_keeps_every_distinct_reason_and_readers_group_them(tmp_path):
+    store = create_store(tmp_path / "s.h5")
+    rows = pd.DataFrame({"stage": "embed", "image_id": [4, 4, 4, 5, -1, -1], "task_id": [-1, -1, -1, -1, 2, 2],
+                         "backbone": "b", "reason": ["cannot read /x/4.png: truncated", "shape 1x1 is too small",
+                                                     "cannot read /x/4.png: truncated", "cannot read /x/5.png: truncated",
+                                                     "task: too few normals", "task: no anomalies"]})
+    with edit_store(store) as s:
+        s.append_skips(rows)
+    with edit_store(store) as s:  # a re-run records the same rows again: nothing is added
+        s.append_skips(rows.iloc[[1, 4]])
+    skips = read_skips(store)
+    assert len(skips) == 5  # one identical duplicate dropped, both reasons of image 4 and of task 2 kept
+    assert sorted(skips.loc[skips["image_id"] == 4, "reason"]) == ["cannot read /x/4.png: truncated",
+                                                                     "shape 1x1 is too small"]
+    assert sorted(skips.loc[skips["task_id"] == 2, "reason"]) == ["task: no anomalies", "task: too few normals"]
+    groups = {(g["stage"], g["reason"]): g["count"] for g in grouped_skip_reasons(skips)}
+    assert groups[("embed", "cannot read /x/4.png: truncated")] == 2  # 4.png and 5.png fold into one reason
+    assert sum(groups.values()) == 5
+    table = all_skips(AurocCube(
+        tasks=pd.DataFrame({"task_id": [2], "dataset": ["d"], "normal_class": ["c"]}),
+        candidates=pd.DataFrame({"name": ["b"], "n_params": [1], "feature_dim": [1], "weights_kind": ["x"], "family": ["f"]}),
+        sources=["s"], real=np.zeros((1, 1, 2)), synthetic=np.zeros((1, 1, 1)), per_class=np.zeros((1, 1, 1)),
+        class_names=np.full((1, 1), "", dtype=object), config={}), skips)
+    assert len(table) == 5 and set(table["candidate"]) == {"b"}
+
+
+def test_reimporting_scores_replaces_the_earlier_imports_skips(tmp_path):
+    store = tmp_path / "p.h5"
+    make_paper_store(store, task_fraction=0.03, image_fraction=0.25, synthetic=16, backbones={"r": (32, 1)}, progress=False)
+    with open_store(store) as s:
+        n_images, task_ids = s.n_images, s.tasks()["task_id"].to_numpy()
+    table = pd.DataFrame({"task": np.repeat(task_ids, n_images), "image_id": np.tile(np.arange(n_images), len(task_ids)),
+                          "score": 1.0})
+    import_scores(store, "x", table[~((table["task"] == task_ids[0]) & (table["image_id"] < 600))], allow_missing=True)
+    import_scores(store, "x", table[~((table["task"] == task_ids[1]) & (table["image_id"] < 600))], allow_missing=True,
+                  replace=True)
+    skips = read_skips(store)
+    assert skips.loc[skips["stage"] == "import", "task_id"].tolist() == [int(task_ids[1])]

@@ -1,14 +1,19 @@
-"""swsa_engine.core.label_free against naive per-task loops (scipy) on seeded data with ties and padding."""
+"""swsa_engine.core.label_free (and core.em_mv's criteria) against naive per-task loops (scipy,
+scikit-learn) on seeded data with ties and padding."""
 
 import warnings
+
+from itertools import combinations
 
 import numpy as np
 import pytest
 import scipy.stats
+from sklearn.cluster import AgglomerativeClustering
 
+from swsa_engine.core.em_mv import excess_mass_mass_volume
 from swsa_engine.core.label_free import (
-    excess_mass_mass_volume, expected_random_pick, model_centrality,
-    robust_rank_aggregation, rra_rho,
+    borda_points, expected_random_pick, model_centrality, robust_rank_aggregation, rra_rho, trimmed_borda,
+    trimmed_borda_sources,
 )
 from swsa_engine.core.metrics import UndefinedMetricWarning, kendall_tau
 
@@ -128,7 +133,124 @@ def test_rra_prefers_the_candidate_every_source_ranks_first():
     assert score[0].argmax() == 0 and score[0, 2] == 0.0  # rho = 1 → 0, not -0
 
 
-# ---- Excess-Mass and Mass-Volume
+# ---- trimmed Borda (Goswami et al., ICLR 2023)
+
+def _naive_distance(a, b):
+    """Kendall distance with ties (a pair tied in exactly one counts 1/2) over the pairs both rank, per pair."""
+    pairs = [(i, j) for i, j in combinations(range(len(a)), 2) if np.isfinite([a[i], a[j], b[i], b[j]]).all()]
+    if not pairs:
+        return np.nan
+    cost = 0.0
+    for i, j in pairs:
+        sa, sb = np.sign(a[i] - a[j]), np.sign(b[i] - b[j])
+        cost += 1.0 if sa * sb < 0 else 0.5 if (sa == 0) != (sb == 0) else 0.0
+    return cost / len(pairs)
+
+
+def _naive_trimmed_borda(synthetic):
+    """Per task, by loops: Borda points per source, influence of each source on the Borda objective,
+    then scikit-learn's single-linkage clustering of the reliabilities (keep-all when they are equal)."""
+    n_tasks, n_candidates, n_sources = synthetic.shape
+    points = np.full(synthetic.shape, np.nan)
+    kept = np.zeros((n_tasks, n_sources), bool)
+    scores = np.full((n_tasks, n_candidates), np.nan)
+    for t in range(n_tasks):
+        for v in range(n_sources):
+            ranked = np.flatnonzero(~np.isnan(synthetic[t, :, v]))
+            if len(ranked) >= 2:
+                for c in ranked:
+                    x = synthetic[t, ranked, v]
+                    points[t, c, v] = ((x < synthetic[t, c, v]).sum() + 0.5 * ((x == synthetic[t, c, v]).sum() - 1)) / (len(ranked) - 1)
+        valid = [v for v in range(n_sources) if not np.isnan(points[t, :, v]).all()]
+
+        def borda(sources):
+            return np.array([np.nanmean(points[t, c, sources]) if np.isfinite(points[t, c, sources]).any() else np.nan
+                             for c in range(n_candidates)])
+
+        def objective(sources):
+            consensus = borda(sources)
+            distances = [_naive_distance(points[t, :, u], consensus) for u in sources]
+            return np.nanmean(distances)
+
+        keep = list(valid)
+        if len(valid) > 2:
+            reliability = np.array([objective([u for u in valid if u != v]) - objective(valid) for v in valid])
+            ordered = np.sort(reliability)
+            gaps = np.diff(ordered)
+            if gaps.max() > 1e-12:
+                tied = np.flatnonzero(gaps >= gaps.max() - 1e-12)
+                if len(tied) == 1:  # a unique largest gap: scikit-learn's single linkage cuts it
+                    labels = AgglomerativeClustering(n_clusters=2, linkage="single").fit_predict(reliability[:, None])
+                else:  # tied largest gaps (scikit-learn's choice is arbitrary): the documented lowest cut
+                    labels = (reliability > ordered[tied[0]]).astype(int)
+                sums = [reliability[labels == g].sum() for g in (0, 1)]
+                upper = int(labels[np.argmax(reliability)])
+                best = upper if sums[upper] >= sums[1 - upper] else 1 - upper  # tied sums: the upper cluster
+                keep = [v for v, label in zip(valid, labels) if label == best]
+        kept[t, keep] = True
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            scores[t] = borda(keep) if keep else np.nan
+    return points, kept, scores
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_trimmed_borda_matches_a_naive_loop_with_sklearn_clustering(seed):
+    rng = np.random.default_rng(seed)
+    synthetic = np.round(rng.random((6, 7, 5)), 1)  # tied AUROCs
+    synthetic[:, :, 4] = 1.0 - synthetic[:, :, 0] + rng.normal(0, 0.02, (6, 7)).round(2)  # an outlying source
+    synthetic[0, :, 1] = np.nan  # a source absent from a task
+    synthetic[1, 3, 0] = synthetic[1, 3, 2] = np.nan  # a candidate some sources do not rank
+    synthetic[2, 5, :] = np.nan  # a candidate no source ranks
+    synthetic[3, 1:, 3] = np.nan  # a source ranking one candidate: it orders nothing
+    points, kept, scores = _naive_trimmed_borda(synthetic)
+    np.testing.assert_allclose(borda_points(synthetic), points, rtol=1e-12, equal_nan=True)
+    np.testing.assert_array_equal(trimmed_borda_sources(synthetic), kept)
+    np.testing.assert_allclose(trimmed_borda(synthetic), scores, rtol=1e-12, equal_nan=True)
+    assert not kept[3, 3] and np.isnan(scores[2, 5])
+
+
+def _reference_trimmed_borda_winner(ranks):
+    """The reference code's pipeline (tsad-model-selection, rank_aggregation.trimmed_borda, influence
+    with Borda) on complete rankings without ties: ``ranks`` (V, C), 0 = best; the aggregate's best."""
+    def borda(r):
+        return np.argsort(np.argsort(r.sum(axis=0)))
+
+    def distance(a, b):
+        return sum((a[i] - a[j]) * (b[i] - b[j]) < 0 for i, j in combinations(range(len(a)), 2))
+
+    def objective(r):
+        sigma = borda(r)
+        return np.mean([distance(x, sigma) for x in r])
+
+    reliability = np.array([objective(np.delete(ranks, v, axis=0)) - objective(ranks) for v in range(len(ranks))])
+    labels = AgglomerativeClustering(n_clusters=2, linkage="single").fit_predict(reliability[:, None])
+    best = max((0, 1), key=lambda g: reliability[labels == g].sum())
+    return int(np.argmin(borda(ranks[labels == best])))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_trimmed_borda_picks_what_the_reference_pipeline_picks_without_ties(seed):
+    rng = np.random.default_rng(10 + seed)
+    truth = rng.random(8)
+    synthetic = truth[:, None] + rng.normal(0, 0.15, (8, 5))  # five noisy views of one quality
+    synthetic[:, 4] = -truth + rng.normal(0, 0.05, 8)  # one reversed source
+    ranks = np.argsort(np.argsort(-synthetic, axis=0), axis=0).T  # (V, C), 0 = best
+    assert int(np.argmax(trimmed_borda(synthetic[None])[0])) == _reference_trimmed_borda_winner(ranks)
+    assert not trimmed_borda_sources(synthetic[None])[0, 4]
+
+
+def test_trimmed_borda_keeps_every_source_when_there_is_nothing_to_trim():
+    two = np.array([[[0.9, 0.1], [0.5, 0.8], [0.1, 0.9]]])  # two sources: equal reliabilities
+    assert trimmed_borda_sources(two).all()
+    np.testing.assert_allclose(trimmed_borda(two), [[0.5, 0.5, 0.5]])
+    agree = np.repeat(np.array([[0.9], [0.5], [0.1]]), 4, axis=1)[None]  # identical rankings
+    assert trimmed_borda_sources(agree).all() and trimmed_borda(agree)[0].argmax() == 0
+    empty = np.full((1, 3, 2), np.nan)
+    assert not trimmed_borda_sources(empty).any() and np.isnan(trimmed_borda(empty)).all()
+
+
+# ---- Excess-Mass and Mass-Volume (core.em_mv)
 
 def _naive_em_mv(data, uniform, volume, level=0.9, low=0.9, high=0.999):
     """Goix's definitions with s = -score, by brute force: thresholds = unique data values."""
@@ -231,6 +353,7 @@ def test_expected_random_pick_is_the_nan_aware_mean():
     (lambda: model_centrality(np.ones((1, 2, 3)), np.ones((1, 3))), r"`mask` must be boolean"),
     (lambda: model_centrality(np.ones((1, 2, 3)), np.ones((2, 3), bool)), r"`mask` must have shape \(T, Q\) = \(1, 3\)"),
     (lambda: rra_rho(np.ones((2, 3))), r"`synthetic` must have 3 axes of shape \(T, C, V\)"),
+    (lambda: trimmed_borda(np.ones((2, 3))), r"`synthetic` must have 3 axes of shape \(T, C, V\)"),
     (lambda: expected_random_pick(np.array(["a"])), r"`real` must be an array of real numbers"),
     (lambda: excess_mass_mass_volume(np.ones((1, 2, 3)), None, np.ones((1, 3, 4)), [1.0]),
      r"`uniform_scores` must have shape \(T, C, U\) = \(1, 2, U\) with U >= 1, got shape \(1, 3, 4\)"),

@@ -1,12 +1,18 @@
 """One writer at a time: the lock is taken before any work, names its holder, can be waited for;
 two `synth` or `catalog` runs never duplicate rows nor share ids; orphaned temporary files of
-killed writers are removed by the next writer."""
+killed writers are removed by the next writer. The writers called from Python (run_sweep,
+import_scores, split_references) hold the lock for their whole run like the CLI; `--wait` takes
+only a number, so a positional argument after it stays a positional."""
 
 from __future__ import annotations
 
+import importlib
+import math
+import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +20,16 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from swsa_engine.app.bench_store import make_paper_store
+from swsa_engine.app.cli import build_parser, main
+from swsa_engine.app.cli.common import attach_wait_values
+from swsa_engine.run.sweep import run_sweep
 from swsa_store import StoreError, create_store, edit_store, open_store
 from swsa_store.catalog import add_images, catalog_dataset
-from swsa_store.locks import lock_holder, store_lock
+from swsa_store.locks import held_by_me, lock_holder, store_lock
 from swsa_store.paths import NEXT_ID_ATTR
+from swsa_store.references import split_references
+from swsa_store.scores import import_scores
 
 
 def _folder(root: Path, classes=("a", "b"), per_class=6, size=16, shade=0) -> Path:
@@ -161,3 +173,146 @@ def test_orphaned_temporary_files_are_removed_by_the_next_writer(tmp_path):
         with edit_store(store):
             pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.h5", "s.h5.lock", "s.h5.results"]
+
+
+# --------------------------------------------------------------------------- writers called from Python
+
+
+@pytest.fixture
+def paper_store(tmp_path):
+    """A small paper-shaped store with tasks, synthetic anomalies and two embedding matrices."""
+    path = tmp_path / "p.h5"
+    make_paper_store(path, task_fraction=0.03, image_fraction=0.25, synthetic=16,
+                     backbones={"resnet18": (48, 11), "vit": (32, 5)}, progress=False)
+    return path
+
+
+def _score_table(store: Path) -> pd.DataFrame:
+    """A score for every (task, image) pair (rows outside a task's validation set are ignored)."""
+    with open_store(store) as s:
+        task_ids, n_images = s.tasks()["task_id"].to_numpy(), s.n_images
+    pairs = np.stack(np.meshgrid(task_ids, np.arange(n_images), indexing="ij"), axis=-1).reshape(-1, 2)
+    return pd.DataFrame({"task": pairs[:, 0], "image_id": pairs[:, 1],
+                         "score": np.random.default_rng(0).integers(0, 5, len(pairs)).astype(float)})
+
+
+def _state(store: Path) -> dict:
+    """Every file of the store (the store, its results) → its bytes."""
+    return {p.name: p.read_bytes() for p in sorted(store.parent.rglob("*")) if p.is_file() and not p.name.endswith(".lock")}
+
+
+def _sweep(store, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return run_sweep(store, progress=False, hardest=(4,), **kwargs)
+
+
+PYTHON_WRITERS = {
+    "import_scores": (lambda s, **kw: import_scores(s, "imported", _score_table(s), **kw), "swsa import-scores"),
+    "split_references": (lambda s, **kw: split_references(s, "cutpaste", 0.25, **kw), "swsa split-refs"),
+    "run_sweep": (lambda s, **kw: _sweep(s, **kw), "swsa score"),
+}
+
+
+@pytest.mark.parametrize("writer", sorted(PYTHON_WRITERS))
+def test_python_writer_is_refused_while_another_writes_and_can_wait(paper_store, writer):
+    call, _ = PYTHON_WRITERS[writer]
+    before = _state(paper_store)
+    holder = _hold(paper_store, 1.5)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreError, match=rf"being written by PID {holder.pid} \(swsa synth\) since .*pass --wait$"):
+            call(paper_store)
+        assert time.monotonic() - started < 1.0  # refused at once, before any work
+        assert _state(paper_store) == before  # and nothing written
+        call(paper_store, wait=60)  # the holder ends after 1.5 s
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _state(paper_store) != before
+
+
+@pytest.mark.parametrize("writer, inner", [("import_scores", "swsa_store.scores.validate_scores"),
+                                           ("split_references", "swsa_store.references.make_references"),
+                                           ("run_sweep", "swsa_engine.run.sweep.build_task_groups")])
+def test_python_writer_holds_the_lock_for_its_whole_run(paper_store, writer, inner, monkeypatch):
+    """While the writer works (inside one of its steps) the lock is this process's and a second
+    writer — `swsa split-refs` in another process — is refused, naming this writer."""
+    call, command = PYTHON_WRITERS[writer]
+    module, name = inner.rsplit(".", 1)
+    original = getattr(importlib.import_module(module), name)
+    seen = {}
+
+    def step(*args, **kwargs):
+        seen["held"] = held_by_me(paper_store)
+        if "refused" not in seen:
+            other = _cli("split-refs", "--store", str(paper_store), "--source", "cutpaste", "--share", "0.5")
+            _, seen["refused"] = other.communicate(timeout=120)
+            seen["status"] = other.returncode
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(inner, step)
+    call(paper_store)
+    assert seen["held"] and seen["status"] == 1
+    assert f"being written by PID {os.getpid()} ({command}) since" in seen["refused"]
+    assert not held_by_me(paper_store) and lock_holder(paper_store)["pid"] == os.getpid()  # released, record kept
+
+
+def test_sweep_without_saving_takes_no_lock(paper_store):
+    holder = _hold(paper_store, 600)
+    try:
+        cube = _sweep(paper_store, save=False, ensembles=False)  # reads only: runs beside a writer
+        assert len(cube.tasks) > 0
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_writer_inside_a_held_lock_reenters_without_waiting(paper_store):
+    with store_lock(paper_store, command="swsa split-refs"):
+        table = split_references(paper_store, "cutpaste", 0.25)
+        assert held_by_me(paper_store)
+    assert len(table) > 0 and not held_by_me(paper_store)
+
+
+# --------------------------------------------------------------------------- --wait before a positional
+
+
+@pytest.mark.parametrize("argv, dataset, wait", [
+    (["catalog", "--wait", "folder", "--store", "s"], "folder", math.inf),
+    (["catalog", "folder", "--wait", "--store", "s"], "folder", math.inf),
+    (["catalog", "folder", "--store", "s", "--wait"], "folder", math.inf),
+    (["catalog", "--wait", "5", "folder", "--store", "s"], "folder", 5.0),
+    (["catalog", "folder", "--wait", "2.5", "--store", "s"], "folder", 2.5),
+    (["catalog", "--wait=3", "folder", "--store", "s"], "folder", 3.0),
+    (["catalog", "folder", "--store", "s"], "folder", 0.0),
+])
+def test_wait_takes_only_a_number_and_leaves_a_positional_alone(argv, dataset, wait):
+    args = build_parser().parse_args(attach_wait_values(argv))
+    assert (args.dataset, args.wait) == (dataset, wait)
+
+
+def test_wait_refuses_a_negative_number_in_one_line(capsys):
+    with pytest.raises(SystemExit):
+        main(["catalog", "--wait", "-1", "folder", "--store", "s"])
+    assert "--wait takes a number of seconds >= 0, got '-1'" in capsys.readouterr().err
+
+
+def test_cli_wait_before_the_positional_waits_for_the_writer(paper_store, tmp_path):
+    scores = tmp_path / "scores.csv"
+    _score_table(paper_store).to_csv(scores, index=False)
+    holder = _hold(paper_store, 600)
+    try:
+        gave_up = _cli("import-scores", "--wait", "0.2", str(scores), "--store", str(paper_store), "--candidate", "x")
+        _, err = gave_up.communicate(timeout=120)
+        assert gave_up.returncode == 1 and "gave up after waiting 0.2 s" in err
+        waited = _cli("import-scores", "--wait", str(scores), "--store", str(paper_store), "--candidate", "x")
+        time.sleep(3)
+        assert waited.poll() is None  # waiting: the file was not taken for --wait's seconds
+        holder.kill()
+        out, err = waited.communicate(timeout=180)
+        assert waited.returncode == 0, err
+        assert "import-scores: candidate=x" in out
+    finally:
+        holder.kill()
+        holder.wait()

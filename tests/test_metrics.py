@@ -379,3 +379,27 @@ def test_auroc_equals_mann_whitney_from_midranks():
         positives, negatives = labels.sum(), (~labels).sum()
         u = ranks[labels].sum() - positives * (positives + 1) / 2
         assert abs(auroc(scores, labels) - u / (positives * negatives)) <= TOLERANCE
+
+
+def test_kendall_tau_b_long_equals_scipy_with_ties_masks_and_constant_rows():
+    from scipy.stats import kendalltau as scipy_kendalltau
+
+    from swsa_engine.core.metrics.kendall_long import kendall_tau_b_long
+
+    rng = np.random.default_rng(8)
+    x = rng.integers(0, 12, size=(30, 200)).astype(float)
+    y = x + rng.integers(0, 4, size=x.shape)
+    y[::4] = rng.integers(0, 9, size=y[::4].shape)
+    x[:, :3] = [-np.inf, np.inf, 0.0]
+    mask = rng.random(x.shape) < 0.85
+    x[0] = 2.0  # constant: NaN
+    mask[1, 1:] = False  # one entry kept: NaN
+    x[2, ~mask[2]] = np.nan  # NaN where left out is fine
+    got = kendall_tau_b_long(x, y, mask)
+    for r in range(30):
+        if mask[r].sum() < 2 or np.ptp(x[r, mask[r]]) == 0:
+            assert np.isnan(got[r])
+        else:
+            assert got[r] == scipy_kendalltau(x[r, mask[r]], y[r, mask[r]]).statistic
+    with pytest.raises(ValueError, match="must not hold NaN among the kept entries"):
+        kendall_tau_b_long(np.array([[1.0, np.nan]]), np.array([[1.0, 2.0]]))

@@ -146,9 +146,16 @@ def _normalised(scores: ScoreCube, eligible: np.ndarray, pools: tuple, normalisa
     members); NaN off the pools, and meaningless (never read) where a candidate is not eligible."""
     real_pool, parts = pools
     synth_pool = parts >= 0
-    real = np.where(real_pool[:, None, :] & eligible[:, :, None], scores.real_scores, 0.0)
-    synth = np.where(synth_pool[:, None, :] & eligible[:, :, None], scores.synthetic_scores, 0.0)
-    return normalise_scores(real, real_pool, normalisation), normalise_scores(synth, synth_pool, normalisation)
+    real_out = np.empty(scores.real_scores.shape)
+    synth_out = np.empty(scores.synthetic_scores.shape)
+    # one candidate at a time: the ranking's temporaries stay a C-th of the whole (peak memory)
+    for c in range(real_out.shape[1]):
+        ok = eligible[:, c, None]
+        real_out[:, c] = normalise_scores(np.where(real_pool & ok, scores.real_scores[:, c], 0.0)[:, None], real_pool,
+                                          normalisation)[:, 0]
+        synth_out[:, c] = normalise_scores(np.where(synth_pool & ok, scores.synthetic_scores[:, c], 0.0)[:, None],
+                                           synth_pool, normalisation)[:, 0]
+    return real_out, synth_out
 
 
 def _combine(real_norm: np.ndarray, synth_norm: np.ndarray, real_pool: np.ndarray, parts: np.ndarray, n_sources: int,

@@ -26,13 +26,21 @@ from swsa_engine.core.metrics import rankdata_midrank
 from swsa_engine.core.synthetic_resampling import part_aurocs_finite
 from swsa_engine.core.validation import as_bool_mask, as_real_array, check_positive_int
 
-__all__ = ["NORMALISATIONS", "COMBINATIONS", "normalise_scores", "combine_scores", "shuffled_buckets",
+__all__ = ["NORMALISATIONS", "COMBINATIONS", "check_normalisation", "normalise_scores", "combine_scores", "shuffled_buckets",
            "greedy_ensemble_weights"]
 
 NORMALISATIONS = ("rank", "zscore")
 COMBINATIONS = ("mean", "max", "median", "aom", "moa")
 #: greedy selection: validation AUROCs closer than this are a tie (broken by the member's order)
 TIE_TOLERANCE = 1e-12
+
+
+def check_normalisation(method) -> str:
+    """``method`` when it is one of :data:`NORMALISATIONS`, else a one-line :class:`ValueError`."""
+    if method not in NORMALISATIONS:
+        raise ValueError(f"normalisation {method!r} is unknown; choose one of {', '.join(NORMALISATIONS)} "
+                         "(e.g. --ensemble-normalisation zscore)")
+    return method
 
 
 def normalise_scores(scores, mask=None, method: str = "rank") -> np.ndarray:
@@ -42,8 +50,7 @@ def normalise_scores(scores, mask=None, method: str = "rank") -> np.ndarray:
     (0.5 for a task with one image); ``zscore``: ``(s − mean) / std`` (population std; 0 where a
     member is constant on the task). Higher stays more anomalous.
     """
-    if method not in NORMALISATIONS:
-        raise ValueError(f"normalisation {method!r} is unknown; choose one of {', '.join(NORMALISATIONS)}")
+    check_normalisation(method)
     values = as_real_array(scores, "scores", ndim=3, shape_doc="(T, C, N)").astype(np.float64)
     included = as_bool_mask(mask, "mask", (values.shape[0], values.shape[2]), "(T, N)")[:, None, :]
     bad = included & ~np.isfinite(values)

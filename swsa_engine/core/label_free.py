@@ -4,7 +4,7 @@ Each function scores every candidate of every task in one call, from what a user
 has: each candidate's scores on the task's unlabelled test images, or its synthetic AUROCs. The
 selection layer turns the scores into picks (argmax for "higher is better" values). Shapes:
 ``T`` tasks, ``C`` candidates, ``Q`` unlabelled test images per task (padded; ``mask`` (T, Q) is
-True for a real image), ``V`` synthetic sources, ``U`` uniform samples. Anomaly scores are
+True for a real image), ``V`` synthetic sources. Anomaly scores are
 "higher = more anomalous", as everywhere in swsa.
 
 A *missing* candidate of a task (NaN on every included image, e.g. a detector that was skipped
@@ -15,7 +15,10 @@ error, since leaving those images out for one candidate would compare rankings o
   every other candidate's (the "MC" strategy of Ma, Zhao, Zhang & Akoglu 2021).
 * :func:`rra_rho`, :func:`robust_rank_aggregation`: Kolde et al.'s (2012) robust rank aggregation
   of the candidates' rankings by the V synthetic sources.
-* :func:`excess_mass_mass_volume`: Goix's (2016) Excess-Mass and Mass-Volume criteria.
+* :func:`borda_points`, :func:`trimmed_borda_sources`, :func:`trimmed_borda`: Goswami et al.'s
+  (ICLR 2023) trimmed Borda aggregation of the same rankings (outlying sources dropped first).
+* Goix's (2016) Excess-Mass and Mass-Volume criteria, which also need uniform samples of the
+  feature space scored by each candidate, are :mod:`swsa_engine.core.em_mv`.
 * :func:`expected_random_pick`: the random pick's expected real AUROC. (The rank-averaged
   ensemble of all candidates is :mod:`swsa_engine.core.ensembles`: ``combine_scores(normalise_scores(s))``.)
 
@@ -27,39 +30,34 @@ References
 * Raivo Kolde, Sven Laur, Priit Adler, Jaak Vilo. "Robust rank aggregation for gene list
   integration and meta-analysis." Bioinformatics 28(4):573-580, 2012.
 * Mononito Goswami, Cristian Challu, Laurent Callot, Lenon Minorics, Andrey Kan. "Unsupervised
-  Model Selection for Time-series Anomaly Detection." ICLR 2023.
-* Nicolas Goix. "How to Evaluate the Quality of Unsupervised Anomaly Detection Algorithms?"
-  ICML 2016 Workshop on Anomaly Detection; arXiv:1607.01152, 2016.
+  Model Selection for Time-series Anomaly Detection." ICLR 2023 (reference code:
+  github.com/mononitogoswami/tsad-model-selection, ``src/model_selection/rank_aggregation.py``).
+* Ronald Fagin, Ravi Kumar, Mohammad Mahdian, D. Sivakumar, Erik Vee. "Comparing partial rankings."
+  SIAM J. Discrete Math. 20(3):628-648, 2006 (the Kendall distance with ties, K^(p), p = 1/2).
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 from scipy.special import betainc
 
-from swsa_engine.core.metrics.inputs import warn_undefined
-from swsa_engine.core.validation import as_bool_mask, as_real_array, check_positive_int
+from swsa_engine.core.metrics.kendall_long import kendall_tau_b_long
+from swsa_engine.core.validation import as_bool_mask, as_real_array
 
 __all__ = [
-    "model_centrality", "rra_rho", "robust_rank_aggregation", "excess_mass_mass_volume",
-    "expected_random_pick", "EM_LEVEL", "MV_ALPHA_RANGE", "EM_GRID_POINTS",
+    "checked_candidate_scores", "model_centrality", "rra_rho", "robust_rank_aggregation", "borda_points",
+    "trimmed_borda_sources", "trimmed_borda", "expected_random_pick", "RELIABILITY_TOLERANCE",
 ]
 
-#: Goix (2016): the EM criterion integrates EM_s(t) over [0, EM_s^-1(EM_LEVEL)]
-EM_LEVEL = 0.9
-#: Goix (2016): the MV criterion integrates MV_s(alpha) over this interval of masses
-MV_ALPHA_RANGE = (0.9, 0.999)
-#: points of the trapezoid grid on [0, EM_s^-1(EM_LEVEL)] (EM_s is convex piecewise linear there)
-EM_GRID_POINTS = 1001
+#: trimmed Borda: source reliabilities (differences of mean Kendall distances, in [-1, 1]) closer
+#: than this are equal (the same value computed along two paths differs by rounding only)
+RELIABILITY_TOLERANCE = 1e-12
 
-# pairwise (sign) temporaries and (grid x threshold) blocks hold at most this many elements
+# candidate-pair rows (and grid x threshold blocks) hold at most this many elements at once
 _BLOCK_ELEMENTS = 1 << 22
-# a level-set mass within this relative distance of EM_LEVEL counts as equal to it (rounding)
-_MASS_TOLERANCE = 1e-9
 
 
-def _checked_scores(scores, mask, function: str, name: str = "scores"):
+def checked_candidate_scores(scores, mask, function: str, name: str = "scores"):
     """``(scores float64 (T, C, Q), mask (T, Q), available (T, C))`` or a one-line ValueError.
 
     ``available``: the candidate has a value on every included image of the task (and the task
@@ -85,27 +83,6 @@ def _checked_scores(scores, mask, function: str, name: str = "scores"):
     return scores, mask, available
 
 
-def _sign_gram(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """(T, C, C) float64: for candidates c, j, the sum over image pairs p < q (both included) of
-    sign(x_cp - x_cq) * sign(x_jp - x_jq), i.e. concordant minus discordant pairs; the diagonal is
-    each candidate's number of untied pairs. Exact: blocks of rows p keep every float32 sum below 2**24."""
-    n_tasks, n_candidates, n_images = values.shape
-    gram = np.zeros((n_tasks, n_candidates, n_candidates))
-    rows = max(1, _BLOCK_ELEMENTS // max(1, n_tasks * n_candidates * n_images))
-    for start in range(0, n_images, rows):
-        stop = min(n_images, start + rows)
-        left = values[:, :, start:stop, None]
-        right = values[:, :, None, start:]
-        # comparisons, not differences: exact for +-inf
-        signs = (left > right).view(np.int8) - (left < right).view(np.int8)
-        later = np.arange(start, n_images)[None, :] > np.arange(start, stop)[:, None]
-        pairs = mask[:, start:stop, None] & mask[:, None, start:] & later
-        signs *= pairs[:, None].view(np.int8)
-        flat = torch.from_numpy(signs.reshape(n_tasks, n_candidates, -1).astype(np.float32))
-        gram += torch.bmm(flat, flat.transpose(1, 2)).numpy()  # batched BLAS; numpy's stacked matmul is slower
-    return gram
-
-
 def model_centrality(scores, mask=None) -> np.ndarray:
     """Model centrality (MC): each candidate's mean Kendall tau-b with every other candidate.
 
@@ -129,18 +106,20 @@ def model_centrality(scores, mask=None) -> np.ndarray:
 
     Notes
     -----
-    tau-b is the cosine similarity of the candidates' pair-sign vectors, so all C x C taus of all
-    tasks come from one batched matrix product (O(T C^2 Q^2) multiply-adds in BLAS) instead of
-    C^2 / 2 calls of an O(Q^2) tau; ties are handled exactly as ``scipy.stats.kendalltau``.
+    Each pair of available candidates' tau-b over the task's included images comes from
+    :func:`~swsa_engine.core.metrics.kendall_long.kendall_tau_b_long` (O(Q log Q) per pair, ties
+    exactly as ``scipy.stats.kendalltau``).
     """
-    scores, mask, available = _checked_scores(scores, mask, "model_centrality")
-    values = np.where(available[:, :, None] & mask[:, None, :], scores, 0.0)  # missing: constant
-    gram = _sign_gram(values, mask)
-    untied = np.sqrt(np.diagonal(gram, axis1=1, axis2=2))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        tau = gram / (untied[:, :, None] * untied[:, None, :])
-    tau = np.clip(np.where(np.isfinite(tau), tau, 0.0), -1.0, 1.0)
-    n_candidates = scores.shape[1]
+    scores, mask, available = checked_candidate_scores(scores, mask, "model_centrality")
+    n_tasks, n_candidates, n_images = scores.shape
+    first, second = np.triu_indices(n_candidates, k=1)
+    tasks, pairs = np.nonzero(available[:, first] & available[:, second])
+    tau = np.zeros((n_tasks, n_candidates, n_candidates))
+    step = max(1, _BLOCK_ELEMENTS // max(1, n_images))
+    for lo in range(0, tasks.size, step):
+        t, c, j = tasks[lo:lo + step], first[pairs[lo:lo + step]], second[pairs[lo:lo + step]]
+        pair_tau = np.nan_to_num(kendall_tau_b_long(scores[t, c], scores[t, j], mask[t]))  # undefined: 0
+        tau[t, c, j] = tau[t, j, c] = pair_tau
     others = available[:, :, None] & available[:, None, :] & ~np.eye(n_candidates, dtype=bool)
     m = available.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -197,7 +176,7 @@ def robust_rank_aggregation(synthetic) -> np.ndarray:
     sources rank it consistently near the top. Goswami, Challu, Callot, Minorics & Kan
     ("Unsupervised Model Selection for Time-series Anomaly Detection", ICLR 2023) frame combining
     several imperfect surrogate rankings as robust rank aggregation; their own aggregator is a
-    trimmed Borda / Kemeny count, this one is Kolde's.
+    trimmed Borda / Kemeny count (:func:`trimmed_borda`), this one is Kolde's.
 
     Parameters
     ----------
@@ -212,164 +191,143 @@ def robust_rank_aggregation(synthetic) -> np.ndarray:
         return 0.0 - np.log10(rho)  # 0.0 - : no negative zero for rho = 1
 
 
-def _checked_volume(volume, n_tasks: int, n_candidates: int) -> np.ndarray:
-    """``volume`` (T,) or (T, C) as float64 (T, C), finite and > 0, else a one-line ValueError."""
-    volume = as_real_array(volume, "volume", shape_doc="(T,) or (T, C)").astype(np.float64, copy=False)
-    if volume.shape not in ((n_tasks,), (n_tasks, n_candidates)):
-        raise ValueError(f"`volume` must have shape (T,) = ({n_tasks},) or (T, C) = ({n_tasks}, {n_candidates}), "
-                         f"got shape {volume.shape}")
-    bad = ~(np.isfinite(volume) & (volume > 0))
-    if bad.any():
-        where = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(f"`volume`{list(where)} = {volume[where]} must be finite and > 0: the Lebesgue volume of "
-                         "the box the uniform samples were drawn in (in high dimension it under/overflows: "
-                         "subsample features as Goix 2016 does)")
-    return np.broadcast_to(volume.reshape(n_tasks, -1), (n_tasks, n_candidates))
+def borda_points(synthetic) -> np.ndarray:
+    """(T, C, V) each source's normalised Borda points: the share of the other candidates the source
+    ranks below the candidate, ties counting one half, ``(below + ties / 2) / (n_v - 1)`` in [0, 1].
 
-
-def _checked_uniform(uniform_scores, available: np.ndarray) -> np.ndarray:
-    """``uniform_scores`` as float64 (T, C, U), U >= 1, NaN only for missing candidates, else a ValueError."""
-    n_tasks, n_candidates = available.shape
-    uniform = as_real_array(uniform_scores, "uniform_scores", ndim=3, shape_doc="(T, C, U)").astype(np.float64)
-    if uniform.shape[:2] != (n_tasks, n_candidates) or uniform.shape[2] == 0:
-        raise ValueError(f"`uniform_scores` must have shape (T, C, U) = ({n_tasks}, {n_candidates}, U) with U >= 1, "
-                         f"got shape {uniform.shape}")
-    bad = np.isnan(uniform).any(axis=2) & available
-    if bad.any():
-        task, candidate = (int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(f"`uniform_scores`[{task}, {candidate}] holds NaN for a candidate scored on the test images; "
-                         "score every uniform sample (NaN is allowed only for a missing candidate)")
-    return uniform
-
-
-def _checked_settings(em_level, alpha_range, em_grid_points) -> tuple[float, float, float, int]:
-    """``(em_level, alpha_low, alpha_high, grid points)`` or a one-line ValueError."""
-    if not 0.0 < float(em_level) < 1.0:
-        raise ValueError(f"em_level must be in (0, 1), got em_level={em_level!r}; Goix 2016 uses {EM_LEVEL}")
-    low, high = (float(a) for a in alpha_range)
-    if not 0.0 <= low < high <= 1.0:
-        raise ValueError(f"alpha_range must be (low, high) with 0 <= low < high <= 1, got {tuple(alpha_range)!r}; "
-                         f"Goix 2016 uses {MV_ALPHA_RANGE}")
-    points = check_positive_int(em_grid_points, "em_grid_points", f"em_grid_points={EM_GRID_POINTS}")
-    if points < 2:
-        raise ValueError(f"em_grid_points must be >= 2, got {points}; pass e.g. em_grid_points={EM_GRID_POINTS}")
-    return float(em_level), low, high, points
-
-
-def _mass_volume(volume_fraction, n, volume, low, high) -> np.ndarray:
-    """(T, C) exact integral of MV_s(alpha) over [low, high].
-
-    ``volume_fraction`` (T, C, Q): for the i-th smallest normality score x_(i) of the task's n
-    images (0-based, padding after), the fraction of uniform samples with s >= x_(i). MV_s(alpha)
-    is volume * that fraction at the ceil(alpha n)-th largest score, i.e. at position n - k for
-    alpha in ((k - 1) / n, k / n]; the integral weighs each position by that interval's overlap
-    with [low, high].
+    ``synthetic`` (T, C, V): synthetic AUROC per task, candidate and source (higher = better; NaN =
+    not ranked by that source). NaN where the source does not rank the candidate or ranks fewer
+    than two candidates of the task (it then orders nothing).
     """
-    positions = np.arange(volume_fraction.shape[2])
-    k = n[:, None] - positions[None, :]  # (T, Q): mass rank of each position (<= 0 for padding)
+    values = as_real_array(synthetic, "synthetic", ndim=3, shape_doc="(T, C, V)").astype(np.float64, copy=False)
+    ranked = ~np.isnan(values)
+    below = (values[:, None, :, :] < values[:, :, None, :]).sum(axis=2)  # NaN compares False
+    ties = (values[:, None, :, :] == values[:, :, None, :]).sum(axis=2) - 1
+    n = ranked.sum(axis=1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
-        upper = np.minimum(k / n[:, None], high)
-        lower = np.maximum((k - 1) / n[:, None], low)
-    weight = np.where(k >= 1, np.clip(upper - lower, 0.0, None), 0.0)
-    return volume * (volume_fraction * weight[:, None, :]).sum(axis=2)
+        points = (below + 0.5 * ties) / (n - 1)
+    return np.where(ranked & (n >= 2), points, np.nan)
 
 
-def _excess_mass(volume_fraction, n, volume, level, grid_points) -> tuple[np.ndarray, np.ndarray]:
-    """``(criterion, unbounded)`` (T, C): the integral of EM_s(t) over [0, EM_s^-1(level)], NaN where
-    ``unbounded``, i.e. EM_s^-1(level) is infinite.
+def _sign_indicators(values: np.ndarray) -> tuple[np.ndarray, ...]:
+    """For (R, C) values: (R, C * C) float32 indicators over ordered pairs (c, c'), c != c', both
+    finite, of sign(x_c - x_c') = +1, -1, 0, != 0, and of the pair being comparable at all."""
+    finite = np.isfinite(values)
+    valid = finite[:, :, None] & finite[:, None, :] & ~np.eye(values.shape[1], dtype=bool)
+    with np.errstate(invalid="ignore"):
+        difference = values[:, :, None] - values[:, None, :]
+    flat = lambda mask: (mask & valid).reshape(len(values), -1).astype(np.float32)
+    return flat(difference > 0), flat(difference < 0), flat(difference == 0), flat(difference != 0), flat(valid)
 
-    Level set i (the images with s >= x_(i), see :func:`_mass_volume`) has mass m_i = (n - i) / n
-    and volume lambda_i = volume * fraction_i; EM_s(t) = max(0, max_i m_i - t lambda_i) is convex,
-    piecewise linear and decreasing, so EM_s^-1(level) = max over m_i > level of
-    (m_i - level) / lambda_i exactly, and on [0, EM_s^-1(level)] only level sets of mass >= level
-    can attain the maximum. The integral is a trapezoid rule on ``grid_points`` points.
-    """
-    n_tasks, n_candidates, _ = volume_fraction.shape
-    keep = int(min(volume_fraction.shape[2], np.floor((1.0 - level + _MASS_TOLERANCE) * n.max()) + 1))
-    counts = (n[:, None] - np.arange(keep)[None, :]).astype(np.float64)  # (T, K): images in level set i
-    excess = counts - level * n[:, None]
-    above = excess > _MASS_TOLERANCE * n[:, None]
-    heavy = excess >= -_MASS_TOLERANCE * n[:, None]  # mass >= level: may attain EM_s on [0, t_max]
-    mass = np.where(heavy, counts / np.maximum(n, 1)[:, None], -np.inf)[:, None, :]
-    lam = volume[:, :, None] * volume_fraction[:, :, :keep]
+
+def _kendall_distances(consensus: np.ndarray, rankings: np.ndarray) -> np.ndarray:
+    """(S, V) normalised Kendall distance between each consensus (S, C) and each ranking (V, C):
+    over the pairs both order (finite in both), the share that they order oppositely, a pair tied
+    in exactly one counting one half (Fagin et al.'s K^(1/2)); NaN where no pair is comparable.
+    All pairs at once as products of sign-indicator matrices (exact: counts below 2**24)."""
+    b_up, b_down, b_tie, b_order, b_valid = _sign_indicators(consensus)
+    r_up, r_down, r_tie, r_order, r_valid = _sign_indicators(rankings)
+    disagree = b_up @ r_down.T + b_down @ r_up.T + 0.5 * (b_tie @ r_order.T + b_order @ r_tie.T)
+    pairs = (b_valid @ r_valid.T).astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        reach = np.where(above[:, None, :], (excess / np.maximum(n, 1)[:, None])[:, None, :] / lam, 0.0)
-    t_max = reach.max(axis=2)  # inf where a level set of mass > level has Monte-Carlo volume 0
-    finite = np.isfinite(t_max)
-    steps = np.linspace(0.0, 1.0, grid_points)
-    flat_t = np.where(finite, t_max, 0.0).reshape(-1)
-    flat_lam = lam.reshape(-1, 1, keep)
-    flat_mass = np.broadcast_to(mass, lam.shape).reshape(-1, 1, keep)
-    rows = max(1, _BLOCK_ELEMENTS // (grid_points * keep))
-    integral = np.empty(flat_t.shape)
-    for start in range(0, flat_t.size, rows):
-        block = slice(start, start + rows)
-        t = flat_t[block, None] * steps[None, :]  # (r, G)
-        curve = np.maximum(0.0, (flat_mass[block] - t[:, :, None] * flat_lam[block]).max(axis=2))
-        integral[block] = (curve.sum(axis=1) - 0.5 * (curve[:, 0] + curve[:, -1])) * flat_t[block] / (grid_points - 1)
-    integral = integral.reshape(n_tasks, n_candidates)
-    return np.where(finite, integral, np.nan), ~finite
+        return np.where(pairs > 0, disagree / pairs, np.nan)
 
 
-def excess_mass_mass_volume(data_scores, mask, uniform_scores, volume, *, em_level: float = EM_LEVEL,
-                            alpha_range: tuple[float, float] = MV_ALPHA_RANGE,
-                            em_grid_points: int = EM_GRID_POINTS) -> tuple[np.ndarray, np.ndarray]:
-    """Goix's Excess-Mass (higher = better) and Mass-Volume (lower = better) criteria of every candidate.
+def _subset_borda(points: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """(S, C) mean Borda points over each subset of sources ``members`` (S, V) bool; ``points``
+    (C, V); NaN where no member ranks the candidate."""
+    ranked = ~np.isnan(points)
+    weight = members[:, None, :] & ranked[None]
+    total = np.where(weight, points[None], 0.0).sum(axis=2)
+    count = weight.sum(axis=2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / count, np.nan)
 
-    Goix, "How to Evaluate the Quality of Unsupervised Anomaly Detection Algorithms?", ICML 2016
-    Workshop on Anomaly Detection (arXiv:1607.01152). Goix's scoring function s is "higher = more
-    normal", so s = -score here (both criteria depend on the order of s only). With P_n the
-    empirical mass of the n test images and Leb(s >= u) estimated as ``volume`` times the fraction
-    of the U uniform samples with s >= u (Monte Carlo):
 
-    * ``EM_s(t) = sup_u P_n(s >= u) - t Leb(s >= u)``; criterion ``EM = integral of EM_s over
-      [0, EM_s^-1(em_level)]``, ``EM_s^-1(0.9) = inf{t >= 0 : EM_s(t) <= 0.9}`` (the paper's
-      interval: its upper end is each candidate's own; computed exactly, then a trapezoid rule
-      on ``em_grid_points`` points; EM_s is convex piecewise linear there);
-    * ``MV_s(alpha) = inf_u Leb(s >= u) s.t. P_n(s >= u) >= alpha``; criterion ``MV = integral of
-      MV_s over alpha_range = [0.9, 0.999]`` (exact: MV_s is a step function of alpha).
+def _kept_sources(points: np.ndarray) -> np.ndarray:
+    """(V,) bool: the sources one task's trimmed Borda keeps, from its Borda points (C, V)."""
+    valid = ~np.isnan(points).all(axis=0)
+    n_valid = int(valid.sum())
+    if n_valid <= 2:  # one ranking: nothing to trim; two: their reliabilities are equal by symmetry
+        return valid
+    subsets = np.vstack([valid, valid & ~np.eye(len(valid), dtype=bool)])  # all, then all but v
+    distances = _kendall_distances(_subset_borda(points, subsets), points.T)  # (1 + V, V)
+    counted = subsets & ~np.isnan(distances)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        objective = np.where(counted, distances, 0.0).sum(axis=1) / counted.sum(axis=1)
+    reliability = objective[1:] - objective[0]  # (V,): a source whose removal lowers the objective is an outlier
+    values = reliability[valid]
+    if not np.isfinite(values).all():
+        return valid
+    order = np.argsort(values, kind="stable")
+    gaps = np.diff(values[order])
+    if gaps.max() <= RELIABILITY_TOLERANCE:  # all equal: no outlier to trim
+        return valid
+    cut = int(np.flatnonzero(gaps >= gaps.max() - RELIABILITY_TOLERANCE)[0])  # tied largest gaps: the lowest cut
+    lower, upper = order[: cut + 1], order[cut + 1:]
+    keep = upper if values[upper].sum() >= values[lower].sum() else lower  # tied sums: the more reliable side
+    kept = np.zeros(len(valid), dtype=bool)
+    kept[np.flatnonzero(valid)[keep]] = True
+    return kept
 
-    The caller draws the uniform samples and scores them: U points uniform in the bounding box of
-    the task's test-image features (of Lebesgue volume ``volume``), scored by each candidate's
-    detector like the test images. Candidates in different feature spaces (backbones) need their
-    own box: pass ``volume`` (T, C). Monte-Carlo volumes only work in low dimension; Goix averages
-    the criteria over random subsets of d' = 5 features (``volume`` then is the subset box's).
+
+def trimmed_borda_sources(synthetic) -> np.ndarray:
+    """(T, V) bool: the synthetic sources whose rankings trimmed Borda keeps, per task.
+
+    Goswami, Challu, Callot, Minorics & Kan, "Unsupervised Model Selection for Time-series Anomaly
+    Detection", ICLR 2023 (reference code: github.com/mononitogoswami/tsad-model-selection,
+    ``rank_aggregation.py``: ``trimmed_borda`` with ``metric="influence"``, ``top_kr=None``). Each
+    source's *reliability* is its influence on the Borda objective: with B_S the Borda consensus of
+    the rankings S and obj(S) the mean Kendall distance of the rankings in S to B_S,
+    ``reliability_v = obj(all but v) - obj(all)`` (very negative for a source whose ranking
+    disagrees with the rest). The reliabilities are split in two by single-linkage clustering,
+    which in one dimension cuts at the largest gap between sorted values, and the cluster with the
+    larger sum of reliabilities is kept.
+
+    Where this differs from the reference code, for ties and missing values it does not handle:
+    rankings keep their ties (tied AUROCs share their Borda points, a pair tied in exactly one of
+    two rankings is half a disagreement) and may be partial (a source's NaN candidates are left
+    out; distances are over the pairs both rank, normalised by their number, which for complete
+    rankings is the reference's distance divided by a constant, so the same sources are kept);
+    all reliabilities equal (within :data:`RELIABILITY_TOLERANCE`; always so for two sources) keep
+    every source; among equally large gaps the lowest is cut; equal cluster sums keep the upper
+    cluster. A source ranking fewer than two candidates of the task is never kept.
 
     Parameters
     ----------
-    data_scores : (T, C, Q) anomaly scores on the test images (higher = more anomalous; NaN only
-        for a missing candidate).
-    mask : (T, Q) bool, True = a real image; None = all real.
-    uniform_scores : (T, C, U) the same candidates' anomaly scores on the uniform samples (finite
-        or +-inf; NaN only for a missing candidate).
-    volume : (T,) or (T, C) the box volume, finite and > 0.
-    em_level, alpha_range, em_grid_points : Goix's settings (:data:`EM_LEVEL`,
-        :data:`MV_ALPHA_RANGE`) and the EM grid (:data:`EM_GRID_POINTS`).
+    synthetic : (T, C, V) synthetic AUROC per task, candidate and source (NaN = not ranked).
+    """
+    points = borda_points(synthetic)
+    kept = np.zeros(points.shape[::2], dtype=bool)
+    for task, task_points in enumerate(points):  # a few sources per task: the loop is over tasks only
+        kept[task] = _kept_sources(task_points)
+    return kept
+
+
+def trimmed_borda(synthetic) -> np.ndarray:
+    """Trimmed Borda aggregation of the synthetic sources' rankings (Goswami et al., ICLR 2023).
+
+    The robust rank aggregation of Goswami, Challu, Callot, Minorics & Kan ("Unsupervised Model
+    Selection for Time-series Anomaly Detection", ICLR 2023): drop the sources whose rankings are
+    outliers (:func:`trimmed_borda_sources`), then the Borda count of the rest, here as each
+    candidate's mean normalised Borda points over the kept sources that rank it
+    (:func:`borda_points`; the reference code orders candidates by their summed ranks, the same
+    order when every kept source ranks every candidate).
+
+    Parameters
+    ----------
+    synthetic : (T, C, V) synthetic AUROC per task, candidate and source (NaN = not ranked).
 
     Returns
     -------
-    em, mv : (T, C) float64. NaN for a missing candidate; ``em`` is also NaN (with one
-    :class:`~swsa_engine.core.metrics.UndefinedMetricWarning`) where no uniform sample falls in
-    a level set of mass above ``em_level``, so that EM_s never drops to it: draw more uniform
-    samples or use fewer features.
+    (T, C) float64 in [0, 1], higher = better; NaN where no kept source ranks the candidate.
     """
-    data, mask, available = _checked_scores(data_scores, mask, "excess_mass_mass_volume", "data_scores")
-    n_tasks, n_candidates, _ = data.shape
-    uniform = _checked_uniform(uniform_scores, available)
-    volume = _checked_volume(volume, n_tasks, n_candidates)
-    level, low, high, grid_points = _checked_settings(em_level, alpha_range, em_grid_points)
-    n = mask.sum(axis=1)
-    normality = np.sort(np.where(mask[:, None, :] & available[:, :, None], -data, np.inf), axis=2)
-    uniform_sorted = np.sort(np.where(available[:, :, None], -uniform, 0.0), axis=2)
-    below = torch.searchsorted(torch.from_numpy(np.ascontiguousarray(uniform_sorted)),
-                               torch.from_numpy(np.ascontiguousarray(normality)), side="left").numpy()
-    fraction = (uniform.shape[2] - below) / uniform.shape[2]  # uniform samples with s >= each data value
-    mv = _mass_volume(fraction, n, volume, low, high)
-    em, unbounded = _excess_mass(fraction, n, volume, level, grid_points)
-    warn_undefined("excess_mass_mass_volume (EM)", unbounded & available,
-                   f"no uniform sample falls in a level set of mass above {level} (its Monte-Carlo volume is 0); "
-                   "draw more uniform samples or use fewer features")
-    return np.where(available, em, np.nan), np.where(available, mv, np.nan)
+    points = borda_points(synthetic)
+    kept = trimmed_borda_sources(synthetic)
+    ranked = kept[:, None, :] & ~np.isnan(points)
+    count = ranked.sum(axis=2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, np.where(ranked, points, 0.0).sum(axis=2) / count, np.nan)
 
 
 def expected_random_pick(real) -> np.ndarray:

@@ -84,34 +84,48 @@ class Recommendation:
 
 def _checked_scores(scores: ScoreCube, names: list[str], base_sources: tuple, synthetic_base: np.ndarray,
                     index: np.ndarray) -> np.ndarray:
-    """(T, K, W) synthetic scores of candidates ``index``, checked against the cube's AUROCs."""
+    """(T, K, W) synthetic scores of each task's candidates ``index`` (T, K), checked against the
+    cube's AUROCs."""
     if list(scores.candidates) != list(names):
         raise ValueError("the per-image scores list other candidates than the cube; re-run `swsa score`")
     if tuple(scores.sources) != tuple(base_sources):
         raise ValueError(f"the per-image scores' sources {list(scores.sources)} differ from the cube's base sources "
                          f"{list(base_sources)}; re-run `swsa score`")
-    values = scores.synthetic_scores[:, index]
+    rows = np.arange(len(index))[:, None]
+    values = scores.synthetic_scores[rows, index]
     full = part_aurocs_finite(values, scores.synthetic_part, len(base_sources))
-    cube = synthetic_base[:, index]
+    cube = synthetic_base[rows, index]
     differ = np.isfinite(cube) & ~(np.abs(full - cube) <= MATCH_TOLERANCE)
     if differ.any():
         t, k, v = np.argwhere(differ)[0]
         raise ValueError(f"the per-image scores do not reproduce the cube's synthetic AUROCs (task row {t}, candidate "
-                         f"{names[index[k]]!r}, source {base_sources[v]!r}: {full[t, k, v]} vs {cube[t, k, v]}); "
+                         f"{names[index[t, k]]!r}, source {base_sources[v]!r}: {full[t, k, v]} vs {cube[t, k, v]}); "
                          "re-run `swsa score`")
     return values
 
 
 def _beat_shares(scores: ScoreCube, names, base_sources, synthetic_base, index, n_resamples, seed) -> np.ndarray:
-    """(T, K) the share of resamples in which each candidate of ``index`` beats ``index[0]`` (ensemble(mean))
-    on the mean synthetic AUROC over the base sources (a cell the cube left out stays out)."""
+    """(T, K) the share of resamples in which each of a task's candidates ``index`` (T, K) beats its
+    ``index[:, 0]`` (ensemble(mean)) on the mean synthetic AUROC over the base sources (a cell the
+    cube left out stays out). Each task resamples only the few candidates its rule compares."""
     values = _checked_scores(scores, names, base_sources, synthetic_base, index)
     resampled = resampled_aurocs(values, scores.synthetic_part, len(base_sources), n_resamples, seed)  # (T, K, B, V)
-    resampled[np.broadcast_to(np.isnan(synthetic_base[:, index])[:, :, None, :], resampled.shape)] = np.nan
+    left_out = np.isnan(synthetic_base[np.arange(len(index))[:, None], index])
+    resampled[np.broadcast_to(left_out[:, :, None, :], resampled.shape)] = np.nan
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a candidate without any defined source: NaN
         mean = np.nanmean(resampled, axis=3)  # (T, K, B)
     return (mean > mean[:, :1]).mean(axis=2)
+
+
+def _compared(single_weights: np.ndarray, mean_c: int, sel_c: int | None) -> np.ndarray:
+    """(T, K): per task, ensemble(mean), ensemble(selected) (when built) and the single pick(s) —
+    padded with ensemble(mean), whose share against itself is 0 and whose weight is 0."""
+    picks = [np.flatnonzero(row > 0) for row in np.nan_to_num(single_weights)]
+    width = max((len(p) for p in picks), default=0)
+    head = [mean_c] + ([sel_c] if sel_c is not None else [])
+    return np.asarray([head + list(p) + [mean_c] * (width - len(p)) for p in picks], dtype=np.int64).reshape(
+        len(picks), len(head) + width)
 
 
 def _one_hot(n_candidates: int, column: int) -> np.ndarray:
@@ -137,15 +151,14 @@ def recommend(synthetic_base: np.ndarray, single_weights: np.ndarray, names: lis
     single_ok = ~np.isnan(single_weights).any(axis=1)
     p_single, p_selected = np.full(n_tasks, np.nan), np.full(n_tasks, np.nan)
     if scores is not None and mean_c is not None:
-        picked = np.flatnonzero((np.nan_to_num(single_weights) > 0).any(axis=0))
-        index = np.asarray([mean_c] + ([sel_c] if sel_c is not None else []) + [c for c in picked if c != mean_c])
+        index = _compared(single_weights, mean_c, sel_c)
         shares = _beat_shares(scores, names, tuple(base_sources), synthetic_base, index, n_resamples, seed)
-        where = {int(c): k for k, c in enumerate(index)}
-        spread = np.zeros((n_tasks, n_candidates))
-        spread[:, index] = shares
-        p_single = np.where(single_ok, (np.nan_to_num(single_weights) * spread).sum(axis=1), np.nan)
+        first_pick = 1 if sel_c is None else 2
+        picked_weight = np.take_along_axis(np.nan_to_num(single_weights), index[:, first_pick:], axis=1)
+        picked_weight[index[:, first_pick:] == mean_c] = 0.0  # padding (a pick of ensemble(mean) is no single pick)
+        p_single = np.where(single_ok, (picked_weight * shares[:, first_pick:]).sum(axis=1), np.nan)
         if sel_c is not None:
-            p_selected = shares[:, where[sel_c]]
+            p_selected = shares[:, 1]
         no_mean = np.isnan(criterion[:, mean_c])  # nothing to beat: decided by the fallback, no share
         p_single[no_mean], p_selected[no_mean] = np.nan, np.nan
     weights = np.full((n_tasks, n_candidates), np.nan)

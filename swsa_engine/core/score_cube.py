@@ -29,7 +29,7 @@ import numpy as np
 from swsa_engine.core.cube import grouped_auroc, hard_source_name
 from swsa_engine.core.metrics import UndefinedMetricWarning, auroc
 
-__all__ = ["ScoreCube", "score_aurocs", "two_part_auroc", "SCORE_ARRAYS"]
+__all__ = ["ScoreCube", "score_aurocs", "two_part_auroc", "synthetic_column_parts", "SCORE_ARRAYS"]
 
 #: the arrays of a score cube, in the order of :meth:`ScoreCube.to_arrays`
 SCORE_ARRAYS = ("task_ids", "real_ids", "real_label", "real_in_rest", "real_group", "group_names", "real_scores",
@@ -144,6 +144,26 @@ class ScoreCube:
         )
 
 
+def synthetic_column_parts(synth: np.ndarray, synthetic_part: np.ndarray, n_sources: int,
+                           hardest: tuple[int, ...]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """The two parts of every synthetic column of a cube, in its order (each base source, then each
+    source's ``N`` hardest anomalies — the ``N`` lowest scores — for ``N`` in ``hardest``):
+    ``(normal_scores, normal_mask, anomaly_scores, anomaly_mask)`` for a two-part metric such as
+    :func:`two_part_auroc`. ``synth`` (T, C, W) scores, ``synthetic_part`` (T, W)."""
+    part = synthetic_part[:, None, :]
+    ok = np.isfinite(synth)
+    normal_mask = (part == 0) & ok
+    columns, hard_columns = [], []
+    for v in range(n_sources):
+        anomaly_mask = (part == v + 1) & ok
+        columns.append((synth, normal_mask, synth, anomaly_mask))
+        ordered = np.sort(np.where(anomaly_mask, synth, np.inf), axis=2)
+        for n in hardest:
+            hard = ordered[..., :n]
+            hard_columns.append((synth, normal_mask, np.where(np.isfinite(hard), hard, 0.0), np.isfinite(hard)))
+    return columns + hard_columns
+
+
 def two_part_auroc(normal, normal_mask, anomaly, anomaly_mask) -> np.ndarray:
     """(...) AUROC of ``normal`` (..., A) against ``anomaly`` (..., B) scores over their masks (True =
     included); NaN where undefined (no normals or no anomalies), without a warning. Every pass
@@ -187,18 +207,9 @@ def score_aurocs(scores: ScoreCube, hardest: tuple[int, ...] = (10, 5), candidat
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         real[..., 1] = np.nanmin(per_class, axis=2) if n_groups else np.nan
-    part = scores.synthetic_part[:, None, :]
-    ok = np.isfinite(synth)
-    normal_mask = (part == 0) & ok
-    columns, hard_columns = [], []
-    for v, _ in enumerate(scores.sources):
-        anomaly_mask = (part == v + 1) & ok
-        columns.append(two_part_auroc(synth, normal_mask, synth, anomaly_mask))
-        ordered = np.sort(np.where(anomaly_mask, synth, np.inf), axis=2)
-        for n in hardest:
-            hard = ordered[..., :n]
-            hard_columns.append(two_part_auroc(synth, normal_mask, np.where(np.isfinite(hard), hard, 0.0), np.isfinite(hard)))
+    every = [two_part_auroc(*parts) for parts in synthetic_column_parts(synth, scores.synthetic_part, len(scores.sources),
+                                                                        hardest)]
     n_columns = len(scores.sources) * (1 + len(hardest))
-    synthetic = np.stack(columns + hard_columns, axis=2) if columns else np.full((n_tasks, n_candidates, n_columns), np.nan)
+    synthetic = np.stack(every, axis=2) if every else np.full((n_tasks, n_candidates, n_columns), np.nan)
     names = list(scores.sources) + [hard_source_name(s, n) for s in scores.sources for n in hardest]
     return {"real": real, "per_class": per_class, "synthetic": synthetic, "sources": names}

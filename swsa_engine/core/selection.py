@@ -18,7 +18,7 @@ rows, so Table 1 and the strategies comparison show it with no further change.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -30,7 +30,8 @@ from swsa_engine.core.cube import SETTINGS, AurocCube
 from swsa_engine.core.detectors import DEFAULT_DETECTOR
 from swsa_engine.core.ensemble_pass import ENSEMBLE_FAMILY
 from swsa_engine.core.label_free import model_centrality as centrality_of
-from swsa_engine.core.label_free import robust_rank_aggregation
+from swsa_engine.core.em_mv import em_mv_criteria
+from swsa_engine.core.label_free import robust_rank_aggregation, trimmed_borda
 from swsa_engine.core.ranking import VERDICTS, ranking_table  # noqa: F401 (Table 2, re-exported)
 from swsa_engine.core.recommendation import RECOMMENDED, RECOMMENDED_LABEL, THRESHOLD, Recommendation, recommend
 from swsa_engine.core.score_cube import ScoreCube
@@ -52,6 +53,7 @@ class SelectionContext:
     real : (T, C) real AUROC of the setting being evaluated — for label-using strategies only
     scores : the per-image scores of the T tasks (:class:`~swsa_engine.core.score_cube.ScoreCube`),
         or None when the cube kept none (strategies that need them give NaN picks)
+    criteria : name → (T, C) label-free criteria of a pass (``em``, ``mv``: :mod:`swsa_engine.run.em_mv_pass`)
 
     Candidates of family ``"ensemble"`` (:mod:`swsa_engine.core.ensemble_pass`) are combinations
     of the single candidates: the built-in strategies choose among the single candidates
@@ -64,6 +66,7 @@ class SelectionContext:
     candidates: pd.DataFrame
     real: np.ndarray
     scores: ScoreCube | None = None
+    criteria: dict = field(default_factory=dict)
 
     @property
     def single(self) -> np.ndarray:
@@ -267,9 +270,26 @@ def model_centrality(**_):
     return pick
 
 
-# Goix's Excess-Mass / Mass-Volume criteria (swsa_engine.core.label_free.excess_mass_mass_volume) are
-# not a strategy yet: they need uniform samples of the feature space scored by every candidate,
-# which the sweep does not draw or score; the score cube holds only the task's real and synthetic images.
+#: strategies reading ``ctx.criteria``: name → (row label, +1 higher is better / -1 lower is better)
+CRITERION_STRATEGIES = {"em": ("Excess-Mass (Goix 2016)", 1.0), "mv": ("Mass-Volume (Goix 2016)", -1.0)}
+
+
+def criterion_strategy(name: str):
+    """Strategy ``name``: the single candidate with the best Goix (2016, arXiv:1607.01152) Excess-Mass (``em``)
+    or Mass-Volume (``mv``) criterion (:mod:`swsa_engine.run.em_mv_pass`); NaN picks, warned, without them."""
+
+    def pick(ctx):
+        if name not in ctx.criteria:
+            warnings.warn(f"{name}: the cube holds no {name.upper()} criteria, so it gives no pick; run `swsa score "
+                          "--em-mv` to compute them", MissingScoresWarning, stacklevel=2)
+            return np.full(ctx.real.shape, np.nan)
+        return argmax_weights(restrict(ctx, CRITERION_STRATEGIES[name][1] * ctx.criteria[name], None))
+
+    return lambda **_: pick
+
+
+register_strategy("em")(criterion_strategy("em"))
+register_strategy("mv")(criterion_strategy("mv"))
 
 
 @register_strategy("rra", default_label="SWSA (robust rank aggregation)")
@@ -284,6 +304,13 @@ def robust_rank_aggregation_pick(**_):
         return argmax_weights(restrict(ctx, robust_rank_aggregation(base), None))
 
     return pick
+
+
+@register_strategy("trimmed_borda", default_label="SWSA (trimmed Borda, Goswami et al. 2023)")
+def trimmed_borda_pick(**_):
+    """Trimmed Borda of the base sources' rankings (Goswami et al., ICLR 2023; :func:`.label_free.trimmed_borda`)."""
+    return lambda ctx: argmax_weights(restrict(ctx, trimmed_borda(
+        np.where(ctx.single[None, :, None], ctx.synthetic_base, np.nan)), None))
 
 
 def recommendation(ctx: SelectionContext, *, threshold: float = THRESHOLD, n_resamples: int | None = None,
@@ -369,6 +396,8 @@ def default_strategies(cube: AurocCube) -> list[tuple[str, str, dict]]:
     rows = [(DEFAULT_LABELS[name], name, {}) for name in FIRST_STRATEGIES] + rows
     listed = {name for _, name, _ in rows} | {"oracle"}
     rows += [(label, name, {}) for name, label in DEFAULT_LABELS.items() if name not in listed]
+    criteria = em_mv_criteria(cube.config, cube.tasks["task_id"], cube.candidate_names)  # em, mv: when computed
+    rows += [(CRITERION_STRATEGIES[name][0], name, {}) for name in criteria]
     rows += [(name, "fixed", {"candidate": name}) for name in
              cube.candidates.loc[~single_candidates(cube.candidates), "name"] if str(name).startswith("ensemble(")]
     rows.append(("Best model (oracle)", "oracle", {}))
@@ -403,6 +432,7 @@ def selection_context(cube: AurocCube, rows: np.ndarray, setting_index: int) -> 
         synthetic=cube.synthetic[rows], sources=tuple(cube.sources), base_sources=base,
         candidates=cube.candidates, real=cube.real[rows, :, setting_index],
         scores=None if scores is None else scores.take(rows),
+        criteria=em_mv_criteria(cube.config, cube.tasks["task_id"], cube.candidate_names, rows),
     )
 
 

@@ -34,9 +34,9 @@ from pathlib import Path
 import pandas as pd
 
 from swsa_engine.core.cube import SETTINGS, AurocCube
+from swsa_engine.core.metric_cube import DEFAULT_METRIC
 from swsa_engine.core.protocol import protocol_line
-from swsa_engine.core.selection import per_task_picks, ranking_table, selection_table
-from swsa_engine.core.strategy_comparison import strategies_table
+from swsa_engine.core.selection import per_task_picks, ranking_table
 from swsa_engine.report.confidence import picks_with_confidence, report_confidence
 from swsa_engine.report.distribution import sample_tasks
 from swsa_engine.report.figures.figure3 import figure3_data
@@ -44,6 +44,8 @@ from swsa_engine.report.html_assets import CSS, JS
 from swsa_engine.report.html_format import COLUMN_FORMATS, fmt_number, html_table, json_script
 from swsa_engine.report.html_payload import task_payloads
 from swsa_engine.report.html_thumbs import file_uri, thumbnail
+from swsa_engine.report.metric_tables import metric_display, metric_html, metric_note, metric_tables_for, metric_text
+from swsa_engine.report.recommendation_table import ensemble_normalisation_line, recommendation_table
 from swsa_engine.report.tables import (RANDOM_CANDIDATES_NOTE, STRATEGIES_NOTE, ReportTables, all_skips,
                                        random_candidates, read_csv, table1_display, table2_note)
 
@@ -83,6 +85,7 @@ def write_html_report(
     thumb_size: int = 64,
     max_per_generator: int = 30,
     n_real: int = 8,
+    metric: str = DEFAULT_METRIC,
 ) -> Path:
     """Write the self-contained HTML report of ``cube`` to ``path``; returns the path.
 
@@ -91,15 +94,19 @@ def write_html_report(
     HTML's numbers equal the CSV's. Without it, Tables 1 and 2 and the per-task picks are
     computed from ``cube`` with the same functions. ``store_path`` gives the images (thumbnails
     of ``thumb_size`` px) and the tasks' members; ``max_per_generator`` synthetic images per
-    generator and ``n_real`` real normal / anomalous images are shown per task.
+    generator and ``n_real`` real normal / anomalous images are shown per task. ``metric``: what Table 1
+    and the strategies comparison select by and measure (as ``write_report``'s).
     """
     report_dir = Path(report_dir) if report_dir is not None else None
-    tables = _report_tables(cube, report_dir, store_skips)
+    tables = _report_tables(cube, report_dir, store_skips, metric)
     figures = _ReportFigures.read(cube, report_dir)
+    recommendation = _read_csv(report_dir, "recommendation.csv")  # as the Markdown report wrote it, else computed
+    recommendation = recommendation_table(cube) if recommendation is None else recommendation
     index, sections = [], []
     for task_id, entry, payload in task_payloads(
         cube, store_path, tables.picks, tables.skips, thumb_size=thumb_size, max_per_generator=max_per_generator,
         n_real=n_real, tsne_tasks=figures.tsne_tasks, confidence=tables.confidence,
+        recommendation=recommendation,
     ):
         index.append(entry)
         sections.append(json_script(f"task-{task_id}", payload))
@@ -110,7 +117,9 @@ def write_html_report(
         "thumb_size": thumb_size, "max_per_generator": max_per_generator,
     }
     parts = [
-        *_page_head(title), *_intro_html(cube, notes, randoms), *_tables_html(tables), *_figures_html(figures),
+        *_page_head(title), *_intro_html(cube, notes, randoms), *_tables_html(tables, metric),
+        *metric_html(cube, _read_csv(report_dir, "metrics.csv"), _read_csv(report_dir, "thresholds.csv")),
+        *_figures_html(figures),
         *_tasks_html(thumb_size, max_per_generator, n_real),
         json_script("meta", meta), json_script("task-index", index), json_script("fig3-data", figure3_data(cube)),
         *sections,
@@ -124,16 +133,18 @@ def write_html_report(
     return path
 
 
-def _report_tables(cube: AurocCube, report_dir: Path | None, store_skips: pd.DataFrame | None) -> ReportTables:
+def _report_tables(cube: AurocCube, report_dir: Path | None, store_skips: pd.DataFrame | None,
+                   metric: str = DEFAULT_METRIC) -> ReportTables:
     """The tables as ``write_report`` wrote them to ``report_dir``; each one missing there is
     computed from ``cube`` (and ``store_skips``), except Table 3, which stays None."""
-    table1 = _read_csv(report_dir, "table1.csv")
-    table1 = selection_table(cube) if table1 is None else table1
+    table1, strategies = _read_csv(report_dir, "table1.csv"), _read_csv(report_dir, "strategies.csv")
+    if table1 is None or strategies is None:  # by the selection metric, as write_report computes them
+        computed = metric_tables_for(cube, metric)
+        table1 = computed[0] if table1 is None else table1
+        strategies = computed[1] if strategies is None else strategies
     table2 = _read_csv(report_dir, "table2.csv")
     table2 = ranking_table(cube) if table2 is None else table2
     table3 = _read_csv(report_dir, "table3.csv")
-    strategies = _read_csv(report_dir, "strategies.csv")
-    strategies = strategies_table(cube) if strategies is None else strategies
     picks = _read_csv(report_dir, "tasks.csv")
     confidence = _read_csv(report_dir, "pick_confidence.csv")
     if picks is None:  # computed here, with the pick confidence when the cube carries its per-image scores
@@ -194,18 +205,24 @@ def _intro_html(cube: AurocCube, notes: list[str] | None, randoms: list[str]) ->
         f"kNN score with k = {html.escape(str(cube.config.get('k')))}.</p>"
     )
     parts.append(f"<p class=note>{html.escape(protocol_line(cube.config))}</p>")
+    if ensemble_normalisation_line(cube.config):
+        parts.append(f"<p class=note>{html.escape(ensemble_normalisation_line(cube.config).replace('`', ''))}</p>")
     parts.append('<div id="filters" class="filters"></div>')
     return parts
 
 
-def _tables_html(tables: ReportTables) -> list[str]:
-    """Tables 1 and 2, and Table 3 when it was computed, with their captions."""
-    shown1 = table1_display(tables.table1)
+def _tables_html(tables: ReportTables, metric: str = DEFAULT_METRIC) -> list[str]:
+    """Tables 1 and 2, and Table 3 when it was computed, with their captions (Table 1 and the strategies by
+    ``metric``)."""
+    shown1 = metric_display(table1_display(tables.table1), metric)
     shown1.insert(4, "pick_rate", tables.table1["pick_rate"].to_numpy())
     parts = [
         "<h3>Table 1 — model selection</h3>",
-        "<p class=cap>Pick rate = tasks where the strategy picks a candidate with the best real AUROC (ties count); "
-        "AUROC of pick = mean real AUROC of the picked candidate; best possible = mean best real AUROC.</p>",
+        *([f"<p class=note>{html.escape(metric_note(metric).replace('`', '').replace('**', ''))}</p>"]
+          if metric_note(metric) else []),
+        metric_text("<p class=cap>Pick rate = tasks where the strategy picks a candidate with the best real AUROC (ties "
+                    "count); AUROC of pick = mean real AUROC of the picked candidate; best possible = mean best real "
+                    "AUROC.</p>", metric),
         html_table(shown1, "table1"),
         "<h3>Table 2 — ranking agreement (Kendall's tau)</h3>",
         f"<p class=cap>Kendall's tau-b between the candidates' synthetic and real AUROCs (averaged over tasks). "
@@ -214,8 +231,9 @@ def _tables_html(tables: ReportTables) -> list[str]:
         html_table(tables.table2, "table2"),
     ]
     if tables.strategies is not None:
-        parts += ["<h3>Strategies compared — real AUROC of the pick, regret, pick rate</h3>",
-                  f"<p class=cap>{html.escape(STRATEGIES_NOTE)}</p>", html_table(tables.strategies, "strategies")]
+        parts += [metric_text("<h3>Strategies compared — real AUROC of the pick, regret, pick rate</h3>", metric),
+                  f"<p class=cap>{html.escape(metric_text(STRATEGIES_NOTE, metric))}</p>",
+                  html_table(tables.strategies, "strategies")]
     if tables.table3 is not None:
         parts += [
             "<h3>Table 3 — total variation between real and synthetic validation sets</h3>",

@@ -195,6 +195,18 @@ function aurocHtml(task){
       '</td><td class="num">'+esc(c.agreement)+'</td><td class="num">'+esc(c.margin)+'</td>'+settings.map(k=>'<td class="num">'+esc(c.regret[k]||'–')+'</td>').join('')+
       '</tr>').join('')+'</tbody></table>';
   }
+  const r=task.recommendation;
+  if(r){
+    const settings=Object.keys(r.regret);
+    s+='<h5>The recommendation and why</h5><p class="rec"><b>'+esc(r.choice||'no pick')+'</b>'+(r.runs&&r.runs!==r.choice?': '+esc(r.runs):'')+
+      (r.members?' ('+esc(r.members)+' members'+(r.member_weights?': '+esc(r.member_weights):'')+')':'')+'. '+esc(r.reason)+'</p>'+
+      '<table class="data recommendation"><thead><tr><th>single pick</th><th title="share of bootstrap resamples of the synthetic set in which it beats ensemble(mean)">P(single &gt; mean)</th>'+
+      '<th>P(selected &gt; mean)</th><th>bar</th><th>resamples</th><th>synthetic AUROC · single</th><th>· ensemble(mean)</th><th>· ensemble(selected)</th>'+
+      settings.map(k=>'<th>real AUROC · '+esc(k)+'</th><th>regret · '+esc(k)+'</th>').join('')+'</tr></thead><tbody><tr><td>'+esc(r.single||'–')+
+      '</td><td class="num">'+esc(r.p_single)+'</td><td class="num">'+esc(r.p_selected)+'</td><td class="num">'+esc(r.threshold)+'</td><td class="num">'+esc(r.n_resamples)+'</td>'+
+      r.synthetic.map(v=>'<td class="num">'+esc(v)+'</td>').join('')+settings.map(k=>'<td class="num">'+esc(r.real[k])+'</td><td class="num">'+esc(r.regret[k])+'</td>').join('')+
+      '</tr></tbody></table>';
+  }
   return s;
 }
 function openTask(id){

@@ -2,8 +2,8 @@
 task's section when it is opened — its seed images, synthetic anomalies per generator, a sample
 of real validation images (thumbnail data URIs carried by the payload), every candidate's
 synthetic and real AUROC, SWSA's and the oracle's picks, the label-free confidence of every pick
-(``pick_confidence.csv``: resample probability, source agreement, margin, and the regret per setting)
-and its recorded skips. The store is
+(``pick_confidence.csv``: resample probability, source agreement, margin, and the regret per setting),
+the recommendation and why (``recommendation.csv``) and its recorded skips. The store is
 read through :class:`swsa_engine.run.report_inputs.StoreImages`."""
 
 from __future__ import annotations
@@ -130,17 +130,39 @@ def _confidence_payload(rows: list[dict]) -> list[dict]:
     return list(by_strategy.values())
 
 
+def _text(value) -> str:
+    return "" if pd.isna(value) else str(value)
+
+
+def _recommendation_payload(rows: list[dict]) -> dict | None:
+    """A task's rows of ``recommendation.csv`` (one per setting) as one entry: the choice, what it runs,
+    its rule's numbers and reason (the same in every setting), and the real AUROC and regret per setting."""
+    if not rows:
+        return None
+    first = rows[0]
+    return {"choice": _text(first["recommendation"]), "runs": _text(first["runs"]), "members": "" if pd.isna(first["members"]) else str(int(first["members"])),
+            "member_weights": _text(first["member_weights"]), "single": _text(first["single_pick"]),
+            "p_single": fmt_number(first["p_single_beats_mean"]), "p_selected": fmt_number(first["p_selected_beats_mean"]),
+            "threshold": fmt_number(first["threshold"]), "n_resamples": _text(first["n_resamples"]),
+            "synthetic": [fmt_number(first[c]) for c in ("synthetic_single", "synthetic_mean", "synthetic_selected")],
+            "reason": _text(first["reason"]), "real": {str(r["setting"]): fmt_number(r["real_auroc"]) for r in rows},
+            "regret": {str(r["setting"]): fmt_number(r["regret"]) for r in rows}}
+
+
 def task_payloads(cube: AurocCube, store_path: str | os.PathLike | None, picks: pd.DataFrame, skips: pd.DataFrame, *,
                   thumb_size: int, max_per_generator: int, n_real: int,
-                  tsne_tasks: set[int], confidence: pd.DataFrame | None = None) -> Iterator[tuple[int, dict, dict]]:
+                  tsne_tasks: set[int], confidence: pd.DataFrame | None = None,
+                  recommendation: pd.DataFrame | None = None) -> Iterator[tuple[int, dict, dict]]:
     """Yield (task_id, index entry, JSON payload) per task, in the cube's task order, then the
     store's tasks that the cube has no AUROCs for. ``picks``: the rows of ``tasks.csv``;
     ``skips``: every recorded skip (``skips.csv``); ``tsne_tasks``: the ids of the tasks Figure 4 shows;
-    ``confidence``: the rows of ``pick_confidence.csv`` (None: no per-image scores)."""
+    ``confidence``: the rows of ``pick_confidence.csv`` (None: no per-image scores); ``recommendation``:
+    the rows of ``recommendation.csv`` (:mod:`swsa_engine.report.recommendation_table`)."""
     images = StoreImages.read(store_path)
     cache = ThumbnailCache(images, thumb_size)
     picks_by_task = group_rows(picks, "task_id")
     confidence_by_task = group_rows(confidence, "task_id")
+    recommendation_by_task = group_rows(recommendation, "task_id")
     skips_by_task = _skips_by_task(skips, images.task_of_synthetic)
     closest = cube.closest_class()
     base = cube.config.get("base_sources", [s for s in cube.sources if "@" not in s])
@@ -154,6 +176,7 @@ def task_payloads(cube: AurocCube, store_path: str | os.PathLike | None, picks: 
             **entry, "seeds": seeds, "generators": generators, "normals": normals, "anomalies": anomalies,
             "auroc": _auroc_payload(cube, t, closest, base), "picks": _picks_payload(_records(picks_by_task, task_id)),
             "confidence": _confidence_payload(_records(confidence_by_task, task_id)),
+            "recommendation": _recommendation_payload(_records(recommendation_by_task, task_id)),
             "skips": _skip_rows(skips_by_task, task_id), "tsne": task_id in tsne_tasks, "thumbs": thumbs.by_id,
         }
         yield task_id, entry, payload

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from swsa_engine.core.cube import AurocCube
+from swsa_engine.core.metric_cube import DEFAULT_METRIC, metric_cube, metric_strategies
 from swsa_engine.core.protocol import protocol_line
 from swsa_engine.core.selection import per_task_picks, ranking_table, selection_table
 from swsa_engine.core.strategy_comparison import strategies_table
@@ -23,6 +24,8 @@ from swsa_engine.report.confidence import CONFIDENCE_PICK_COLUMNS, distrust_line
 from swsa_engine.report.distribution import tv_table
 from swsa_engine.report.figures import create_figure
 from swsa_engine.report.figures.figure3 import figure3
+from swsa_engine.report.metric_tables import metric_display, metric_lines, metric_report_lines, metric_text
+from swsa_engine.report.recommendation_table import recommendation_lines, recommendation_table
 from swsa_engine.report.tables import (RANDOM_CANDIDATES_NOTE, STRATEGIES_NOTE, TABLE2_FORMATS, ReportTables,
                                        all_skips, detector_families, markdown_table, random_candidates,
                                        strategies_display, table1_display, table2_display, table2_note, write_csv)
@@ -41,14 +44,19 @@ def write_report(
     table3_tasks: int = 0,
     figure4: bool = False,
     candidate: str | None = None,
+    metric: str = DEFAULT_METRIC,
 ) -> dict[str, Path]:
     """Write ``report.md``, ``table1.csv/.md``, ``table2.csv/.md``, ``tasks.csv``, ``summary.json``,
     ``strategies.csv`` (:func:`~swsa_engine.core.strategy_comparison.strategies_table`),
     ``pick_confidence.csv`` (:mod:`swsa_engine.report.confidence`; with the cube's per-image scores,
-    ``cube.scores`` or the store's), ``figure3.png`` and ``strategies.png`` into ``out_dir``; returns their paths.
+    ``cube.scores`` or the store's), ``recommendation.csv`` (:mod:`swsa_engine.report.recommendation_table`),
+    ``figure3.png`` and ``strategies.png`` into ``out_dir``; returns their paths.
 
     With ``store_path``: ``table3_tasks > 0`` adds Table 3 (total variation, that many tasks per
     dataset) and ``figure4=True`` the t-SNE figure, both for ``candidate`` (default ViT-B/16).
+    ``metric`` (:data:`~swsa_engine.core.metric_cube.METRICS`): what Table 1 and the strategies comparison select
+    by and measure (:func:`~swsa_engine.core.metric_cube.metric_cube`); ``metrics.csv`` and ``thresholds.csv``
+    (:mod:`swsa_engine.report.metric_tables`) hold every candidate's metrics and the threshold comparison.
     """
     out = staging_dir(out_dir)  # written whole, then renamed into out_dir (report.atomic)
     paths = {
@@ -58,36 +66,45 @@ def write_report(
         "strategies_figure": out / "strategies.png",
     }
     confidence = report_confidence(cube, store_path)
-    tables = _write_cube_tables(cube, store_skips, paths, confidence)
+    tables = _write_cube_tables(cube, store_skips, paths, confidence, metric)
     if store_path is not None:
         tables.table3 = _write_store_figures(cube, store_path, out, paths, table3_tasks=table3_tasks,
                                              figure4=figure4, candidate=candidate)
     randoms = random_candidates(cube)
-    lines = _intro_lines(cube, title, notes, randoms) + _table_lines(tables)
+    recommended = recommendation_table(cube)  # per task: the recommendation's choice and its rule's numbers
+    paths["recommendation_csv"] = out / "recommendation.csv"
+    write_csv(recommended, paths["recommendation_csv"])
+    lines = _intro_lines(cube, title, notes, randoms) + metric_lines(metric) + _table_lines(tables, metric)
+    lines += recommendation_lines(recommended, cube.config)
     if "figure4" in paths:
         lines += ["## Figure 4 — t-SNE of one task per dataset", "", "![figure 4](figure4.png)", ""]
     if store_path is not None:  # prompt selection and BLISS blocks, when those cubes exist
         lines += clip_report_lines(store_path, out, paths)
+    lines += metric_report_lines(cube, out, paths)
     lines += _picks_lines(cube, tables.picks) + distrust_lines(confidence) + _skips_lines(tables.skips)
     paths["report"].write_text("\n".join(lines) + "\n", encoding="utf-8")
-    _write_summary(cube, tables, randoms, paths["summary"])
-    (out / "table1.md").write_text(markdown_table(table1_display(tables.table1)) + "\n", encoding="utf-8")
+    _write_summary(cube, tables, randoms, paths["summary"], metric)
+    (out / "table1.md").write_text(markdown_table(metric_display(table1_display(tables.table1), metric)) + "\n",
+                                    encoding="utf-8")
     (out / "table2.md").write_text(markdown_table(tables.table2, TABLE2_FORMATS) + "\n", encoding="utf-8")
     return publish(out, Path(out_dir), paths)
 
 
 def _write_cube_tables(cube: AurocCube, store_skips: pd.DataFrame | None, paths: dict[str, Path],
-                       confidence) -> ReportTables:
+                       confidence, metric: str = DEFAULT_METRIC) -> ReportTables:
     """Compute Tables 1 and 2, the per-task picks (with the ``confidence`` of SWSA's pick) and the
-    skips from ``cube`` (and the store's ``store_skips``), and write them and Figure 3 to ``paths``."""
+    skips from ``cube`` (and the store's ``store_skips``; Table 1 and the strategies by ``metric``), and write
+    them and Figure 3 to ``paths``."""
     picks = picks_with_confidence(per_task_picks(cube), cube, confidence)
-    tables = ReportTables(selection_table(cube), ranking_table(cube), picks, all_skips(cube, store_skips),
-                          strategies=strategies_table(cube), confidence=confidence.table, distrust=confidence.distrust)
+    ranked, strategies = metric_cube(cube, metric), metric_strategies(cube, metric)
+    tables = ReportTables(selection_table(ranked, strategies), ranking_table(cube), picks, all_skips(cube, store_skips),
+                          strategies=strategies_table(ranked, strategies), confidence=confidence.table,
+                          distrust=confidence.distrust)
     if confidence.table is not None:
         paths["pick_confidence_csv"] = paths["tasks_csv"].with_name("pick_confidence.csv")
         write_csv(confidence.table, paths["pick_confidence_csv"])
     write_csv(tables.strategies, paths["strategies_csv"])
-    create_figure("strategies", cube=cube, path=paths["strategies_figure"], table=tables.strategies)
+    create_figure("strategies", cube=ranked, path=paths["strategies_figure"], table=tables.strategies)
     write_csv(tables.table1, paths["table1_csv"])
     write_csv(tables.table2, paths["table2_csv"])
     write_csv(tables.picks, paths["tasks_csv"])
@@ -134,16 +151,17 @@ def _intro_lines(cube: AurocCube, title: str, notes: list[str] | None, randoms: 
     return lines
 
 
-def _table_lines(tables: ReportTables) -> list[str]:
+def _table_lines(tables: ReportTables, metric: str = DEFAULT_METRIC) -> list[str]:
     """Tables 1 and 2, Figure 3, and Table 3 when it was computed, as Markdown sections."""
     table2 = tables.table2
     lines = [
         "## Table 1 — model selection",
         "",
-        "Pick rate = tasks where the strategy picks a candidate with the best real AUROC (ties count), "
-        "AUROC of pick = mean real AUROC of the picked candidate, best possible = mean of the best real AUROC.",
+        metric_text("Pick rate = tasks where the strategy picks a candidate with the best real AUROC (ties count), "
+                    "AUROC of pick = mean real AUROC of the picked candidate, best possible = mean of the best real "
+                    "AUROC.", metric),
         "",
-        markdown_table(table1_display(tables.table1)),
+        markdown_table(metric_display(table1_display(tables.table1), metric)),
         "",
         "## Table 2 — ranking agreement (Kendall's tau)",
         "",
@@ -152,7 +170,7 @@ def _table_lines(tables: ReportTables) -> list[str]:
         "",
         markdown_table(table2_display(table2), TABLE2_FORMATS),
         "",
-        *_strategies_lines(tables.strategies),
+        *_strategies_lines(tables.strategies, metric),
         "## Figure 3 — real vs synthetic AUROC per candidate",
         "",
         "![figure 3](figure3.png)",
@@ -171,12 +189,13 @@ def _table_lines(tables: ReportTables) -> list[str]:
     return lines
 
 
-def _strategies_lines(strategies: pd.DataFrame | None) -> list[str]:
+def _strategies_lines(strategies: pd.DataFrame | None, metric: str = DEFAULT_METRIC) -> list[str]:
     """The strategies comparison section (``strategies.csv``) and its figure."""
     if strategies is None:
         return []
-    return ["## Strategies compared — real AUROC of the pick, regret, pick rate", "", STRATEGIES_NOTE
-            + " All numbers in `strategies.csv`.", "", markdown_table(strategies_display(strategies)), "",
+    return [metric_text("## Strategies compared — real AUROC of the pick, regret, pick rate", metric), "",
+            metric_text(STRATEGIES_NOTE, metric) + " All numbers in `strategies.csv`.", "",
+            markdown_table(metric_display(strategies_display(strategies), metric)), "",
             "![strategies: mean regret per strategy](strategies.png)", ""]
 
 
@@ -218,11 +237,12 @@ def _skips_lines(skips: pd.DataFrame) -> list[str]:
     return lines
 
 
-def _write_summary(cube: AurocCube, tables: ReportTables, randoms: list[str], path: Path) -> None:
+def _write_summary(cube: AurocCube, tables: ReportTables, randoms: list[str], path: Path,
+                   metric: str = DEFAULT_METRIC) -> None:
     """``summary.json``: the run's shape and config, and Tables 1 to 3 as lists of records."""
     summary = {
         "tasks": len(cube.tasks), "candidates": cube.candidate_names, "sources": cube.sources, "config": cube.config,
-        "random_candidates": randoms, "skips": int(len(tables.skips)),
+        "random_candidates": randoms, "skips": int(len(tables.skips)), "selection_metric": metric,
         "table3": None if tables.table3 is None else tables.table3.to_dict(orient="records"),
         "table1": tables.table1.to_dict(orient="records"), "table2": tables.table2.to_dict(orient="records"),
         "strategies": None if tables.strategies is None else tables.strategies.to_dict(orient="records"),

@@ -6,11 +6,12 @@ each candidate's detector family."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+
+from swsa_store.csv_safe import FORMULA_START, csv_cell, read_csv, write_csv  # noqa: F401 (re-exported: the one CSV rule)
 
 from swsa_engine.core.cube import AurocCube
 from swsa_engine.core.selection import VERDICTS
@@ -23,9 +24,6 @@ __all__ = [
     "table2_display", "table2_note", "STRATEGIES_NOTE", "csv_cell", "write_csv", "read_csv", "md_cell",
     "FORMULA_START",
 ]
-
-#: First characters that make a spreadsheet read a CSV cell as a formula (CSV injection).
-FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 #: Markdown formats of Table 2's p-value columns (the other floats get 3 decimals).
 TABLE2_FORMATS = {"p_value": ".3g", "p_one_sided": ".3g", "bonferroni_threshold": ".3g"}
@@ -45,34 +43,6 @@ RANDOM_CANDIDATES_NOTE = ("They were built with random weights, as asked for (`-
 
 #: The columns of the report's skips table (``skips.csv``).
 SKIP_TABLE_COLUMNS = ["stage", "image_id", "task_id", "candidate", "reason"]
-
-
-def csv_cell(value):
-    """``value`` as written to a CSV swsa writes: a string starting with a formula character
-    (:data:`FORMULA_START`) or with a single quote gets one single quote in front, so a
-    spreadsheet shows it as text (and :func:`read_csv` gives the string back); other values as is."""
-    if isinstance(value, str) and value.startswith((*FORMULA_START, "'")):
-        return "'" + value
-    return value
-
-
-def _text_columns(frame: pd.DataFrame) -> list:
-    return [c for c in frame.columns if frame[c].dtype == object or isinstance(frame[c].dtype, pd.StringDtype)]
-
-
-def write_csv(frame: pd.DataFrame, path: str | os.PathLike, **kwargs) -> None:
-    """``frame`` to the CSV ``path`` (no index) with every text cell through :func:`csv_cell` —
-    the one writer of the report's CSV files."""
-    safe = frame.assign(**{str(c): frame[c].map(csv_cell) for c in _text_columns(frame)})
-    safe.to_csv(path, index=False, **kwargs)
-
-
-def read_csv(path: str | os.PathLike, **kwargs) -> pd.DataFrame:
-    """A CSV written by :func:`write_csv`, its text cells as they were before :func:`csv_cell`."""
-    frame = pd.read_csv(path, **kwargs)
-    for c in _text_columns(frame):
-        frame[c] = frame[c].map(lambda v: v[1:] if isinstance(v, str) and v.startswith("'") else v)
-    return frame
 
 
 def md_cell(text) -> str:

@@ -4,21 +4,27 @@ A bundle is what ``swsa export-detector`` writes (:func:`swsa_engine.run.bundle_
 and what ``swsa predict`` reads (:class:`swsa_engine.run.predict.Predictor`)::
 
     DIR/manifest.json            what the detector is and how it was fitted (below)
-    DIR/bank.npy                 (S, D) float32: the task's support embeddings, the detector's bank
+    DIR/bank.npy                 the task's support set, the detector's bank: (S, D) float32 embeddings,
+                                 or for patch detectors (S, P, D') float16 patch tokens as stored
                                  (slots of unusable support images are zero rows, masked out)
     DIR/abnormal.npy             (R, D) float32: abnormal references (detectors that need them only)
     DIR/validation_scores.npy    (W,) float64: the scores the thresholds were chosen from
 
 Every array is written with ``np.save(..., allow_pickle=False)`` and read with
-``np.load(..., allow_pickle=False)``: no pickle anywhere. ``manifest.json`` holds
+``np.load(..., allow_pickle=False)``: no pickle anywhere, and no fitted object either: the
+predictor refits the detector from these arrays at load time (:mod:`swsa_engine.run.bundle_detector`).
+``manifest.json`` holds
 
 * ``schema`` (:data:`BUNDLE_SCHEMA`) and ``schema_version`` (:data:`BUNDLE_SCHEMA_VERSION`), the
   ``swsa_version`` that wrote it and ``created_utc``;
 * ``candidate``: its cube name, feature source and how it was chosen (named, or picked by a
   selection strategy on the store's cube);
 * ``backbone``: the name, weights (kind, origin, path, sha256, package) and the resolved
-  preprocessing, exactly as stored with the embeddings;
-* ``detector``: its label (:func:`~swsa_engine.core.detectors.parse_detector` rebuilds it) and parameters;
+  preprocessing, exactly as stored with the embeddings; ``patches`` (patch detectors): the
+  token grid, layer and dtype the bank's tokens were made with;
+* ``detector``: its label (:func:`~swsa_engine.core.detectors.parse_detector` rebuilds it),
+  family, parameters, seed, how it is refitted, the library versions of the fit, and the
+  references it draws (:func:`~swsa_engine.run.bundle_detector.detector_record`);
 * ``task``: id, dataset, normal class, the store it came from and the validation protocol;
 * ``bank``: per slot the image id, path and sha256 of the image it was fitted on (-1 / "" for a masked slot);
 * ``thresholds``: each label-free rule with its value and how it was chosen
@@ -27,8 +33,9 @@ Every array is written with ``np.save(..., allow_pickle=False)`` and read with
 * ``manifest_sha256``: the sha256 of the manifest's own canonical JSON without that key.
 
 :func:`load_bundle` checks the schema and its version first (a bundle of another version is refused
-with both versions named), then the manifest's own hash, then every file's hash, dtype and shape:
-any mismatch raises :class:`BundleError` (a ``ValueError``) with one line naming the file.
+with both versions named), then the manifest's own hash, then every file's hash, dtype and shape,
+then that this swsa rebuilds the same detector (label, parameters, drawn references): any mismatch
+raises :class:`BundleError` (a ``ValueError``) with one line naming the file.
 """
 
 from __future__ import annotations
@@ -45,17 +52,20 @@ import numpy as np
 from swsa_store.models.weights import file_sha256
 from swsa_store.schema import swsa_version
 
-from swsa_engine.core.detectors import Detector, parse_detector
+from swsa_engine.core.detectors import Detector
+from swsa_engine.run.bundle_detector import check_detector_record
+from swsa_engine.run.bundle_errors import BundleError, BundleWarning
 
 __all__ = [
     "BUNDLE_SCHEMA", "BUNDLE_SCHEMA_VERSION", "MANIFEST", "BANK_FILE", "ABNORMAL_FILE", "VALIDATION_FILE",
-    "BundleError", "Bundle", "write_bundle", "load_bundle", "manifest_digest", "json_number", "read_manifest",
+    "BundleError", "BundleWarning", "Bundle", "write_bundle", "load_bundle", "manifest_digest", "json_number", "read_manifest",
     "verified_array", "check_bundle_folder",
 ]
 
 BUNDLE_SCHEMA = "swsa-detector-bundle"
 #: the bundle layout this swsa writes and reads; a bundle of another version is refused
-BUNDLE_SCHEMA_VERSION = 1
+#: (2: detector parameters, seed, refit rule and references recorded; patch banks; PyOD families)
+BUNDLE_SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 BANK_FILE = "bank.npy"
 ABNORMAL_FILE = "abnormal.npy"
@@ -63,16 +73,13 @@ VALIDATION_FILE = "validation_scores.npy"
 _DIGEST_KEY = "manifest_sha256"
 
 
-class BundleError(ValueError):
-    """A detector bundle that cannot be used: missing or tampered files, another schema version."""
-
-
 @dataclass
 class Bundle:
-    """A loaded, verified bundle: its ``manifest`` (dict) and arrays.
+    """A loaded, verified bundle: its ``manifest`` (dict), arrays and ``detector`` (rebuilt from its
+    label and checked against its parameters).
 
-    bank (S, D) float32 with ``bank_mask`` (S,) bool; abnormal (R, D) float32 or None;
-    validation_scores (W,) float64.
+    bank (S, D) float32 (patch detectors: (S, P, D') float16) with ``bank_mask`` (S,) bool;
+    abnormal (R, D) float32 or None; validation_scores (W,) float64.
     """
 
     path: Path
@@ -81,11 +88,7 @@ class Bundle:
     bank_mask: np.ndarray
     abnormal: np.ndarray | None
     validation_scores: np.ndarray
-
-    @property
-    def detector(self) -> Detector:
-        """The detector, rebuilt from its label."""
-        return parse_detector(self.manifest["detector"]["label"])
+    detector: Detector
 
     @property
     def task_id(self) -> int:
@@ -210,13 +213,12 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     arrays = {name: verified_array(path, name, entry) for name, entry in files.items()}
     bank = arrays[BANK_FILE]
     ids = np.asarray(manifest["bank"]["image_ids"], dtype=np.int64)
-    if bank.ndim != 2 or len(ids) != len(bank):
-        raise BundleError(f"{path / BANK_FILE} has {bank.shape} rows but the manifest names {len(ids)} bank images")
-    detector = parse_detector(manifest["detector"]["label"])
-    if detector.label != manifest["detector"]["label"]:
-        raise BundleError(f"detector {manifest['detector']['label']!r} reads back as {detector.label!r} in this swsa; "
-                          "export the detector again with this swsa")
+    detector = check_detector_record(manifest["detector"], path, ids >= 0, int(manifest["task"]["task_id"]))
+    axes = 3 if detector.needs == "patches" else 2
+    if bank.ndim != axes or len(ids) != len(bank):
+        raise BundleError(f"{path / BANK_FILE} has shape {bank.shape}; {detector.label} needs {axes} axes and the "
+                          f"manifest names {len(ids)} bank images")
     abnormal = arrays.get(ABNORMAL_FILE)
     if detector.needs_abnormal and abnormal is None:
         raise BundleError(f"{detector.label} needs abnormal references but bundle {path} has no {ABNORMAL_FILE}")
-    return Bundle(path, manifest, bank, ids >= 0, abnormal, arrays[VALIDATION_FILE])
+    return Bundle(path, manifest, bank, ids >= 0, abnormal, arrays[VALIDATION_FILE], detector)

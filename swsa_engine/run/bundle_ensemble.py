@@ -84,6 +84,9 @@ def member_weights(config: dict, name: str, task_id: int) -> tuple[str, dict[str
         raise ValueError(f"{name} has no member on task {task_id} (see the cube's skips); export another candidate")
     if entry["method"] not in (*COMBINATIONS, "selected"):
         raise ValueError(f"{name} combines by {entry['method']!r}, which a bundle cannot reproduce")
+    if entry.get("normalisation", "rank") != "rank":  # a bundle normalises by mid-rank CDFs (NORMALISATION_RULE)
+        raise ValueError(f"{name} was built on {entry['normalisation']}-normalised scores, and a bundle reproduces rank "
+                         "normalisation only; re-run `swsa score` without --ensemble-normalisation, or export a single candidate")
     return entry["method"], {str(k): float(v) for k, v in weights.items()}
 
 

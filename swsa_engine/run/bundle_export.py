@@ -20,7 +20,6 @@ the manifest says why. ``pick`` chooses the candidate with a selection strategy 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from pathlib import Path
@@ -41,9 +40,10 @@ from swsa_engine.core.thresholds import f1_optimal_threshold, normal_quantile_th
 from swsa_engine.core.validation import usable_ids
 from swsa_engine.run.bundle import (ABNORMAL_FILE, BANK_FILE, VALIDATION_FILE, BundleError, check_bundle_folder,
                                     json_number, write_bundle)
+from swsa_engine.run.bundle_detector import check_bundleable, detector_record
 from swsa_engine.run.bundle_ensemble import MEMBERS_DIR, member_weights, members_folder, write_ensemble_bundle
 from swsa_engine.run.cube_io import load_cube, stored_results
-from swsa_engine.run.detector_sweep import synthetic_plan
+from swsa_engine.run.detector_sweep import detector_features, synthetic_plan
 from swsa_engine.run.group_scoring import features_for, kernel_exclude
 from swsa_engine.run.task_groups import build_task_groups
 
@@ -56,6 +56,8 @@ _BACKBONE_KEYS = ("backbone", "family", "timm_name", "timm_model", "pretrained_t
                   "n_params", "weights_kind", "weights_origin", "weights_path", "weights_sha256", "weights_package",
                   "weights_package_version", "key_mapping", "image_size", "preprocess", "dtype", "torch_version",
                   "timm_version")
+#: the patch-token attributes the manifest's ``patches`` entry copies (patch detectors)
+_PATCH_KEYS = ("token_source", "layer", "grid", "n_patches", "patch_dim", "n_prefix_tokens_dropped", "reduction", "dtype")
 
 
 def parse_pick(text: str) -> tuple[str, dict]:
@@ -104,7 +106,8 @@ def pick_candidate(cube: AurocCube, task_id: int, pick: str) -> tuple[str, dict]
 
 def split_candidate(name: str, held: list[str], imported: list[str]):
     """``(feature source, detector)`` of candidate ``name`` (``source`` or ``source/label``); one-line
-    errors for imported scores (no features), unknown sources and detectors a bundle cannot hold."""
+    errors for imported scores (no features), unknown sources and detectors a bundle cannot hold
+    (:func:`swsa_engine.run.bundle_detector.check_bundleable`)."""
     if name in imported and name not in held:
         raise ValueError(f"candidate {name!r} is an imported score set: it has no features or detector to export; "
                          f"export a candidate of the store's embeddings ({', '.join(held) or 'none held'})")
@@ -112,11 +115,7 @@ def split_candidate(name: str, held: list[str], imported: list[str]):
     if feature not in held:
         raise ValueError(f"the store has no embeddings {feature!r} for candidate {name!r}; held: {', '.join(held) or 'none'}")
     detector = parse_detector(label) if label else DEFAULT_DETECTOR
-    if detector.needs != "features":
-        raise ValueError(f"{detector.label} scores patch tokens; a bundle holds detectors over pooled features only")
-    if detector.text_prior:
-        raise ValueError(f"{detector.label} adds a CLIP text prior, which a bundle cannot hold yet; export the "
-                         "candidate without text= instead")
+    check_bundleable(detector)
     return feature, detector
 
 
@@ -152,8 +151,9 @@ def _default_threshold(thresholds: dict) -> tuple[str, str]:
     raise BundleError("no label-free threshold is defined for this task: " + thresholds["normal_quantile"]["undefined_reason"])
 
 
-def _read_store(store_path, feature: str, task_id: int) -> dict:
-    """What an export reads from the store: catalog, the task's tables, the features and their usable rows."""
+def _read_store(store_path, feature: str, task_id: int, detector) -> dict:
+    """What an export reads from the store: catalog, the task's tables, the rows the detector scores
+    (embeddings, or patch tokens for patch detectors, both as stored) and their usable rows."""
     with open_store(store_path) as store:
         images = store.images()
         tasks, members = store.tasks(), store.task_members()
@@ -161,14 +161,19 @@ def _read_store(store_path, feature: str, task_id: int) -> dict:
         attrs = store.embedding_attrs(feature).get("config", {})
         done = store.done_mask(feature)
         features = store.embeddings(feature)
+        patch_attrs = store.patch_attrs(feature) if feature in store.patch_sets() else {}
     task = tasks[tasks["task_id"] == int(task_id)]
     if task.empty:
         raise ValueError(f"store {store_path} has no task {task_id}; its tasks: {tasks['task_id'].tolist()[:20]}")
     if task["status"].iloc[0] != "ok":
         raise ValueError(f"task {task_id} was skipped when catalogued: {task['skip_reason'].iloc[0]}")
     usable = (images["status"] == "ok").to_numpy() & (done == DONE_WRITTEN) & np.isfinite(features).all(axis=1)
+    if detector.needs == "patches":
+        features, usable, reason = detector_features(store_path, feature, detector, features, usable)
+        if reason:
+            raise ValueError(reason)
     return {"images": images, "task": task, "members": members, "references": references, "attrs": attrs,
-            "features": features, "usable": usable}
+            "features": features, "usable": usable, "patch_attrs": patch_attrs}
 
 
 def _validation_scores(read: dict, detector, protocol: str):
@@ -208,6 +213,11 @@ def _image_entries(images: pd.DataFrame, store_path, ids: np.ndarray) -> dict:
     return {"image_ids": [int(i) for i in ids],
             "paths": [str(resolve_path(store_path, paths[i])) if i >= 0 else "" for i in ids],
             "sha256": [str(digests[i]) if i >= 0 else "" for i in ids]}
+
+
+def _patch_record(attrs: dict) -> dict:
+    """The manifest's ``patches`` entry: the patch-token attributes of :data:`_PATCH_KEYS` as JSON values."""
+    return {k: (v.tolist() if isinstance(v, np.ndarray | np.generic) else v) for k, v in attrs.items() if k in _PATCH_KEYS}
 
 
 def _stored_cube(store_path) -> AurocCube | None:
@@ -272,20 +282,22 @@ def _export_single(store_path, task_id: int, out, candidate: str, chosen_by: dic
     with open_store(store_path) as store:
         held, imported = store.backbones(), store.score_sets()
     feature, detector = split_candidate(candidate, held, imported)
-    read = _read_store(store_path, feature, task_id)
+    read = _read_store(store_path, feature, task_id, detector)
     support, abnormal, val_ids, val_part, sources, scores = _validation_scores(read, detector, protocol)
     is_anomaly = val_part > 0
     thresholds = fit_thresholds(scores, is_anomaly, quantile)
     default, why = _default_threshold(thresholds)
-    bank = np.where((support >= 0)[:, None], read["features"][np.maximum(support, 0)], 0.0).astype(np.float32)
+    rows = read["features"][np.maximum(support, 0)]
+    present = (support >= 0).reshape((-1,) + (1,) * (rows.ndim - 1))
+    bank = np.where(present, rows, 0).astype(np.float16 if detector.needs == "patches" else np.float32)
     task = read["task"].iloc[0]
     attrs = read["attrs"]
     manifest = {
         "created_utc": utc_now(),
         "candidate": _candidate_record(candidate, feature, detector, chosen_by, cube, task_id),
         "backbone": {"embedding": feature, **{k: attrs.get(k) for k in _BACKBONE_KEYS}, "embedding_config": attrs},
-        "detector": {"label": detector.label, "family": detector.family,
-                     "parameters": dataclasses.asdict(detector) if dataclasses.is_dataclass(detector) else {}},
+        **({"patches": _patch_record(read["patch_attrs"])} if detector.needs == "patches" else {}),
+        "detector": detector_record(detector, support >= 0, support, task_id),
         "task": {"task_id": int(task_id), "dataset": str(task["dataset"]), "normal_class": str(task["normal_class"]),
                  "store": str(Path(store_path).resolve()), "protocol": protocol},
         "bank": {"file": BANK_FILE, **_image_entries(read["images"], store_path, support)},

@@ -21,6 +21,7 @@ from swsa_store import StoreError, open_store
 from swsa_store.schema import save_result
 
 from swsa_engine.core.cube import CUBE_RESULT, AurocCube
+from swsa_engine.core.em_mv import EM_MV_ARRAYS, EM_MV_KEY, join_em_mv, split_em_mv
 from swsa_engine.core.score_cube import SCORE_ARRAYS, ScoreCube
 
 __all__ = ["save_cube", "load_cube", "stored_results", "save_scores", "load_scores", "SCORES_RESULT"]
@@ -37,7 +38,8 @@ _NUMBER_ARRAYS = ("task_id", "real", "synthetic", "per_class")
 def save_cube(cube: AurocCube, store_path: str | os.PathLike, name: str = CUBE_RESULT) -> None:
     """Write ``cube`` as the result ``name`` of the store at ``store_path`` (replacing an older one)."""
     arrays, attrs = cube.to_arrays()
-    save_result(store_path, name, arrays, attrs)
+    attrs["config"], criteria = split_em_mv(attrs["config"])  # EM/MV (T, C) arrays: datasets, not attributes
+    save_result(store_path, name, {**arrays, **criteria}, attrs)
 
 
 def load_cube(store_path: str | os.PathLike, name: str = CUBE_RESULT) -> AurocCube:
@@ -49,6 +51,8 @@ def load_cube(store_path: str | os.PathLike, name: str = CUBE_RESULT) -> AurocCu
         if "self_validated" in group:  # cubes from before self-validation was marked have none: all False
             arrays["self_validated"] = group["self_validated"][...]
         arrays.update({key: group[key].asstr()[...].astype(object) for key in _STRING_ARRAYS})
+        criteria = {f"{EM_MV_KEY}_{n}": group[f"{EM_MV_KEY}_{n}"][...] for n in EM_MV_ARRAYS if f"{EM_MV_KEY}_{n}" in group}
+    attrs["config"] = join_em_mv(attrs["config"], criteria)  # cubes without EM/MV: unchanged
     cube = AurocCube.from_arrays(arrays, attrs)
     if name == CUBE_RESULT and cube.config.get("scores_result") == SCORES_RESULT \
             and SCORES_RESULT in stored_results(store_path):

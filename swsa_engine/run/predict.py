@@ -3,11 +3,13 @@
 ``Predictor.load(path)`` verifies the bundle (:func:`swsa_engine.run.bundle.load_bundle`), builds the
 backbone its manifest names with the same weights (found as ``swsa embed`` finds them; a file whose
 sha256 differs from the manifest's is refused) and the same preprocessing (checked), and rebuilds the
-detector from its label over the bundle's bank. ``predict(images)`` reads the images with the same
-reader as ``swsa embed`` (:class:`swsa_store.ingest.ImageReader`: a file that cannot be read is a
-row with its reason, not an error), embeds them in batches (:class:`swsa_store.ingest.Embedder`, CPU
-or GPU; in float32, without autocast), rounds the features to the store's dtype, and scores them against the bank exactly as the
-sweep scored the task's real validation images. Images are files, folders (searched recursively for
+detector from its label and refits it on the bundle's bank, once (:mod:`swsa_engine.run.bundle_scoring`).
+``predict(images)`` reads the images with the same reader as ``swsa embed``
+(:class:`swsa_store.ingest.ImageReader`: a file that cannot be read is a row with its reason, not an
+error), embeds them in batches (:class:`swsa_store.ingest.Embedder`, CPU or GPU; in float32, without
+autocast), rounds the features (patch tokens) to the store's dtype, and scores them against the
+bank exactly as the sweep scored the task's real validation images; ``predict_with_maps`` also
+gives patch detectors' per-patch anomaly maps. Images are files, folders (searched recursively for
 image files) or glob patterns (:func:`expand_images`).
 """
 
@@ -26,9 +28,12 @@ from tqdm.auto import tqdm
 from swsa_store.datasets.registry import DEFAULT_EXTENSIONS
 from swsa_store.ingest import Embedder, ImageReader, collate_items
 from swsa_store.models.backbones import LoadedBackbone, create_backbone, get_backbone_cfg
+from swsa_store.models.patch_tokens import patch_token_model
+from swsa_store.samples import read_image
 
 from swsa_engine.run.bundle import Bundle, BundleError, load_bundle
 from swsa_engine.run.bundle_ensemble import EnsembleBundle, is_ensemble_bundle, load_ensemble_bundle
+from swsa_engine.run.bundle_scoring import fit_scorer
 
 __all__ = ["Predictor", "EnsemblePredictor", "load_predictor", "prediction_frame", "expand_images",
            "load_bundle_backbone", "PREDICTION_COLUMNS"]
@@ -97,7 +102,12 @@ def load_bundle_backbone(backbone: dict, *, device: str = "cpu", weights: str | 
 
 
 class Predictor:
-    """An exported detector ready to score images; build it with :meth:`load`."""
+    """An exported detector ready to score images; build it with :meth:`load`.
+
+    The detector is refitted once, here, from the bundle's arrays
+    (:func:`swsa_engine.run.bundle_scoring.fit_scorer`). For patch detectors the backbone also
+    returns its patch tokens (:func:`swsa_store.models.patch_tokens.patch_token_model`, checked
+    against the bundle's ``patches`` entry), rounded to float16 as the store holds them."""
 
     def __init__(self, bundle: Bundle, backbone: LoadedBackbone, *, device: str = "cpu", batch_size: int = 64,
                  num_workers: int = 0):
@@ -106,15 +116,16 @@ class Predictor:
         self.bundle = bundle
         self.detector = bundle.detector
         self.backbone = backbone
-        self.embedder = Embedder(backbone.model, device=device, autocast=False)  # float32 like the bank's rows
+        self.scorer = fit_scorer(bundle, device)
+        self.patches = self.detector.needs == "patches"
+        model = backbone.model
+        if self.patches:
+            model, attrs = patch_token_model(backbone)
+            _check_patch_attrs(attrs, bundle.manifest.get("patches", {}), bundle.path)
+        self.embedder = Embedder(model, device=device, autocast=False)  # float32 like the bank's rows
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
-        self.dtype = np.dtype(bundle.manifest["backbone"].get("dtype") or "float32")
-        self._bank = self.detector.prepare(bundle.bank)[None]
-        self._bank_mask = bundle.bank_mask[None]
-        self._extra = {}
-        if self.detector.needs_abnormal:
-            abnormal = self.detector.prepare(bundle.abnormal)
-            self._extra = {"abnormal": abnormal[None], "abnormal_mask": np.ones((1, len(abnormal)), dtype=bool)}
+        stored = np.float16 if self.patches else (bundle.manifest["backbone"].get("dtype") or "float32")
+        self.dtype = np.dtype(stored)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str = "cpu", batch_size: int = 64, num_workers: int = 0,
@@ -126,40 +137,46 @@ class Predictor:
         return cls(bundle, backbone, device=device, batch_size=batch_size, num_workers=num_workers)
 
     def score_features(self, features: np.ndarray) -> np.ndarray:
-        """(N,) float64 scores of backbone features (N, D) against the bank (rounded to the store's dtype first)."""
-        features = np.asarray(features, dtype=np.float32).astype(self.dtype).astype(np.float32)
-        if len(features) == 0:
-            return np.empty(0)
-        queries = self.detector.prepare(features)[None]
-        return self.detector.score_tasks(queries, np.ones(queries.shape[:2], dtype=bool), self._bank, self._bank_mask,
-                                         None, task_ids=np.array([self.bundle.task_id]), **self._extra)[0]
+        """(N,) float64 scores of backbone rows (N, D) (patch detectors: tokens (N, P, D')) against the
+        bank, rounded to the store's dtype first."""
+        rows = np.asarray(features, dtype=np.float32).astype(self.dtype)
+        return self.scorer.score(rows if self.patches else rows.astype(np.float32))
 
-    def features(self, listed: list[tuple[str, str]], *, progress: bool = False) -> tuple[np.ndarray, list[str]]:
-        """(N, D) float32 backbone features of :func:`expand_images` rows ``listed`` (NaN rows where an
-        image could not be read or embedded) and each row's error ("" when fine)."""
-        paths = [p for p, _ in listed]
-        errors = [e for _, e in listed]
-        rows: dict[int, np.ndarray] = {}
+    def embedded_batches(self, listed: list[tuple[str, str]], errors: list[str], *, progress: bool = False):
+        """Yield ``(rows (B,) int64, features)`` per batch of :func:`expand_images` rows ``listed``
+        that embed to finite values in the store's dtype: pooled features (B, D) float32, or patch
+        tokens (B, P, D') float16. ``errors`` (one per row) gets the reason of each row left out."""
         todo = np.array([i for i, (_, e) in enumerate(listed) if not e], dtype=np.int64)
-        reader = ImageReader(todo, [os.path.abspath(paths[i]) for i in todo], self.backbone.transform, os.getcwd())
+        reader = ImageReader(todo, [os.path.abspath(listed[i][0]) for i in todo], self.backbone.transform, os.getcwd())
         loader = DataLoader(reader, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
                             collate_fn=collate_items, pin_memory=self.embedder.device.type == "cuda")
+        what = "patch tokens" if self.patches else "embedding"
         with tqdm(total=len(todo), desc="embed", unit="img", disable=not progress, dynamic_ncols=True) as bar:
             for ids, ok, batch, reasons in loader:
                 for i, reason in zip(ids[~ok], np.asarray(reasons, dtype=object)[~ok]):
                     errors[i] = reason or "cannot read image"
-                if batch is not None:
-                    features = self.embedder(batch)
-                    features = features[0] if isinstance(features, tuple) else features
-                    rows.update(zip(ids[ok].tolist(), np.asarray(features, dtype=np.float32)))
                 bar.update(len(ids))
-        width = next(iter(rows.values())).shape[0] if rows else int(self.bundle.bank.shape[1])
-        out = np.full((len(listed), width), np.nan, dtype=np.float32)
-        for i, row in rows.items():
-            if np.isfinite(row).all():
-                out[i] = row
-            else:
-                errors[i] = "non-finite embedding (NaN or inf in the backbone's output)"
+                if batch is None:
+                    continue
+                out = self.embedder(batch)
+                rows = np.asarray(out[1] if self.patches else (out[0] if isinstance(out, tuple) else out))
+                with np.errstate(over="ignore", invalid="ignore"):
+                    rows = rows.astype(self.dtype)
+                finite = np.isfinite(rows.reshape(len(rows), -1)).all(axis=1)
+                for i in ids[ok][~finite]:
+                    errors[i] = f"non-finite {what} (NaN or inf in the backbone's output, or beyond {self.dtype}'s range)"
+                if finite.any():
+                    yield ids[ok][finite], rows[finite]
+
+    def features(self, listed: list[tuple[str, str]], *, progress: bool = False) -> tuple[np.ndarray, list[str]]:
+        """(N, D) float32 backbone features of :func:`expand_images` rows ``listed`` (NaN rows where an
+        image could not be read or embedded) and each row's error ("" when fine); pooled bundles only."""
+        if self.patches:
+            raise BundleError(f"{self.detector.label} scores patch tokens; use predict() or predict_with_maps()")
+        errors = [e for _, e in listed]
+        out = np.full((len(listed), int(self.bundle.bank.shape[1])), np.nan, dtype=np.float32)
+        for rows, values in self.embedded_batches(listed, errors, progress=progress):
+            out[rows] = values
         return out, errors
 
     def scores_of(self, features: np.ndarray) -> np.ndarray:
@@ -177,11 +194,57 @@ class Predictor:
 
         ``threshold``: a rule of the manifest (``normal_quantile``, ``synthetic_f1``), a number, or
         None (the bundle's default). ``frame.attrs`` holds the threshold's name and value."""
+        return self._predict(images, threshold, progress, with_maps=False)[0]
+
+    def predict_with_maps(self, images, *, threshold: str | float | None = None,
+                          progress: bool = False) -> tuple[pd.DataFrame, np.ndarray]:
+        """:meth:`predict`, and each image's anomaly map (N, h, w) float64 on the backbone's patch grid
+        (NaN for images not scored): ``min`` over the reference patches of each patch's squared
+        distance, whose maximum is the score. Patch detectors only."""
+        if not self.patches:
+            raise BundleError(f"heat maps need a patch-level detector bundle (e.g. SOURCE/patch(K=4)); {self.bundle.path} "
+                              f"holds {self.detector.label}, whose score has no spatial map")
+        grid = [int(g) for g in self.bundle.manifest["patches"]["grid"]]
+        if grid[0] * grid[1] != self.bundle.bank.shape[1] or (grid[1] == 1 and grid[0] > 1):
+            raise BundleError(f"the patch tokens of {self.bundle.manifest['backbone']['backbone']} have no known 2-d "
+                              f"layout (grid {grid}); heat maps cannot be drawn for them")
+        frame, maps = self._predict(images, threshold, progress, with_maps=True)
+        return frame, maps.reshape(len(maps), *grid)
+
+    def _predict(self, images, threshold, progress: bool, with_maps: bool):
         rule, value = self.bundle.threshold(threshold)
         listed = expand_images([images] if isinstance(images, (str, os.PathLike)) else images)
-        features, errors = self.features(listed, progress=progress)
-        return prediction_frame(listed, self.scores_of(features), errors, (rule, value),
-                                self.bundle.manifest["candidate"]["name"])
+        scores, errors, maps = self.score_listed(listed, progress=progress, with_maps=with_maps)
+        frame = prediction_frame(listed, scores, errors, (rule, value), self.bundle.manifest["candidate"]["name"])
+        return frame, maps
+
+    def score_listed(self, listed: list[tuple[str, str]], *, progress: bool = False, with_maps: bool = False):
+        """``(scores (N,), errors [N], maps (N, P) or None)`` of :func:`expand_images` rows ``listed``,
+        embedded and scored one batch at a time (NaN scores and map rows where an image failed)."""
+        errors = [e for _, e in listed]
+        scores = np.full(len(listed), np.nan)
+        maps = np.full((len(listed), self.bundle.bank.shape[1]), np.nan) if with_maps else None
+        for rows, values in self.embedded_batches(listed, errors, progress=progress):
+            scores[rows] = self.score_features(values)
+            if with_maps:
+                maps[rows] = self.scorer.maps(values)
+        return scores, errors, maps
+
+    def model_view(self, path: str | os.PathLike) -> np.ndarray:
+        """(H, W, 3) uint8: the image at ``path`` as the backbone sees it (resized, cropped; the
+        normalisation undone), the frame its patch grid covers."""
+        pixels = self.backbone.transform(read_image(path)).numpy().transpose(1, 2, 0)
+        preprocess = self.backbone.preprocess
+        pixels = pixels * np.asarray(preprocess.std) + np.asarray(preprocess.mean)
+        return (np.clip(pixels, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _check_patch_attrs(built: dict, stored: dict, path) -> None:
+    """A :class:`BundleError` unless the backbone gives patch tokens as the bundle's were made."""
+    for key in ("token_source", "layer", "grid", "n_patches", "patch_dim"):
+        if key in stored and json.loads(json.dumps(built.get(key))) != stored[key]:
+            raise BundleError(f"the backbone gives patch tokens with {key}={built.get(key)!r} here, bundle {path} "
+                              f"was fitted on {key}={stored[key]!r}")
 
 
 def prediction_frame(listed, scores: np.ndarray, errors: list[str], threshold: tuple[str, float], candidate: str,
@@ -230,11 +293,14 @@ class EnsemblePredictor:
         raw = np.full((len(self.members), len(listed)), np.nan)
         embedded: dict[int, tuple[np.ndarray, list[str]]] = {}
         for m, member in enumerate(self.members):
-            if id(member.backbone) not in embedded:
-                embedded[id(member.backbone)] = member.features(listed, progress=progress)
-            features, member_errors = embedded[id(member.backbone)]
+            if member.patches:  # its own pass: patch tokens are scored batch by batch, never kept
+                raw[m], member_errors, _ = member.score_listed(listed, progress=progress)
+            else:
+                if id(member.backbone) not in embedded:
+                    embedded[id(member.backbone)] = member.features(listed, progress=progress)
+                features, member_errors = embedded[id(member.backbone)]
+                raw[m] = member.scores_of(features)
             errors = [e or f for e, f in zip(errors, member_errors)]
-            raw[m] = member.scores_of(features)
         scores = np.full(len(listed), np.nan)
         complete = np.isfinite(raw).all(axis=0)
         if complete.any():

@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from swsa_store import StoreError, open_store
+from swsa_store.locks import writes_store
 from swsa_store.models.clip import text_model_name
 from swsa_store.models.prompts import templates_used
 from swsa_store.references import read_references
@@ -322,9 +323,11 @@ def per_task_text(text, task_ids: np.ndarray, n_templates: int) -> tuple[np.ndar
     return out[0], out[1]
 
 
+@writes_store("swsa score --prompts", when="save")
 def run_prompt_sweep(store_path: str | os.PathLike, *, model: str | None = None, prompt_set: str = "paper",
-                     hardest=(10, 5), save: bool = True) -> AurocCube:
-    """The prompt cube (``prompt01``… and ``ensemble``) for every task; saved as ``/results/prompt_cube``."""
+                     hardest=(10, 5), save: bool = True, wait: float | None = 0.0) -> AurocCube:
+    """The prompt cube (``prompt01``… and ``ensemble``) for every task; saved as ``/results/prompt_cube``
+    (then under the store's writer lock for the whole call; ``wait``: seconds to wait for another writer)."""
     started = time.perf_counter()
     name, tasks, groups, unit, usable, info = _inputs(store_path, model)
     with open_store(store_path) as store:
@@ -355,9 +358,12 @@ def run_prompt_sweep(store_path: str | os.PathLike, *, model: str | None = None,
     return cube
 
 
+@writes_store("swsa score --bliss", when="save")
 def run_bliss_sweep(store_path: str | os.PathLike, *, model: str | None = None, lambdas=BLISS_LAMBDAS, ks=BLISS_KS,
-                    eps: float = DEFAULT_EPS, ddof: int = 0, hardest=(10, 5), save: bool = True) -> AurocCube:
-    """The BLISS cube over the λ × K grid for every task; saved as ``/results/bliss_cube``."""
+                    eps: float = DEFAULT_EPS, ddof: int = 0, hardest=(10, 5), save: bool = True,
+                    wait: float | None = 0.0) -> AurocCube:
+    """The BLISS cube over the λ × K grid for every task; saved as ``/results/bliss_cube`` (then under
+    the store's writer lock for the whole call; ``wait``: seconds to wait for another writer)."""
     started = time.perf_counter()
     name, tasks, groups, unit, usable, info = _inputs(store_path, model)
     with open_store(store_path) as store:

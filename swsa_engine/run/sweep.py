@@ -30,17 +30,20 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from swsa_store import StoreError, open_store
+from swsa_store.locks import writes_store
 from swsa_store.references import REFERENCES_TABLE, read_references
 from swsa_store.schema import DONE_TODO, DONE_WRITTEN
 
 from swsa_engine.core.cube import AurocCube
 from swsa_engine.core.detectors import KnnDetector, candidate_name, parse_detector
 from swsa_engine.core.ensemble_pass import with_ensembles
+from swsa_engine.core.ensembles import check_normalisation
 from swsa_engine.core.protocol import DEFAULT_PROTOCOL, check_protocol
 from swsa_engine.core.validation import finite_rows
 from swsa_engine.run.cube_io import SCORES_RESULT, save_cube, save_scores
 from swsa_engine.run.cube_layout import CubeLayout, ScoreLayout
 from swsa_engine.run.detector_sweep import ReferenceLog, detector_features, score_group_detector
+from swsa_engine.run.em_mv_pass import run_em_mv_pass
 from swsa_engine.run.group_scoring import score_group_imported
 from swsa_engine.run.knn_sweep import score_group
 from swsa_engine.run.task_groups import TaskGroup, build_task_groups
@@ -217,6 +220,7 @@ class _SweepRun:
         )
 
 
+@writes_store("swsa score", when="save")
 def run_sweep(
     store_path: str | os.PathLike,
     *,
@@ -233,6 +237,9 @@ def run_sweep(
     allow_self_validation: bool = False,
     keep_scores: bool = True,
     ensembles: bool = True,
+    em_mv: bool = False,
+    ensemble_normalisation: str = "rank",
+    wait: float | None = 0.0,
 ) -> AurocCube:
     """Score every task with every candidate backbone of the store and return the AUROC cube.
 
@@ -263,11 +270,18 @@ def run_sweep(
     logged and stored as ``cube.config["scores_bytes"]``: a few MB for the ELPV demo. Without
     them, strategies that read scores (model centrality) give no pick, and there are no ensembles.
     ``ensembles`` (default True, needs ``keep_scores``) appends the ensembles of
-    :func:`swsa_engine.core.ensemble_pass.with_ensembles` as candidates of family ``"ensemble"``.
+    :func:`swsa_engine.core.ensemble_pass.with_ensembles` as candidates of family ``"ensemble"``, each
+    member's scores normalised by ``ensemble_normalisation`` (``"rank"``, the default, or ``"zscore"``:
+    :func:`swsa_engine.core.ensembles.normalise_scores`), recorded as ``cube.config["ensemble_normalisation"]``.
+    With ``save`` the whole call holds the store's writer lock (:func:`swsa_store.locks.writes_store`):
+    another writer makes it fail at once, or wait ``wait`` seconds (None: as long as it takes).
+    ``em_mv`` (default False: about 0.25 s per task and candidate) adds Goix's EM/MV criteria of
+    every candidate (:func:`swsa_engine.run.em_mv_pass.run_em_mv_pass`), the ``em``/``mv`` strategies' input.
     """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     check_protocol(protocol)
+    check_normalisation(ensemble_normalisation)
     started = time.perf_counter()
     inputs = _read_sweep_inputs(store_path, backbones, detectors, k, references)
     tasks = inputs.tasks
@@ -292,15 +306,27 @@ def run_sweep(
         for detector in inputs.detectors:
             run.score_candidate(name, detector, features, usable)
         del features
+    del buffer  # the largest embedding matrix: freed before the ensembles need their memory
     cube = run.cube(inputs, k, started, text_prior)
+    return _finish(cube, store_path, started, keep_scores=keep_scores, ensembles=ensembles,
+                   ensemble_normalisation=ensemble_normalisation, em_mv=em_mv, save=save, progress=progress)
+
+
+def _finish(cube: AurocCube, store_path, started: float, *, keep_scores: bool, ensembles: bool,
+            ensemble_normalisation: str, em_mv: bool, save: bool, progress: bool) -> AurocCube:
+    """The passes after scoring (ensembles, EM/MV), each timed into ``config["stage_seconds"]``, then saving."""
     stages = cube.config["stage_seconds"]
     if keep_scores:
         ensembles_started = time.perf_counter()
-        cube = with_ensembles(cube, cube.scores) if ensembles else cube
+        cube = with_ensembles(cube, cube.scores, normalisation=ensemble_normalisation) if ensembles else cube
         stages["ensembles"] = round(time.perf_counter() - ensembles_started, 3)
         cube.config.update({"scores_result": SCORES_RESULT, "scores_bytes": cube.scores.nbytes})
         log.info("per-image scores: %.1f MB", cube.scores.nbytes / 2**20)
     cube.config["ensembles_built"] = bool(keep_scores and ensembles)
+    cube.config["ensemble_normalisation"] = ensemble_normalisation
+    if em_mv:
+        cube = run_em_mv_pass(store_path, cube, progress=progress)
+        stages["em_mv"] = cube.config["em_mv"]["settings"]["seconds"]
     cube.config["seconds"] = round(time.perf_counter() - started, 3)  # everything but saving
     if save:
         save_started = time.perf_counter()

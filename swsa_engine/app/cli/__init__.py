@@ -20,7 +20,7 @@ import os
 import sys
 
 from swsa_engine.app.cli.bench import add_bench_command
-from swsa_engine.app.cli.common import ray_kwargs
+from swsa_engine.app.cli.common import attach_wait_values, ray_kwargs
 from swsa_engine.app.cli.data import (add_catalog_command, add_embed_command, add_embed_text_command,
                                       add_export_validation_command, add_import_scores_command, add_split_refs_command,
                                       add_synth_command)
@@ -77,7 +77,7 @@ def _quiet_after_broken_pipe() -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run ``swsa`` with ``argv`` (default: the process's arguments); returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(attach_wait_values(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "command", None):
         parser.print_help()

@@ -16,6 +16,7 @@ from swsa_store.locks import store_lock
 __all__ = [
     "split_list", "ray_kwargs", "add_ray_options", "print_summary", "add_command", "add_store_option",
     "add_device_option", "add_loader_options", "add_weights_options", "task_id_list", "add_custom_strategy",
+    "attach_wait_values",
 ]
 
 #: ``module:function`` of a custom selection strategy (``--strategy``).
@@ -122,8 +123,35 @@ def add_command(sub: argparse._SubParsersAction, name: str, func, help_text: str
     if name in WRITER_COMMANDS:
         p.add_argument("--wait", nargs="?", type=_seconds, const=math.inf, default=0.0, metavar="SECONDS",
                        help="when another process is writing the store, wait for it (for SECONDS; no number: "
-                            "as long as it takes) instead of stopping at once")
+                            "as long as it takes) instead of stopping at once. Only a number after --wait is its "
+                            "value: `--wait folder` waits without limit and keeps `folder` as the next argument")
     return p
+
+
+def attach_wait_values(argv: list[str]) -> list[str]:
+    """``argv`` with every ``--wait`` (before a ``--``) made unambiguous for argparse, which would
+    otherwise take whatever follows ``--wait`` as its value, a positional argument included:
+    ``--wait 30`` → ``--wait=30``; ``--wait`` followed by anything that is not a number (another
+    option, a positional, nothing) → ``--wait=inf`` (wait without limit), the next word left alone."""
+    out = list(argv)
+    end = out.index("--") if "--" in out else len(out)
+    for i in range(end - 1, -1, -1):
+        if out[i] != "--wait":
+            continue
+        following = out[i + 1] if i + 1 < end else None
+        if following is not None and _is_number(following):
+            out[i:i + 2] = [f"--wait={following}"]
+        else:
+            out[i] = "--wait=inf"
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _seconds(text: str) -> float:

@@ -7,6 +7,7 @@ import argparse
 
 from swsa_engine.app.cli.common import add_command, add_device_option, add_loader_options, split_list
 from swsa_engine.app.demo import DEMO_DATASETS, ELPV_COUNT, ELPV_SIZES, run_demo
+from swsa_engine.core.metric_cube import DEFAULT_METRIC, METRICS
 from swsa_engine.core.protocol import DEFAULT_PROTOCOL, PAPER, PROTOCOLS
 
 __all__ = ["cmd_demo", "add_demo_command"]
@@ -19,7 +20,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         count=args.count, n_seed=args.n_seed, seed=args.seed, full=args.full, sizes=sizes, batch_size=args.batch_size,
         workers=args.workers, weights_dir=args.weights_dir, device=args.device, progress=not args.quiet,
         detectors=[d.strip() for d in (args.detectors or "").split(";") if d.strip()] or None,
-        diffusion_model=args.diffusion_model, protocol=args.protocol,
+        diffusion_model=args.diffusion_model, protocol=args.protocol, metric=args.metric,
     )
     print(f"\nreport: {paths['report']}")
     if "html" in paths:
@@ -57,6 +58,9 @@ def add_demo_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--protocol", default=DEFAULT_PROTOCOL, choices=list(PROTOCOLS),
                    help=f"validation protocol (default {DEFAULT_PROTOCOL}: each query scored without its own images or "
                         f"parents; {PAPER}: the SWSA paper's, anomalies scored with their parents in the bank)")
+    p.add_argument("--metric", choices=list(METRICS), default=DEFAULT_METRIC,
+                   help="what the report's Table 1 and strategies comparison select by and measure (as `swsa report "
+                        "--metric`): auroc (default), aupr, f1max or fpr95")
     add_loader_options(p)
     p.add_argument("--weights-dir", default=None, help="folder with pretrained weights (else: installed packages, caches; "
                    "digits: else random init)")

@@ -1,16 +1,21 @@
 """``swsa export-detector`` (one candidate of a store, fitted on one task, as a portable bundle) and
-``swsa predict`` (score new images with a bundle)."""
+``swsa predict`` (score new images with a bundle; ``--heatmaps DIR`` adds patch-level detectors' heat
+maps and their HTML gallery, :mod:`swsa_engine.report.prediction_gallery`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from swsa_store.csv_safe import write_csv
+
 from swsa_engine.app.cli.common import add_command, add_device_option, add_store_option, print_summary
 from swsa_engine.core.protocol import PROTOCOLS
 from swsa_engine.core.recommendation import RECOMMENDED
+from swsa_engine.report.prediction_gallery import GALLERY_FILE, HEATMAP_ALPHA, write_prediction_gallery
+from swsa_engine.run.bundle import BundleError
 from swsa_engine.run.bundle_export import DEFAULT_QUANTILE, export_detector
-from swsa_engine.run.predict import load_predictor
+from swsa_engine.run.predict import Predictor, load_predictor
 
 __all__ = ["cmd_export_detector", "cmd_predict", "add_export_detector_command", "add_predict_command"]
 
@@ -35,14 +40,23 @@ def cmd_export_detector(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     predictor = load_predictor(args.detector, device=args.device, batch_size=args.batch_size, num_workers=args.workers,
                                weights=args.weights, weights_dir=args.weights_dir)
-    frame = predictor.predict(args.images, threshold=args.threshold, progress=not args.quiet)
-    if args.out:
-        frame.to_csv(args.out, index=False, float_format="%.17g")
+    page = None
+    if not 0.0 <= args.heatmap_alpha <= 1.0:
+        raise ValueError(f"--heatmap-alpha must be between 0 and 1, got {args.heatmap_alpha}")
+    if args.heatmaps:
+        if not isinstance(predictor, Predictor):
+            raise BundleError(f"--heatmaps needs a single patch-level detector bundle; {args.detector} is an ensemble")
+        frame, maps = predictor.predict_with_maps(args.images, threshold=args.threshold, progress=not args.quiet)
+        page, written = write_prediction_gallery(args.heatmaps, frame, maps, predictor.model_view,
+                                                 alpha=args.heatmap_alpha, progress=not args.quiet)
+        frame["heatmap"] = written
     else:
-        frame.to_csv(sys.stdout, index=False, float_format="%.17g")
+        frame = predictor.predict(args.images, threshold=args.threshold, progress=not args.quiet)
+    write_csv(frame, args.out or sys.stdout, float_format="%.17g")  # paths from the user: formula-escaped
     failed = int((frame["error"] != "").sum())
     summary = {"images": len(frame), "anomalies": int((frame["decision"] == "anomaly").sum()), "unreadable": failed,
-               "threshold": f"{frame.attrs['threshold']}={frame.attrs['threshold_value']:.6g}"}
+               "threshold": f"{frame.attrs['threshold']}={frame.attrs['threshold_value']:.6g}",
+               **({"gallery": str(page)} if page else {})}
     if args.out:
         print_summary("predict", {**summary, "out": args.out})
     else:  # stdout holds the CSV
@@ -72,6 +86,11 @@ def add_predict_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--detector", required=True, help="the bundle folder (swsa export-detector)")
     p.add_argument("images", nargs="+", help="image files, folders (searched recursively) or glob patterns")
     p.add_argument("--out", help="write the scores as CSV here (path, score, decision, error); default: stdout")
+    p.add_argument("--heatmaps", metavar="DIR", default=None,
+                   help="patch-level detectors: write each image's anomaly heat map over the image (PNG) and an HTML "
+                        f"gallery sorted by score ({GALLERY_FILE}) into DIR; the CSV gains a heatmap column")
+    p.add_argument("--heatmap-alpha", type=float, default=HEATMAP_ALPHA,
+                   help=f"weight of the heat map over the image, 0-1 (default {HEATMAP_ALPHA})")
     p.add_argument("--threshold", default=None,
                    help="normal_quantile, synthetic_f1 or a number (default: the bundle's default threshold)")
     add_device_option(p, help="cpu (default) or cuda")

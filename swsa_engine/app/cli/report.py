@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from swsa_engine.app.cli.common import add_command, add_custom_strategy, add_store_option
+from swsa_engine.core.metric_cube import DEFAULT_METRIC, METRICS, require_scores
 from swsa_engine.report.html import write_html_report
 from swsa_engine.report.summary import write_report
 from swsa_engine.run.cube_io import load_cube
@@ -20,12 +21,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     for spec in args.strategy or []:  # registered before any table is computed; a bad spec fails first
         add_custom_strategy(spec)
     cube = load_cube(args.store)
+    require_scores(cube, args.metric)  # before anything is written
     skips = read_skips(args.store)
     paths = write_report(cube, args.out, store_skips=skips, store_path=args.store, table3_tasks=args.table3_tasks,
-                         figure4=args.figure4, candidate=args.candidate)
+                         figure4=args.figure4, candidate=args.candidate, metric=args.metric)
     print(f"report written: {paths['report']}")
     if args.html:
-        html_path = write_html_report(cube, args.store, args.html, report_dir=args.out, store_skips=skips)
+        html_path = write_html_report(cube, args.store, args.html, report_dir=args.out, store_skips=skips,
+                                      metric=args.metric)
         print(f"HTML report written: {html_path} ({html_path.stat().st_size / 1e6:.1f} MB)")
     if not args.quiet:
         print(Path(paths["report"]).read_text(encoding="utf-8").split("## Figure 3")[0])
@@ -88,6 +91,10 @@ def add_report_command(sub: argparse._SubParsersAction) -> None:
                    help="add Table 3 (total variation) over this many tasks per dataset (default 0: off)")
     p.add_argument("--figure4", action="store_true", help="add Figure 4 (t-SNE of one task per dataset)")
     p.add_argument("--candidate", help="embedding used by Table 3 and Figure 4 (default vit_b_16, else the first)")
+    p.add_argument("--metric", choices=list(METRICS), default=DEFAULT_METRIC,
+                   help="what Table 1 and the strategies comparison select by (synthetic) and measure (real): auroc "
+                        "(default), aupr (average precision), f1max (best F1) or fpr95 (FPR at 95%% TPR, used as "
+                        "1 - FPR so higher is better); aupr, f1max and fpr95 need the per-image scores `swsa score` keeps")
     p.add_argument("--html", metavar="PATH", help="also write one self-contained HTML report (opens offline in a browser)")
     p.add_argument("--strategy", action="append", metavar="MODULE:FUNCTION",
                    help="add a custom selection strategy to Table 1 and the strategies comparison (repeatable): "

@@ -7,6 +7,7 @@ import argparse
 
 from swsa_engine.app.cli.common import add_command, add_device_option, add_store_option, print_summary, split_list
 from swsa_engine.core.cube import BLISS_KS, BLISS_LAMBDAS
+from swsa_engine.core.ensembles import NORMALISATIONS
 from swsa_engine.core.protocol import DEFAULT_PROTOCOL, LEAK_FREE, PAPER, PROTOCOLS
 from swsa_engine.report.clip_tables import bliss_selection_table, prompt_selection_table
 from swsa_engine.report.tables import markdown_table, table1_display
@@ -23,7 +24,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     cube = run_sweep(args.store, backbones=split_list(args.backbones) or None, k=args.k, detectors=detectors,
                      hardest=tuple(int(n) for n in split_list(args.hardest)), device=args.device, progress=not args.quiet,
                      protocol=args.protocol, allow_self_validation=args.allow_self_validation,
-                     keep_scores=not args.no_scores, ensembles=not (args.no_ensembles or args.no_scores))
+                     keep_scores=not args.no_scores, ensembles=not (args.no_ensembles or args.no_scores), em_mv=args.em_mv,
+                     ensemble_normalisation=args.ensemble_normalisation)
     print_summary("score", {
         "tasks": len(cube.tasks), "candidates": len(cube.candidates), "sources": cube.sources,
         "protocol": cube.protocol, "skipped cells": len(cube.skips),
@@ -73,9 +75,16 @@ def add_score_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-ensembles", action="store_true",
                    help="do not add the ensembles of the candidates (mean, max, median, AOM, MOA of rank-normalised "
                         "scores, per backbone, per detector, and the one selected on the synthetic sets) as candidates")
+    p.add_argument("--ensemble-normalisation", choices=NORMALISATIONS, default="rank",
+                   help="how each ensemble member's scores are made comparable, without labels, over the images being "
+                        "scored: rank (mid-ranks scaled to [0, 1]; default) or zscore ((score - mean) / std); "
+                        "recorded in the cube and shown in the report")
     p.add_argument("--no-scores", action="store_true",
                    help="do not keep the per-image scores beside the cube (T x C x (Q + W) x 8 bytes); without them "
                         "there are no ensembles and model centrality gives no pick")
+    p.add_argument("--em-mv", action="store_true",
+                   help="also compute Goix's Excess-Mass / Mass-Volume criteria of every candidate (label-free "
+                        "baselines: strategies em, mv) from 50 random 5-feature subsets; about 0.25 s per task and candidate")
     add_device_option(p)
     p.add_argument("--prompts", action="store_true",
                    help="score CLIP prompts instead of kNN backbones: /results/prompt_cube (needs `swsa embed-text` "

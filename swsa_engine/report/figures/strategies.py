@@ -12,6 +12,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from swsa_engine.core.cube import SETTINGS, AurocCube
+from swsa_engine.core.metric_cube import DEFAULT_METRIC, check_metric
 from swsa_engine.core.strategy_comparison import strategies_table
 from swsa_engine.report.figures.registry import register_figure
 
@@ -23,7 +24,9 @@ def strategies_figure(cube: AurocCube, path: str | os.PathLike, table: pd.DataFr
     """Mean regret (best real AUROC − real AUROC of the pick) per strategy with its bootstrap
     interval, one panel per setting, one colour per dataset (and "all" when there are several);
     lower is better, 0 = always a best candidate. ``table``: the comparison already computed
-    (default: :func:`strategies_table` of ``cube``). Writes the PNG to ``path`` and returns it."""
+    (default: :func:`strategies_table` of ``cube``). Writes the PNG to ``path`` and returns it. A cube of
+    :func:`~swsa_engine.core.metric_cube.metric_cube` (``config["metric"]``) names its metric instead of AUROC."""
+    label = check_metric(cube.config.get("metric", DEFAULT_METRIC)).selection_label
     table = strategies_table(cube) if table is None else table
     strategies = list(dict.fromkeys(table["strategy"]))
     datasets = list(dict.fromkeys(table["dataset"]))
@@ -45,7 +48,7 @@ def strategies_figure(cube: AurocCube, path: str | os.PathLike, table: pd.DataFr
         ax.set_yticks(np.arange(len(strategies)))
         ax.set_yticklabels(strategies, fontsize=8)
         ax.set_title(setting, fontsize=10)
-        ax.set_xlabel("mean regret (best real AUROC − pick's real AUROC)")
+        ax.set_xlabel(f"mean regret (best real {label} − pick's real {label})")
         ax.grid(axis="x", alpha=0.3)
     axes[0].invert_yaxis()  # the first strategy on top (the panels share the y axis)
     if len(datasets) > 1:

@@ -242,3 +242,25 @@ def test_score_group_whole_bank_refinement_matches_naive_loop(monkeypatch):
     test_score_group_matches_naive_per_task_loop(3, "per-task")
     test_score_group_matches_naive_per_task_loop(1, "shared")
     assert calls and sum(calls) > 0  # there were refinements, and all of them went the whole-bank way
+
+
+def test_exact_scores_refines_every_kept_knn_score_and_keeps_the_aurocs():
+    """With exact_scores every per-image score equals the float64 brute force (not only those an
+    AUROC depends on); without it some differ by float32 round-off; the AUROCs are the same."""
+    rng = np.random.default_rng(21)
+    features, group, support, heldout, synth = _random_group(rng, dim=40)
+    features = (features * 1000.0).astype(np.float32)  # float32 rows: the bounded kernels run
+    usable = np.ones(len(features), bool)
+    plain = score_group(features, usable, group, ["a", "b"], k=3, hardest=(3,))
+    exact = score_group(features, usable, group, ["a", "b"], k=3, hardest=(3,), exact_scores=True)
+    np.testing.assert_array_equal(plain["real"], exact["real"])
+    np.testing.assert_array_equal(plain["synthetic"], exact["synthetic"])
+    f64 = features.astype(np.float64)
+    for t in range(len(support)):
+        want = np.array([_naive_knn(f64[i], f64[support[t]], 3) for i in group.real_ids])
+        got = exact["scores"]["real"][exact["scores"]["rows"].tolist().index(t)]
+        member = group.real_label[t] >= 0
+        np.testing.assert_allclose(got[member], want[member], rtol=1e-12)
+    loose = plain["scores"]["real"][0][group.real_label[0] >= 0]
+    tight = exact["scores"]["real"][0][group.real_label[0] >= 0]
+    assert np.abs(loose - tight).max() > 0  # the default leaves float32 round-off in some kept scores

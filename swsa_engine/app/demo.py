@@ -172,7 +172,8 @@ def run_demo(
         step(f"split references ({REFERENCE_SOURCE})", split_references, store_path, REFERENCE_SOURCE,
              REFERENCE_SHARE, seed)
     cube = step("score", run_sweep, store_path, backbones=[embedding_name(b) for b in plan.backbones], device=device,
-                progress=progress, detectors=list(plan.detectors), protocol=protocol, em_mv=plan.em_mv)
+                progress=progress, detectors=list(plan.detectors), protocol=protocol, em_mv=plan.em_mv,
+                exact_scores=True)  # demo-sized: the kept scores are what `swsa predict` reproduces
     notes = demo_notes(store_path, cube, plan, step.timings)
     paths = write_demo_reports(step, cube, store_path, out, plan, notes, metric)
     if progress:

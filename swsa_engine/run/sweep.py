@@ -131,6 +131,7 @@ class _SweepRun:
     reference_log: ReferenceLog
     protocol: str = DEFAULT_PROTOCOL  # the validation protocol (swsa_engine.core.protocol)
     allow_self_validation: bool = False
+    exact_scores: bool = False  # kNN: every kept score refined to float64 brute force
     scores: ScoreLayout | None = None  # the per-image scores being kept (run_sweep(keep_scores=True))
     skips: list = field(default_factory=list)  # (task_id, candidate, reason)
     read_seconds: float = 0.0
@@ -185,6 +186,7 @@ class _SweepRun:
         for g, group in enumerate(self.groups):
             if isinstance(detector, KnnDetector):
                 result = score_group(prepared, usable_rows, group, sources, k=detector.k, hardest=self.hardest, device=self.device,
+                                     exact_scores=self.exact_scores,
                                      protocol=self.protocol)
             else:
                 result = score_group_detector(prepared, usable_rows, group, sources, detector, hardest=self.hardest,
@@ -209,6 +211,7 @@ class _SweepRun:
             scores=None if self.scores is None else self.scores.scores,
             config={"k": k, "detectors": [d.label for d in inputs.detectors], "hardest": list(self.hardest),
                     "protocol": self.protocol, "allow_self_validation": self.allow_self_validation,
+                    "exact_scores": self.exact_scores,
                     "base_sources": layout.base_sources, "device": self.device,
                     "seconds": round(time.perf_counter() - started, 3), "read_seconds": round(self.read_seconds, 3),
                     "knn_flops": self.knn_flops, "refine_flops": self.refine_flops, "refined_scores": self.refined_scores,
@@ -240,6 +243,7 @@ def run_sweep(
     em_mv: bool = False,
     ensemble_normalisation: str = "rank",
     wait: float | None = 0.0,
+    exact_scores: bool = False,
 ) -> AurocCube:
     """Score every task with every candidate backbone of the store and return the AUROC cube.
 
@@ -269,6 +273,9 @@ def run_sweep(
     ``T × C × (Q + W) × 8`` bytes (Q real test images, W synthetic queries of the widest task),
     logged and stored as ``cube.config["scores_bytes"]``: a few MB for the ELPV demo. Without
     them, strategies that read scores (model centrality) give no pick, and there are no ensembles.
+    ``exact_scores`` refines every kept kNN score to its float64 brute-force value (by default
+    only the scores an AUROC depends on are; the rest are float32 within ~1e-5 relative): exported
+    bundles then reproduce the kept scores to ~1e-12; the AUROCs are the same either way.
     ``ensembles`` (default True, needs ``keep_scores``) appends the ensembles of
     :func:`swsa_engine.core.ensemble_pass.with_ensembles` as candidates of family ``"ensemble"``, each
     member's scores normalised by ``ensemble_normalisation`` (``"rank"``, the default, or ``"zscore"``:
@@ -294,7 +301,7 @@ def run_sweep(
     text_prior = TextPrior.from_store(store_path) if any(d.text_prior for d in inputs.detectors) else None
     priors = [text_prior.for_group(g) for g in groups] if text_prior is not None else [None] * len(groups)
     run = _SweepRun(store_path, groups, layout, inputs.entries, hardest, device, priors, ReferenceLog(), protocol,
-                    bool(allow_self_validation),
+                    bool(allow_self_validation), bool(exact_scores),
                     scores=ScoreLayout.of(groups, layout, [e[0] for e in inputs.entries]) if keep_scores else None)
     usable_images = (inputs.images["status"] == "ok").to_numpy()
     buffer = np.empty(inputs.largest_matrix, dtype=np.float32)  # one matrix at a time, reused

@@ -36,16 +36,19 @@ from pathlib import Path
 
 import numpy as np
 
-from swsa_engine.core.ensembles import COMBINATIONS, combine_scores, shuffled_buckets
+from swsa_engine.core.ensembles import COMBINATIONS, combine_scores, normalise_scores, shuffled_buckets
 from swsa_engine.core.thresholds import f1_optimal_threshold, normal_quantile_threshold
 from swsa_engine.run.bundle import (MANIFEST, VALIDATION_FILE, Bundle, BundleError, json_number, load_bundle,
                                     read_manifest, verified_array, write_bundle)
 
-__all__ = ["ENSEMBLE_KIND", "NORMALISATION_RULE", "EnsembleBundle", "reference_cdf", "combine_members",
+__all__ = ["ENSEMBLE_KIND", "NORMALISATION_RULE", "NORMALISE_OVER", "EnsembleBundle", "reference_cdf", "combine_members",
            "member_weights", "write_ensemble_bundle", "load_ensemble_bundle", "is_ensemble_bundle"]
 
 ENSEMBLE_KIND = "ensemble"
 MEMBERS_DIR = "members"
+#: how ``swsa predict`` normalises an ensemble's member scores: each image against the member's
+#: reference pool (default), or over the images scored together (as the cube does over a test pool)
+NORMALISE_OVER = ("reference", "batch")
 NORMALISATION_RULE = ("each member's score x is replaced by its mid-rank position in the member's reference pool R "
                       "(its leave-one-out scores of the task's held-out normals): (#{r < x} + #{r == x} / 2) / |R|")
 
@@ -154,9 +157,17 @@ class EnsembleBundle:
     def method(self) -> str:
         return self.manifest["ensemble"]["method"]
 
-    def combine(self, member_scores: np.ndarray) -> np.ndarray:
-        """(M, N) raw member scores → (N,) ensemble scores (:data:`NORMALISATION_RULE`, then the combination)."""
-        normalised = np.stack([reference_cdf(s, r) for s, r in zip(member_scores, self.references)])
+    def combine(self, member_scores: np.ndarray, normalise_over: str = "reference") -> np.ndarray:
+        """(M, N) raw member scores → (N,) ensemble scores, then the combination. ``normalise_over``:
+        ``"reference"`` (:data:`NORMALISATION_RULE`: each image on its own, against the member's
+        reference pool) or ``"batch"`` (rank-normalised over the N images scored together, exactly as
+        the cube normalises over a task's test pool: scoring that pool reproduces the cube's scores)."""
+        if normalise_over not in NORMALISE_OVER:
+            raise ValueError(f"normalise_over must be one of {', '.join(NORMALISE_OVER)}, got {normalise_over!r}")
+        if normalise_over == "batch":
+            normalised = normalise_scores(np.asarray(member_scores, dtype=np.float64)[None], None, "rank")[0]
+        else:
+            normalised = np.stack([reference_cdf(s, r) for s, r in zip(member_scores, self.references)])
         return combine_members(normalised, self.method, self.weights)
 
     def threshold(self, name=None) -> tuple[str, float]:

@@ -285,8 +285,10 @@ class EnsemblePredictor:
                                      num_workers=num_workers))
         return cls(bundle, members)
 
-    def predict(self, images, *, threshold: str | float | None = None, progress: bool = False) -> pd.DataFrame:
-        """As :meth:`Predictor.predict`, the score being the ensemble's (see the module of the bundle)."""
+    def predict(self, images, *, threshold: str | float | None = None, progress: bool = False,
+                normalise_over: str = "reference") -> pd.DataFrame:
+        """As :meth:`Predictor.predict`, the score being the ensemble's (see the module of the bundle);
+        ``normalise_over`` as :meth:`~swsa_engine.run.bundle_ensemble.EnsembleBundle.combine`."""
         rule, value = self.bundle.threshold(threshold)
         listed = expand_images([images] if isinstance(images, (str, os.PathLike)) else images)
         errors = [e for _, e in listed]
@@ -304,7 +306,7 @@ class EnsemblePredictor:
         scores = np.full(len(listed), np.nan)
         complete = np.isfinite(raw).all(axis=0)
         if complete.any():
-            scores[complete] = self.bundle.combine(raw[:, complete])
+            scores[complete] = self.bundle.combine(raw[:, complete], normalise_over)
         errors = [e or ("" if ok else "a member could not score the image") for e, ok in zip(errors, complete)]
         names = [entry["name"] for entry in self.bundle.manifest["ensemble"]["members"]]
         return prediction_frame(listed, scores, errors, (rule, value), self.bundle.manifest["candidate"]["name"],

@@ -50,8 +50,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
         page, written = write_prediction_gallery(args.heatmaps, frame, maps, predictor.model_view,
                                                  alpha=args.heatmap_alpha, progress=not args.quiet)
         frame["heatmap"] = written
-    else:
+    elif isinstance(predictor, Predictor):
+        if args.normalise_over != "reference":
+            raise BundleError(f"--normalise-over applies to ensemble bundles; {args.detector} is a single detector")
         frame = predictor.predict(args.images, threshold=args.threshold, progress=not args.quiet)
+    else:
+        frame = predictor.predict(args.images, threshold=args.threshold, progress=not args.quiet,
+                                  normalise_over=args.normalise_over)
     write_csv(frame, args.out or sys.stdout, float_format="%.17g")  # paths from the user: formula-escaped
     failed = int((frame["error"] != "").sum())
     summary = {"images": len(frame), "anomalies": int((frame["decision"] == "anomaly").sum()), "unreadable": failed,
@@ -91,6 +96,10 @@ def add_predict_command(sub: argparse._SubParsersAction) -> None:
                         f"gallery sorted by score ({GALLERY_FILE}) into DIR; the CSV gains a heatmap column")
     p.add_argument("--heatmap-alpha", type=float, default=HEATMAP_ALPHA,
                    help=f"weight of the heat map over the image, 0-1 (default {HEATMAP_ALPHA})")
+    p.add_argument("--normalise-over", choices=["reference", "batch"], default="reference",
+                   help="ensemble bundles: normalise each member's scores against its reference pool of held-out "
+                        "normals (default: every image on its own), or over the images given together (batch: as the "
+                        "cube does over a task's test pool, so scoring that pool reproduces the cube's scores)")
     p.add_argument("--threshold", default=None,
                    help="normal_quantile, synthetic_f1 or a number (default: the bundle's default threshold)")
     add_device_option(p, help="cpu (default) or cuda")

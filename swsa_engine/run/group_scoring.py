@@ -18,7 +18,9 @@ Image ids are catalog ids, ``-1`` = padding; ``T'`` is the number of scored task
 
 from __future__ import annotations
 
+import time
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
@@ -35,6 +37,17 @@ def features_for(features: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Gather rows ``features[ids]`` for ids of any shape (-1 padded): ``ids.shape + features.shape[1:]``,
     with padding read as row 0 (callers mask it downstream with ``ids >= 0``)."""
     return features[np.where(ids >= 0, ids, 0)]
+
+
+@contextmanager
+def timed_stage(seconds: dict, name: str):
+    """Add the seconds spent inside the block to ``seconds[name]`` (the sweep's stage breakdown,
+    ``cube.config["stage_seconds"]``)."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - started
 
 
 def empty_result(group: TaskGroup, sources: list[str], hardest: tuple[int, ...], skips: list) -> dict:

@@ -10,8 +10,6 @@ equals the one from exact float64 scores. Queries and AUROCs are those of every 
 
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,8 +18,8 @@ from swsa_engine.core.certified import order_uncertain, synthetic_uncertain
 from swsa_engine.core.knn import bounded_knn_shared, bounded_knn_tasks, centre_rows, exact_knn_candidates, knn_score_batched
 from swsa_engine.core.protocol import DEFAULT_PROTOCOL
 from swsa_engine.run.group_scoring import (empty_result, features_for, kernel_exclude, own_real_queries, put_real,
-                                           short_banks, synthetic_queries, usable_banks, validation_aurocs,
-                                           validation_exclusions)
+                                           short_banks, synthetic_queries, timed_stage, usable_banks,
+                                           validation_aurocs, validation_exclusions)
 from swsa_engine.run.task_groups import TaskGroup
 
 
@@ -40,26 +38,15 @@ class _KnnPass:
 
     def scores(self, queries: np.ndarray, exclude: np.ndarray | None):
         """Float32 scores with error bounds of per-task queries (T', W): :func:`_batched_knn`."""
-        with stage(self.out, "knn"):
+        with timed_stage(self.out["stage_seconds"], "knn"):
             return _batched_knn(self.prepared, queries, self.support, exclude, self.k, self.device, self.chunk_bytes,
                                 self.out)
 
     def refine(self, queries: np.ndarray, exclude: np.ndarray | None, scores: np.ndarray, uncertain: np.ndarray) -> int:
         """Exact scores in place of ``scores[uncertain]``: :func:`_refine`."""
-        with stage(self.out, "refine"):
+        with timed_stage(self.out["stage_seconds"], "refine"):
             return _refine(self.features, self.prepared, queries, self.support, exclude, scores, uncertain, self.k,
                            self.device, self.chunk_bytes, self.out)
-
-
-@contextmanager
-def stage(out: dict, name: str):
-    """Add the seconds spent inside the block to ``out["stage_seconds"][name]`` (the bench's breakdown)."""
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        seconds = out["stage_seconds"]
-        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - started
 
 
 def score_group(
@@ -105,9 +92,34 @@ def score_group(
     """
     support, _, scoreable, skips = usable_banks(group, usable, (k, k + 1), f"k={k}")
     out = empty_result(group, sources, hardest, skips)
-    rows = np.flatnonzero(scoreable)
-    if rows.size == 0:
+    planned = _scoreable_tasks(group, usable, sources, np.flatnonzero(scoreable), support, k, protocol, out)
+    if planned is None:
         return out
+    rows, support, queries, widths, exclude = planned
+    real_ok = usable[group.real_ids]
+    # one centre and one float64 norm per row for every kernel call of this group
+    with timed_stage(out["stage_seconds"], "prepare"):
+        prepared = centre_rows(features, np.r_[support[support >= 0], group.real_ids[real_ok], queries[queries >= 0]],
+                               support[support >= 0], device=device)
+    knn = _KnnPass(features, prepared, support, k, device, chunk_bytes, out, exact_scores)
+    real_scores, refined_real = _real_knn_scores(knn, group, rows, real_ok)
+    synth_scores, refined_synthetic = _synthetic_knn_scores(knn, queries, kernel_exclude(exclude), widths, hardest)
+    out["refined_scores"] = refined_real + refined_synthetic
+    with timed_stage(out["stage_seconds"], "aurocs"):
+        aurocs = validation_aurocs(group, rows, real_scores, queries, synth_scores, widths, sources, hardest)
+    for key in ("real", "synthetic", "per_class"):
+        out[key][rows] = aurocs[key]
+    out["scores"] = {"rows": rows, "real": real_scores, "queries": queries, "synthetic": synth_scores}
+    return out
+
+
+def _scoreable_tasks(group: TaskGroup, usable: np.ndarray, sources: list[str], rows: np.ndarray, support: np.ndarray,
+                     k: int, protocol: str, out: dict):
+    """``(rows, support, queries, widths, exclude)`` of the tasks ``rows`` that keep at least ``k + 1``
+    bank rows once each synthetic query's origins are left out (the others' skips added to ``out``),
+    or None when no task is left."""
+    if rows.size == 0:
+        return None
     support = support[rows]
     queries, widths = synthetic_queries(group, rows, sources, usable)
     exclude = validation_exclusions(group, rows, support, queries, widths, sources, protocol)
@@ -115,23 +127,7 @@ def score_group(
     if short.any():  # too few bank rows once a query's origins are left out
         out["skips"] += short_skips
         rows, support, queries, exclude = rows[~short], support[~short], queries[~short], exclude[~short]
-        if rows.size == 0:
-            return out
-    real_ok = usable[group.real_ids]
-    # one centre and one float64 norm per row for every kernel call of this group
-    with stage(out, "prepare"):
-        prepared = centre_rows(features, np.r_[support[support >= 0], group.real_ids[real_ok], queries[queries >= 0]],
-                               support[support >= 0], device=device)
-    knn = _KnnPass(features, prepared, support, k, device, chunk_bytes, out, exact_scores)
-    real_scores, refined_real = _real_knn_scores(knn, group, rows, real_ok)
-    synth_scores, refined_synthetic = _synthetic_knn_scores(knn, queries, kernel_exclude(exclude), widths, hardest)
-    out["refined_scores"] = refined_real + refined_synthetic
-    with stage(out, "aurocs"):
-        aurocs = validation_aurocs(group, rows, real_scores, queries, synth_scores, widths, sources, hardest)
-    for key in ("real", "synthetic", "per_class"):
-        out[key][rows] = aurocs[key]
-    out["scores"] = {"rows": rows, "real": real_scores, "queries": queries, "synthetic": synth_scores}
-    return out
+    return (rows, support, queries, widths, exclude) if rows.size else None
 
 
 def _real_knn_scores(knn: _KnnPass, group: TaskGroup, rows: np.ndarray, real_ok: np.ndarray) -> tuple[np.ndarray, int]:
@@ -147,11 +143,11 @@ def _real_knn_scores(knn: _KnnPass, group: TaskGroup, rows: np.ndarray, real_ok:
         # tasks share their real validation images (one-vs-rest over classes): one distance
         # block of every query against the union of the banks, gathered per task
         query_ids = group.real_ids[real_ok]
-        with stage(knn.out, "knn"):
+        with timed_stage(knn.out["stage_seconds"], "knn"):
             approx, bounds = bounded_knn_shared(knn.prepared, query_ids, support, knn.k)
         knn.out["knn_flops"] += 2.0 * dense_cost * knn.features.shape[1]
         labels = np.where(member[:, real_ok], group.real_label[rows][:, real_ok], -1)
-        with stage(knn.out, "certify"):
+        with timed_stage(knn.out["stage_seconds"], "certify"):
             uncertain = (labels >= 0) if knn.exact_scores else order_uncertain(approx, bounds, labels)
         refined = knn.refine(np.broadcast_to(query_ids, approx.shape), None, approx, uncertain)
         real_scores[:, real_ok] = approx
@@ -160,7 +156,7 @@ def _real_knn_scores(knn: _KnnPass, group: TaskGroup, rows: np.ndarray, real_ok:
     order, present, own_queries = own_real_queries(group, member, widest)
     scores, bounds = knn.scores(own_queries, None)
     labels = np.where(present, np.take_along_axis(group.real_label[rows], order, axis=1), -1)
-    with stage(knn.out, "certify"):
+    with timed_stage(knn.out["stage_seconds"], "certify"):
         uncertain = (labels >= 0) if knn.exact_scores else order_uncertain(scores, bounds, labels)
     refined = knn.refine(own_queries, None, scores, uncertain)
     put_real(real_scores, order, present, scores, member)
@@ -173,7 +169,7 @@ def _synthetic_knn_scores(knn: _KnnPass, queries: np.ndarray, exclude: np.ndarra
     source's anomalies), each without the bank rows ``exclude`` (T', W) or (T', W, E) names, exact
     wherever a synthetic AUROC or hardest-N set depends on it; and how many were refined."""
     scores, bounds = knn.scores(queries, exclude)
-    with stage(knn.out, "certify"):
+    with timed_stage(knn.out["stage_seconds"], "certify"):
         uncertain = (queries >= 0) if knn.exact_scores else synthetic_uncertain(scores, bounds, queries >= 0, widths, hardest)
     refined = knn.refine(queries, exclude, scores, uncertain)
     return scores, refined

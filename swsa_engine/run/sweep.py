@@ -44,7 +44,7 @@ from swsa_engine.run.cube_io import SCORES_RESULT, save_cube, save_scores
 from swsa_engine.run.cube_layout import CubeLayout, ScoreLayout
 from swsa_engine.run.detector_sweep import ReferenceLog, detector_features, score_group_detector
 from swsa_engine.run.em_mv_pass import run_em_mv_pass
-from swsa_engine.run.group_scoring import score_group_imported
+from swsa_engine.run.group_scoring import score_group_imported, timed_stage
 from swsa_engine.run.knn_sweep import score_group
 from swsa_engine.run.task_groups import TaskGroup, build_task_groups
 from swsa_engine.run.text_prior import TextPrior
@@ -324,9 +324,8 @@ def _finish(cube: AurocCube, store_path, started: float, *, keep_scores: bool, e
     """The passes after scoring (ensembles, EM/MV), each timed into ``config["stage_seconds"]``, then saving."""
     stages = cube.config["stage_seconds"]
     if keep_scores:
-        ensembles_started = time.perf_counter()
-        cube = with_ensembles(cube, cube.scores, normalisation=ensemble_normalisation) if ensembles else cube
-        stages["ensembles"] = round(time.perf_counter() - ensembles_started, 3)
+        with timed_stage(stages, "ensembles"):
+            cube = with_ensembles(cube, cube.scores, normalisation=ensemble_normalisation) if ensembles else cube
         cube.config.update({"scores_result": SCORES_RESULT, "scores_bytes": cube.scores.nbytes})
         log.info("per-image scores: %.1f MB", cube.scores.nbytes / 2**20)
     cube.config["ensembles_built"] = bool(keep_scores and ensembles)
@@ -336,9 +335,8 @@ def _finish(cube: AurocCube, store_path, started: float, *, keep_scores: bool, e
         stages["em_mv"] = cube.config["em_mv"]["settings"]["seconds"]
     cube.config["seconds"] = round(time.perf_counter() - started, 3)  # everything but saving
     if save:
-        save_started = time.perf_counter()
-        if keep_scores:
-            save_scores(cube.scores, store_path)
-        save_cube(cube, store_path)
-        stages["save"] = round(time.perf_counter() - save_started, 3)  # in the returned cube only
+        with timed_stage(stages, "save"):  # in the returned cube only
+            if keep_scores:
+                save_scores(cube.scores, store_path)
+            save_cube(cube, store_path)
     return cube

@@ -109,6 +109,21 @@ class ScoreCube:
                          self.real_in_rest[rows], self.real_group[rows], self.group_names[rows], self.real_scores[rows],
                          self.synthetic_ids[rows], self.synthetic_part[rows], self.synthetic_scores[rows])
 
+    def without_source(self, source: str) -> "ScoreCube":
+        """This score cube as if ``source`` had never been generated: its anomalies become padding
+        (part -1, score NaN) and the later sources' parts move down by one."""
+        if source not in self.sources:
+            raise ValueError(f"unknown synthetic source {source!r}; the score cube holds: {', '.join(self.sources)}")
+        v = self.sources.index(source) + 1
+        dropped = self.synthetic_part == v
+        part = np.where(self.synthetic_part > v, self.synthetic_part - 1, self.synthetic_part).astype(np.int8)
+        part[dropped] = -1
+        values = np.where(dropped[:, None, :], np.nan, self.synthetic_scores)
+        ids = np.where(dropped, -1, self.synthetic_ids)
+        return ScoreCube(self.task_ids, self.candidates, [s for s in self.sources if s != source], self.real_ids,
+                         self.real_label, self.real_in_rest, self.real_group, self.group_names, self.real_scores,
+                         ids, part, values)
+
     def with_candidates(self, names: list[str], real_scores: np.ndarray, synthetic_scores: np.ndarray) -> "ScoreCube":
         """This score cube with candidates ``names`` appended: ``real_scores`` (T, K, Q), ``synthetic_scores`` (T, K, W)."""
         return ScoreCube(self.task_ids, self.candidates + list(names), self.sources, self.real_ids, self.real_label,

@@ -37,6 +37,7 @@ from swsa_engine.core.cube import SETTINGS, AurocCube
 from swsa_engine.core.metric_cube import DEFAULT_METRIC
 from swsa_engine.core.protocol import protocol_line
 from swsa_engine.core.selection import per_task_picks, ranking_table
+from swsa_engine.core.source_transfer import transfer_table
 from swsa_engine.report.confidence import picks_with_confidence, report_confidence
 from swsa_engine.report.distribution import sample_tasks
 from swsa_engine.report.figures.figure3 import figure3_data
@@ -46,6 +47,7 @@ from swsa_engine.report.html_payload import task_payloads
 from swsa_engine.report.html_thumbs import file_uri, thumbnail
 from swsa_engine.report.metric_tables import metric_display, metric_html, metric_note, metric_tables_for, metric_text
 from swsa_engine.report.recommendation_table import ensemble_normalisation_line, recommendation_table
+from swsa_engine.report.transfer_tables import transfer_html
 from swsa_engine.report.tables import (RANDOM_CANDIDATES_NOTE, STRATEGIES_NOTE, ReportTables, all_skips,
                                        random_candidates, read_csv, table1_display, table2_note)
 
@@ -102,6 +104,8 @@ def write_html_report(
     figures = _ReportFigures.read(cube, report_dir)
     recommendation = _read_csv(report_dir, "recommendation.csv")  # as the Markdown report wrote it, else computed
     recommendation = recommendation_table(cube) if recommendation is None else recommendation
+    transfer = _read_csv(report_dir, "transfer.csv")
+    transfer = transfer_table(cube) if transfer is None else transfer
     index, sections = [], []
     for task_id, entry, payload in task_payloads(
         cube, store_path, tables.picks, tables.skips, thumb_size=thumb_size, max_per_generator=max_per_generator,
@@ -119,6 +123,7 @@ def write_html_report(
     parts = [
         *_page_head(title), *_intro_html(cube, notes, randoms), *_tables_html(tables, metric),
         *metric_html(cube, _read_csv(report_dir, "metrics.csv"), _read_csv(report_dir, "thresholds.csv")),
+        *transfer_html(transfer),
         *_figures_html(figures),
         *_tasks_html(thumb_size, max_per_generator, n_real),
         json_script("meta", meta), json_script("task-index", index), json_script("fig3-data", figure3_data(cube)),

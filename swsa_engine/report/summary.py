@@ -17,6 +17,7 @@ from swsa_engine.core.cube import AurocCube
 from swsa_engine.core.metric_cube import DEFAULT_METRIC, metric_cube, metric_strategies
 from swsa_engine.core.protocol import protocol_line
 from swsa_engine.core.selection import per_task_picks, ranking_table, selection_table
+from swsa_engine.core.source_transfer import transfer_table
 from swsa_engine.core.strategy_comparison import strategies_table
 from swsa_engine.report.atomic import publish, staging_dir
 from swsa_engine.report.clip_tables import clip_report_lines
@@ -26,6 +27,7 @@ from swsa_engine.report.figures import create_figure
 from swsa_engine.report.figures.figure3 import figure3
 from swsa_engine.report.metric_tables import metric_display, metric_lines, metric_report_lines, metric_text
 from swsa_engine.report.recommendation_table import recommendation_lines, recommendation_table
+from swsa_engine.report.transfer_tables import transfer_lines
 from swsa_engine.report.tables import (RANDOM_CANDIDATES_NOTE, STRATEGIES_NOTE, TABLE2_FORMATS, ReportTables,
                                        all_skips, detector_families, markdown_table, random_candidates,
                                        strategies_display, table1_display, table2_display, table2_note, write_csv)
@@ -49,7 +51,8 @@ def write_report(
     """Write ``report.md``, ``table1.csv/.md``, ``table2.csv/.md``, ``tasks.csv``, ``summary.json``,
     ``strategies.csv`` (:func:`~swsa_engine.core.strategy_comparison.strategies_table`),
     ``pick_confidence.csv`` (:mod:`swsa_engine.report.confidence`; with the cube's per-image scores,
-    ``cube.scores`` or the store's), ``recommendation.csv`` (:mod:`swsa_engine.report.recommendation_table`),
+    ``cube.scores`` or the store's), ``recommendation.csv`` (:mod:`swsa_engine.report.recommendation_table`), ``transfer.csv``
+    (:func:`~swsa_engine.core.source_transfer.transfer_table`, :mod:`swsa_engine.report.transfer_tables`),
     ``figure3.png`` and ``strategies.png`` into ``out_dir``; returns their paths.
 
     With ``store_path``: ``table3_tasks > 0`` adds Table 3 (total variation, that many tasks per
@@ -76,6 +79,10 @@ def write_report(
     write_csv(recommended, paths["recommendation_csv"])
     lines = _intro_lines(cube, title, notes, randoms) + metric_lines(metric) + _table_lines(tables, metric)
     lines += recommendation_lines(recommended, cube.config)
+    transfer = transfer_table(cube)  # leave one synthetic source out: the synthetic evidence behind the rule
+    paths["transfer_csv"] = out / "transfer.csv"
+    write_csv(transfer, paths["transfer_csv"])
+    lines += transfer_lines(transfer)
     if "figure4" in paths:
         lines += ["## Figure 4 — t-SNE of one task per dataset", "", "![figure 4](figure4.png)", ""]
     if store_path is not None:  # prompt selection and BLISS blocks, when those cubes exist

@@ -136,3 +136,67 @@ def test_greedy_selection_equals_a_naive_loop():
     want = naive_greedy(normalised, parts, 2, steps=4, bags=3, fraction=0.5, seed=3)
     np.testing.assert_allclose(got, want, atol=1e-12)
     np.testing.assert_allclose(got.sum(axis=1), 1.0)
+
+
+def test_part_aurocs_hardest_equal_the_cubes_columns():
+    """With ``hardest`` the N-hardest columns are, bit for bit, what score_aurocs computes (the N
+    lowest anomaly scores of a source against the normals), ties, NaNs and short sources included."""
+    import warnings
+
+    from swsa_engine.core.score_cube import synthetic_column_parts, two_part_auroc
+
+    rng = np.random.default_rng(12)
+    scores = tied_scores(13, (5, 3, 36))
+    scores[rng.random(scores.shape) < 0.1] = np.nan
+    parts = rng.integers(-1, 4, size=(5, 36))
+    parts[4][parts[4] == 3] = 2  # task 4 has no anomaly of source 2
+    hardest = (4, 1, 0, 30)
+    got = part_aurocs_finite(scores, parts, 3, hardest)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = np.stack([two_part_auroc(*p) for p in synthetic_column_parts(scores, parts, 3, hardest)], axis=2)
+    np.testing.assert_array_equal(got, want)
+    assert got.shape == (5, 3, 3 * 5) and np.isnan(got[4, :, 2]).all()
+
+
+def test_part_aurocs_of_many_classes_equal_grouped_auroc():
+    """Parts need not be synthetic sources: normals against each of 12 classes (more parts than the
+    per-part loop handles, so the one-pass sum) is exactly cube.grouped_auroc."""
+    from swsa_engine.core.cube import grouped_auroc
+
+    rng = np.random.default_rng(14)
+    scores = tied_scores(15, (6, 50))
+    labels = rng.choice([-1, 0, 1], size=(6, 50), p=[0.1, 0.4, 0.5]).astype(np.int8)
+    groups = np.where(labels == 1, rng.integers(0, 12, size=(6, 50)), -1)
+    parts = np.where(labels == 0, 0, np.where(labels == 1, groups + 1, -1))
+    got = part_aurocs_finite(np.where(labels >= 0, scores, np.nan), parts, 12)
+    np.testing.assert_array_equal(got, grouped_auroc(np.where(labels >= 0, scores, np.nan), labels, groups, 12))
+
+
+def test_median_combination_is_numpy_median_with_nans():
+    """The sort-based median is np.median bit for bit (odd and even member counts, ties), NaN where a member is."""
+    for members in (1, 2, 5, 6):
+        values = tied_scores(17 + members, (3, members, 20)) / 4
+        values[0, 0, :3] = np.nan
+        got = combine_scores(values, "median")
+        np.testing.assert_array_equal(got, np.median(values, axis=1))
+        assert np.isnan(got[0, :3]).all()
+
+
+def test_tie_groups_against_a_loop():
+    from swsa_engine.core.synthetic_resampling import tie_groups
+
+    rows = np.sort(np.where(np.random.default_rng(18).random((4, 15)) < 0.2, np.inf, tied_scores(19, (4, 15))), axis=1)
+    first, last, members = tie_groups(rows)
+    want = []
+    for r, row in enumerate(rows):
+        p = 0
+        while p < len(row):
+            q = p
+            while q + 1 < len(row) and row[q + 1] == row[p]:
+                q += 1
+            if q > p and np.isfinite(row[p]):
+                want.append((r * 15 + p, r * 15 + q))
+            p = q + 1
+    assert list(zip(first.tolist(), last.tolist())) == want
+    assert members.tolist() == [i for f, la in want for i in range(f, la + 1)]

@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from swsa_engine.core.metrics import rankdata_midrank
-from swsa_engine.core.synthetic_resampling import part_aurocs_finite
+from swsa_engine.core.synthetic_resampling import part_aurocs_finite, tie_groups
 from swsa_engine.core.validation import as_bool_mask, as_real_array, check_positive_int
 
 __all__ = ["NORMALISATIONS", "COMBINATIONS", "check_normalisation", "normalise_scores", "combine_scores", "shuffled_buckets",
@@ -33,6 +32,8 @@ NORMALISATIONS = ("rank", "zscore")
 COMBINATIONS = ("mean", "max", "median", "aom", "moa")
 #: greedy selection: validation AUROCs closer than this are a tie (broken by the member's order)
 TIE_TOLERANCE = 1e-12
+#: greedy selection: at most about this many trial scores (tasks × bags × members × queries) at once
+GREEDY_CHUNK = 2 ** 18
 
 
 def check_normalisation(method) -> str:
@@ -51,7 +52,7 @@ def normalise_scores(scores, mask=None, method: str = "rank") -> np.ndarray:
     member is constant on the task). Higher stays more anomalous.
     """
     check_normalisation(method)
-    values = as_real_array(scores, "scores", ndim=3, shape_doc="(T, C, N)").astype(np.float64)
+    values = as_real_array(scores, "scores", ndim=3, shape_doc="(T, C, N)").astype(np.float64, copy=False)
     included = as_bool_mask(mask, "mask", (values.shape[0], values.shape[2]), "(T, N)")[:, None, :]
     bad = included & ~np.isfinite(values)
     if bad.any():
@@ -60,7 +61,8 @@ def normalise_scores(scores, mask=None, method: str = "rank") -> np.ndarray:
                          f"candidate {c}, image {n}); exclude such a candidate by a recorded rule before combining")
     count = included.sum(axis=-1, keepdims=True)
     if method == "rank":
-        ranks = rankdata_midrank(np.where(included, values, np.inf))
+        keys = np.where(included, values, np.inf)
+        ranks = _midranks(keys.reshape(-1, keys.shape[-1])).reshape(keys.shape)
         with np.errstate(invalid="ignore", divide="ignore"):
             out = np.where(count > 1, (ranks - 1.0) / (count - 1.0), 0.5)
     else:
@@ -70,6 +72,26 @@ def normalise_scores(scores, mask=None, method: str = "rank") -> np.ndarray:
         with np.errstate(invalid="ignore", divide="ignore"):
             out = np.where(std > 0, (values - mean) / std, 0.0)
     return np.where(included, out, np.nan)
+
+
+def _midranks(keys: np.ndarray) -> np.ndarray:
+    """(R, N) float64 mid-ranks 1..N of each row of ``keys`` (finite values, +inf for the padding,
+    which ranks last): :func:`~swsa_engine.core.metrics.rankdata_midrank` on every entry that is not
+    padding, but with one sort, one gather and one scatter per row and only the (rare) tie groups
+    of :func:`~swsa_engine.core.synthetic_resampling.tie_groups` visited afterwards (the padding's
+    ranks among themselves are left as positions: never read)."""
+    n_rows, n = keys.shape
+    order = np.argsort(keys, axis=1)
+    order += (np.arange(n_rows) * n)[:, None]
+    in_sorted = np.empty(keys.shape, dtype=np.float64)
+    in_sorted[:] = np.arange(1, n + 1, dtype=np.float64)
+    first, last, members = tie_groups(keys.reshape(-1)[order])
+    if members.size:  # a group's mid-rank: half its doubled value (first + last positions + 2), as scipy's
+        row_start = first - first % n
+        in_sorted.reshape(-1)[members] = np.repeat((first + last - 2 * row_start + 2) / 2.0, last - first + 1)
+    ranks = np.empty(keys.shape, dtype=np.float64)
+    ranks.reshape(-1)[order] = in_sorted
+    return ranks
 
 
 def shuffled_buckets(n_members: int, n_buckets: int, seed: int = 0) -> list[np.ndarray]:
@@ -91,7 +113,7 @@ def combine_scores(normalised, method: str = "mean", *, weights=None, buckets: l
     """
     if method not in COMBINATIONS:
         raise ValueError(f"combination {method!r} is unknown; choose one of {', '.join(COMBINATIONS)}")
-    values = as_real_array(normalised, "normalised", ndim=3, shape_doc="(T, C, N)").astype(np.float64)
+    values = as_real_array(normalised, "normalised", ndim=3, shape_doc="(T, C, N)").astype(np.float64, copy=False)
     if values.shape[1] == 0:
         raise ValueError("an ensemble needs at least one member; the pool given has none")
     if method == "mean":
@@ -101,33 +123,59 @@ def combine_scores(normalised, method: str = "mean", *, weights=None, buckets: l
         if (w < 0).any() or not (w.sum(axis=1) > 0).all():
             raise ValueError("ensemble weights must be ≥ 0 with a positive sum for every task")
         return np.einsum("tcn,tc->tn", values, w) / w.sum(axis=1)[:, None]
-    if method in ("max", "median"):
-        return values.max(axis=1) if method == "max" else np.median(values, axis=1)
+    if method == "max":
+        return values.max(axis=1)
+    if method == "median":
+        return _median(values)
     groups = buckets if buckets is not None else shuffled_buckets(values.shape[1], min(5, values.shape[1]))
     inner = np.max if method == "aom" else np.mean
     outer = np.mean if method == "aom" else np.max
     return outer(np.stack([inner(values[:, np.asarray(g), :], axis=1) for g in groups], axis=1), axis=1)
 
 
-def _greedy_run(normalised: np.ndarray, parts: np.ndarray, n_sources: int, members: np.ndarray, steps: int) -> np.ndarray:
-    """(T, C) counts of one greedy forward selection with replacement over ``members`` (indices)."""
-    n_tasks, n_candidates, width = normalised.shape
+def _median(values: np.ndarray) -> np.ndarray:
+    """(T, C, N) → (T, N) median over the members, exactly ``np.median(values, axis=1)`` (the
+    middle value, or the mean of the two middle values: the same one addition and halving) but by
+    one sort of the short member axis rather than a partition per image; NaN where a member is."""
+    ordered = np.sort(values, axis=1)
+    middle = values.shape[1] // 2
+    out = ordered[:, middle] if values.shape[1] % 2 else (ordered[:, middle - 1] + ordered[:, middle]) / 2.0
+    return np.where(np.isnan(ordered[:, -1]), np.nan, out)  # NaN sorts last: a NaN member makes it NaN
+
+
+def _greedy_bags(packed: np.ndarray, parts: np.ndarray, n_sources: int, draws: np.ndarray, steps: int) -> np.ndarray:
+    """(T, C) counts of every bag's greedy forward selection with replacement, all bags at once:
+    ``packed`` (T, C, W) scores, ``parts`` (T, W), ``draws`` (B, S) each bag's members. Each bag
+    keeps its own running total, added to in the same order as a bag run alone, so its trial
+    scores (and so its choices) are those of a run of that bag by itself."""
+    n_tasks, n_candidates, width = packed.shape
+    n_bags = draws.shape[0]
+    tasks = np.arange(n_tasks)[:, None]
     counts = np.zeros((n_tasks, n_candidates))
-    total = np.zeros((n_tasks, width))
-    pool = normalised[:, members, :]  # (T, M, W)
+    total = np.zeros((n_tasks, n_bags, width))
+    pool = packed[:, draws, :]  # (T, B, S, W)
     for step in range(steps):
-        trial = (total[:, None, :] + pool) / (step + 1)  # (T, M, W) the ensemble if each member were added
-        with np.errstate(invalid="ignore"):
-            # NaN (padding) scores are left out by part_aurocs_finite itself
-            value = np.nanmean(part_aurocs_finite(trial, parts, n_sources), axis=-1)  # (T, M)
+        if step == 0:  # every total is still 0 (0 + x = x): each candidate's AUROCs serve every bag holding it
+            value = _validation_value(packed, parts, n_sources)[:, draws]
+        else:
+            trial = total[:, :, None, :] + pool  # (T, B, S, W) the ensemble if each member were added
+            trial /= step + 1
+            value = _validation_value(trial, parts, n_sources)  # (T, B, S)
         value = np.where(np.isnan(value), -np.inf, value)
         # members within TIE_TOLERANCE of the best count as tied: the first of them is taken, so the
         # choice does not hinge on rounding in the last bits of an AUROC
-        best = np.argmax(value >= value.max(axis=1, keepdims=True) - TIE_TOLERANCE, axis=1)
-        chosen = members[best]
-        counts[np.arange(n_tasks), chosen] += 1
-        total += normalised[np.arange(n_tasks), chosen, :]
+        best = np.argmax(value >= value.max(axis=-1, keepdims=True) - TIE_TOLERANCE, axis=-1)  # (T, B)
+        chosen = draws[np.arange(n_bags), best]
+        np.add.at(counts, (np.broadcast_to(tasks, chosen.shape), chosen), 1)
+        total += packed[tasks, chosen]
     return counts
+
+
+def _validation_value(scores: np.ndarray, parts: np.ndarray, n_sources: int) -> np.ndarray:
+    """(T, ...) synthetic AUROC averaged over the sources of ``scores`` (T, ..., W); NaN (padding)
+    scores are left out by :func:`part_aurocs_finite` itself; NaN where no source is defined."""
+    with np.errstate(invalid="ignore"):
+        return np.nanmean(part_aurocs_finite(scores, parts, n_sources), axis=-1)
 
 
 def greedy_ensemble_weights(normalised, parts, n_sources: int, *, steps: int = 20, bags: int = 10,
@@ -140,7 +188,7 @@ def greedy_ensemble_weights(normalised, parts, n_sources: int, *, steps: int = 2
     raises the ensemble's synthetic AUROC averaged over the ``n_sources`` sources; the weights
     are the members' counts summed over the bags (Caruana et al. 2004, bagged selection).
     """
-    values = as_real_array(normalised, "normalised", ndim=3, shape_doc="(T, C, W)").astype(np.float64)
+    values = as_real_array(normalised, "normalised", ndim=3, shape_doc="(T, C, W)").astype(np.float64, copy=False)
     steps = check_positive_int(steps, "steps", "steps=20")
     bags = check_positive_int(bags, "bags", "bags=10")
     if not 0.0 < fraction <= 1.0:
@@ -148,17 +196,20 @@ def greedy_ensemble_weights(normalised, parts, n_sources: int, *, steps: int = 2
     n_candidates = values.shape[1]
     size = max(1, int(round(fraction * n_candidates)))
     rng = np.random.default_rng(seed)
-    draws = [np.sort(rng.choice(n_candidates, size=size, replace=False)) for _ in range(bags)]
+    draws = np.stack([np.sort(rng.choice(n_candidates, size=size, replace=False)) for _ in range(bags)])
     parts = np.asarray(parts)
     counts = np.zeros(values.shape[:2])
     # tasks of similar width together, their queries packed to the front: no sorting of padding
-    # (AUROCs do not depend on the queries' order, so the weights are those of the padded arrays)
+    # (AUROCs do not depend on the queries' order, so the weights are those of the padded arrays);
+    # a few tasks at a time, so that the (tasks, bags, members, width) trials stay small
     for rows, width in _width_buckets((parts >= 0).sum(axis=1)):
         order = np.argsort(parts[rows] < 0, axis=1, kind="stable")[:, :width]
         packed = np.take_along_axis(values[rows], order[:, None, :], axis=2)
         packed_parts = np.take_along_axis(parts[rows], order, axis=1)
-        for members in draws:
-            counts[rows] += _greedy_run(packed, packed_parts, n_sources, members, steps)
+        step = max(1, GREEDY_CHUNK // (bags * size * width))
+        for start in range(0, len(rows), step):
+            chunk = slice(start, start + step)
+            counts[rows[chunk]] = _greedy_bags(packed[chunk], packed_parts[chunk], n_sources, draws, steps)
     return counts / counts.sum(axis=1, keepdims=True)
 
 

@@ -28,11 +28,12 @@ import numpy as np
 import pandas as pd
 
 from swsa_engine.core.cube import SETTINGS, AurocCube
-from swsa_engine.core.selection import default_strategies, evaluate_weights, selection_context, strategy_weights
+from swsa_engine.core.selection import DatasetPicks, dataset_picks, default_strategies, evaluate_weights, selection_table_of
 
 __all__ = [
     "BOOTSTRAP_RESAMPLES", "BOOTSTRAP_SEED", "CI_LEVEL", "COMPARISON_COLUMNS", "ALL_DATASETS",
-    "bootstrap_indices", "bootstrap_ci", "compare_weights", "strategies_table",
+    "bootstrap_indices", "bootstrap_ci", "compare_weights", "strategies_table", "strategies_table_of",
+    "selection_tables",
 ]
 
 #: number of bootstrap resamples of the tasks behind each interval
@@ -120,22 +121,39 @@ def strategies_table(cube: AurocCube, strategies: list[tuple[str, str, dict]] | 
     (and :data:`ALL_DATASETS` when there are several), strategy and setting. ``strategies``:
     (label, strategy name, settings) rows, default :func:`default_strategies`."""
     strategies = strategies or default_strategies(cube)
-    datasets = sorted(cube.tasks["dataset"].unique())
+    return strategies_table_of(dataset_picks(cube, strategies), [label for label, _, _ in strategies],
+                               n_resamples=n_resamples, seed=seed, level=level)
+
+
+def selection_tables(cube: AurocCube, strategies: list[tuple[str, str, dict]] | None = None, *,
+                     n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                     level: float = CI_LEVEL) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Table 1 (:func:`~swsa_engine.core.selection.selection_table`) and the strategies comparison
+    (:func:`strategies_table`) of ``cube``, from one run of the strategies: equal to calling both,
+    at the cost of one."""
+    strategies = strategies or default_strategies(cube)
+    picks, labels = dataset_picks(cube, strategies), [label for label, _, _ in strategies]
+    return (selection_table_of(picks, labels),
+            strategies_table_of(picks, labels, n_resamples=n_resamples, seed=seed, level=level))
+
+
+def strategies_table_of(picks: list[DatasetPicks], labels: list[str], *, n_resamples: int = BOOTSTRAP_RESAMPLES,
+                        seed: int = BOOTSTRAP_SEED, level: float = CI_LEVEL) -> pd.DataFrame:
+    """The strategies comparison (columns :data:`COMPARISON_COLUMNS`) from
+    :func:`~swsa_engine.core.selection.dataset_picks`' ``picks`` (datasets sorted by name);
+    ``labels``: the strategies' row labels, in their order."""
+    datasets = [block.dataset for block in picks]
+    pool = picks[0].single if picks else None  # the single candidates: the same for every dataset
     parts = []
     for s, setting in enumerate(SETTINGS):
-        blocks = []  # per dataset: (K, T_d, C) weights and (T_d, C) real AUROCs
-        for dataset in datasets:
-            rows = np.flatnonzero(cube.tasks["dataset"].to_numpy() == dataset)
-            ctx = selection_context(cube, rows, s)
-            blocks.append((dataset, np.stack(strategy_weights(ctx, strategies)), ctx.real))
+        blocks = [(block.dataset, np.stack(block.weights[s]), block.reals[s]) for block in picks]
         if len(blocks) > 1:
             blocks.append((ALL_DATASETS, np.concatenate([b[1] for b in blocks], axis=1),
                            np.concatenate([b[2] for b in blocks], axis=0)))
         for dataset, weights, real in blocks:
-            numbers = compare_weights(weights, real, n_resamples=n_resamples, seed=seed, level=level,
-                                      pool=ctx.single)
+            numbers = compare_weights(weights, real, n_resamples=n_resamples, seed=seed, level=level, pool=pool)
             numbers.insert(0, "dataset", dataset)
-            numbers.insert(1, "strategy", [label for label, _, _ in strategies])
+            numbers.insert(1, "strategy", labels)
             numbers.insert(2, "setting", setting)
             parts.append(numbers)
     table = pd.concat(parts, ignore_index=True)[COMPARISON_COLUMNS]

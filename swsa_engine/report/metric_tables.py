@@ -18,8 +18,8 @@ import pandas as pd
 from swsa_engine.core.cube import SETTINGS, AurocCube
 from swsa_engine.core.metric_cube import check_metric, metric_cube, metric_strategies, real_metrics
 from swsa_engine.core.recommendation import RECOMMENDED, RECOMMENDED_LABEL
-from swsa_engine.core.selection import as_weights, create_strategy, selection_context, selection_table
-from swsa_engine.core.strategy_comparison import strategies_table
+from swsa_engine.core.selection import as_weights, create_strategy, selection_context
+from swsa_engine.core.strategy_comparison import selection_tables
 from swsa_engine.core.threshold_comparison import DEFAULT_QUANTILES, THRESHOLD_RULES, first_picks, threshold_comparison
 from swsa_engine.report.html_format import html_table
 from swsa_engine.report.tables import markdown_table, write_csv
@@ -197,7 +197,7 @@ def metric_tables_for(cube: AurocCube, metric: str) -> tuple[pd.DataFrame, pd.Da
     """Table 1 and the strategies comparison of ``cube`` selected and measured by ``metric``
     (:func:`~swsa_engine.core.metric_cube.metric_cube`; for AUROC, ``cube``'s own)."""
     ranked, strategies = metric_cube(cube, metric), metric_strategies(cube, metric)
-    return selection_table(ranked, strategies), strategies_table(ranked, strategies)
+    return selection_tables(ranked, strategies)  # one run of the strategies for both tables
 
 
 def metric_html(cube: AurocCube, metrics: pd.DataFrame | None, thresholds: pd.DataFrame | None) -> list[str]:

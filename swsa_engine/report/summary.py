@@ -16,9 +16,9 @@ import pandas as pd
 from swsa_engine.core.cube import AurocCube
 from swsa_engine.core.metric_cube import DEFAULT_METRIC, metric_cube, metric_strategies
 from swsa_engine.core.protocol import protocol_line
-from swsa_engine.core.selection import per_task_picks, ranking_table, selection_table
+from swsa_engine.core.selection import per_task_picks, ranking_table
 from swsa_engine.core.source_transfer import transfer_table
-from swsa_engine.core.strategy_comparison import strategies_table
+from swsa_engine.core.strategy_comparison import selection_tables
 from swsa_engine.report.atomic import publish, staging_dir
 from swsa_engine.report.clip_tables import clip_report_lines
 from swsa_engine.report.confidence import CONFIDENCE_PICK_COLUMNS, distrust_lines, picks_with_confidence, report_confidence
@@ -104,9 +104,9 @@ def _write_cube_tables(cube: AurocCube, store_skips: pd.DataFrame | None, paths:
     them and Figure 3 to ``paths``."""
     picks = picks_with_confidence(per_task_picks(cube), cube, confidence)
     ranked, strategies = metric_cube(cube, metric), metric_strategies(cube, metric)
-    tables = ReportTables(selection_table(ranked, strategies), ranking_table(cube), picks, all_skips(cube, store_skips),
-                          strategies=strategies_table(ranked, strategies), confidence=confidence.table,
-                          distrust=confidence.distrust)
+    table1, comparison = selection_tables(ranked, strategies)  # one run of the strategies for both tables
+    tables = ReportTables(table1, ranking_table(cube), picks, all_skips(cube, store_skips),
+                          strategies=comparison, confidence=confidence.table, distrust=confidence.distrust)
     if confidence.table is not None:
         paths["pick_confidence_csv"] = paths["tasks_csv"].with_name("pick_confidence.csv")
         write_csv(confidence.table, paths["pick_confidence_csv"])

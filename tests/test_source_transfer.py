@@ -16,7 +16,8 @@ from swsa_engine.core.cube import AurocCube
 from swsa_engine.core.ensemble_pass import ENSEMBLE_FAMILY, SELECTED
 from swsa_engine.core.recommendation import ENSEMBLE_MEAN, recommend
 from swsa_engine.core.score_cube import ScoreCube
-from swsa_engine.core.selection import SelectionContext, as_weights, create_strategy, swsa_mean
+from swsa_engine.core.selection import (STRATEGIES, SelectionContext, as_weights, create_strategy, reads_synthetic,
+                                        register_strategy, swsa_mean)
 from swsa_engine.core.source_transfer import ALL_HELD_OUT, held_out_context, transfer_summary, transfer_table
 from swsa_engine.core.synthetic_resampling import part_aurocs_finite
 from swsa_engine.report.html import write_html_report
@@ -193,3 +194,28 @@ def test_report_writes_transfer_csv_markdown_and_html(tmp_path):
     pooled = table[(table.dataset == "x") & (table.held_out_source == ALL_HELD_OUT)].set_index("strategy")
     assert f"ensemble(mean) {pooled.loc[ENSEMBLE_MEAN, 'mean_regret']:.4f}" in verdict and verdict in md
     assert "transfer-0" in html_path.read_text(encoding="utf-8")
+
+
+CALLS: list = []  # every run of the test strategy below
+
+
+def _by_params(**_):
+    def pick(ctx):
+        CALLS.append(1)
+        return np.full(ctx.shape[0], np.argmax(np.where(ctx.single, ctx.candidates["n_params"].to_numpy(), -1)))
+    return pick
+
+
+if "transfer_test_params" not in STRATEGIES:  # no default label: it joins no other test's tables
+    register_strategy("transfer_test_params", reads_synthetic=False)(_by_params)
+
+
+def test_a_strategy_that_reads_no_synthetic_set_runs_once_per_dataset():
+    assert not reads_synthetic("transfer_test_params") and reads_synthetic("swsa_mean")
+    assert not reads_synthetic("model_centrality") and not reads_synthetic("em")
+    CALLS.clear()
+    table = transfer_table(_cube(), [("params", "transfer_test_params", {}), ("Largest", "largest", {})])
+    assert len(CALLS) == 2  # two datasets × three held-out sources: computed on each dataset's first view only
+    mine, largest = (table[table.strategy == s].reset_index(drop=True) for s in ("params", "Largest"))
+    assert len(mine) == 6  # (s2, s3, all) × 2 datasets: the largest, m4, has no AUROC on s1
+    pd.testing.assert_frame_equal(mine.drop(columns="strategy"), largest.drop(columns="strategy"))

@@ -36,7 +36,7 @@ from swsa_engine.core.ranking import VERDICTS, ranking_table
 from swsa_engine.core.selection_registry import (
     DEFAULT_LABELS, FIRST_STRATEGIES, STRATEGIES, SelectionContext, argmax_weights, as_weights, base_sources,
     create_strategy, evaluate_weights, list_strategies, register_strategy, restrict, selection_context, setting_reals,
-    setting_weights, single_candidates, strategy_weights, uses_labels,
+    setting_weights, single_candidates, strategy_weights, uses_labels, reads_synthetic,
 )
 from swsa_engine.core.strategies_baselines import (
     CRITERION_STRATEGIES, NO_SCORES, MissingScoresWarning, centrality, criterion_strategy, model_centrality,
@@ -50,7 +50,7 @@ from swsa_engine.core.strategies_builtin import (
 __all__ = [
     # registry, context and evaluation (selection_registry)
     "STRATEGIES", "DEFAULT_LABELS", "FIRST_STRATEGIES", "SelectionContext", "register_strategy", "create_strategy",
-    "list_strategies", "uses_labels", "argmax_weights", "single_candidates", "restrict", "as_weights",
+    "list_strategies", "uses_labels", "reads_synthetic", "argmax_weights", "single_candidates", "restrict", "as_weights",
     "evaluate_weights", "base_sources", "selection_context", "setting_reals", "strategy_weights", "setting_weights",
     # built-in strategies (strategies_builtin)
     "swsa", "largest_model", "random_pick", "fixed_candidate", "oracle", "swsa_mean", "swsa_rank", "recommendation",

@@ -29,7 +29,7 @@ from swsa_engine.core.score_cube import ScoreCube
 
 __all__ = [
     "STRATEGIES", "DEFAULT_LABELS", "FIRST_STRATEGIES", "SelectionContext", "register_strategy", "create_strategy",
-    "list_strategies", "uses_labels", "argmax_weights", "single_candidates", "restrict", "as_weights",
+    "list_strategies", "uses_labels", "reads_synthetic", "argmax_weights", "single_candidates", "restrict", "as_weights",
     "evaluate_weights", "base_sources", "selection_context", "setting_reals", "strategy_weights", "setting_weights",
 ]
 
@@ -94,15 +94,18 @@ class SelectionContext:
 
 
 def register_strategy(name: str, *, uses_labels: bool = False, default_label: str | None = None,
-                      first: bool = False):
+                      first: bool = False, reads_synthetic: bool = True):
     """Decorator registering a strategy factory ``factory(**settings) -> (ctx -> picks)``;
     ``uses_labels``: it reads ``ctx.real`` (the oracle); otherwise it is given NaN there and its picks
     are computed once for every setting. ``default_label``: the row label under which
     ``default_strategies`` includes it (built with no settings); None: only when asked for by name.
-    ``first``: that row comes first (the recommendation)."""
+    ``first``: that row comes first (the recommendation). ``reads_synthetic=False``: its picks do not
+    depend on the synthetic sets (it reads only the unlabelled real test images), so a view with a
+    synthetic source left out (``swsa_engine.core.source_transfer``) may reuse them."""
 
     def decorate(factory):
         factory.uses_labels = uses_labels
+        factory.reads_synthetic = reads_synthetic
         registered = STRATEGIES.register(name)(factory)
         if default_label:
             DEFAULT_LABELS[name] = default_label
@@ -126,6 +129,12 @@ def list_strategies() -> list[str]:
 def uses_labels(name: str) -> bool:
     """Whether the registered strategy ``name`` reads ``ctx.real`` (was registered ``uses_labels=True``)."""
     return bool(STRATEGIES.get(name).uses_labels)
+
+
+def reads_synthetic(name: str) -> bool:
+    """Whether the registered strategy ``name`` may read the synthetic sets (all but those registered
+    ``reads_synthetic=False``)."""
+    return bool(getattr(STRATEGIES.get(name), "reads_synthetic", True))
 
 
 def argmax_weights(values: np.ndarray) -> np.ndarray:

@@ -32,8 +32,8 @@ import pandas as pd
 
 from swsa_engine.core.cube import AurocCube
 from swsa_engine.core.ensemble_pass import SELECTED
-from swsa_engine.core.selection import (SelectionContext, default_strategies, evaluate_weights, selection_context,
-                                        strategy_weights)
+from swsa_engine.core.selection import (SelectionContext, default_strategies, evaluate_weights, reads_synthetic,
+                                        selection_context, strategy_weights)
 
 __all__ = ["TRANSFER_COLUMNS", "ALL_HELD_OUT", "held_out_context", "transfer_table", "transfer_summary"]
 
@@ -97,6 +97,23 @@ def _summarised(records: list[dict]) -> dict:
             "pick_rate": mean(hit)}
 
 
+def _view_weights(view: SelectionContext, rows: list[tuple[str, str, dict]], unchanged: dict) -> list[np.ndarray]:
+    """Each strategy row's weights on a held-out ``view``; those of strategies registered
+    ``reads_synthetic=False`` computed on the first view only and kept in ``unchanged`` (by label)."""
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fallbacks and missing picks show as fewer tasks, not warnings
+        for row in rows:
+            if row[0] in unchanged:
+                out.append(unchanged[row[0]])
+                continue
+            weights = strategy_weights(view, [row])[0]
+            if not reads_synthetic(row[1]):
+                unchanged[row[0]] = weights
+            out.append(weights)
+    return out
+
+
 def transfer_table(cube: AurocCube, strategies: list[tuple[str, str, dict]] | None = None) -> pd.DataFrame:
     """Transfer regret (columns :data:`TRANSFER_COLUMNS`) per dataset, held-out base source and strategy
     ((label, name, settings) rows, default :func:`~swsa_engine.core.selection.default_strategies`), then
@@ -111,12 +128,11 @@ def transfer_table(cube: AurocCube, strategies: list[tuple[str, str, dict]] | No
     for dataset in sorted(cube.tasks["dataset"].unique()):
         ctx = selection_context(cube, np.flatnonzero(cube.tasks["dataset"].to_numpy() == dataset), 0)
         pooled: dict[str, list] = {}
+        unchanged: dict[str, np.ndarray] = {}  # picks that no synthetic source moves (model centrality, EM/MV)
         for source in base:
             view = held_out_context(ctx, source)
             usable = [row for row in strategies if not _reads(row[2], source)]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # fallbacks and missing picks show as fewer tasks, not warnings
-                weights = strategy_weights(view, usable)
+            weights = _view_weights(view, usable, unchanged)
             for record in _records(dataset, source, [r[0] for r in usable], weights, view):
                 pooled.setdefault(record["strategy"], []).append(record)
                 rows.append({"dataset": dataset, "held_out_source": source, "strategy": record["strategy"],

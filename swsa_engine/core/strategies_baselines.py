@@ -50,7 +50,7 @@ def centrality(ctx: SelectionContext) -> np.ndarray | None:
     return out
 
 
-@register_strategy("model_centrality", default_label="Model centrality (Ma et al. 2021)")
+@register_strategy("model_centrality", default_label="Model centrality (Ma et al. 2021)", reads_synthetic=False)
 def model_centrality(**_):
     """Model centrality: the single candidate whose ranking of the task's unlabelled real test
     images agrees most with the others' (mean Kendall tau-b; Ma, Zhao, Zhang & Akoglu, "A
@@ -86,8 +86,8 @@ def criterion_strategy(name: str):
     return lambda **_: pick
 
 
-register_strategy("em")(criterion_strategy("em"))
-register_strategy("mv")(criterion_strategy("mv"))
+register_strategy("em", reads_synthetic=False)(criterion_strategy("em"))
+register_strategy("mv", reads_synthetic=False)(criterion_strategy("mv"))
 
 
 @register_strategy("rra", default_label="SWSA (robust rank aggregation)")

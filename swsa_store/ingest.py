@@ -2,7 +2,9 @@
 
 The pieces are passed into a runner (as in clip-retrieval): a *reader* (a torch Dataset that
 decodes and preprocesses images, failures returned as values, not raised), an *embedder* (the
-backbone's forward pass, autocast on GPU) and a *writer* (:class:`~swsa_store.row_writer.EmbeddingRowWriter`).
+backbone's forward pass, autocast on GPU) and a *writer* (:class:`~swsa_store.row_writer.EmbeddingRowWriter`);
+they and the local runner, which overlaps decoding, the forward pass and the writes, are in
+:mod:`swsa_store.ingest_pipeline` (re-exported here).
 
 Resume rule: the images to embed are cut into fixed batches (``batch_size`` consecutive ids of
 the sorted list of usable images). A batch's rows are made durable before they are flagged
@@ -17,77 +19,25 @@ import logging
 import os
 import platform
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
-from swsa_store.catalog import resolve_path
+from swsa_store.ingest_pipeline import Embedder, ImageReader, collate_items, run_ingest, write_embedded_batch
 from swsa_store.models.backbones import create_backbone, patch_token_model
 from swsa_store.locks import store_lock
 from swsa_store.row_writer import EmbeddingRowWriter, backfill_checksums
-from swsa_store.samples import read_image
-from swsa_store.schema import DONE_FAILED, DONE_WRITTEN, StoreError
+from swsa_store.schema import DONE_WRITTEN, StoreError
 from swsa_store.store import edit_store, open_store
 
+__all__ = [
+    "Embedder", "ImageReader", "IngestReport", "collate_items", "embed_store", "embedding_name", "fixed_batches",
+    "run_ingest", "write_embedded_batch",
+]
+
 log = logging.getLogger(__name__)
-
-
-class ImageReader(Dataset):
-    """Decodes and preprocesses catalogued images; a failure is returned, never raised.
-
-    Item: ``(image_id, tensor or None, reason)``.
-    """
-
-    def __init__(self, image_ids: Sequence[int], paths: Sequence[str], transform: Callable, store_path: str | os.PathLike):
-        self.image_ids = list(map(int, image_ids))
-        self.paths = list(paths)
-        self.transform = transform
-        self.store_path = store_path
-
-    def __len__(self) -> int:
-        return len(self.image_ids)
-
-    def __getitem__(self, index: int):
-        image_id = self.image_ids[index]
-        try:
-            image = read_image(resolve_path(self.store_path, self.paths[index]))
-            return image_id, self.transform(image), ""
-        except Exception as error:  # recorded as a skip by the runner
-            return image_id, None, str(error).splitlines()[0] if str(error) else type(error).__name__
-
-
-def collate_items(items):
-    """One batch from :class:`ImageReader` items ``[(image_id, tensor (3, H, W) or None, reason)]``:
-    ``(ids (B,) int64, ok (B,) bool, pixels (ok.sum(), 3, H, W) or None, reasons [B])`` — only the
-    decoded images are stacked (the reader's failures are kept as ``ok`` False and their reason)."""
-    ids = np.array([item[0] for item in items], dtype=np.int64)
-    ok = [item[1] is not None for item in items]
-    tensors = [item[1] for item in items if item[1] is not None]
-    batch = torch.stack(tensors) if tensors else None
-    reasons = [item[2] for item in items]
-    return ids, np.array(ok, dtype=bool), batch, reasons
-
-
-class Embedder:
-    """The forward pass of a loaded backbone: ``(B, 3, H, W)`` → ``(B, D)`` float32 numpy."""
-
-    def __init__(self, model: torch.nn.Module, device: str = "cpu", autocast: bool | None = None):
-        self.model = model.to(device).eval()
-        self.device = torch.device(device)
-        self.autocast = self.device.type == "cuda" if autocast is None else autocast
-
-    @torch.inference_mode()
-    def __call__(self, batch: torch.Tensor) -> np.ndarray:
-        batch = batch.to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, enabled=self.autocast):
-            features = self.model(batch)
-        if isinstance(features, tuple):  # a PatchTokenModel: (pooled (B, D), patch tokens (B, P, D'))
-            return tuple(f.float().cpu().numpy() for f in features)
-        return features.float().cpu().numpy()
 
 
 @dataclass(frozen=True)
@@ -104,101 +54,6 @@ def fixed_batches(usable_ids: np.ndarray, batch_size: int) -> list[np.ndarray]:
     """Cut the sorted usable ids into consecutive batches — identical on every run."""
     ids = np.sort(np.asarray(usable_ids, dtype=np.int64))
     return [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
-
-
-def write_embedded_batch(
-    writer: EmbeddingRowWriter,
-    ids: np.ndarray,
-    ok: np.ndarray,
-    features: np.ndarray | None,
-    reasons: list[str],
-    failures: list[tuple[int, str]],
-) -> np.ndarray:
-    """Write one embedded batch durably — the one write step of the local and the Ray path.
-
-    ``ids`` ``(B,)`` sorted image ids, ``ok`` ``(B,)`` bool (decoded), ``features``
-    ``(ok.sum(), D)`` float32 for the decoded images (None when none decoded), ``reasons``
-    ``(B,)`` failure reasons. Undecodable images and non-finite rows are written as failed
-    (NaN rows) and appended to ``failures`` as ``(image_id, reason)``. Returns the ``(B,)``
-    uint8 done status written. With a patch writer (``writer.patches``), ``features`` is the
-    pair ``(pooled (ok.sum(), D), tokens (ok.sum(), P, D'))`` and both are written (float16).
-    """
-    tokens = None
-    if isinstance(features, tuple):  # (pooled, patch tokens) from a PatchTokenModel
-        features, tokens = features
-    dim = writer.features.shape[1]
-    rows = np.full((len(ids), dim), np.nan, dtype=np.float32)
-    status = np.where(ok, DONE_WRITTEN, DONE_FAILED).astype(np.uint8)
-    reasons = list(reasons)
-    if features is not None:
-        if features.shape[1] != dim:
-            raise StoreError(
-                f"backbone produced {features.shape[1]}-d features but the store's matrix "
-                f"{writer.name!r} is {dim}-d; embed under another name"
-            )
-        rows[ok] = features
-        finite = np.isfinite(rows).all(axis=1)
-        bad = ok & ~finite
-        for i in np.flatnonzero(bad):
-            reasons[i] = "non-finite embedding (NaN or inf in the backbone's output)"
-        status[bad] = DONE_FAILED
-    patch_rows = None
-    if getattr(writer, "patches", None) is not None:
-        patch_rows = np.full((len(ids),) + writer.patches.shape[1:], np.nan, dtype=np.float16)
-        if features is not None:
-            if tokens is None or tokens.shape[1:] != writer.patches.shape[1:]:
-                got = "no patch tokens" if tokens is None else f"patch tokens of shape {tokens.shape[1:]}"
-                raise StoreError(f"backbone produced {got} but the store's patches {writer.name!r} are "
-                                 f"{writer.patches.shape[1:]}; embed under another name")
-            with np.errstate(over="ignore"):
-                patch_rows[ok] = tokens.astype(np.float16)
-            bad = (status == DONE_WRITTEN) & ~np.isfinite(patch_rows).all(axis=(1, 2))
-            for i in np.flatnonzero(bad):
-                reasons[i] = "non-finite patch tokens (NaN, inf, or beyond float16's range 65504)"
-            status[bad] = DONE_FAILED
-    if patch_rows is None:
-        writer.write(ids, rows, status)
-    else:
-        writer.write(ids, rows, status, patch_rows)
-    for i in np.flatnonzero(status == DONE_FAILED):
-        failures.append((int(ids[i]), reasons[i]))
-    return status
-
-
-def run_ingest(
-    reader: ImageReader,
-    embedder: Embedder,
-    writer: EmbeddingRowWriter,
-    batches: list[np.ndarray],
-    *,
-    num_workers: int = 0,
-    progress: bool = True,
-    description: str = "embed",
-    after_batch: Callable[[int], None] | None = None,
-) -> tuple[int, int, list[tuple[int, str]]]:
-    """Embed ``batches`` (lists of image ids, each a position list into ``reader``) and write them.
-
-    Returns ``(rows written, rows failed, [(image_id, reason), ...])``.
-    """
-    position = {image_id: i for i, image_id in enumerate(reader.image_ids)}
-    sampler = [[position[int(i)] for i in batch] for batch in batches]
-    loader = DataLoader(
-        reader, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_items,
-        pin_memory=embedder.device.type == "cuda", persistent_workers=False,
-    )
-    written = failed = 0
-    failures: list[tuple[int, str]] = []
-    n_rows = sum(len(b) for b in batches)
-    with tqdm(total=n_rows, desc=description, unit="img", disable=not progress, dynamic_ncols=True) as bar:
-        for batch_index, (ids, ok, batch, reasons) in enumerate(loader):
-            features = embedder(batch) if batch is not None else None
-            status = write_embedded_batch(writer, ids, ok, features, reasons, failures)
-            written += int((status == DONE_WRITTEN).sum())
-            failed += int((status == DONE_FAILED).sum())
-            bar.update(len(ids))
-            if after_batch is not None:
-                after_batch(batch_index)
-    return written, failed, failures
 
 
 def embed_store(

@@ -18,11 +18,13 @@ This module imports no loader, so the loaders' modules (:mod:`swsa_store.dataset
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
 import os
 import re
+import threading
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -113,17 +115,34 @@ def frame_count(data: bytes) -> int:
         return int(getattr(im, "n_frames", 1))
 
 
+#: Decodes under way (threads of the ingest runner decode at once) and the flag they found, guarded by a lock:
+#: Pillow reads ``LOAD_TRUNCATED_IMAGES`` as a module global, so it is set off by the first and restored by the last.
+_TRUNCATED_GUARD = threading.Lock()
+_truncated_state = {"decoding": 0, "previous": False}
+
+
+@contextlib.contextmanager
+def _truncated_images_refused():
+    with _TRUNCATED_GUARD:
+        if _truncated_state["decoding"] == 0:
+            _truncated_state["previous"] = ImageFile.LOAD_TRUNCATED_IMAGES
+            ImageFile.LOAD_TRUNCATED_IMAGES = False
+        _truncated_state["decoding"] += 1
+    try:
+        yield
+    finally:
+        with _TRUNCATED_GUARD:
+            _truncated_state["decoding"] -= 1
+            if _truncated_state["decoding"] == 0:
+                ImageFile.LOAD_TRUNCATED_IMAGES = _truncated_state["previous"]
+
+
 def decode_rgb(data: bytes) -> Image.Image:
     """Fully decode ``data`` into an RGB image (:func:`to_rgb`; an animated file: its first frame);
-    truncated files raise (never padded)."""
-    previous = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.seek(0)
-            return to_rgb(im)  # forces a full decode
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+    truncated files raise (never padded), also while other threads decode."""
+    with _truncated_images_refused(), Image.open(io.BytesIO(data)) as im:
+        im.seek(0)
+        return to_rgb(im)  # forces a full decode
 
 
 def read_image(path: str | os.PathLike) -> Image.Image:

@@ -28,8 +28,8 @@ OPTIONAL_HEAVY_IMPORTS = (
     "safetensors", "transformers", "elpv_dataset", "pyod", "timm",
 )
 # What ``swsa_engine.core`` may not import: it works on arrays only.
-IO_MODULES = ("h5py", "PIL", "swsa_store.store", "swsa_store.catalog", "swsa_store.ingest", "pathlib", "shutil",
-              "tempfile", "glob")
+IO_MODULES = ("h5py", "PIL", "swsa_store.store", "swsa_store.catalog", "swsa_store.ingest", "swsa_store.ingest_pipeline",
+              "pathlib", "shutil", "tempfile", "glob")
 # The store modules that are pure too (no I/O), so ``core`` may use them.
 PURE_STORE_MODULES = ("swsa_store.registry", "swsa_store.hashing")
 # Engine modules outside ``run`` never touch a store's file directly.

@@ -22,18 +22,18 @@ import timm
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from sklearn.datasets import load_sample_images
 
 from swsa_engine.app.cli import main
 from swsa_store import StoreError, open_store
 from swsa_store.models.backbones import (
     PreprocessCfg, WeightsLoadError, WeightsNotFoundError, create_backbone, get_backbone_cfg, resolve_weights,
 )
-from swsa_store.catalog import catalog_dataset
 from swsa_store.models.checkpoints import read_state_dict
 from swsa_store.ingest import embed_store, fixed_batches
 from swsa_store.models.packaged_weights import PACKAGED_WEIGHTS
 from swsa_store.models.preprocessing import PREPROCESS_KEYS, parse_preprocess
+
+from fixtures_photos import SAMPLE_IMAGES, photo_store
 
 LITES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 SIZES = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
@@ -44,8 +44,6 @@ TEMPLE = {698, 663, 497, 832, 406, 668, 483, 442}
 #: flower.jpg is an orange pompon dahlia, which ImageNet-1k lacks: the Lites answer daisy (Lite0 .32), or
 #: honeycomb (its cell-like petals; Lite1, Lite2) with daisy, bee or ant next — the flower/bee set below.
 FLOWER = {985, 599, 309}
-SAMPLE_IMAGES = Path(load_sample_images().filenames[0]).parent
-ELPV_IMAGES = Path(importlib.util.find_spec("elpv_dataset").submodule_search_locations[0]) / "data" / "images"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -74,16 +72,7 @@ def photos():
 @pytest.fixture(scope="module")
 def folder_store(tmp_path_factory):
     """A catalogued store of the two photos and four ELPV solar cells, in two class folders."""
-    root = tmp_path_factory.mktemp("photos")
-    cells = sorted(ELPV_IMAGES.glob("*.png"))[:4]
-    classes = {"a": [SAMPLE_IMAGES / "china.jpg", *cells[:2]], "b": [SAMPLE_IMAGES / "flower.jpg", *cells[2:]]}
-    for folder, files in classes.items():
-        (root / "img" / folder).mkdir(parents=True)
-        for file in files:
-            shutil.copy(file, root / "img" / folder / file.name)
-    store = root / "s.h5"
-    catalog_dataset(store, "folder", root=root / "img", n_seed=1)
-    return store
+    return photo_store(tmp_path_factory.mktemp("photos"), 4)
 
 
 def lite_file(name: str) -> Path:

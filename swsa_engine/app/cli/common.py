@@ -187,7 +187,8 @@ def add_device_option(p: argparse.ArgumentParser | argparse._ArgumentGroup, defa
 def add_loader_options(p: argparse.ArgumentParser) -> None:
     """--batch-size and --workers of the local embedding DataLoader (demo, embed)."""
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("--workers", type=int, default=0,
+                   help="DataLoader worker processes that read the images (default 0: threads of this process)")
 
 
 def add_weights_options(p: argparse.ArgumentParser, weights_help: str, weights_dir_help: str) -> None:

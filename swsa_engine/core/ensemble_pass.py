@@ -45,7 +45,7 @@ from swsa_engine.core.score_cube import ScoreCube
 from swsa_engine.core.synthetic_resampling import part_aurocs_finite
 
 __all__ = ["ENSEMBLE_FAMILY", "SELECTED", "EXCLUSION_RULE", "COMBINE_CHUNK", "EnsembleSpec", "EnsembleResult",
-           "ensemble_specs", "eligible_members", "ensemble_candidates", "with_ensembles"]
+           "ensemble_specs", "single_candidates", "eligible_members", "ensemble_candidates", "with_ensembles"]
 
 #: the ``family`` (and ``weights_kind``) of ensemble candidates in a cube's candidates table
 ENSEMBLE_FAMILY = "ensemble"
@@ -110,10 +110,11 @@ def ensemble_specs(candidates: pd.DataFrame) -> list[EnsembleSpec]:
     return specs + [EnsembleSpec(SELECTED, "selected", every)]
 
 
-def _single(candidates: pd.DataFrame) -> np.ndarray:
-    """(C,) bool: the candidates that are not ensembles."""
-    family = candidates["family"].astype(str).to_numpy() if "family" in candidates else np.full(len(candidates), "")
-    return family != ENSEMBLE_FAMILY
+def single_candidates(candidates: pd.DataFrame) -> np.ndarray:
+    """(C,) bool: the candidates whose ``family`` is not ``"ensemble"`` (all, without a family column)."""
+    if "family" not in candidates:
+        return np.ones(len(candidates), dtype=bool)
+    return candidates["family"].astype(str).to_numpy() != ENSEMBLE_FAMILY
 
 
 def _pools(scores: ScoreCube, single: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -144,7 +145,7 @@ def eligible_members(scores: ScoreCube, candidates: pd.DataFrame) -> tuple[np.nd
 
     The pools are the task's real test images and synthetic validation queries that some single
     candidate scored (an image no candidate could score is no one's fault)."""
-    single = _single(candidates)
+    single = single_candidates(candidates)
     return _eligibility(scores, candidates, single, _pools(scores, single))
 
 
@@ -322,7 +323,7 @@ def ensemble_candidates(scores: ScoreCube, candidates: pd.DataFrame, *, hardest:
     if not specs:
         return None
     selection = dict(selection or {})
-    single = _single(candidates)
+    single = single_candidates(candidates)
     pools = _pools(scores, single)
     eligible, reason = _eligibility(scores, candidates, single, pools)
     # an ensemble none of whose members is eligible on any task would be an all-NaN row: not built, said so

@@ -24,7 +24,7 @@ from swsa_store.registry import Registry
 
 from swsa_engine.core.cube import SETTINGS, AurocCube
 from swsa_engine.core.em_mv import em_mv_criteria
-from swsa_engine.core.ensemble_pass import ENSEMBLE_FAMILY
+from swsa_engine.core.ensemble_pass import single_candidates
 from swsa_engine.core.score_cube import ScoreCube
 
 __all__ = [
@@ -147,13 +147,6 @@ def argmax_weights(values: np.ndarray) -> np.ndarray:
     weights /= weights.sum(axis=1, keepdims=True)
     weights[all_nan] = np.nan
     return weights
-
-
-def single_candidates(candidates: pd.DataFrame) -> np.ndarray:
-    """(C,) bool: the candidates whose ``family`` is not ``"ensemble"`` (all, without a family column)."""
-    if "family" not in candidates:
-        return np.ones(len(candidates), dtype=bool)
-    return candidates["family"].astype(str).to_numpy() != ENSEMBLE_FAMILY
 
 
 def restrict(ctx: SelectionContext, values: np.ndarray, detectors: list[str] | None) -> np.ndarray:

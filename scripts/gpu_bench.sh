@@ -4,37 +4,83 @@
 #   2. knn_score / knn_score_bounded vs the same-shape float32 GEMM on the GPU,
 #   3. the paper-shaped sweep vs its GEMM floor, with the stage breakdown (--device cuda),
 #   4. ingest images/s vs the forward pass alone, small (64 px) and large (224 px) inputs.
-# Usage: bash scripts/gpu_bench.sh [OUT_DIR]   (default gpu-bench/); everything lands in OUT_DIR.
-set -euo pipefail
+# Usage: bash scripts/gpu_bench.sh [OUT_DIR]   (default gpu-bench/)
+# OUT_DIR receives five small files (log.txt, knn.json, sweep.json, ingest64.json, ingest224.json);
+# the 5 GB store and the generated JPEG catalogs stay under WORK (default /tmp/swsa-gpu-bench).
+# Runs without an installed `swsa` (python3 -m swsa_engine.app.cli from this checkout) and without
+# faiss / open_clip / diffusers, which none of these paths needs.
+# Knobs for a dry run on a CPU machine: DEVICE=cpu TASK_FRACTION=0.05 IMAGES=64 KNN_QUERIES=2000.
+# Each step runs even when an earlier one failed (a failure is logged), so one broken step costs no figures.
+set -uo pipefail
 out="${1:-gpu-bench}"
-mkdir -p "$out"
-python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device: this script is for a GPU machine'; print(torch.cuda.get_device_name(0))" | tee "$out/device.txt"
-python -m pytest -q -p no:cacheprovider tests/test_cuda_paths.py 2>&1 | tee "$out/cuda_paths.txt"
-python - "$out" <<'PY'
+work="${WORK:-/tmp/swsa-gpu-bench}"
+device="${DEVICE:-cuda}"
+task_fraction="${TASK_FRACTION:-1}"
+images="${IMAGES:-1024}"
+knn_queries="${KNN_QUERIES:-20000}"
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+mkdir -p "$out" "$work"
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+swsa() { python3 -m swsa_engine.app.cli "$@"; }
+log="$out/log.txt"
+: >"$log"
+step() { echo "== $* ($(date -u +%T))" | tee -a "$log"; }
+
+step device
+python3 - "$device" <<'PY' 2>&1 | tee -a "$log"
+import os, sys, torch
+device = sys.argv[1]
+if device == "cuda" and not torch.cuda.is_available():
+    sys.exit("no CUDA device: this script is for a GPU machine (DEVICE=cpu for a dry run)")
+print(torch.__version__, torch.cuda.get_device_name(0) if device == "cuda" else "cpu", f"{os.cpu_count()} CPUs")
+PY
+
+step "CUDA paths equal CPU paths"
+python3 -m pytest -q -p no:cacheprovider -o addopts="" "$repo/tests/test_cuda_paths.py" 2>&1 | tee -a "$log" || true
+
+step "knn_score vs same-shape GEMM"
+python3 - "$out/knn.json" "$device" "$knn_queries" <<'PY' 2>&1 | tee -a "$log"
 import json, sys, time
 import numpy as np, torch
 from swsa_engine.core.knn import knn_score, knn_score_bounded
-out = sys.argv[1]
+path, device, n_queries = sys.argv[1], sys.argv[2], int(sys.argv[3])
+sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 rng = np.random.default_rng(0)
-q = rng.standard_normal((20000, 2048), dtype=np.float32)
+queries = rng.standard_normal((n_queries, 2048), dtype=np.float32)
+
+def best(function, repeats=3):
+    function(); sync(); times = []
+    for _ in range(repeats):
+        sync(); start = time.perf_counter(); function(); sync(); times.append(time.perf_counter() - start)
+    return min(times)
+
 rows = []
-for s in (20, 200, 2000, 20000):
-    b = rng.standard_normal((s, 2048), dtype=np.float32)
-    qt, bt = torch.from_numpy(q).cuda(), torch.from_numpy(b).cuda()
-    def best(f, r=5):
-        f(); torch.cuda.synchronize(); t = []
-        for _ in range(r):
-            torch.cuda.synchronize(); s0 = time.perf_counter(); f(); torch.cuda.synchronize(); t.append(time.perf_counter() - s0)
-        return min(t)
-    gemm = best(lambda: qt @ bt.T)  # on-device operands: the floor
-    exact = best(lambda: knn_score(q, b, 3, device="cuda"), 3)  # host arrays in, host scores out
-    bounded = best(lambda: knn_score_bounded(q, b, np.arange(s)[None], 3, device="cuda"), 3)
-    rows.append({"bank_rows": s, "gemm_s": gemm, "knn_score_s": exact, "knn_score_efficiency": gemm / exact,
+for size in (20, 200, 2000, 20000):
+    bank = rng.standard_normal((size, 2048), dtype=np.float32)
+    q_dev, b_dev = torch.from_numpy(queries).to(device), torch.from_numpy(bank).to(device)
+    gemm = best(lambda: q_dev @ b_dev.T, 5)  # operands already on the device: the floor
+    exact = best(lambda: knn_score(queries, bank, 3, device=device))  # host arrays in, host scores out
+    bounded = best(lambda: knn_score_bounded(queries, bank, np.arange(size)[None], 3, device=device))
+    gemm_with_copies = best(lambda: (torch.from_numpy(queries).to(device) @ torch.from_numpy(bank).to(device).T).cpu())
+    rows.append({"bank_rows": size, "gemm_s": gemm, "gemm_with_host_copies_s": gemm_with_copies,
+                 "knn_score_s": exact, "knn_score_efficiency": gemm / exact,
+                 "knn_score_efficiency_vs_host_gemm": gemm_with_copies / exact,
                  "bounded_s": bounded, "bounded_efficiency": gemm / bounded})
-    print(rows[-1], flush=True)
-json.dump(rows, open(f"{out}/knn_gpu.json", "w"), indent=2)
+    print(json.dumps(rows[-1]))
+json.dump(rows, open(path, "w"), indent=2)
 PY
-swsa bench --store "$out/paper.h5" --device cuda --out "$out/sweep" --quiet 2>&1 | tee "$out/sweep.txt"
-swsa bench --ingest --device cuda --quiet --out "$out/ingest64" 2>&1 | tee "$out/ingest64.txt"
-swsa bench --ingest --device cuda --quiet --image-size 224 --images 1024 --out "$out/ingest224" 2>&1 | tee "$out/ingest224.txt"
-echo "figures in $out/"
+[ -s "$out/knn.json" ] || echo "FAILED: knn" | tee -a "$log"
+
+step "paper-shaped sweep vs its GEMM floor"
+swsa bench --store "$work/paper.h5" --task-fraction "$task_fraction" --device "$device" \
+    --out "$work/sweep" --quiet 2>&1 | tee -a "$log"
+cp "$work/sweep/bench.json" "$out/sweep.json" || echo "FAILED: sweep" | tee -a "$log"
+
+for size in 64 224; do
+    step "ingest at $size px vs forward only"
+    rm -rf "$work/ingest$size"
+    swsa bench --ingest --device "$device" --quiet --image-size "$size" --images "$images" \
+        --out "$work/ingest$size" 2>&1 | tee -a "$log"
+    cp "$work/ingest$size/ingest.json" "$out/ingest$size.json" || echo "FAILED: ingest $size" | tee -a "$log"
+done
+step "figures in $out/"

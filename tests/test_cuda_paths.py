@@ -4,7 +4,8 @@ Skipped where torch sees no CUDA device (this machine, CI); run on a GPU machine
 ``python -m pytest -q tests/test_cuda_paths.py`` or ``bash scripts/gpu_bench.sh`` (which runs it
 first). Equality: kNN scores to the exact-refinement contract (~1e-10 relative), AUROC cubes
 exactly (every order an AUROC depends on is certified and refined on both devices), embeddings
-within float32 round-off of the model (cuDNN kernels sum in a different order).
+within float16 round-off of the model (the GPU forward pass runs under autocast, by design: a
+first run on an H200 saw CPU/GPU differences of up to 2e-4 on features of about 0.06).
 """
 
 from __future__ import annotations
@@ -78,4 +79,10 @@ def test_ingest_cuda_equals_cpu(tmp_path):
         embed_store(path, "timm/resnet10t", weights="random", image_size=64, batch_size=8, device=device, progress=False)
     with open_store(store) as a, open_store(copy) as b:
         name = a.backbones()[0]
-        np.testing.assert_allclose(b.embeddings(name), a.embeddings(name), rtol=1e-3, atol=1e-4)
+        cpu, gpu = a.embeddings(name).astype(np.float64), b.embeddings(name).astype(np.float64)
+    # float16 keeps 11 significant bits (relative step 4.9e-4); a few layers of autocast keep the
+    # error near 1e-3 of each row's scale, while a wrong transform or model moves rows by tens of %
+    scale = np.abs(cpu).max(axis=1, keepdims=True)
+    assert (np.abs(gpu - cpu) <= 5e-3 * scale).all(), float((np.abs(gpu - cpu) / scale).max())
+    cosine = (gpu * cpu).sum(1) / np.linalg.norm(gpu, axis=1) / np.linalg.norm(cpu, axis=1)
+    assert cosine.min() > 0.9999, cosine.min()

@@ -57,15 +57,23 @@ __all__ = [
 # --------------------------------------------------------------------------- timing helpers
 
 
-def matmul_peak_gflops(dtype: str = "float64", n: int = 2048, repeats: int = 3) -> float:
-    """The machine's measured matrix-multiply rate (best of ``repeats``) in GFLOP/s."""
-    a = torch.randn(n, n, dtype=getattr(torch, dtype))
-    b = torch.randn(n, n, dtype=getattr(torch, dtype))
+def matmul_peak_gflops(dtype: str = "float64", n: int | None = None, repeats: int = 3, device: str = "cpu") -> float:
+    """The measured matrix-multiply rate (best of ``repeats``) of ``device`` in GFLOP/s, under this
+    process's precision settings (so on CUDA float32 means what the kNN kernels get: no TF32 unless
+    the user turned it on). ``n`` (the square size) defaults to 2048 on the CPU and 8192 on a GPU,
+    large enough to reach its peak."""
+    dev = torch.device(device)
+    n = n or (8192 if dev.type == "cuda" else 2048)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    a = torch.randn(n, n, dtype=getattr(torch, dtype), device=dev)
+    b = torch.randn(n, n, dtype=getattr(torch, dtype), device=dev)
     torch.matmul(a, b)
+    sync()
     best = np.inf
     for _ in range(repeats):
         started = time.perf_counter()
         torch.matmul(a, b)
+        sync()
         best = min(best, time.perf_counter() - started)
     return 2.0 * n ** 3 / best / 1e9
 
@@ -195,7 +203,9 @@ def run_bench(
     sweep_seconds = figures["sweep"]["seconds"]
     figures["speedup"] = figures["reference"]["extrapolated_seconds"] / sweep_seconds
     figures["knn_gflops"] = figures["sweep"]["knn_flops"] / max(1e-9, sweep_seconds - figures["sweep"]["read_seconds"]) / 1e9
-    figures["matmul_peak_gflops"] = {"float64": matmul_peak_gflops("float64"), "float32": matmul_peak_gflops("float32")}
+    # the floor of a sweep is the matrix multiply of the device it ran on
+    figures["matmul_peak_gflops"] = {dtype: matmul_peak_gflops(dtype, device=device) for dtype in ("float64", "float32")}
+    figures["matmul_device"] = device
     figures.update(gemm_floor(figures["sweep"], figures["matmul_peak_gflops"]["float32"]))
     figures["tasks"] = len(cube.tasks)
     figures["candidates"] = len(cube.candidate_names)
@@ -232,7 +242,7 @@ def format_figures(figures: dict) -> str:
     lines = [
         f"HEADLINE sweep / GEMM floor: {figures['sweep_over_gemm']:.2f}× ({sweep['seconds']:.1f} s vs "
         f"{figures['gemm_floor_seconds']:.1f} s = {sweep['knn_flops'] / 1e12:.2f} TFLOP of kNN products at the measured "
-        f"float32 peak {figures['matmul_peak_gflops']['float32']:.0f} GFLOP/s); without the ensembles stage "
+        f"float32 peak {figures['matmul_peak_gflops']['float32']:.0f} GFLOP/s of {figures.get('matmul_device', 'cpu')}); without the ensembles stage "
         f"{figures['cube_over_gemm']:.2f}×",
         "stages (s): " + ", ".join(f"{name} {seconds:.1f}" for name, seconds in stages.items())
         + f"; other {sweep['seconds'] - sum(v for k, v in stages.items() if k != 'save'):.1f}",

@@ -152,13 +152,22 @@ def exact_shared(q64: torch.Tensor, b64: torch.Tensor, excl: torch.Tensor | None
     return best.sum(-1)
 
 
+#: :func:`k_smallest_mid` runs its insertion network when banks are this short or tasks this many.
+NETWORK_MAX_BANK, NETWORK_MIN_TASKS = 128, 64
+
+
 def k_smallest_mid(g: torch.Tensor, k: int) -> torch.Tensor:
     """The k smallest values of g (B, S, T) along axis 1, ascending, as (B, T, k).
 
-    A running insertion network of elementwise min/max over the S slices: 2k cheap
-    vectorised passes per slice, much faster than ``torch.topk`` over millions of tiny rows.
+    For short banks or many tasks, a running insertion network of elementwise min/max over the
+    S slices: 2k cheap vectorised passes per slice, much faster than ``torch.topk`` over millions
+    of tiny rows. For long banks of few tasks that network is S × 2k tiny operations (on a GPU,
+    as many kernel launches: 14 s for one 20,000-row bank), so ``torch.topk`` runs instead; both
+    return the same values in the same order.
     """
-    s = g.shape[1]
+    s, n_tasks = g.shape[1], g.shape[2]
+    if s > NETWORK_MAX_BANK and n_tasks < NETWORK_MIN_TASKS:
+        return torch.topk(g.transpose(1, 2), min(k, s), dim=2, largest=False, sorted=True).values
     best = [g[:, j, :].clone() for j in range(min(k, s))]
     # sort the first k slices elementwise (insertion)
     for j in range(1, len(best)):

@@ -10,7 +10,6 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve
 
 from swsa_engine.app.bench_store import make_paper_store
 from swsa_engine.app.cli import main
@@ -24,20 +23,9 @@ from swsa_engine.report.html import write_html_report
 from swsa_engine.report.tables import read_csv
 from swsa_engine.run.cube_io import load_cube
 from swsa_engine.run.sweep import run_sweep
+from reference_metrics import sklearn_detection_metrics
 
 KEYS = ("aupr", "f1_max", "fpr_at_95_tpr")
-
-
-def naive_metrics(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """(3,) AUPR, F1-max, FPR@95TPR of one set by scikit-learn; NaN without both classes."""
-    labels = np.asarray(labels, dtype=bool)
-    if labels.all() or not labels.any():
-        return np.full(3, np.nan)
-    precision, recall, _ = precision_recall_curve(labels, scores)
-    with np.errstate(invalid="ignore"):
-        f1 = np.nanmax(2 * precision * recall / (precision + recall))
-    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
-    return np.array([average_precision_score(labels, scores), f1, fpr[np.argmax(tpr >= 0.95)]])
 
 
 def random_score_cube(seed: int = 0) -> ScoreCube:
@@ -81,8 +69,8 @@ def test_metric_arrays_equal_sklearn_per_cell():
             real, label = scores.real_scores[t, c], scores.real_label[t]
             ok = np.isfinite(real) & (label >= 0)
             rest = ok & scores.real_in_rest[t]
-            expected = {"rest": naive_metrics(real[rest], label[rest] == 1)}
-            per_class = np.array([naive_metrics(real[ok & ((label == 0) | (scores.real_group[t] == g))],
+            expected = {"rest": sklearn_detection_metrics(real[rest], label[rest] == 1)}
+            per_class = np.array([sklearn_detection_metrics(real[ok & ((label == 0) | (scores.real_group[t] == g))],
                                                 label[ok & ((label == 0) | (scores.real_group[t] == g))] == 1)
                                   for g in range(3)])
             synth, part = scores.synthetic_scores[t, c], scores.synthetic_part[t]
@@ -92,7 +80,7 @@ def test_metric_arrays_equal_sklearn_per_cell():
                 anomalies = np.sort(synth[(part == v) & np.isfinite(synth)])
                 columns.append([anomalies] + [anomalies[:n] for n in hardest])
             ordered = [columns[0][0], columns[1][0], columns[0][1], columns[0][2], columns[1][1], columns[1][2]]
-            synthetic = np.array([naive_metrics(np.r_[normal, a], np.r_[np.zeros(len(normal)), np.ones(len(a))])
+            synthetic = np.array([sklearn_detection_metrics(np.r_[normal, a], np.r_[np.zeros(len(normal)), np.ones(len(a))])
                                   for a in ordered])
             for m, key in enumerate(KEYS):
                 got = arrays[key]
@@ -221,10 +209,10 @@ def test_report_selects_and_measures_by_the_metric(store, tmp_path, capsys):
             for c in np.flatnonzero(single):
                 value, label = scores.real_scores[t, c], scores.real_label[t]
                 keep = np.isfinite(value) & (label >= 0) & scores.real_in_rest[t]
-                real[i, c] = naive_metrics(value[keep], label[keep] == 1)[0]
+                real[i, c] = sklearn_detection_metrics(value[keep], label[keep] == 1)[0]
                 value, part = scores.synthetic_scores[t, c], scores.synthetic_part[t]
                 keep = np.isfinite(value) & ((part == 0) | (part == 1 + scores.sources.index("cutpaste")))
-                synthetic[i, c] = naive_metrics(value[keep], part[keep] > 0)[0]
+                synthetic[i, c] = sklearn_detection_metrics(value[keep], part[keep] > 0)[0]
         synthetic[np.isnan(cube.synthetic[rows, :, source])] = np.nan
         shown = table1[(table1["dataset"] == dataset) & (table1["setting"] == SETTINGS[0])].set_index("strategy")
         defined = ~np.isnan(real[:, single]).any(axis=1)

@@ -37,7 +37,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from swsa_engine.core.cube import AurocCube, hard_source_name
-from swsa_engine.core.metrics import UndefinedMetricWarning, detection_metrics
+from swsa_engine.core.metrics import (DETECTION_METRICS, UndefinedMetricWarning, detection_metrics,
+                                      grouped_detection_metrics)
 from swsa_engine.core.recommendation import RECOMMENDED
 from swsa_engine.core.score_cube import ScoreCube, score_aurocs, synthetic_column_parts
 from swsa_engine.core.selection import create_strategy, default_strategies, register_strategy
@@ -74,6 +75,8 @@ METRICS = {
 DEFAULT_METRIC = "auroc"
 #: the strategy that decides the recommendation on AUROCs whatever the context's metric
 RECOMMENDED_BY_AUROC = "recommended_by_auroc"
+#: the one-vs-rest metrics sort blocks of tasks of about this many scores (temporaries ~15 × 8 bytes each)
+TASK_BLOCK_ENTRIES = 2 ** 22
 
 
 def check_metric(metric: str) -> MetricSpec:
@@ -112,23 +115,38 @@ def two_part_metrics(normal, normal_mask, anomaly, anomaly_mask) -> dict[str, np
 def real_metrics(scores: ScoreCube, candidates: np.ndarray | None = None) -> dict[str, dict[str, np.ndarray]]:
     """Metric name → ``{"real": (T, C, 2), "per_class": (T, C, G)}`` on the real test images, the
     settings of :func:`~swsa_engine.core.score_cube.score_aurocs` (module docstring);
-    ``candidates``: indices to compute (default all)."""
+    ``candidates``: indices to compute (default all).
+
+    One sort of each task × candidate's scores per setting: one-vs-rest by :func:`detection_metrics`
+    a block of tasks at a time, every class from one sort by :func:`grouped_detection_metrics` (the
+    same floats as one :func:`detection_metrics` per class)."""
     index = np.arange(len(scores.candidates)) if candidates is None else np.asarray(candidates)
     values = scores.real_scores[:, index]
-    finite = np.isfinite(values)
-    label = np.where(finite, scores.real_label[:, None, :], -1)
-    rest = _quiet_metrics(values, label == 1, (label >= 0) & scores.real_in_rest[:, None, :])
+    label = np.where(np.isfinite(values), scores.real_label[:, None, :], -1).astype(np.int8)
+    rest = _rest_metrics(values, label, scores.real_in_rest)
     n_groups = scores.group_names.shape[1]
-    group = scores.real_group[:, None, :]
-    per_group = [_quiet_metrics(values, label == 1, (label == 0) | ((label == 1) & (group == g))) for g in range(n_groups)]
+    per_group = grouped_detection_metrics(values, label, scores.real_group[:, None, :], n_groups)
     out = {}
     for key, spec in ((s.key, s) for s in METRICS.values() if s.key):
-        per_class = (np.stack([m[key] for m in per_group], axis=2) if n_groups
-                     else np.full(values.shape[:2] + (0,), np.nan))
+        per_class = per_group[key]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # a candidate with no defined class: NaN
             worst = (np.nanmax if spec.lower_is_better else np.nanmin)(per_class, axis=2) if n_groups else np.nan
         out[key] = {"real": np.stack([rest[key], np.broadcast_to(worst, rest[key].shape)], axis=2), "per_class": per_class}
+    return out
+
+
+def _rest_metrics(values: np.ndarray, label: np.ndarray, in_rest: np.ndarray) -> dict[str, np.ndarray]:
+    """(T, C) one-vs-rest metrics of ``values`` (T, C, Q) with ``label`` (T, C, Q) (-1 out) over
+    ``in_rest`` (T, Q), :data:`TASK_BLOCK_ENTRIES` scores at a time (rows are independent)."""
+    n_tasks, n_candidates, width = values.shape
+    out = {key: np.full((n_tasks, n_candidates), np.nan) for key in DETECTION_METRICS}
+    step = max(1, TASK_BLOCK_ENTRIES // max(1, n_candidates * width))
+    for start in range(0, n_tasks, step):
+        block = slice(start, start + step)
+        mask = (label[block] >= 0) & in_rest[block, None, :]
+        for key, value in _quiet_metrics(values[block], label[block] == 1, mask).items():
+            out[key][block] = value
     return out
 
 

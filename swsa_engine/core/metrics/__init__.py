@@ -19,6 +19,8 @@ arrived and how to fix it.
 
 Modules: :mod:`~swsa_engine.core.metrics.ranks` (:func:`auroc`, :func:`rankdata_midrank`),
 :mod:`~swsa_engine.core.metrics.curves` (AUPR, F1-max, FPR at 95 % TPR: :func:`detection_metrics`),
+:mod:`~swsa_engine.core.metrics.grouped_curves` (the same against each group of anomalies from one
+sort per row: :func:`grouped_detection_metrics`),
 :mod:`~swsa_engine.core.metrics.kendall` (:func:`kendall_tau`) and
 :mod:`~swsa_engine.core.metrics.inputs` (shared checks, :class:`UndefinedMetricWarning`);
 this package re-exports their public API.
@@ -26,9 +28,10 @@ this package re-exports their public API.
 
 from swsa_engine.core.metrics.curves import (DETECTION_METRICS, average_precision, detection_metrics, f1_max, fpr_at_tpr,
                                             sorted_counts)
+from swsa_engine.core.metrics.grouped_curves import grouped_detection_metrics
 from swsa_engine.core.metrics.inputs import UndefinedMetricWarning
 from swsa_engine.core.metrics.kendall import kendall_tau
 from swsa_engine.core.metrics.ranks import auroc, rankdata_midrank
 
 __all__ = ["DETECTION_METRICS", "UndefinedMetricWarning", "auroc", "average_precision", "detection_metrics", "f1_max",
-           "fpr_at_tpr", "kendall_tau", "rankdata_midrank", "sorted_counts"]
+           "fpr_at_tpr", "grouped_detection_metrics", "kendall_tau", "rankdata_midrank", "sorted_counts"]

@@ -18,22 +18,37 @@ Rows whose included entries hold one class only are NaN, with one
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from swsa_engine.core.metrics.inputs import broadcast_shape, reject_nan_or_nonfinite, warn_undefined
 from swsa_engine.core.metrics.ranks import labels_as_bool
 from swsa_engine.core.validation import as_bool_mask, as_real_array
 
-__all__ = ["DETECTION_METRICS", "detection_metrics", "average_precision", "f1_max", "fpr_at_tpr", "sorted_counts"]
+__all__ = ["DETECTION_METRICS", "SortedRows", "detection_metrics", "average_precision", "f1_max", "fpr_at_tpr",
+           "sorted_counts", "sort_rows", "counts_of_sorted", "curve_values", "check_tpr"]
 
 #: the names :func:`detection_metrics` returns, in report order
 DETECTION_METRICS = ("aupr", "f1_max", "fpr_at_95_tpr")
 
 
-def sorted_counts(function: str, scores, labels, mask):
-    """Validated inputs sorted by decreasing score: cumulative TP and FP (..., n), the thresholds
-    (..., n) bool (last entry of each tie group among included entries), P, N (...) and the sorted
-    scores (..., n) (excluded entries -inf, last). ``function`` names the caller in errors."""
+class SortedRows(NamedTuple):
+    """Rows sorted by decreasing score (:func:`sort_rows`), all (..., n) but the counts (...):
+    ``order`` the entries' indices, ``keys`` their scores (excluded entries -inf, last),
+    ``positive`` / ``negative`` included anomalies / normals, ``n_pos`` / ``n_neg`` their counts."""
+
+    order: np.ndarray
+    keys: np.ndarray
+    positive: np.ndarray
+    negative: np.ndarray
+    n_pos: np.ndarray
+    n_neg: np.ndarray
+
+
+def sort_rows(function: str, scores, labels, mask) -> SortedRows:
+    """Validated inputs sorted by decreasing score, one stable sort of every row (:class:`SortedRows`).
+    ``function`` names the caller in errors."""
     scores = as_real_array(scores, "scores")
     labels = np.asarray(labels)
     if labels.ndim == 0:
@@ -51,26 +66,35 @@ def sorted_counts(function: str, scores, labels, mask):
     # excluded entries sort last (-inf) and never count: they add no TP, no FP, no threshold
     keys = np.where(included, scores.astype(np.float64, copy=False), -np.inf)
     order = np.argsort(-keys, axis=-1, kind="stable")
-    sorted_keys = np.take_along_axis(keys, order, axis=-1)
-    true_positives = np.cumsum(np.take_along_axis(positive, order, axis=-1), axis=-1, dtype=np.int64)
-    false_positives = np.cumsum(np.take_along_axis(negative, order, axis=-1), axis=-1, dtype=np.int64)
-    last_of_tie = np.ones(shape, bool)
-    last_of_tie[..., :-1] = sorted_keys[..., :-1] != sorted_keys[..., 1:]
-    thresholds = last_of_tie & np.take_along_axis(included, order, axis=-1)
-    return true_positives, false_positives, thresholds, positive.sum(axis=-1), negative.sum(axis=-1), sorted_keys
+    return SortedRows(order, np.take_along_axis(keys, order, axis=-1), np.take_along_axis(positive, order, axis=-1),
+                      np.take_along_axis(negative, order, axis=-1), positive.sum(axis=-1), negative.sum(axis=-1))
 
 
-def detection_metrics(scores, labels, mask=None, *, tpr: float = 0.95) -> dict[str, np.ndarray]:
-    """AUPR, F1-max and FPR at ``tpr`` TPR of every row, from one sort.
+def counts_of_sorted(keys: np.ndarray, positive: np.ndarray, negative: np.ndarray):
+    """Cumulative TP and FP (..., n) int64 and the thresholds (..., n) bool (the last included entry
+    of each group of tied scores) of rows already sorted by decreasing score: ``keys`` (..., n)
+    (excluded entries -inf, after every included one), ``positive`` / ``negative`` (..., n) bool."""
+    true_positives = np.cumsum(positive, axis=-1, dtype=np.int64)
+    false_positives = np.cumsum(negative, axis=-1, dtype=np.int64)
+    last_of_tie = np.ones(keys.shape, bool)
+    last_of_tie[..., :-1] = keys[..., :-1] != keys[..., 1:]
+    return true_positives, false_positives, last_of_tie & (positive | negative)
 
-    scores (..., n) float (higher = more anomalous), labels (..., n) or (n,) bool / 0-1
-    (True = anomaly), mask broadcastable to (..., n) bool (True = included) → a dict of
-    float64 arrays of shape (...) under :data:`DETECTION_METRICS` (``fpr_at_95_tpr`` is the FPR at
-    ``tpr``). Equal to scikit-learn row by row (see the module docstring).
-    """
-    if not 0.0 < float(tpr) <= 1.0:
-        raise ValueError(f"tpr must be in (0, 1], got {tpr!r}; the field reports the FPR at tpr=0.95")
-    tp, fp, thresholds, n_pos, n_neg, _ = sorted_counts("detection_metrics", scores, labels, mask)
+
+def sorted_counts(function: str, scores, labels, mask):
+    """Validated inputs sorted by decreasing score: cumulative TP and FP (..., n), the thresholds
+    (..., n) bool (last entry of each tie group among included entries), P, N (...) and the sorted
+    scores (..., n) (excluded entries -inf, last). ``function`` names the caller in errors."""
+    rows = sort_rows(function, scores, labels, mask)
+    true_positives, false_positives, thresholds = counts_of_sorted(rows.keys, rows.positive, rows.negative)
+    return true_positives, false_positives, thresholds, rows.n_pos, rows.n_neg, rows.keys
+
+
+def curve_values(tp: np.ndarray, fp: np.ndarray, thresholds: np.ndarray, n_pos: np.ndarray, n_neg: np.ndarray,
+                 tpr: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """AUPR, F1-max and FPR at ``tpr`` TPR (...) from the counts of :func:`counts_of_sorted` (..., n)
+    and P, N (...); meaningless (not NaN) where a row lacks a class. The one place their arithmetic
+    lives, so every caller gets the same floats from the same counts."""
     pos = n_pos[..., None].astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         precision = tp / np.maximum(tp + fp, 1)
@@ -83,11 +107,31 @@ def detection_metrics(scores, labels, mask=None, *, tpr: float = 0.95) -> dict[s
         reaches = thresholds & (tp >= np.ceil(float(tpr) * pos - 1e-9))
         first = np.argmax(reaches, axis=-1)
         fpr = np.take_along_axis(fp, first[..., None], axis=-1)[..., 0] / n_neg
+    return aupr, f1, fpr
+
+
+def check_tpr(tpr: float) -> float:
+    """``tpr`` as a float in (0, 1]; a ValueError saying so otherwise."""
+    if not 0.0 < float(tpr) <= 1.0:
+        raise ValueError(f"tpr must be in (0, 1], got {tpr!r}; the field reports the FPR at tpr=0.95")
+    return float(tpr)
+
+
+def detection_metrics(scores, labels, mask=None, *, tpr: float = 0.95) -> dict[str, np.ndarray]:
+    """AUPR, F1-max and FPR at ``tpr`` TPR of every row, from one sort.
+
+    scores (..., n) float (higher = more anomalous), labels (..., n) or (n,) bool / 0-1
+    (True = anomaly), mask broadcastable to (..., n) bool (True = included) → a dict of
+    float64 arrays of shape (...) under :data:`DETECTION_METRICS` (``fpr_at_95_tpr`` is the FPR at
+    ``tpr``). Equal to scikit-learn row by row (see the module docstring).
+    """
+    tpr = check_tpr(tpr)
+    tp, fp, thresholds, n_pos, n_neg, _ = sorted_counts("detection_metrics", scores, labels, mask)
+    values = curve_values(tp, fp, thresholds, n_pos, n_neg, tpr)
     undefined = (n_pos == 0) | (n_neg == 0)
     warn_undefined("detection_metrics", undefined, "their included entries hold fewer than two classes; give "
                    "every task both classes, or skip it")
-    return {name: np.where(undefined, np.nan, value)[()]
-            for name, value in zip(DETECTION_METRICS, (aupr, f1, fpr))}
+    return {name: np.where(undefined, np.nan, value)[()] for name, value in zip(DETECTION_METRICS, values)}
 
 
 def average_precision(scores, labels, mask=None) -> np.ndarray:

@@ -51,10 +51,12 @@ def _format_index(name: str, index: tuple[int, ...]) -> str:
 
 
 def reject_nan_or_nonfinite(
-    function: str, name: str, values: np.ndarray, included: np.ndarray | None, *, allow_inf: bool
+    function: str, name: str, values: np.ndarray, included: np.ndarray | None, *, allow_inf: bool,
+    how_to_exclude: str = "exclude those entries with `mask` (False = excluded)",
 ) -> None:
     """Raise ValueError if an entry of ``values`` (..., n) that ``included`` (..., n; None = all) marks is
-    NaN (or, unless ``allow_inf``, infinite); the message names ``function``, ``name`` and the first one."""
+    NaN (or, unless ``allow_inf``, infinite); the message names ``function``, ``name``, the first one
+    and ``how_to_exclude`` such entries."""
     if values.dtype.kind != "f":
         return  # integers and booleans are always finite
     bad = np.isnan(values) if allow_inf else ~np.isfinite(values)
@@ -68,7 +70,7 @@ def reject_nan_or_nonfinite(
     raise ValueError(
         f"{function}: `{name}` contains {bad_count} {what} value(s) among included entries; "
         f"the first is {_format_index(name, first)} = {values[first]}. Fix the values that "
-        f"produced them, or exclude those entries with `mask` (False = excluded)."
+        f"produced them, or {how_to_exclude}."
     )
 
 

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from swsa_store.catalog import resolve_path
 from swsa_store.ingest import Embedder, ImageReader, collate_items, embed_store, write_embedded_batch
+from swsa_store.ingest_pipeline import pixel_plan
 from swsa_store.samples import decode_rgb
 from swsa_store.schema import DONE_FAILED, DONE_WRITTEN
 from swsa_store.synth import GENERATORS, create_generator
@@ -174,13 +175,16 @@ def _payload(obj) -> bytes:
 
 
 def read_embed_batch(row: dict, *, transform: Callable) -> dict:
-    """CPU task: decode and preprocess one fixed batch with the local path's reader.
+    """CPU task: decode and preprocess one fixed batch with the local path's reader and, as it,
+    the transform's numpy pixel plan (:func:`~swsa_store.ingest_pipeline.pixel_plan`: the same bytes
+    without torch's per-image operations).
 
     In: ``{"batch", "payload": {"ids" (B,), "paths" [B]}}``. Out: ``{"batch", "payload": {"ids"
     (B,) int64, "ok" (B,) bool, "pixels" (ok.sum(), 3, H, W) float32 or None, "reasons" [B]}}``.
     """
     job = pickle.loads(row["payload"])
     reader = ImageReader(job["ids"], job["paths"], transform, os.sep)  # paths are absolute
+    reader = reader.with_plan(pixel_plan(transform))
     ids, ok, batch, reasons = collate_items([reader[i] for i in range(len(reader))])
     pixels = batch.numpy() if batch is not None else None
     return {"batch": row["batch"], "payload": _payload({"ids": ids, "ok": ok, "pixels": pixels, "reasons": reasons})}

@@ -3,8 +3,8 @@
 
 The pieces, as in clip-retrieval: a *reader* (:class:`ImageReader`, a torch Dataset that decodes and
 preprocesses images, failures returned as values, not raised), an *embedder* (:class:`Embedder`, the
-backbone's forward pass, autocast on GPU) and a *writer* (:func:`write_embedded_batch` on an
-:class:`~swsa_store.row_writer.EmbeddingRowWriter`).
+backbone's forward pass, autocast on GPU) and a *writer* (:func:`~swsa_store.row_writer.write_embedded_batches`
+on an :class:`~swsa_store.row_writer.EmbeddingRowWriter`).
 
 The local runner (:func:`run_ingest`) keeps the CPU on decoding, resizing and the forward pass:
 
@@ -17,8 +17,13 @@ The local runner (:func:`run_ingest`) keeps the CPU on decoding, resizing and th
   float32 operations, so the model's input, and so every embedding, is bit-identical, without torch's
   per-image operations, whose intra-op thread team stalls while the decoders hold the cores (on two
   busy cores they cost as much as the forward pass at 224 px);
-* durable writes (checksums, HDF5, ``fsync``) run on one writer thread, in batch order, so a batch's
-  rows are still durable before its flags while the next batch is embedded.
+* durable writes (checksums, HDF5, ``fsync``) run on one writer thread, in batch order, as group
+  commits (:class:`GroupCommits`): each commit takes every embedded batch waiting for it — all their
+  rows, one ``fsync``, all their flags, one ``fsync`` — so when an ``fsync`` is slower than a forward
+  pass (a fast GPU, a network disk) batches share it instead of each waiting for its own, and when
+  writes are fast each batch is its own commit. A batch's rows are durable before its flags, and
+  batches become durable in order. The forward pass waits for the writer only while
+  :data:`WRITE_BACKLOG_BYTES` of embedded batches are not yet durable.
 """
 
 from __future__ import annotations
@@ -40,28 +45,33 @@ from torchvision import transforms
 from tqdm.auto import tqdm
 
 from swsa_store.catalog import resolve_path
-from swsa_store.row_writer import EmbeddingRowWriter
+from swsa_store.row_writer import EmbeddedBatch, EmbeddingRowWriter, write_embedded_batch, write_embedded_batches
 from swsa_store.samples import read_image
-from swsa_store.schema import DONE_FAILED, DONE_WRITTEN, StoreError
+from swsa_store.schema import DONE_FAILED, DONE_WRITTEN
 
 __all__ = [
     "BATCHES_AHEAD",
     "Embedder",
     "ForwardGate",
+    "GroupCommits",
     "ImageReader",
     "PixelPlan",
     "available_cores",
     "collate_items",
     "pixel_plan",
     "run_ingest",
+    "WRITE_BACKLOG_BYTES",
     "write_embedded_batch",
 ]
 
 #: Batches read ahead of the forward pass (each ``batch_size`` float32 model inputs; on the CPU the
 #: decoders mostly wait for the forward pass, so this matters for GPU runs).
 BATCHES_AHEAD = 2
-#: Written batches that may wait for the writer thread before the forward pass waits for it.
-WRITES_AHEAD = 2
+#: Bytes of embedded batches not yet durable (waiting for the writer thread, or in its commit) past
+#: which the forward pass waits for the writer; one batch may always wait. It bounds the memory those
+#: batches hold (the features as the model returned them: 64 images of 512-d float32 are 128 KiB, so
+#: about 2,000 such batches; patch tokens are far larger, so fewer), and so the size of one commit.
+WRITE_BACKLOG_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -198,65 +208,6 @@ class Embedder:
         return features.float().cpu().numpy()
 
 
-def write_embedded_batch(
-    writer: EmbeddingRowWriter,
-    ids: np.ndarray,
-    ok: np.ndarray,
-    features: np.ndarray | None,
-    reasons: list[str],
-    failures: list[tuple[int, str]],
-) -> np.ndarray:
-    """Write one embedded batch durably — the one write step of the local and the Ray path.
-
-    ``ids`` ``(B,)`` sorted image ids, ``ok`` ``(B,)`` bool (decoded), ``features``
-    ``(ok.sum(), D)`` float32 for the decoded images (None when none decoded), ``reasons``
-    ``(B,)`` failure reasons. Undecodable images and non-finite rows are written as failed
-    (NaN rows) and appended to ``failures`` as ``(image_id, reason)``. Returns the ``(B,)``
-    uint8 done status written. With a patch writer (``writer.patches``), ``features`` is the
-    pair ``(pooled (ok.sum(), D), tokens (ok.sum(), P, D'))`` and both are written (float16).
-    """
-    tokens = None
-    if isinstance(features, tuple):  # (pooled, patch tokens) from a PatchTokenModel
-        features, tokens = features
-    dim = writer.features.shape[1]
-    rows = np.full((len(ids), dim), np.nan, dtype=np.float32)
-    status = np.where(ok, DONE_WRITTEN, DONE_FAILED).astype(np.uint8)
-    reasons = list(reasons)
-    if features is not None:
-        if features.shape[1] != dim:
-            raise StoreError(
-                f"backbone produced {features.shape[1]}-d features but the store's matrix "
-                f"{writer.name!r} is {dim}-d; embed under another name"
-            )
-        rows[ok] = features
-        finite = np.isfinite(rows).all(axis=1)
-        bad = ok & ~finite
-        for i in np.flatnonzero(bad):
-            reasons[i] = "non-finite embedding (NaN or inf in the backbone's output)"
-        status[bad] = DONE_FAILED
-    patch_rows = None
-    if getattr(writer, "patches", None) is not None:
-        patch_rows = np.full((len(ids),) + writer.patches.shape[1:], np.nan, dtype=np.float16)
-        if features is not None:
-            if tokens is None or tokens.shape[1:] != writer.patches.shape[1:]:
-                got = "no patch tokens" if tokens is None else f"patch tokens of shape {tokens.shape[1:]}"
-                raise StoreError(f"backbone produced {got} but the store's patches {writer.name!r} are "
-                                 f"{writer.patches.shape[1:]}; embed under another name")
-            with np.errstate(over="ignore"):
-                patch_rows[ok] = tokens.astype(np.float16)
-            bad = (status == DONE_WRITTEN) & ~np.isfinite(patch_rows).all(axis=(1, 2))
-            for i in np.flatnonzero(bad):
-                reasons[i] = "non-finite patch tokens (NaN, inf, or beyond float16's range 65504)"
-            status[bad] = DONE_FAILED
-    if patch_rows is None:
-        writer.write(ids, rows, status)
-    else:
-        writer.write(ids, rows, status, patch_rows)
-    for i in np.flatnonzero(status == DONE_FAILED):
-        failures.append((int(ids[i]), reasons[i]))
-    return status
-
-
 def available_cores() -> int:
     """The cores this process may run on: the default number of decoding threads."""
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
@@ -359,6 +310,87 @@ class _LoaderReads:
         return iter(self.loader)
 
 
+class GroupCommits:
+    """Embedded batches written durably on one writer thread, in order, as group commits.
+
+    Each commit takes every batch waiting (:func:`~swsa_store.row_writer.write_embedded_batches`: all
+    their rows, one ``fsync``, all their flags, one ``fsync``). :meth:`submit` returns at once unless
+    ``backlog_bytes`` (:data:`WRITE_BACKLOG_BYTES`) of batches are embedded and not yet durable; then
+    it waits for a commit. After a failed commit nothing more is written; :meth:`raise_failure`
+    raises its error. A context manager: leaving it commits the batches submitted (unless a commit
+    failed) and ends the thread.
+    """
+
+    def __init__(self, writer: EmbeddingRowWriter, failures: list[tuple[int, str]],
+                 backlog_bytes: int = WRITE_BACKLOG_BYTES):
+        self.writer, self.failures, self.backlog_bytes = writer, failures, backlog_bytes
+        self._state = threading.Condition()
+        self._waiting: list[tuple[int, EmbeddedBatch]] = []  # submitted, not taken by a commit yet
+        self._durable: list[tuple[int, np.ndarray]] = []  # (index, status (B,)) committed, not taken by durable()
+        self._pending_bytes = 0  # of the batches submitted and not yet durable
+        self._error: Exception | None = None
+        self._closing = False
+        self._thread = threading.Thread(target=self._commit_loop, name="swsa-write", daemon=True)
+
+    def __enter__(self) -> "GroupCommits":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def submit(self, index: int, batch: EmbeddedBatch) -> None:
+        """Queue batch number ``index`` (they come in order); dropped once a commit has failed."""
+        with self._state:
+            while (self._pending_bytes and self._pending_bytes + batch.nbytes > self.backlog_bytes
+                   and self._error is None):
+                self._state.wait()
+            if self._error is None:
+                self._waiting.append((index, batch))
+                self._pending_bytes += batch.nbytes
+                self._state.notify_all()
+
+    def durable(self) -> list[tuple[int, np.ndarray]]:
+        """``[(index, status (B,))]`` of the batches made durable since the last call, in order."""
+        with self._state:
+            taken, self._durable = self._durable, []
+        return taken
+
+    def raise_failure(self) -> None:
+        """Raise the error of a failed commit, if one failed."""
+        with self._state:
+            if self._error is not None:
+                raise self._error
+
+    def close(self) -> None:
+        """Wait until every batch submitted is durable (or a commit failed) and the thread ends."""
+        with self._state:
+            self._closing = True
+            self._state.notify_all()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _commit_loop(self) -> None:
+        while True:
+            with self._state:
+                while not self._waiting and not self._closing:
+                    self._state.wait()
+                group, self._waiting = self._waiting, []
+            if not group:
+                return
+            try:
+                statuses = write_embedded_batches(self.writer, [batch for _, batch in group], self.failures)
+            except Exception as error:  # raised on the calling thread by raise_failure()
+                with self._state:
+                    self._error = error
+                    self._state.notify_all()
+                return
+            with self._state:
+                self._durable += [(index, status) for (index, _), status in zip(group, statuses)]
+                self._pending_bytes -= sum(batch.nbytes for _, batch in group)
+                self._state.notify_all()
+
+
 def run_ingest(
     reader: ImageReader,
     embedder: Embedder,
@@ -376,8 +408,10 @@ def run_ingest(
     Images are read by ``decode_threads`` threads (default :func:`available_cores`; on the CPU
     mostly between forward passes, see :class:`ForwardGate`), or with ``num_workers`` > 0 by that many
     DataLoader worker processes; the forward pass runs on this thread and the writes on a writer
-    thread (see the module). ``after_batch(k)`` is called on this
-    thread once batch ``k`` is durable. Returns ``(rows written, rows failed, [(image_id, reason), ...])``.
+    thread as group commits (:class:`GroupCommits`). ``after_batch(k)`` is called on this thread,
+    once per batch and in order, after batch ``k``'s commit is durable. A failed commit's error is
+    raised here once the batches committed before it are reported. Returns ``(rows written, rows
+    failed, [(image_id, reason), ...])``.
     """
     reader = reader.with_plan(pixel_plan(reader.transform))
     position = {image_id: i for i, image_id in enumerate(reader.image_ids)}
@@ -389,17 +423,16 @@ def run_ingest(
     failures: list[tuple[int, str]] = []
     counts = {"written": 0, "failed": 0}
     with tqdm(total=sum(len(b) for b in batches), desc=description, unit="img", disable=not progress,
-              dynamic_ncols=True) as bar, reads, ThreadPoolExecutor(1, thread_name_prefix="swsa-write") as write_pool:
-        writes: deque[tuple[int, int, Future]] = deque()
+              dynamic_ncols=True) as bar, reads, GroupCommits(writer, failures) as commits:
 
-        def finish() -> None:
-            index, rows, future = writes.popleft()
-            status = future.result()
-            counts["written"] += int((status == DONE_WRITTEN).sum())
-            counts["failed"] += int((status == DONE_FAILED).sum())
-            bar.update(rows)
-            if after_batch is not None:
-                after_batch(index)
+        def finish() -> None:  # report the batches made durable, in order, then a failed commit's error
+            for index, status in commits.durable():
+                counts["written"] += int((status == DONE_WRITTEN).sum())
+                counts["failed"] += int((status == DONE_FAILED).sum())
+                bar.update(len(status))
+                if after_batch is not None:
+                    after_batch(index)
+            commits.raise_failure()
 
         for index, items in enumerate(reads):
             ids, ok, batch, reasons = collate_items(items)
@@ -407,10 +440,8 @@ def run_ingest(
                 batch = batch.pin_memory()
             with gate.forward():
                 features = embedder(batch) if batch is not None else None
-            writes.append((index, len(ids), write_pool.submit(write_embedded_batch, writer, ids, ok, features,
-                                                              reasons, failures)))
-            while writes and (writes[0][2].done() or len(writes) > WRITES_AHEAD):
-                finish()
-        while writes:
+            commits.submit(index, EmbeddedBatch(ids, ok, features, reasons))
             finish()
+        commits.close()
+        finish()
     return counts["written"], counts["failed"], failures

@@ -6,10 +6,11 @@ sha256 differs from the manifest's is refused) and the same preprocessing (check
 detector from its label and refits it on the bundle's bank, once (:mod:`swsa_engine.run.bundle_scoring`).
 ``predict(images)`` reads the images with the same reader as ``swsa embed``
 (:class:`swsa_store.ingest.ImageReader`: a file that cannot be read is a row with its reason, not an
-error), embeds them in batches (:class:`swsa_store.ingest.Embedder`, CPU or GPU; in float32, without
-autocast), rounds the features (patch tokens) to the store's dtype, and scores them against the
-bank exactly as the sweep scored the task's real validation images; ``predict_with_maps`` also
-gives patch detectors' per-patch anomaly maps. Images are files, folders (searched recursively for
+error; with the transform's numpy pixel plan, so the model's input is bit-identical to the
+transform's, :func:`image_batches`), embeds them in batches (:class:`swsa_store.ingest.Embedder`, CPU
+or GPU; in float32, without autocast), rounds the features (patch tokens) to the store's dtype, and
+scores them against the bank exactly as the sweep scored the task's real validation images;
+``predict_with_maps`` also gives patch detectors' per-patch anomaly maps. Images are files, folders (searched recursively for
 image files) or glob patterns (:func:`expand_images`).
 """
 
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 
 from swsa_store.datasets.registry import DEFAULT_EXTENSIONS
 from swsa_store.ingest import Embedder, ImageReader, collate_items
+from swsa_store.ingest_pipeline import pixel_plan
 from swsa_store.models.backbones import LoadedBackbone, create_backbone, get_backbone_cfg
 from swsa_store.models.patch_tokens import patch_token_model
 from swsa_store.samples import read_image
@@ -36,7 +38,7 @@ from swsa_engine.run.bundle_ensemble import EnsembleBundle, is_ensemble_bundle, 
 from swsa_engine.run.bundle_scoring import fit_scorer
 
 __all__ = ["Predictor", "EnsemblePredictor", "load_predictor", "prediction_frame", "expand_images",
-           "load_bundle_backbone", "PREDICTION_COLUMNS"]
+           "load_bundle_backbone", "image_batches", "PREDICTION_COLUMNS"]
 
 PREDICTION_COLUMNS = ["path", "score", "decision", "error"]
 
@@ -59,6 +61,18 @@ def expand_images(items, extensions=DEFAULT_EXTENSIONS) -> list[tuple[str, str]]
         else:
             out.append((item, "no such file or folder"))
     return out
+
+
+def image_batches(rows: np.ndarray, paths: list[str], transform, *, batch_size: int, num_workers: int = 0,
+                  pin_memory: bool = False) -> DataLoader:
+    """The images at ``paths`` read in order by ``swsa embed``'s reader, with its numpy pixel plan
+    (:func:`~swsa_store.ingest_pipeline.pixel_plan`: the model's input bit-identical to ``transform``'s,
+    without torch's per-image operations): batches ``(rows (B,) int64, ok (B,) bool, pixels
+    (ok.sum(), 3, H, W) float32 or None, reasons [B])`` (:func:`~swsa_store.ingest.collate_items`;
+    ``rows`` are the given ``rows`` of the images)."""
+    reader = ImageReader(rows, [os.path.abspath(p) for p in paths], transform, os.getcwd())
+    return DataLoader(reader.with_plan(pixel_plan(transform)), batch_size=batch_size, shuffle=False,
+                      num_workers=num_workers, collate_fn=collate_items, pin_memory=pin_memory)
 
 
 def _stored(value):
@@ -147,9 +161,8 @@ class Predictor:
         that embed to finite values in the store's dtype: pooled features (B, D) float32, or patch
         tokens (B, P, D') float16. ``errors`` (one per row) gets the reason of each row left out."""
         todo = np.array([i for i, (_, e) in enumerate(listed) if not e], dtype=np.int64)
-        reader = ImageReader(todo, [os.path.abspath(listed[i][0]) for i in todo], self.backbone.transform, os.getcwd())
-        loader = DataLoader(reader, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
-                            collate_fn=collate_items, pin_memory=self.embedder.device.type == "cuda")
+        loader = image_batches(todo, [listed[i][0] for i in todo], self.backbone.transform, batch_size=self.batch_size,
+                               num_workers=self.num_workers, pin_memory=self.embedder.device.type == "cuda")
         what = "patch tokens" if self.patches else "embedding"
         with tqdm(total=len(todo), desc="embed", unit="img", disable=not progress, dynamic_ncols=True) as bar:
             for ids, ok, batch, reasons in loader:

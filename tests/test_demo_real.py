@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from swsa_engine.app.cli import main
+from swsa_engine.app.demo import demo_plan
 from swsa_store import open_store
 from swsa_store.models.backbones import file_sha256
 
@@ -67,5 +68,7 @@ def test_real_demo_end_to_end(tmp_path):
                             capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "stage times" in result.stdout
-    text = _check_report(out, ["pixels", "pixels@32", *LITES], 5)
+    plan = demo_plan("elpv")  # the demo's defaults: every source × every detector is a candidate
+    assert set(LITES) <= set(plan.backbones)
+    text = _check_report(out, list(plan.backbones), len(plan.detectors))
     assert all(lite in text for lite in LITES)

@@ -42,10 +42,10 @@ import torch
 from tqdm.auto import tqdm
 
 from swsa_store.catalog import resolve_path
-from swsa_store.ingest import Embedder, ImageReader, collate_items, embed_store, write_embedded_batch
-from swsa_store.ingest_pipeline import pixel_plan
+from swsa_store.ingest import Embedder, ImageReader, collate_items, embed_store
+from swsa_store.ingest_pipeline import GroupCommits, pixel_plan, report_durable
+from swsa_store.row_writer import EmbeddedBatch
 from swsa_store.samples import decode_rgb
-from swsa_store.schema import DONE_FAILED, DONE_WRITTEN
 from swsa_store.synth import GENERATORS, create_generator
 from swsa_store.synthesize import SynthWriter, encode_synthetic, generate_task, plan_synthesis, synth_source_name
 
@@ -247,28 +247,28 @@ class RayIngestRunner:
         model_ref = ray.put(embedder.model.to("cpu"))
         ds = _ray_pipeline(ray, items, read_embed_batch, {"transform": reader.transform}, self.read_on,
                            self.actor_cls, {"model_ref": [model_ref]}, plan, self.cpu_threads)
-        written = failed = duplicates = 0
+        duplicates = 0
+        counts = {"written": 0, "failed": 0}
         failures: list[tuple[int, str]] = []
         seen: set[int] = set()
         n_rows = sum(len(b) for b in batches)
         first = None
+        # results arrive in any order; each is committed as it comes, in group commits like the local path
         with tqdm(total=n_rows, desc=f"{description} (ray, {plan['actors']} actors)", unit="img",
-                  disable=not progress, dynamic_ncols=True) as bar:
+                  disable=not progress, dynamic_ncols=True) as bar, GroupCommits(writer, failures) as commits:
             for row in ds.iter_rows():
                 k = int(row["batch"])
-                if k in seen:  # a retried call's second answer: written already
+                if k in seen:  # a retried call's second answer: submitted already
                     duplicates += 1
                     continue
                 result = pickle.loads(row["payload"])
                 first = first or time.perf_counter()
-                status = write_embedded_batch(writer, result["ids"], result["ok"], result["features"],
-                                              result["reasons"], failures)
+                commits.submit(k, EmbeddedBatch(result["ids"], result["ok"], result["features"], result["reasons"]))
                 seen.add(k)
-                written += int((status == DONE_WRITTEN).sum())
-                failed += int((status == DONE_FAILED).sum())
-                bar.update(len(result["ids"]))
-                if after_batch is not None:
-                    after_batch(k)
+                report_durable(commits, counts, bar, after_batch)
+            commits.close()
+            report_durable(commits, counts, bar, after_batch)
+        written, failed = counts["written"], counts["failed"]
         del model_ref
         if len(seen) != len(batches):
             raise RuntimeError(f"Ray returned {len(seen)} of {len(batches)} batches; run the same command again "

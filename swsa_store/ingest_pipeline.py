@@ -59,6 +59,7 @@ __all__ = [
     "available_cores",
     "collate_items",
     "pixel_plan",
+    "report_durable",
     "run_ingest",
     "WRITE_BACKLOG_BYTES",
     "write_embedded_batch",
@@ -311,7 +312,7 @@ class _LoaderReads:
 
 
 class GroupCommits:
-    """Embedded batches written durably on one writer thread, in order, as group commits.
+    """Embedded batches written durably on one writer thread, in the order submitted, as group commits.
 
     Each commit takes every batch waiting (:func:`~swsa_store.row_writer.write_embedded_batches`: all
     their rows, one ``fsync``, all their flags, one ``fsync``). :meth:`submit` returns at once unless
@@ -340,7 +341,8 @@ class GroupCommits:
         self.close()
 
     def submit(self, index: int, batch: EmbeddedBatch) -> None:
-        """Queue batch number ``index`` (they come in order); dropped once a commit has failed."""
+        """Queue batch number ``index`` (in any order: :meth:`durable` reports batches in the order they
+        were committed); dropped once a commit has failed."""
         with self._state:
             while (self._pending_bytes and self._pending_bytes + batch.nbytes > self.backlog_bytes
                    and self._error is None):
@@ -424,16 +426,6 @@ def run_ingest(
     counts = {"written": 0, "failed": 0}
     with tqdm(total=sum(len(b) for b in batches), desc=description, unit="img", disable=not progress,
               dynamic_ncols=True) as bar, reads, GroupCommits(writer, failures) as commits:
-
-        def finish() -> None:  # report the batches made durable, in order, then a failed commit's error
-            for index, status in commits.durable():
-                counts["written"] += int((status == DONE_WRITTEN).sum())
-                counts["failed"] += int((status == DONE_FAILED).sum())
-                bar.update(len(status))
-                if after_batch is not None:
-                    after_batch(index)
-            commits.raise_failure()
-
         for index, items in enumerate(reads):
             ids, ok, batch, reasons = collate_items(items)
             if batch is not None and pin:
@@ -441,7 +433,21 @@ def run_ingest(
             with gate.forward():
                 features = embedder(batch) if batch is not None else None
             commits.submit(index, EmbeddedBatch(ids, ok, features, reasons))
-            finish()
+            report_durable(commits, counts, bar, after_batch)
         commits.close()
-        finish()
+        report_durable(commits, counts, bar, after_batch)
     return counts["written"], counts["failed"], failures
+
+
+def report_durable(commits: GroupCommits, counts: dict[str, int], bar: tqdm,
+                   after_batch: Callable[[int], None] | None) -> None:
+    """Account for the batches ``commits`` made durable since the last call, in commit order: add
+    their rows to ``counts`` (``"written"``, ``"failed"``), advance ``bar``, call ``after_batch(k)``
+    for each; then raise a failed commit's error (the batches before it reported first)."""
+    for index, status in commits.durable():
+        counts["written"] += int((status == DONE_WRITTEN).sum())
+        counts["failed"] += int((status == DONE_FAILED).sum())
+        bar.update(len(status))
+        if after_batch is not None:
+            after_batch(index)
+    commits.raise_failure()

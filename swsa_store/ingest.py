@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from swsa_store.ingest_pipeline import Embedder, ImageReader, collate_items, run_ingest, write_embedded_batch
+from swsa_store.ingest_pipeline import Embedder, ImageReader, collate_items, run_ingest
 from swsa_store.models.backbones import create_backbone, patch_token_model
 from swsa_store.locks import store_lock
 from swsa_store.row_writer import EmbeddingRowWriter, backfill_checksums
@@ -34,7 +34,7 @@ from swsa_store.store import edit_store, open_store
 
 __all__ = [
     "Embedder", "ImageReader", "IngestReport", "collate_items", "embed_store", "embedding_name", "fixed_batches",
-    "run_ingest", "write_embedded_batch",
+    "run_ingest",
 ]
 
 log = logging.getLogger(__name__)

@@ -45,7 +45,7 @@ from torchvision import transforms
 from tqdm.auto import tqdm
 
 from swsa_store.catalog import resolve_path
-from swsa_store.row_writer import EmbeddedBatch, EmbeddingRowWriter, write_embedded_batch, write_embedded_batches
+from swsa_store.row_writer import EmbeddedBatch, EmbeddingRowWriter, write_embedded_batches
 from swsa_store.samples import read_image
 from swsa_store.schema import DONE_FAILED, DONE_WRITTEN
 
@@ -62,7 +62,6 @@ __all__ = [
     "report_durable",
     "run_ingest",
     "WRITE_BACKLOG_BYTES",
-    "write_embedded_batch",
 ]
 
 #: Batches read ahead of the forward pass (each ``batch_size`` float32 model inputs; on the CPU the

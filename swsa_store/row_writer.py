@@ -34,7 +34,7 @@ from swsa_store.locks import write_progress
 from swsa_store.schema import (DONE_FAILED, DONE_TODO, DONE_WRITTEN, StoreError, allocate_filled, check_schema,
                                open_h5)
 
-__all__ = ["EmbeddingRowWriter", "RowBatch", "EmbeddedBatch", "write_embedded_batches", "write_embedded_batch",
+__all__ = ["EmbeddingRowWriter", "RowBatch", "EmbeddedBatch", "write_embedded_batches",
            "row_checksums", "backfill_checksums", "CHECK_BLOCK_ROWS"]
 
 #: Rows read at a time when checksums are computed from a file (backfill, verify).
@@ -215,14 +215,6 @@ def write_embedded_batches(writer: EmbeddingRowWriter, batches: Sequence[Embedde
     for rows, reasons in prepared:
         failures.extend((int(rows.image_ids[i]), reasons[i]) for i in np.flatnonzero(rows.status == DONE_FAILED))
     return [rows.status for rows, _ in prepared]
-
-
-def write_embedded_batch(writer: EmbeddingRowWriter, ids: np.ndarray, ok: np.ndarray,
-                         features: np.ndarray | tuple[np.ndarray, np.ndarray] | None, reasons: list[str],
-                         failures: list[tuple[int, str]]) -> np.ndarray:
-    """Write one embedded batch durably (:func:`write_embedded_batches` of one :class:`EmbeddedBatch`
-    with these fields); returns its ``(B,)`` done status."""
-    return write_embedded_batches(writer, [EmbeddedBatch(ids, ok, features, reasons)], failures)[0]
 
 
 def _embedded_rows(writer: EmbeddingRowWriter, batch: EmbeddedBatch) -> tuple[RowBatch, list[str]]:

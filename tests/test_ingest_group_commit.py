@@ -25,10 +25,10 @@ import pytest
 from swsa_store import ingest_pipeline, open_store
 from swsa_store.catalog import make_ingest_catalog, resolve_path
 from swsa_store.distributed import read_embed_batch
-from swsa_store.ingest import collate_items, embed_store, run_ingest, write_embedded_batch
+from swsa_store.ingest import collate_items, embed_store, run_ingest
 from swsa_store.ingest_pipeline import GroupCommits
 from swsa_store.models.backbones import create_backbone
-from swsa_store.row_writer import EmbeddedBatch, EmbeddingRowWriter
+from swsa_store.row_writer import EmbeddedBatch, EmbeddingRowWriter, write_embedded_batches
 from swsa_store.samples import read_image
 from swsa_store.schema import DONE_FAILED, DONE_TODO, DONE_WRITTEN
 from swsa_store.store import writer_lock
@@ -54,8 +54,8 @@ def _one_batch_at_a_time(reader, embedder, writer, batches, **_):
     failures, written, failed = [], 0, 0
     for batch in batches:
         ids, ok, pixels, reasons = collate_items([reader[position[int(i)]] for i in batch])
-        status = write_embedded_batch(writer, ids, ok, embedder(pixels) if pixels is not None else None, reasons,
-                                      failures)
+        features = embedder(pixels) if pixels is not None else None
+        status = write_embedded_batches(writer, [EmbeddedBatch(ids, ok, features, reasons)], failures)[0]
         written, failed = written + int((status == DONE_WRITTEN).sum()), failed + int((status == DONE_FAILED).sum())
     return written, failed, failures
 
